@@ -1,0 +1,405 @@
+"""Stage 1: run a frozen base once over every split and stream the chosen taps into the HDF5 store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurecache import store
+from featurecache.bases import WEIGHTS_DEFAULT, LoadedBase, load_base
+from featurecache.config import Paths, default_paths
+from featurecache.data import SPLITS, ImageFiles, SplitIndex, discover_splits, fingerprint_files
+from featurecache.errors import FeaturecacheError
+from featurecache.layers import TapSpec, build_extractor, parse_taps, trace_base
+
+log = logging.getLogger(__name__)
+
+RAW_MAPS_WARN_BYTES = 1 << 30
+ON_BAD_IMAGE = ("skip", "fail")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to run the base; everything that changes the stored numbers is part of the cache fingerprint."""
+
+    batch_size: int = 32
+    workers: int | None = None  # None: a sensible default for the device
+    device: str = "auto"
+    dtype: str = "float16"  # storage dtype
+    amp: str = "auto"  # autocast on CUDA: bf16 by default; never on CPU (keeps CPU runs bit-exact)
+    channels_last: bool = True
+    compression: str = "gzip"
+    on_bad_image: str = "skip"
+    fingerprint: str = "content"
+    progress: bool = True
+
+
+@dataclass
+class SplitResult:
+    split: str
+    path: Path
+    status: str  # "extracted", "cached", "added-taps"
+    num_samples: int
+    num_skipped: int
+    taps: list[str]
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    file_bytes: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FeaturecacheError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise FeaturecacheError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
+    return device
+
+
+def _library_versions() -> dict[str, str]:
+    import h5py
+    import torch
+    import torchvision
+
+    from featurecache import __version__
+
+    return {
+        "featurecache": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def extract(
+    dataset_root: str | os.PathLike,
+    *,
+    base: str,
+    layers: str | Sequence[str] = "all-stages",
+    pool: str = "avg",
+    dataset: str | None = None,
+    splits: Sequence[str] = SPLITS,
+    weights: str = WEIGHTS_DEFAULT,
+    weights_file: str | os.PathLike | None = None,
+    options: ExtractOptions | None = None,
+    paths: Paths | None = None,
+    seed: int = 0,
+) -> list[SplitResult]:
+    """Extract the requested taps of ``base`` for every split of a dataset into ``data/features``.
+
+    A complete cache with the same fingerprint is reused as is; new taps are added to it without
+    re-writing the old ones; a changed dataset, base, weights or preprocessing re-extracts from scratch.
+
+    Args:
+        dataset_root: ImageFolder-style folder (see ``featurecache.data``).
+        base: registered base name (``featurecache list-bases``).
+        layers: ``all-stages`` or comma-separated node/module names, each optionally ``:pool``.
+        pool: pooling for taps that do not name one.
+        dataset: name of the dataset in the cache layout (default: the folder's name).
+        splits: which splits to extract.
+        weights, weights_file: see ``featurecache.bases.load_base``.
+        options: batching, device, storage dtype, compression, bad-image policy.
+        paths: project folders (default: below ``$FEATURECACHE_HOME`` or the current directory).
+        seed: seed of the val/test split made when the dataset lacks one, and of random-init weights.
+    """
+    options = options or ExtractOptions()
+    paths = paths or default_paths()
+    _check_options(options)
+    dataset = dataset or Path(dataset_root).resolve().name
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise FeaturecacheError(f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
+    indexes = discover_splits(dataset_root, record_path=paths.split_record(dataset), seed=seed)
+    loaded = load_base(base, weights=weights, weights_file=weights_file, seed=seed)
+    traced = trace_base(loaded.model, loaded.spec.input_size, loaded.spec.default_taps, name=base)
+    taps = parse_taps(layers, traced, default_pool=pool)
+    _warn_raw_size(taps, indexes, options)
+    device = resolve_device(options.device)
+    runner = _Runner(loaded, device, options)
+    results = []
+    for split in splits:
+        final = paths.feature_file(dataset, loaded.tag, split)
+        results.append(
+            _extract_split(indexes[split], final, runner=runner, taps=taps, dataset=dataset, options=options)
+        )
+    return results
+
+
+def _check_options(options: ExtractOptions) -> None:
+    if options.dtype not in store.STORAGE_DTYPES:
+        raise FeaturecacheError(f"unknown --dtype {options.dtype!r}; choose one of: {', '.join(store.STORAGE_DTYPES)}")
+    if options.compression not in store.COMPRESSIONS:
+        raise FeaturecacheError(
+            f"unknown --compression {options.compression!r}; choose one of: {', '.join(store.COMPRESSIONS)}"
+        )
+    if options.on_bad_image not in ON_BAD_IMAGE:
+        raise FeaturecacheError(f"unknown --on-bad-image {options.on_bad_image!r}; choose skip or fail")
+    if options.amp not in AMP_MODES:
+        raise FeaturecacheError(f"unknown --amp {options.amp!r}; choose one of: {', '.join(AMP_MODES)}")
+    if options.batch_size < 1:
+        raise FeaturecacheError("--batch-size must be at least 1")
+
+
+def _warn_raw_size(taps: Sequence[TapSpec], indexes: dict[str, SplitIndex], options: ExtractOptions) -> None:
+    n = sum(len(ix) for ix in indexes.values())
+    itemsize = np.dtype(options.dtype).itemsize
+    for tap in taps:
+        size = n * tap.out_dim * itemsize
+        if tap.pool == "raw" and size > RAW_MAPS_WARN_BYTES:
+            log.warning(
+                "raw maps of %s take about %.1f GiB uncompressed for %d images; grid2/grid4 pooling keeps "
+                "spatial layout at a fraction of that",
+                tap.key,
+                size / 2**30,
+                n,
+            )
+
+
+class _Runner:
+    """The base on its device with the autocast/memory-format choices, built once per tap set."""
+
+    def __init__(self, loaded: LoadedBase, device: str, options: ExtractOptions) -> None:
+        import torch
+
+        self.loaded = loaded
+        self.device = device
+        self.options = options
+        self.transform = loaded.spec.transforms()
+        self.transforms_repr = repr(self.transform)
+        on_cuda = device.startswith("cuda")
+        amp = options.amp
+        if amp == "auto":
+            amp = "bf16" if on_cuda else "off"
+        if amp != "off" and not on_cuda:
+            raise FeaturecacheError("--amp bf16/fp16 needs CUDA; on the CPU use --amp off (the default there)")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.amp = amp
+        self._extractors: dict[tuple[str, ...], Any] = {}
+
+    def extractor(self, taps: Sequence[TapSpec]) -> Any:
+        import torch
+
+        key = tuple(sorted(t.key for t in taps))
+        if key not in self._extractors:
+            module = build_extractor(self.loaded.model, taps).to(self.device)
+            if self.options.channels_last:
+                module = module.to(memory_format=torch.channels_last)
+            self._extractors[key] = module
+        return self._extractors[key]
+
+    def run_config(self) -> dict[str, Any]:
+        """What about the forward pass changes the numbers (part of the cache fingerprint)."""
+        return {
+            "base": self.loaded.spec.name,
+            "weights": self.loaded.weights_id,
+            "transforms": self.transforms_repr,
+            "input_size": self.loaded.spec.input_size,
+            "amp": self.amp,
+        }
+
+    def forward(self, module: Any, images: Any) -> dict[str, np.ndarray]:
+        import torch
+
+        images = images.to(self.device, non_blocking=True)
+        if self.options.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.amp_dtype is not None:
+                with torch.autocast(device_type="cuda", dtype=self.amp_dtype):
+                    out = module(images)
+            else:
+                out = module(images)
+        dtype = np.dtype(self.options.dtype)
+        return {k: v.float().cpu().numpy().astype(dtype, copy=False) for k, v in out.items()}
+
+
+def _default_workers(device: str) -> int:
+    cpus = os.cpu_count() or 1
+    # On the CPU the model itself wants the cores; one decode worker overlaps I/O with compute.
+    return min(8, cpus) if device.startswith("cuda") else min(2, max(1, cpus // 2))
+
+
+def _extract_split(
+    index: SplitIndex,
+    final: Path,
+    *,
+    runner: _Runner,
+    taps: Sequence[TapSpec],
+    dataset: str,
+    options: ExtractOptions,
+) -> SplitResult:
+    t0 = time.perf_counter()
+    data_fp = fingerprint_files(index, mode=options.fingerprint)
+    config = {
+        "schema_version": store.SCHEMA_VERSION,
+        **runner.run_config(),
+        "dtype": options.dtype,
+        "data_fingerprint": data_fp,
+        "class_names": list(index.class_names),
+        "split": index.split,
+    }
+    config_fp = _digest(config)
+    with store.writer_lock(final):
+        todo = list(taps)
+        keep_from = None
+        if final.is_file():
+            try:
+                meta = store.read_metadata(final)
+            except FeaturecacheError as exc:
+                log.warning("%s; re-extracting", exc)
+                meta = {}
+            if meta.get("config_fingerprint") == config_fp:
+                have = set(meta["taps"])
+                todo = [t for t in taps if t.key not in have]
+                if not todo:
+                    log.info("%s: cached (%d rows, taps %s)", final, meta["num_samples"], ", ".join(have))
+                    return SplitResult(
+                        index.split, final, "cached", meta["num_samples"], meta["num_samples"] - meta["num_valid"],
+                        list(meta["taps"]), file_bytes=final.stat().st_size,
+                    )  # fmt: skip
+                keep_from = final
+                log.info("%s: adding taps %s (cached taps are kept)", final, ", ".join(t.key for t in todo))
+            elif meta:
+                changed = sorted(k for k in config if meta.get(k) != config[k] and k != "class_names") or ["inputs"]
+                log.info("%s is stale (%s changed); re-extracting", final, ", ".join(changed))
+
+        manifest = {
+            "config_fingerprint": config_fp,
+            "taps": [t.as_attrs() for t in todo],
+            "batch_size": options.batch_size,
+            "channels_last": options.channels_last,
+            "num_samples": len(index),
+        }
+        journal = store.Journal.open(final, manifest)
+        seconds, processed = _run_batches(index, journal, runner=runner, taps=todo, options=options)
+
+        attrs = {
+            **config,
+            "dataset": dataset,
+            "config_fingerprint": config_fp,
+            "compression": options.compression,
+            "library_versions": _library_versions(),
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "extraction_seconds": round(seconds, 3),
+            "dataset_root": str(index.root),
+        }
+        columns = [store.TapColumn(t.key, t.out_dim, {**t.as_attrs(), "channels": t.map_shape[0]}) for t in todo]
+        store.assemble(
+            final, journal=journal, taps=columns, labels=index.labels, paths=index.paths, attrs=attrs,
+            dtype=options.dtype, compression=options.compression, keep_from=keep_from,
+        )  # fmt: skip
+        journal.remove()
+    meta = store.read_metadata(final)
+    elapsed = time.perf_counter() - t0
+    result = SplitResult(
+        split=index.split,
+        path=final,
+        status="added-taps" if keep_from else "extracted",
+        num_samples=meta["num_samples"],
+        num_skipped=meta["num_samples"] - meta["num_valid"],
+        taps=list(meta["taps"]),
+        seconds=elapsed,
+        images_per_second=processed / seconds if seconds > 0 else math.nan,
+        file_bytes=final.stat().st_size,
+    )
+    log.info(
+        "%s: %s %d images (%d skipped) in %.1fs, %s", final, result.status, result.num_samples,
+        result.num_skipped, elapsed, _fmt_bytes(result.file_bytes),
+    )  # fmt: skip
+    return result
+
+
+def _run_batches(
+    index: SplitIndex,
+    journal: store.Journal,
+    *,
+    runner: _Runner,
+    taps: Sequence[TapSpec],
+    options: ExtractOptions,
+) -> tuple[float, int]:
+    """Forward every not-yet-committed batch and commit it; returns (forward-loop seconds, images done)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    start = journal.committed_rows()
+    n = len(index)
+    if start >= n:
+        return 0.0, 0
+    if start:
+        log.info("resuming %s at row %d of %d", index.split, start, n)
+    workers = options.workers if options.workers is not None else _default_workers(runner.device)
+    # Resume at a batch boundary of the original run: batches keep the same composition, so the numbers
+    # are bit-identical to an uninterrupted run.
+    data = ImageFiles(index, runner.transform, input_size=runner.loaded.spec.input_size, rows=range(start, n))
+    loader = DataLoader(
+        data,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=runner.device.startswith("cuda"),
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    module = runner.extractor(taps)
+    t0 = time.perf_counter()
+    done = 0
+    bar = tqdm(
+        total=n, initial=start, unit="img", desc=f"{index.split}", disable=not options.progress, dynamic_ncols=True
+    )
+    try:
+        for images, rows, errors in loader:
+            errors = list(errors)
+            bad = [i for i, e in enumerate(errors) if e]
+            for i in bad:
+                log.warning("skipping unreadable %s: %s", index.paths[int(rows[i])], errors[i])
+            if bad and options.on_bad_image == "fail":
+                first = bad[0]
+                raise FeaturecacheError(
+                    f"unreadable image {index.root / index.paths[int(rows[first])]}: {errors[first]} "
+                    f"(remove it, or pass --on-bad-image skip to skip and list such files)"
+                )
+            arrays = runner.forward(module, images)
+            for i in bad:
+                for a in arrays.values():
+                    a[i] = 0
+            journal.commit(int(rows[0]), arrays, errors)
+            done += len(errors)
+            bar.update(len(errors))
+    finally:
+        bar.close()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return time.perf_counter() - t0, done
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

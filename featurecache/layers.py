@@ -1,0 +1,289 @@
+"""Tap selection by node name, pooling, and the one-pass multi-tap extractor.
+
+Taps are FX graph nodes, named as ``torchvision.models.feature_extraction.get_graph_node_names`` names them
+(eval mode). A module name (``layer3``, ``_blocks.4``) selects the last node inside that module, as
+``create_feature_extractor`` does. Each tap has a pooling that turns its activation into one row per image.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from featurecache.errors import FeaturecacheError
+
+# Poolings: global average (default), global max, a k x k adaptive-average grid, raw maps (flattened),
+# and "none" for taps that are already vectors (the pooled penultimate).
+POOLINGS = ("avg", "max", "grid2", "grid3", "grid4", "raw")
+DEFAULT_POOL = "avg"
+ALL_STAGES = ("all-stages", "default")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One tappable node of a traced base, as seen for a single image at the base's input size."""
+
+    name: str
+    shape: tuple[int, ...]  # without the batch axis: (C, H, W), (L, D) or (D,)
+    relative_depth: float  # fraction of the base's conv/linear ops executed up to and including this node
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """A resolved tap: which node, how it is pooled, and what it produces."""
+
+    key: str  # dataset name under /features in the HDF5 file
+    query: str  # what the user asked for (node or module name)
+    node: str  # the resolved graph node
+    pool: str
+    map_shape: tuple[int, ...]
+    out_dim: int
+    relative_depth: float
+    reduction: int  # input size / spatial size (1 for vectors)
+
+    def as_attrs(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class TracedBase:
+    """The FX graph of a base with every tensor node's shape: what ``list-layers`` prints."""
+
+    nodes: list[NodeInfo]
+    default_taps: list[str]  # resolved node names
+    input_size: int
+    name: str = "BASE"
+
+    def by_name(self) -> dict[str, NodeInfo]:
+        return {n.name: n for n in self.nodes}
+
+
+def _is_weighted_op(node: Any, modules: dict[str, Any]) -> bool:
+    import torch
+    from torch import nn
+
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.Conv2d | nn.Linear | nn.Conv1d)
+    if node.op == "call_function":
+        return node.target in (torch.conv2d, torch.nn.functional.conv2d, torch.nn.functional.linear)
+    return False
+
+
+def trace_base(
+    model: Any, input_size: int, default_taps: Sequence[str] | None = None, *, name: str = "BASE"
+) -> TracedBase:
+    """Trace ``model`` (eval mode) and record the output shape and relative depth of every tensor node."""
+    import torch
+    from torch import fx
+    from torch.fx.passes.shape_prop import ShapeProp
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    model.eval()
+    tracer = NodePathTracer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    batch = 2  # a batch axis of 2 tells per-image activations apart from parameters
+    with torch.inference_mode():
+        ShapeProp(gm).propagate(torch.zeros(batch, 3, input_size, input_size))
+
+    modules = dict(gm.named_modules())
+    total_ops = sum(_is_weighted_op(n, modules) for n in gm.graph.nodes) or 1
+    ops_so_far = 0
+    nodes: list[NodeInfo] = []
+    for node in gm.graph.nodes:
+        ops_so_far += _is_weighted_op(node, modules)
+        meta = node.meta.get("tensor_meta")
+        qualname = tracer.node_to_qualname.get(node)
+        if qualname is None or node.op in ("placeholder", "output") or not hasattr(meta, "shape"):
+            continue
+        shape = tuple(meta.shape)
+        if len(shape) not in (2, 3, 4) or shape[0] != batch:
+            continue
+        nodes.append(NodeInfo(name=qualname, shape=shape[1:], relative_depth=round(ops_so_far / total_ops, 4)))
+
+    traced = TracedBase(nodes=nodes, default_taps=[], input_size=input_size, name=name)
+    if default_taps is not None:
+        traced.default_taps = [resolve_node(traced, q) for q in default_taps]
+    else:
+        traced.default_taps = _stage_outputs(gm, tracer, nodes, modules)
+    return traced
+
+
+def _stage_outputs(gm: Any, tracer: Any, nodes: list[NodeInfo], modules: dict[str, Any]) -> list[str]:
+    """Derive default taps: the last block output at each spatial resolution, plus the pooled penultimate.
+
+    That is timm's notion of a stage (one feature per stride). A "block output" is the last node inside a
+    module one or two levels deep (``layer1``, ``features.3``), so the expand conv inside a block that
+    downsamples is never picked. The last resolution is left to the pooled penultimate, which is its global
+    average in every torchvision CNN.
+    """
+    from torch import nn
+
+    last_in_module: dict[str, str] = {}
+    for n in nodes:
+        parts = n.name.split(".")
+        for depth in (1, 2):
+            last_in_module[".".join(parts[:depth])] = n.name
+    block_outputs = set(last_in_module.values())
+    # Only (C, H, W) maps with real spatial extent; channels-last intermediates (ConvNeXt) are not block outputs.
+    maps = [n for n in nodes if len(n.shape) == 3 and n.name in block_outputs and n.shape[1] > 1]
+    last_at: dict[tuple[int, int], str] = {}
+    for n in maps:
+        last_at.pop(n.shape[1:], None)  # keep insertion order = order of the *last* occurrence
+        last_at[n.shape[1:]] = n.name
+    stages = list(last_at.values())[:-1] if len(last_at) > 1 else list(last_at.values())
+
+    penultimate = None
+    linears = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), nn.Linear)]
+    if linears:
+        src = linears[-1].args[0]
+        while src.op == "call_module" and isinstance(modules.get(src.target), nn.Dropout):
+            src = src.args[0]
+        penultimate = tracer.node_to_qualname.get(src)
+    elif nodes:
+        penultimate = nodes[-1].name
+    known = {n.name for n in nodes}
+    if penultimate in known and penultimate not in stages:
+        stages.append(penultimate)
+    return stages
+
+
+def resolve_node(traced: TracedBase, query: str) -> str:
+    """Map a node or module name to a node; unknown names raise an error listing valid ones."""
+    names = [n.name for n in traced.nodes]
+    if query in names:
+        return query
+    pattern = re.compile(rf"^{re.escape(query)}\.")
+    inside = [n for n in names if pattern.match(n)]
+    if inside:
+        return inside[-1]
+    close = [n for n in names if query.split(".")[0] in n][:10]
+    raise FeaturecacheError(
+        f"layer {query!r} is not a node of this base. "
+        + (f"Close names: {', '.join(close)}. " if close else "")
+        + f"Default taps: {','.join(traced.default_taps)}. Run `featurecache list-layers {traced.name}` for all "
+        f"{len(names)} nodes with their shapes."
+    )
+
+
+def tap_key(query: str, pool: str) -> str:
+    """HDF5 dataset name of a tap: the name asked for, plus ``@pool`` when not the default pooling."""
+    return query if pool in (DEFAULT_POOL, "none") else f"{query}@{pool}"
+
+
+def parse_taps(text: str | Sequence[str], traced: TracedBase, *, default_pool: str = DEFAULT_POOL) -> list[TapSpec]:
+    """Parse ``--layers``: ``all-stages`` or comma-separated ``node[:pool]`` entries.
+
+    Duplicates (the same node with the same pooling) are dropped, keeping the first spelling.
+    """
+    if default_pool not in POOLINGS:
+        raise FeaturecacheError(f"unknown pooling {default_pool!r}; choose one of: {', '.join(POOLINGS)}")
+    entries = [e.strip() for e in (text.split(",") if isinstance(text, str) else text) if e.strip()]
+    if not entries:
+        raise FeaturecacheError("no layers given; pass --layers all-stages or node names (see list-layers)")
+    expanded: list[str] = []
+    for entry in entries:
+        expanded.extend(traced.default_taps if entry in ALL_STAGES else [entry])
+
+    info = traced.by_name()
+    taps: list[TapSpec] = []
+    seen: set[tuple[str, str]] = set()
+    for entry in expanded:
+        query, _, pool = entry.partition(":")
+        pool = pool or default_pool
+        if pool not in POOLINGS:
+            raise FeaturecacheError(f"unknown pooling {pool!r} in {entry!r}; choose one of: {', '.join(POOLINGS)}")
+        node = resolve_node(traced, query)
+        shape = info[node].shape
+        if len(shape) == 1:
+            pool = "none"  # already a vector: nothing to pool
+        elif len(shape) == 2 and pool.startswith("grid"):
+            raise FeaturecacheError(f"layer {query!r} is a token sequence {shape}; grid pooling needs a 2-D map")
+        if (node, pool) in seen:
+            continue
+        seen.add((node, pool))
+        taps.append(
+            TapSpec(
+                key=tap_key(query, pool),
+                query=query,
+                node=node,
+                pool=pool,
+                map_shape=shape,
+                out_dim=pooled_dim(shape, pool),
+                relative_depth=info[node].relative_depth,
+                reduction=traced.input_size // shape[-1] if len(shape) == 3 else 1,
+            )
+        )
+    return taps
+
+
+def pooled_dim(shape: tuple[int, ...], pool: str) -> int:
+    """Length of the row a tap of this (C, H, W) / (L, D) / (D,) shape produces under ``pool``."""
+    if len(shape) == 1 or pool == "none":
+        return int(shape[0]) if len(shape) == 1 else int(_prod(shape))
+    if pool == "raw":
+        return int(_prod(shape))
+    if pool.startswith("grid"):
+        k = int(pool[4:])
+        return int(shape[0]) * k * k
+    return int(shape[0] if len(shape) == 3 else shape[-1])
+
+
+def _prod(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def pool_activation(x: Any, pool: str) -> Any:
+    """Pool a batch of activations to (B, D) float32 rows."""
+    import torch
+    import torch.nn.functional as F
+
+    x = x.float()
+    if x.ndim == 2 or pool == "none":
+        return x.reshape(x.shape[0], -1)
+    if pool == "raw":
+        return x.reshape(x.shape[0], -1)
+    if x.ndim == 3:  # (B, L, D) tokens
+        return x.mean(dim=1) if pool == "avg" else x.amax(dim=1)
+    if pool == "avg":
+        return x.mean(dim=(2, 3))
+    if pool == "max":
+        return torch.amax(x, dim=(2, 3))
+    k = int(pool[4:])
+    return F.adaptive_avg_pool2d(x, k).reshape(x.shape[0], -1)
+
+
+def build_extractor(model: Any, taps: Sequence[TapSpec]) -> Any:
+    """One module that runs the base once and returns ``{tap.key: (B, D) float32}`` for every tap.
+
+    ``create_feature_extractor`` prunes the graph after the deepest tap, so asking for early layers only
+    also runs only the early part of the base.
+    """
+    from torch import nn
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    nodes = sorted({t.node for t in taps})
+    return_nodes = {n: n for n in nodes}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the train/eval node-set notice: we only ever run in eval mode
+        body = create_feature_extractor(model, train_return_nodes=return_nodes, eval_return_nodes=return_nodes)
+    body.eval()
+
+    class MultiTap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, images: Any) -> dict[str, Any]:
+            acts = self.body(images)
+            return {t.key: pool_activation(acts[t.node], t.pool) for t in taps}
+
+    return MultiTap().eval()

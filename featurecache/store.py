@@ -1,0 +1,396 @@
+"""The HDF5 feature store: schema, crash-safe journal of committed batches, atomic assembly, reading.
+
+Layout of one cache file (one dataset x base x split)::
+
+    /labels              (N,)   int64     class index into attrs["class_names"]
+    /paths               (N,)   str       path relative to the dataset root
+    /valid               (N,)   bool      False for files that could not be decoded (their rows are zeros)
+    /skipped/{row,path,reason}            the unreadable files and why
+    /features/<key>      (N, D) float16|float32, chunked along samples, shuffle+gzip, fletcher32
+    attrs                schema_version, base, weights, transforms, class_names, taps (JSON), fingerprints,
+                         library versions, complete=True ...
+
+Crash safety: while extracting, every batch is committed as a small ``.npz`` in ``<file>.partial/`` (written
+to a temporary name, then renamed), so a ``kill -9`` at any point loses at most the batch in flight and a
+re-run continues from the last committed batch. The HDF5 file is assembled from those shards into a
+temporary name and renamed into place: readers only ever see complete files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurecache.errors import FeaturecacheError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# Chunks of ~512 KiB along the sample axis: big enough for fast sequential reads and compression,
+# small enough that reading a few rows does not inflate a whole layer (h5py's 10 KiB-1 MiB advice).
+TARGET_CHUNK_BYTES = 512 * 1024
+COMPRESSIONS = ("gzip", "lzf", "none")
+STORAGE_DTYPES = ("float16", "float32")
+
+
+# ------------------------------------------------------------------------------------------- locking
+
+
+@contextlib.contextmanager
+def writer_lock(final_path: Path) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock for writing ``final_path``; a second writer is refused.
+
+    ``flock`` is released by the kernel when the process dies (even ``kill -9``), so a crash never leaves
+    a stale lock behind.
+    """
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = final_path.with_name(final_path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise FeaturecacheError(
+                f"another featurecache process (pid {holder}) is writing {final_path}; wait for it to finish "
+                f"(it resumes from its own progress) instead of starting a second writer"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """Committed batches of an extraction in progress, one ``.npz`` per batch in ``<file>.partial/``."""
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        self.directory = directory
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, final_path: Path, manifest: dict[str, Any]) -> Journal:
+        """Reuse a journal whose manifest matches (same data, base, taps, batching); else start afresh."""
+        directory = final_path.with_name(final_path.name + ".partial")
+        manifest_path = directory / cls.MANIFEST
+        if directory.is_dir():
+            try:
+                previous = json.loads(manifest_path.read_text())
+            except (OSError, ValueError):
+                previous = None
+            if previous == manifest:
+                return cls(directory, manifest)
+            log.info("discarding progress in %s: it was made with other settings", directory)
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        _atomic_write_bytes(manifest_path, json.dumps(manifest, sort_keys=True).encode())
+        return cls(directory, manifest)
+
+    def _shard_name(self, start: int, stop: int) -> str:
+        return f"rows-{start:012d}-{stop:012d}.npz"
+
+    def shards(self) -> list[tuple[int, int, Path]]:
+        """Committed shards in row order (only whole files: temporaries are never listed)."""
+        out = []
+        for p in self.directory.glob("rows-*.npz"):
+            _, start, stop = p.stem.split("-")
+            out.append((int(start), int(stop), p))
+        return sorted(out)
+
+    def committed_rows(self) -> int:
+        """Rows 0..k-1 are committed; shards after a gap (impossible with in-order commits) are ignored."""
+        done = 0
+        for start, stop, _ in self.shards():
+            if start != done:
+                break
+            done = stop
+        return done
+
+    def commit(self, start: int, arrays: dict[str, np.ndarray], errors: Sequence[str]) -> None:
+        """Persist one batch of rows ``start..start+len(errors)``; atomic (temporary name + rename)."""
+        stop = start + len(errors)
+        payload = {f"f:{k}": v for k, v in arrays.items()}
+        payload["errors"] = np.asarray(list(errors), dtype=np.str_)
+        final = self.directory / self._shard_name(start, stop)
+        tmp = self.directory / f".tmp-{os.getpid()}-{final.name}"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **payload)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(exc, self.directory) from exc
+
+    def read(self, path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k[2:]: z[k] for k in z.files if k.startswith("f:")}
+            errors = [str(e) for e in z["errors"]]
+        return arrays, errors
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _disk_error(exc: OSError, where: Path) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FeaturecacheError(
+            f"disk full while writing under {where}: free space there (or point FEATURECACHE_HOME at a larger "
+            f"disk) and re-run; committed batches are kept and extraction resumes from them"
+        )
+    return exc
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def chunk_rows(row_bytes: int, n_rows: int) -> int:
+    """Rows per chunk so that one chunk holds about ``TARGET_CHUNK_BYTES``."""
+    return max(1, min(n_rows, TARGET_CHUNK_BYTES // max(1, row_bytes)))
+
+
+def _compression_kwargs(compression: str) -> dict[str, Any]:
+    if compression == "none":
+        return {}
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    if compression == "lzf":
+        return {"compression": "lzf", "shuffle": True}
+    raise FeaturecacheError(f"unknown compression {compression!r}; choose one of: {', '.join(COMPRESSIONS)}")
+
+
+@dataclass
+class TapColumn:
+    """A tap to write into the assembled file: its attrs and where its rows come from."""
+
+    key: str
+    out_dim: int
+    attrs: dict[str, Any]
+
+
+def assemble(
+    final_path: Path,
+    *,
+    journal: Journal,
+    taps: Sequence[TapColumn],
+    labels: Sequence[int],
+    paths: Sequence[str],
+    attrs: dict[str, Any],
+    dtype: str,
+    compression: str,
+    keep_from: Path | None = None,
+) -> None:
+    """Write the cache from the journal's shards (plus taps copied from ``keep_from``) and rename it into place.
+
+    The file is built under a temporary name opened with mode ``"x"`` (never clobbers), checksummed
+    (fletcher32), flushed and fsynced before the atomic rename; on any error the temporary is removed and
+    nothing appears under the final name.
+    """
+    import h5py
+
+    n = len(paths)
+    tmp = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a temporary from an earlier crash of this same pid number
+    valid = np.ones(n, dtype=bool)
+    skipped: list[tuple[int, str, str]] = []
+    try:
+        with h5py.File(tmp, "x") as f:
+            str_dt = h5py.string_dtype("utf-8")
+            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+            f.create_dataset("paths", data=np.asarray(list(paths), dtype=object), dtype=str_dt)
+            group = f.create_group("features")
+            itemsize = np.dtype(dtype).itemsize
+            dsets = {}
+            for tap in taps:
+                dsets[tap.key] = group.create_dataset(
+                    tap.key,
+                    shape=(n, tap.out_dim),
+                    dtype=dtype,
+                    chunks=(chunk_rows(tap.out_dim * itemsize, n), tap.out_dim),
+                    fletcher32=True,
+                    **_compression_kwargs(compression),
+                )
+                dsets[tap.key].attrs.update({k: _attr(v) for k, v in tap.attrs.items()})
+            for start, stop, shard in journal.shards():
+                arrays, errors = journal.read(shard)
+                for key, dset in dsets.items():
+                    dset[start:stop] = arrays[key]
+                for i, err in enumerate(errors):
+                    if err:
+                        valid[start + i] = False
+                        skipped.append((start + i, paths[start + i], err))
+            if keep_from is not None:
+                with h5py.File(keep_from, "r") as old:
+                    kept = [k for k in old["features"] if k not in dsets]
+                    for key in kept:
+                        old.copy(old["features"][key], group, name=key)
+                    valid = old["valid"][:]
+                    skipped = list(
+                        zip(
+                            old["skipped/row"][:].tolist(),
+                            old["skipped/path"].asstr()[:],
+                            old["skipped/reason"].asstr()[:],
+                            strict=True,
+                        )
+                    )
+            f.create_dataset("valid", data=valid)
+            sk = f.create_group("skipped")
+            sk.create_dataset("row", data=np.asarray([s[0] for s in skipped], dtype=np.int64))
+            sk.create_dataset("path", data=np.asarray([s[1] for s in skipped], dtype=object), dtype=str_dt)
+            sk.create_dataset("reason", data=np.asarray([s[2] for s in skipped], dtype=object), dtype=str_dt)
+            # Listed shallow to deep, the order in which every report wants them.
+            all_taps = dict(sorted(((k, dict(group[k].attrs)) for k in group), key=lambda kv: kv[1]["relative_depth"]))
+            f.attrs.update({k: _attr(v) for k, v in attrs.items()})
+            f.attrs["taps"] = json.dumps({k: {a: _plain(v) for a, v in t.items()} for k, t in all_taps.items()})
+            f.attrs["num_samples"] = n
+            f.attrs["num_valid"] = int(valid.sum())
+            f.attrs["complete"] = True
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final_path)
+        _fsync_dir(final_path.parent)
+    except OSError as exc:
+        raise _disk_error(exc, final_path.parent) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _attr(value: Any) -> Any:
+    """HDF5 attrs hold scalars and strings; structures go in as JSON text (readable with h5dump -A)."""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, str) and value[:1] in "[{":
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The root attrs of a cache file, JSON fields decoded. Raises if it is not a complete featurecache file."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeaturecacheError(f"no feature cache at {path}; run `featurecache extract` (or `make extract`) first")
+    try:
+        with h5py.File(path, "r") as f:
+            meta = {k: _plain(v) for k, v in f.attrs.items()}
+    except OSError as exc:
+        raise FeaturecacheError(f"{path} is not a readable HDF5 file ({exc}); delete it and re-extract") from exc
+    if meta.get("schema_version") != SCHEMA_VERSION or not meta.get("complete"):
+        raise FeaturecacheError(
+            f"{path} is not a complete featurecache v{SCHEMA_VERSION} cache (schema {meta.get('schema_version')}); "
+            f"delete it and re-extract"
+        )
+    return meta
+
+
+def _pick_layer(meta: dict[str, Any], layer: str | None, path: Path) -> str:
+    taps: dict[str, Any] = meta["taps"]
+    if layer is None:
+        if len(taps) == 1:
+            return next(iter(taps))
+        raise FeaturecacheError(f"{path} holds {len(taps)} layers; pass layer= one of: {', '.join(taps)}")
+    if layer in taps:
+        return layer
+    by_node = [k for k, t in taps.items() if layer in (t.get("node"), t.get("query"))]
+    if len(by_node) == 1:
+        return by_node[0]
+    raise FeaturecacheError(
+        f"layer {layer!r} is not in {path}; cached layers: {', '.join(taps)}. "
+        f"Extract it with `featurecache extract --layers {layer} ...` (cached layers are kept)."
+    )
+
+
+def load_features(
+    path: str | os.PathLike, layer: str | None = None, *, include_invalid: bool = False
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Load one layer of a cache as ``(X, y, metadata)`` numpy arrays.
+
+    Args:
+        path: a cache file (``data/features/<dataset>/<base>/<split>.h5``).
+        layer: tap key or node name; may be omitted when the file holds one layer.
+        include_invalid: keep the zero rows of unreadable images (default: drop them).
+
+    ``metadata`` is the file's attrs plus ``layer``, ``paths`` (of the returned rows) and ``tap`` info.
+    """
+    import h5py
+
+    path = Path(path)
+    meta = read_metadata(path)
+    key = _pick_layer(meta, layer, path)
+    with h5py.File(path, "r") as f:
+        X = f["features"][key][:]
+        y = f["labels"][:]
+        paths = f["paths"].asstr()[:]
+        valid = f["valid"][:]
+    if not include_invalid:
+        X, y, paths = X[valid], y[valid], paths[valid]
+    meta = {**meta, "layer": key, "tap": meta["taps"][key], "paths": paths}
+    return X, y, meta
+
+
+def iter_feature_chunks(
+    path: str | os.PathLike, layer: str | None = None, *, rows_per_chunk: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(X_chunk, y_chunk)`` over one layer without loading it whole (invalid rows dropped).
+
+    Chunks are aligned to the file's HDF5 chunks, so each block is read and decompressed once.
+    """
+    import h5py
+
+    path = Path(path)
+    meta = read_metadata(path)
+    key = _pick_layer(meta, layer, path)
+    with h5py.File(path, "r") as f:
+        dset = f["features"][key]
+        step = rows_per_chunk or max(dset.chunks[0], (8 << 20) // max(1, dset.dtype.itemsize * dset.shape[1]))
+        step = max(dset.chunks[0], step - step % dset.chunks[0])
+        for start in range(0, dset.shape[0], step):
+            stop = min(start + step, dset.shape[0])
+            valid = f["valid"][start:stop]
+            yield dset[start:stop][valid], f["labels"][start:stop][valid]

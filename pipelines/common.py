@@ -1,0 +1,35 @@
+"""What every entry point shares: logging setup and turning user errors into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from featurecache.errors import FeaturecacheError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run ``main``; a FeaturecacheError becomes ``featurecache: error: ...`` and exit status 2."""
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        return main(args)
+    except FeaturecacheError as exc:
+        print(f"featurecache: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featurecache: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]

@@ -1,0 +1,79 @@
+"""featurecache extract: frozen base -> per-layer HDF5 caches for every split of a dataset."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from featurecache.extract import ExtractOptions, extract
+from pipelines.common import comma_list, run_main
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("featurecache extract", description=__doc__, add_help=add_help)
+    p.add_argument("dataset_root", help="ImageFolder-style folder: ROOT/{train,val,test}/<class>/<image>")
+    p.add_argument("--base", default="efficientnet_lite0", help="base name (see list-bases)")
+    p.add_argument(
+        "--layers",
+        default="all-stages",
+        help="'all-stages' or comma-separated node/module names, each optionally ':pool' (see list-layers)",
+    )
+    p.add_argument("--pool", default="avg", help="pooling for layers without ':pool': avg|max|grid2|grid3|grid4|raw")
+    p.add_argument("--dataset", help="name in data/features/ (default: the folder's name)")
+    p.add_argument("--splits", type=comma_list, default=["train", "val", "test"], help="comma-separated splits")
+    p.add_argument("--weights", default="default", help="default (pretrained), none (random init) or a variant")
+    p.add_argument("--weights-file", help="local state_dict file to load instead of the cached weights")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on a 2-core CPU, up to 8 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast on CUDA")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"])
+    p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
+    p.add_argument("--fingerprint", default="content", choices=["content", "stat"], help="how input files are hashed")
+    p.add_argument("--seed", type=int, default=0, help="seed of a missing val/test split and of random init")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    options = ExtractOptions(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        dtype=args.dtype,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compression=args.compression,
+        on_bad_image=args.on_bad_image,
+        fingerprint=args.fingerprint,
+        progress=args.progress,
+    )
+    results = extract(
+        args.dataset_root,
+        base=args.base,
+        layers=args.layers,
+        pool=args.pool,
+        dataset=args.dataset,
+        splits=args.splits,
+        weights=args.weights,
+        weights_file=args.weights_file,
+        options=options,
+        seed=args.seed,
+    )
+    for r in results:
+        speed = f", {r.images_per_second:.1f} img/s" if r.status != "cached" and r.images_per_second > 0 else ""
+        print(
+            f"{r.split:5s} {r.status:10s} {r.num_samples:6d} images ({r.num_skipped} skipped){speed}, "
+            f"{r.file_bytes / 1024:.0f} KiB -> {r.path}"
+        )
+    if results:
+        print(f"layers: {', '.join(results[0].taps)}")
+        print(f"inspect with: featurecache info {results[0].path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, get_args_parser().parse_args()))

@@ -1,0 +1,57 @@
+"""featurecache info FILE: what a feature cache holds (schema, taps, sizes, skipped files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from featurecache.store import read_metadata
+from pipelines.common import run_main
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("featurecache info", description=__doc__, add_help=add_help)
+    p.add_argument("files", nargs="+", help="cache files (data/features/<dataset>/<base>/<split>.h5)")
+    p.add_argument("--json", action="store_true", help="print the attrs as JSON")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    import h5py
+
+    for path in args.files:
+        meta = read_metadata(path)
+        if args.json:
+            print(json.dumps({"file": path, **meta}, indent=1, default=str))
+            continue
+        print(f"{path}")
+        print(
+            f"  dataset {meta['dataset']} / split {meta['split']}: {meta['num_samples']} samples, "
+            f"{meta['num_samples'] - meta['num_valid']} skipped, {len(meta['class_names'])} classes"
+        )
+        print(f"  base {meta['base']}  weights {meta['weights']}  amp {meta['amp']}")
+        print(
+            f"  schema v{meta['schema_version']}  dtype {meta['dtype']}  compression {meta['compression']}  "
+            f"created {meta['created_utc']}"
+        )
+        print(f"  data fingerprint {meta['data_fingerprint']}")
+        with h5py.File(path, "r") as f:
+            print(f"  {'layer':28s} {'node':28s} {'pool':6s} {'map':>12s} {'dim':>6s} {'depth':>6s} {'stored':>10s}")
+            for key, tap in meta["taps"].items():
+                dset = f["features"][key]
+                stored = dset.id.get_storage_size()
+                shape = "x".join(str(s) for s in tap["map_shape"])
+                print(
+                    f"  {key:28s} {tap['node']:28s} {tap['pool']:6s} {shape:>12s} {tap['out_dim']:6d} "
+                    f"{tap['relative_depth']:6.2f} {stored / 1024:8.0f}KiB"
+                )
+            for row, p, reason in zip(
+                f["skipped/row"][:], f["skipped/path"].asstr()[:], f["skipped/reason"].asstr()[:], strict=True
+            ):
+                print(f"  skipped row {row}: {p} ({reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, get_args_parser().parse_args()))

