@@ -233,8 +233,32 @@ class _Runner:
                     out = module(images)
             else:
                 out = module(images)
-        dtype = np.dtype(self.options.dtype)
-        return {k: v.float().cpu().numpy().astype(dtype, copy=False) for k, v in out.items()}
+        rows = {k: v.float().cpu().numpy() for k, v in out.items()}
+        if self.options.dtype == "float16":
+            for key, value in rows.items():
+                _check_float16_range(key, value)
+        return {k: v.astype(self.options.dtype, copy=False) for k, v in rows.items()}
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+# float16 subnormals step by 2**-24 (6e-8): below ~50 steps a value keeps less than 2% relative precision.
+FLOAT16_LOSSY_BELOW = 50 * 2.0**-24
+
+
+def _check_float16_range(key: str, value: np.ndarray) -> None:
+    """Refuse float16 storage that would lose the features (overflow to inf, or underflow to zero).
+
+    Random-init bases are the usual case: their deep activations shrink to ~1e-8, which float16 flushes to 0.
+    """
+    magnitude = np.abs(value)
+    nonzero = magnitude > 0
+    overflow = bool((magnitude > FLOAT16_MAX).any())
+    underflow = nonzero.any() and (magnitude[nonzero] < FLOAT16_LOSSY_BELOW).mean() > 0.01
+    if overflow or underflow:
+        raise FeaturecacheError(
+            f"features of layer {key!r} fall outside float16's range (|x| up to {magnitude.max():.3g}, "
+            f"median {np.median(magnitude):.3g}); store them with --dtype float32"
+        )
 
 
 def _default_workers(device: str) -> int:

@@ -7,6 +7,7 @@ Taps are FX graph nodes, named as ``torchvision.models.feature_extraction.get_gr
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -27,8 +28,32 @@ class NodeInfo:
     """One tappable node of a traced base, as seen for a single image at the base's input size."""
 
     name: str
-    shape: tuple[int, ...]  # without the batch axis: (C, H, W), (L, D) or (D,)
+    shape: tuple[int, ...]  # without the batch axis: (C, H, W), (H, W, C), (L, D) or (D,)
     relative_depth: float  # fraction of the base's conv/linear ops executed up to and including this node
+    layout: str = "chw"  # chw | hwc (channels-last blocks: Swin, ConvNeXt internals) | tokens | vector
+
+
+def infer_layout(shape: tuple[int, ...]) -> str:
+    """Guess the axis order of a per-image activation from its shape (bases use square inputs)."""
+    if len(shape) == 1:
+        return "vector"
+    if len(shape) == 2:
+        return "tokens"
+    if shape[0] == shape[1] and shape[1] != shape[2]:
+        return "hwc"
+    return "chw"
+
+
+def spatial_size(shape: tuple[int, ...], layout: str) -> tuple[int, int] | None:
+    if layout == "chw":
+        return shape[1], shape[2]
+    if layout == "hwc":
+        return shape[0], shape[1]
+    return None
+
+
+def channels(shape: tuple[int, ...], layout: str) -> int:
+    return int(shape[0] if layout in ("chw", "vector") else shape[-1])
 
 
 @dataclass(frozen=True)
@@ -40,6 +65,7 @@ class TapSpec:
     node: str  # the resolved graph node
     pool: str
     map_shape: tuple[int, ...]
+    layout: str
     out_dim: int
     relative_depth: float
     reduction: int  # input size / spatial size (1 for vectors)
@@ -59,6 +85,23 @@ class TracedBase:
 
     def by_name(self) -> dict[str, NodeInfo]:
         return {n.name: n for n in self.nodes}
+
+
+def torchvision_tracer_kwargs() -> dict[str, Any]:
+    """The tracer settings ``get_graph_node_names``/``create_feature_extractor`` use, so node names match.
+
+    torchvision treats its own ``torchvision.ops`` modules (Conv2dNormActivation, SqueezeExcitation, ...) as
+    leaves; tracing without that would name nodes that its feature extractor cannot find.
+    """
+    import inspect
+
+    import torch
+    import torchvision.ops
+
+    leaves = [
+        o for _, o in inspect.getmembers(torchvision.ops) if inspect.isclass(o) and issubclass(o, torch.nn.Module)
+    ]
+    return {"leaf_modules": leaves, "autowrap_modules": (math, torchvision.ops)}
 
 
 def _is_weighted_op(node: Any, modules: dict[str, Any]) -> bool:
@@ -82,7 +125,7 @@ def trace_base(
     from torchvision.models.feature_extraction import NodePathTracer
 
     model.eval()
-    tracer = NodePathTracer()
+    tracer = NodePathTracer(**torchvision_tracer_kwargs())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = tracer.trace(model)
@@ -104,13 +147,20 @@ def trace_base(
         shape = tuple(meta.shape)
         if len(shape) not in (2, 3, 4) or shape[0] != batch:
             continue
-        nodes.append(NodeInfo(name=qualname, shape=shape[1:], relative_depth=round(ops_so_far / total_ops, 4)))
+        nodes.append(
+            NodeInfo(
+                name=qualname,
+                shape=shape[1:],
+                relative_depth=round(ops_so_far / total_ops, 4),
+                layout=infer_layout(shape[1:]),
+            )
+        )
 
     traced = TracedBase(nodes=nodes, default_taps=[], input_size=input_size, name=name)
     if default_taps is not None:
         traced.default_taps = [resolve_node(traced, q) for q in default_taps]
     else:
-        traced.default_taps = _stage_outputs(gm, tracer, nodes, modules)
+        traced.default_taps = _stage_outputs(gm, tracer, nodes, dict(model.named_modules()))
     return traced
 
 
@@ -118,25 +168,49 @@ def _stage_outputs(gm: Any, tracer: Any, nodes: list[NodeInfo], modules: dict[st
     """Derive default taps: the last block output at each spatial resolution, plus the pooled penultimate.
 
     That is timm's notion of a stage (one feature per stride). A "block output" is the last node inside a
-    module one or two levels deep (``layer1``, ``features.3``), so the expand conv inside a block that
-    downsamples is never picked. The last resolution is left to the pooled penultimate, which is its global
-    average in every torchvision CNN.
+    container (``layer1``, ``features``) or inside the first non-container module on the way down from the
+    root (``layer1.0``, ``features.3``, ``Mixed_5d``); so a branch inside an Inception block, the expand conv of
+    a downsampling block or a lone norm layer is never picked. The last resolution is left to the pooled
+    penultimate, which is its global average in every torchvision CNN. Token models (ViT) have one
+    resolution: there, four evenly spaced blocks of the longest container stand in for stages.
     """
     from torch import nn
 
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
     last_in_module: dict[str, str] = {}
     for n in nodes:
         parts = n.name.split(".")
-        for depth in (1, 2):
-            last_in_module[".".join(parts[:depth])] = n.name
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            module = modules.get(prefix)
+            if module is None:
+                if depth == 1:  # a top-level functional op (``flatten``, ``add``)
+                    last_in_module[prefix] = n.name
+                break
+            if isinstance(module, containers):
+                last_in_module[prefix] = n.name
+                continue
+            if not isinstance(module, norms):
+                last_in_module[prefix] = n.name
+            break
     block_outputs = set(last_in_module.values())
-    # Only (C, H, W) maps with real spatial extent; channels-last intermediates (ConvNeXt) are not block outputs.
-    maps = [n for n in nodes if len(n.shape) == 3 and n.name in block_outputs and n.shape[1] > 1]
+    maps = [n for n in nodes if n.name in block_outputs and (spatial_size(n.shape, n.layout) or (1, 1))[0] > 1]
     last_at: dict[tuple[int, int], str] = {}
     for n in maps:
-        last_at.pop(n.shape[1:], None)  # keep insertion order = order of the *last* occurrence
-        last_at[n.shape[1:]] = n.name
+        size = spatial_size(n.shape, n.layout)
+        last_at.pop(size, None)  # keep insertion order = order of the *last* occurrence
+        last_at[size] = n.name
     stages = list(last_at.values())[:-1] if len(last_at) > 1 else list(last_at.values())
+    if len(last_at) < 2:
+        longest = max(
+            (m for m in modules.items() if isinstance(m[1], containers)), key=lambda m: len(m[1]), default=None
+        )
+        if longest is not None:
+            blocks = [f"{longest[0]}.{child}" for child, _ in longest[1].named_children()]
+            outputs = [o for b in blocks if (o := _last_node_in(nodes, b)) is not None]
+            picks = sorted({round(i * (len(outputs) - 1) / 4) for i in range(1, 5)}) if outputs else []
+            stages = [outputs[i] for i in picks]
 
     penultimate = None
     linears = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), nn.Linear)]
@@ -151,6 +225,11 @@ def _stage_outputs(gm: Any, tracer: Any, nodes: list[NodeInfo], modules: dict[st
     if penultimate in known and penultimate not in stages:
         stages.append(penultimate)
     return stages
+
+
+def _last_node_in(nodes: Sequence[NodeInfo], module_name: str) -> str | None:
+    inside = [n.name for n in nodes if n.name == module_name or n.name.startswith(module_name + ".")]
+    return inside[-1] if inside else None
 
 
 def resolve_node(traced: TracedBase, query: str) -> str:
@@ -199,10 +278,10 @@ def parse_taps(text: str | Sequence[str], traced: TracedBase, *, default_pool: s
         if pool not in POOLINGS:
             raise FeaturecacheError(f"unknown pooling {pool!r} in {entry!r}; choose one of: {', '.join(POOLINGS)}")
         node = resolve_node(traced, query)
-        shape = info[node].shape
-        if len(shape) == 1:
+        shape, layout = info[node].shape, info[node].layout
+        if layout == "vector":
             pool = "none"  # already a vector: nothing to pool
-        elif len(shape) == 2 and pool.startswith("grid"):
+        elif layout == "tokens" and pool.startswith("grid"):
             raise FeaturecacheError(f"layer {query!r} is a token sequence {shape}; grid pooling needs a 2-D map")
         if (node, pool) in seen:
             continue
@@ -214,51 +293,41 @@ def parse_taps(text: str | Sequence[str], traced: TracedBase, *, default_pool: s
                 node=node,
                 pool=pool,
                 map_shape=shape,
-                out_dim=pooled_dim(shape, pool),
+                layout=layout,
+                out_dim=pooled_dim(shape, layout, pool),
                 relative_depth=info[node].relative_depth,
-                reduction=traced.input_size // shape[-1] if len(shape) == 3 else 1,
+                reduction=traced.input_size // (spatial_size(shape, layout) or (traced.input_size,))[0],
             )
         )
     return taps
 
 
-def pooled_dim(shape: tuple[int, ...], pool: str) -> int:
-    """Length of the row a tap of this (C, H, W) / (L, D) / (D,) shape produces under ``pool``."""
-    if len(shape) == 1 or pool == "none":
-        return int(shape[0]) if len(shape) == 1 else int(_prod(shape))
-    if pool == "raw":
-        return int(_prod(shape))
+def pooled_dim(shape: tuple[int, ...], layout: str, pool: str) -> int:
+    """Length of the row a tap of this shape and layout produces under ``pool``."""
+    if layout == "vector" or pool in ("none", "raw"):
+        return int(math.prod(shape))
     if pool.startswith("grid"):
         k = int(pool[4:])
-        return int(shape[0]) * k * k
-    return int(shape[0] if len(shape) == 3 else shape[-1])
+        return channels(shape, layout) * k * k
+    return channels(shape, layout)
 
 
-def _prod(values: Sequence[int]) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
-def pool_activation(x: Any, pool: str) -> Any:
-    """Pool a batch of activations to (B, D) float32 rows."""
-    import torch
+def pool_activation(x: Any, pool: str, layout: str) -> Any:
+    """Pool a batch of activations to (B, D) float32 rows (channels-last maps are put channels-first)."""
     import torch.nn.functional as F
 
     x = x.float()
-    if x.ndim == 2 or pool == "none":
+    if layout == "vector" or pool in ("none", "raw"):
         return x.reshape(x.shape[0], -1)
-    if pool == "raw":
-        return x.reshape(x.shape[0], -1)
-    if x.ndim == 3:  # (B, L, D) tokens
+    if layout == "tokens":  # (B, L, D)
         return x.mean(dim=1) if pool == "avg" else x.amax(dim=1)
+    if layout == "hwc":
+        x = x.permute(0, 3, 1, 2)
     if pool == "avg":
         return x.mean(dim=(2, 3))
     if pool == "max":
-        return torch.amax(x, dim=(2, 3))
-    k = int(pool[4:])
-    return F.adaptive_avg_pool2d(x, k).reshape(x.shape[0], -1)
+        return x.amax(dim=(2, 3))
+    return F.adaptive_avg_pool2d(x, int(pool[4:])).reshape(x.shape[0], -1)
 
 
 def build_extractor(model: Any, taps: Sequence[TapSpec]) -> Any:
@@ -284,6 +353,6 @@ def build_extractor(model: Any, taps: Sequence[TapSpec]) -> Any:
 
         def forward(self, images: Any) -> dict[str, Any]:
             acts = self.body(images)
-            return {t.key: pool_activation(acts[t.node], t.pool) for t in taps}
+            return {t.key: pool_activation(acts[t.node], t.pool, t.layout) for t in taps}
 
     return MultiTap().eval()

@@ -112,6 +112,9 @@ def test_new_taps_are_added_without_rewriting_old_ones(tiny, paths):
 
 def test_random_init_control_gets_its_own_cache(tiny, paths):
     pretrained = run(tiny, paths, splits=["val"])["val"].path
+    f16 = ExtractOptions(dtype="float16", workers=0, progress=False)
+    with pytest.raises(FeaturecacheError, match=r"layer '.+' fall outside float16's range.*--dtype float32"):
+        run(tiny, paths, splits=["val"], weights="none", options=f16)  # random-init activations are ~1e-8
     random = run(tiny, paths, splits=["val"], weights="none")["val"].path
     assert random.parent.name == f"{BASE}-random" and pretrained != random
     assert read_metadata(random)["weights"] == "random-init(seed=0)"

@@ -1,0 +1,49 @@
+"""The console script: subcommands, one-line errors with exit status 2, no tracebacks."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.cli import run
+
+
+def test_list_layers_marks_defaults(capsys):
+    assert run(["list-layers", "efficientnet_lite0"]) == 0
+    out = capsys.readouterr().out
+    assert "* _blocks.4.add" in out and "40x28x28" in out and "  _conv_stem.conv2d" in out
+    assert "default taps (--layers all-stages): _blocks.2.add,_blocks.4.add" in out
+
+
+def test_list_bases(capsys):
+    assert run(["list-bases", "mobilenet*"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("mobilenet_v2_offline") < out.index("mobilenet_v2 ")
+
+
+def test_user_errors_are_one_line_without_traceback(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEATURECACHE_HOME", str(tmp_path))
+    assert run(["extract", str(tiny), "--base", "mobilenet_v2_offline", "--layers", "nope", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featurecache: error: layer 'nope' is not a node") and "Traceback" not in err
+    assert run(["info", str(tmp_path / "missing.h5")]) == 2
+    assert "run `featurecache extract`" in capsys.readouterr().err
+
+
+def test_extract_then_info(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEATURECACHE_HOME", str(tmp_path))
+    args = ["extract", str(tiny), "--base", "mobilenet_v2_offline", "--layers", "features.3", "--no-progress"]
+    assert run([*args, "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "data" / "features" / "tiny" / "mobilenet_v2_offline" / "test.h5"
+    assert f"-> {path}" in out and "extracted" in out
+    assert run(["info", str(path)]) == 0
+    info = capsys.readouterr().out
+    assert "6 samples" in info and "features.3" in info and "24x56x56" in info
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("extract", "list-layers", "list-bases", "info", "data"):
+        assert cmd in out
