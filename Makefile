@@ -14,6 +14,8 @@ BASE ?= efficientnet_lite0
 LAYERS ?= all-stages
 DEVICE ?= auto
 EXTRACT_ARGS ?=
+HEADS_ARGS ?=
+N_JOBS ?= 2
 
 #################################################################################
 # ENVIRONMENT                                                                   #
@@ -42,12 +44,21 @@ data: install
 extract: data
 	$(FC) extract data/raw/$(DATASET) --base $(BASE) --layers $(LAYERS) --device $(DEVICE) $(EXTRACT_ARGS)
 
+## Stage 2: sweep heads on every cached layer, select on val, test once, save + leaderboard (HEADS_ARGS)
+train-heads: install
+	$(FC) train-heads --dataset $(DATASET) --bases $(BASE) --n-jobs $(N_JOBS) $(HEADS_ARGS)
+
+## List heads and the grid each sweeps
+list-heads: install
+	$(FC) list-heads
+
 ## Show what the cache of DATASET x BASE holds
 info: install
 	$(FC) info data/features/$(DATASET)/$(BASE)/{train,val,test}.h5
 
-## The main job on the embedded default: digits x EfficientNet-Lite0, offline, CPU, a few minutes
+## The main job on the embedded default: digits x EfficientNet-Lite0 features of every stage + all heads (CPU, ~4 min)
 demo: extract info
+	$(MAKE) --no-print-directory train-heads
 
 ## List bases (offline ones first)
 list-bases: install
@@ -87,4 +98,4 @@ clean:
 help:
 	@awk '/^## /{desc=substr($$0,4); next} /^[a-zA-Z_-]+:/{ if (desc) { split($$1,t,":"); printf "  \033[36m%-14s\033[0m %s\n", t[1], desc }; desc="" }' $(MAKEFILE_LIST)
 
-.PHONY: install data extract info demo list-bases list-layers test test-fast lint format clean help
+.PHONY: install data extract train-heads list-heads info demo list-bases list-layers test test-fast lint format clean help

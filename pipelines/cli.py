@@ -13,6 +13,9 @@ COMMANDS = {
     "list-bases": "pipelines.list_bases",
     "list-layers": "pipelines.list_layers",
     "info": "pipelines.info",
+    "list-heads": "pipelines.list_heads",
+    "train-heads": "pipelines.train_heads",
+    "predict": "pipelines.predict",
 }
 
 

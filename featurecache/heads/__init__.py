@@ -1,0 +1,93 @@
+"""Head registry: name -> HeadSpec (how to build the estimator, its default grid, whether it streams).
+
+Every head is a scikit-learn classifier; grids are module constants so a reader sees what is swept.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from featurecache.errors import FeaturecacheError
+
+# The grids swept on the val split (dinov2's log_regression sweeps C on a log grid the same way).
+LOGREG_C_GRID = [float(c) for c in np.logspace(-4, 2, 7)]
+LINEAR_SVM_C_GRID = [float(c) for c in np.logspace(-5, 0, 6)]
+RBF_SVM_C_GRID = [0.3, 1.0, 3.0, 10.0, 30.0]
+KNN_NEIGHBORS_GRID = [1, 3, 7, 15]
+MLP_GRID = {"hidden_units": [(256,), (512, 256)], "dropout": [0.2, 0.5]}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    name: str
+    summary: str
+    build: Callable[[int], Any]  # seed -> unfitted estimator
+    grid: dict[str, list]
+    streams: bool = False  # can learn from HDF5 chunks when a split does not fit in memory
+    dense: bool = False  # a torch network (the fine-tune stage reloads these)
+
+
+_HEADS: dict[str, HeadSpec] = {}
+
+
+def register_head(spec: HeadSpec) -> HeadSpec:
+    if spec.name in _HEADS:
+        raise ValueError(f"head {spec.name!r} is registered twice")
+    _HEADS[spec.name] = spec
+    return spec
+
+
+def list_heads(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _HEADS if fnmatch.fnmatch(n, pattern))
+
+
+def get_head_spec(name: str) -> HeadSpec:
+    if name not in _HEADS:
+        raise FeaturecacheError(f"unknown head {name!r}; choose from: {', '.join(list_heads())}")
+    return _HEADS[name]
+
+
+def _logreg(seed: int) -> Any:
+    from featurecache.heads.classic import LogisticRegressionHead
+
+    return LogisticRegressionHead(random_state=seed)
+
+
+def _linear_svm(seed: int) -> Any:
+    from featurecache.heads.classic import LinearSVMHead
+
+    return LinearSVMHead(random_state=seed)
+
+
+def _rbf_svm(seed: int) -> Any:
+    from featurecache.heads.classic import RBFSVMClassifier
+
+    return RBFSVMClassifier(random_state=seed)
+
+
+def _knn(seed: int) -> Any:
+    from featurecache.heads.classic import KNNHead
+
+    return KNNHead()
+
+
+def _mlp(seed: int) -> Any:
+    from featurecache.heads.dense import DenseClassifier
+
+    return DenseClassifier(random_state=seed)
+
+
+register_head(HeadSpec("logreg", "standardize + multinomial logistic regression (lbfgs)", _logreg,
+                       {"C": LOGREG_C_GRID}))  # fmt: skip
+register_head(HeadSpec("linear_svm", "standardize + LinearSVC", _linear_svm, {"C": LINEAR_SVM_C_GRID}))
+register_head(HeadSpec("rbf_svm", "RBF SVM: exact SVC up to 10k rows, Nystroem + LinearSVC beyond", _rbf_svm,
+                       {"C": RBF_SVM_C_GRID}))  # fmt: skip
+register_head(HeadSpec("knn", "cosine k-nearest neighbours on standardized features (baseline)", _knn,
+                       {"n_neighbors": KNN_NEIGHBORS_GRID}))  # fmt: skip
+register_head(HeadSpec("mlp", "dense net in torch, early stopping on val, best-epoch restore", _mlp, MLP_GRID,
+                       streams=True, dense=True))  # fmt: skip

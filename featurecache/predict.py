@@ -1,0 +1,79 @@
+"""Use a trained head on new images: rebuild its base and tap, extract, classify."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurecache.bases import WEIGHTS_DEFAULT, WEIGHTS_NONE, load_base
+from featurecache.errors import FeaturecacheError
+from featurecache.layers import TapSpec, build_extractor
+from featurecache.persist import load_head
+
+
+def _weights_for(sidecar: dict[str, Any], weights_file: str | os.PathLike | None) -> dict[str, Any]:
+    """How to rebuild the exact weights the head's features came from (checked against the sidecar after)."""
+    weights_id = sidecar["weights"]
+    if match := re.fullmatch(r"random-init\(seed=(\d+)\)", weights_id):
+        return {"weights": WEIGHTS_NONE, "seed": int(match.group(1))}
+    if weights_id.startswith("file:"):
+        if weights_file is None:
+            raise FeaturecacheError(
+                f"this head's base was loaded from a weights file ({weights_id}); pass the same --weights-file"
+            )
+        return {"weights_file": weights_file}
+    tag, base = sidecar["base_tag"], sidecar["base"]
+    return {"weights": tag[len(base) + 1 :] if tag != base else WEIGHTS_DEFAULT}
+
+
+def predict_images(
+    head_dir: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    *,
+    weights_file: str | os.PathLike | None = None,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """Classify image files with a saved head; returns ``[{path, label, probability}]`` in input order."""
+    import torch
+    from torchvision.datasets.folder import default_loader
+
+    estimator, sidecar = load_head(head_dir)
+    loaded = load_base(sidecar["base"], **_weights_for(sidecar, weights_file))
+    if loaded.weights_id != sidecar["weights"]:
+        raise FeaturecacheError(
+            f"the base rebuilt here has weights {loaded.weights_id}, but the head was trained on features of "
+            f"{sidecar['weights']}; use the same weights (or retrain the head)"
+        )
+    fields = {f.name for f in dataclasses.fields(TapSpec)}
+    tap_attrs = {k: v for k, v in sidecar["tap"].items() if k in fields}
+    tap = TapSpec(**{**tap_attrs, "map_shape": tuple(tap_attrs["map_shape"])})
+    extractor = build_extractor(loaded.model, [tap])
+    transform = loaded.spec.transforms()
+    classes = sidecar["class_names"]
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch_paths = [Path(p) for p in images[start : start + batch_size]]
+        tensors = []
+        for p in batch_paths:
+            try:
+                tensors.append(transform(default_loader(str(p))))
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise FeaturecacheError(f"cannot read image {p}: {exc}") from exc
+        with torch.inference_mode():
+            rows = extractor(torch.stack(tensors))[tap.key].numpy()
+        # Round-trip through the cache's storage dtype: the head saw exactly such numbers in training.
+        rows = rows.astype(sidecar.get("feature_dtype", "float32")).astype(np.float32)
+        labels = estimator.predict(rows)
+        proba = estimator.predict_proba(rows).max(axis=1) if hasattr(estimator, "predict_proba") else None
+        for i, p in enumerate(batch_paths):
+            entry = {"path": str(p), "label": classes[int(labels[i])]}
+            if proba is not None:
+                entry["probability"] = float(proba[i])
+            out.append(entry)
+    return out

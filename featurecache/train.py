@@ -1,0 +1,420 @@
+"""Stage 2: sweep light heads on cached features, select on val, score on test once, save, rank.
+
+For every layer x head: each grid point is fitted on train and scored on the val split (a predefined split,
+never cross-validation, and test is not opened); the best is refitted on train (or train+val); only then is
+the test split read, once, for accuracy with a bootstrap 95% interval, balanced accuracy, macro-F1 and the
+confusion matrix. Grid points are plain ``ParameterGrid`` fits rather than ``GridSearchCV`` because the refit
+must be on train alone and the dense head early-stops on the val split.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurecache import persist, store
+from featurecache.config import Paths, default_paths
+from featurecache.errors import FeaturecacheError
+from featurecache.heads import get_head_spec, list_heads
+from featurecache.metrics import classification_scores
+
+log = logging.getLogger(__name__)
+
+REFIT_MODES = ("train", "train+val")
+SIDECAR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    refit: str = "train"  # refit the selected head on train, or on train+val
+    n_jobs: int = 1
+    overwrite: bool = False
+    seed: int = 0
+    max_memory_gb: float | None = None  # None: half of the memory available now
+    device: str = "cpu"  # for the dense head
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Job:
+    dataset: str
+    base_tag: str
+    layer: str
+    head: str
+    files: dict[str, str]  # split -> cache file
+    out_dir: str
+    options: TrainOptions
+    threads: int
+
+
+def cache_files(dataset: str, base_tag: str, paths: Paths) -> dict[str, Path]:
+    """The three split caches of a dataset x base, or an error with the command that makes them."""
+    files = {s: paths.feature_file(dataset, base_tag, s) for s in ("train", "val", "test")}
+    missing = [s for s, p in files.items() if not p.is_file()]
+    if missing:
+        base = base_tag.removesuffix("-random")
+        weights = " --weights none --dtype float32" if base_tag.endswith("-random") else ""
+        raise FeaturecacheError(
+            f"no feature cache for {dataset} x {base_tag} ({', '.join(missing)} missing under "
+            f"{files[missing[0]].parent}); run make extract first: `make extract DATASET={dataset} BASE={base}` "
+            f"or `featurecache extract data/raw/{dataset} --base {base}{weights}`"
+        )
+    return files
+
+
+def feature_fingerprint(meta: dict[str, Any], layer: str) -> str:
+    return f"{meta['config_fingerprint']}:{layer}:{json.dumps(meta['taps'][layer], sort_keys=True)}"
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def train_heads(
+    *,
+    dataset: str,
+    base_tag: str,
+    layers: Sequence[str] | None = None,
+    heads: Sequence[str] | None = None,
+    options: TrainOptions | None = None,
+    paths: Paths | None = None,
+) -> list[dict[str, Any]]:
+    """Sweep, select, score and save every requested layer x head; returns their sidecars (new or reused).
+
+    Args:
+        dataset: dataset name in ``data/features``.
+        base_tag: the base's cache folder (``efficientnet_lite0``, ``efficientnet_lite0-random``, ...).
+        layers: tap keys (default: every layer cached in all three splits).
+        heads: head names (default: all registered heads).
+    """
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    options = options or TrainOptions()
+    paths = paths or default_paths()
+    if options.refit not in REFIT_MODES:
+        raise FeaturecacheError(f"unknown --refit {options.refit!r}; choose train or train+val")
+    files = cache_files(dataset, base_tag, paths)
+    metas = {s: store.read_metadata(p) for s, p in files.items()}
+    if (
+        len({json.dumps(m["class_names"]) for m in metas.values()}) != 1
+        or len({m["base"] for m in metas.values()}) != 1
+    ):
+        raise FeaturecacheError(
+            f"the split caches under {files['train'].parent} disagree on classes or base; re-extract"
+        )
+    cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
+    layers = list(layers) if layers else cached
+    unknown = [k for k in layers if k not in cached]
+    if unknown:
+        raise FeaturecacheError(
+            f"layer(s) {', '.join(unknown)} are not cached in all splits of {dataset} x {base_tag}; cached: "
+            f"{', '.join(cached)}. Add them with `featurecache extract data/raw/{dataset} --layers ...`"
+        )
+    heads = list(heads) if heads else list_heads()
+    for h in heads:
+        get_head_spec(h)
+    threads = max(1, (os.cpu_count() or 1) // max(1, options.n_jobs))
+    jobs = [
+        Job(
+            dataset,
+            base_tag,
+            layer,
+            head,
+            {s: str(p) for s, p in files.items()},
+            str(paths.models / dataset / base_tag / layer / head),
+            options,
+            threads,
+        )  # fmt: skip
+        for layer in layers
+        for head in heads
+    ]
+    results = []
+    runner = Parallel(n_jobs=options.n_jobs, return_as="generator_unordered")
+    bar = tqdm(total=len(jobs), unit="head", desc=f"{dataset}/{base_tag}", disable=not options.progress)
+    try:
+        for sidecar in runner(delayed(run_job)(job) for job in jobs):
+            results.append(sidecar)
+            bar.set_postfix_str(f"{sidecar['layer']}/{sidecar['head']} test {sidecar['test']['accuracy']:.3f}")
+            bar.update()
+    finally:
+        bar.close()
+    order = {(j.layer, j.head): i for i, j in enumerate(jobs)}
+    return sorted(results, key=lambda s: order[(s["layer"], s["head"])])
+
+
+def _grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    from sklearn.model_selection import ParameterGrid
+
+    return list(ParameterGrid(grid))
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """One layer x head: reuse a matching saved head, or sweep on val, refit, test once and save."""
+    import torch
+
+    torch.set_num_threads(job.threads)
+    t_start = time.perf_counter()
+    spec = get_head_spec(job.head)
+    opts = job.options
+    metas = {s: store.read_metadata(p) for s, p in job.files.items()}
+    features = {s: {"file": job.files[s], "fingerprint": feature_fingerprint(metas[s], job.layer)} for s in job.files}
+    grid = _grid_points(spec.grid)
+    out_dir = Path(job.out_dir)
+    previous = persist.read_sidecar(out_dir)
+    if previous is not None and not opts.overwrite:
+        same = (
+            previous.get("version") == SIDECAR_VERSION
+            and previous["features"] == features
+            and previous["grid"] == json.loads(json.dumps(grid, default=list))
+            and previous["refit"] == opts.refit
+            and previous["seed"] == opts.seed
+        )
+        if same and (out_dir / persist.HEAD_FILE).is_file():
+            return {**previous, "status": "reused"}
+
+    train = _load_split(job.files["train"], job.layer, spec, opts)
+    X_val, y_val, _ = store.load_features(job.files["val"], job.layer)
+    X_val = X_val.astype(np.float32)
+
+    sweep = []
+    best = None
+    for params in grid:
+        estimator = spec.build(opts.seed).set_params(**params)
+        t0 = time.perf_counter()
+        _fit(estimator, train, eval_set=(X_val, y_val), spec_dense=spec.dense, device=opts.device)
+        fit_seconds = time.perf_counter() - t0
+        val_accuracy = float((estimator.predict(X_val) == y_val).mean())
+        sweep.append({"params": params, "val_accuracy": val_accuracy, "fit_seconds": round(fit_seconds, 4)})
+        if best is None or val_accuracy > best[2]:  # ties keep the earlier (grid order) point
+            best = (params, estimator, val_accuracy)
+    best_params, final, selection_val_accuracy = best
+
+    t_refit = time.perf_counter()
+    if opts.refit == "train+val":
+        final = spec.build(opts.seed).set_params(**best_params)
+        if spec.dense:  # no early stopping without a held-out split: train for the selected epoch count
+            final.set_params(max_epochs=best[1].best_epoch_, validation_fraction=0.0)
+        X_tr, y_tr = _materialize(train)
+        _fit(final, (np.concatenate([X_tr, X_val]), np.concatenate([y_tr, y_val])), eval_set=None,
+             spec_dense=False, device=opts.device)  # fmt: skip
+    refit_seconds = time.perf_counter() - t_refit
+
+    if train[3] is not None:
+        train[3][3].close()  # the HDF5 handle the streaming loaders read from
+
+    # The test split is opened here, after selection, exactly once.
+    X_test, y_test, _ = store.load_features(job.files["test"], job.layer)
+    n_classes = len(metas["train"]["class_names"])
+    test_scores = classification_scores(y_test, final.predict(X_test.astype(np.float32)), n_classes=n_classes,
+                                        seed=opts.seed)  # fmt: skip
+    val_scores = classification_scores(y_val, final.predict(X_val), n_classes=n_classes, seed=opts.seed)
+    tap = metas["train"]["taps"][job.layer]
+    sidecar = {
+        "version": SIDECAR_VERSION,
+        "dataset": job.dataset,
+        "base": metas["train"]["base"],
+        "base_tag": job.base_tag,
+        "weights": metas["train"]["weights"],
+        "feature_dtype": metas["train"]["dtype"],
+        "layer": job.layer,
+        "tap": tap,
+        "head": job.head,
+        "dense": spec.dense,
+        "class_names": metas["train"]["class_names"],
+        "features": features,
+        "grid": grid,
+        "sweep": sweep,
+        "params": best_params,
+        "refit": opts.refit,
+        "seed": opts.seed,
+        "selection_val_accuracy": selection_val_accuracy,
+        "val": val_scores,
+        "test": test_scores,
+        "n_train": int(train[2]),
+        "streamed": bool(train[3]),
+        "timings": {
+            "sweep_seconds": round(sum(s["fit_seconds"] for s in sweep), 3),
+            "refit_seconds": round(refit_seconds, 3),
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+        },
+        "library_versions": _library_versions(),
+    }
+    persist.save_head(out_dir, final, sidecar)
+    return {**persist.read_sidecar(out_dir), "status": "trained"}
+
+
+def _library_versions() -> dict[str, str]:
+    import platform
+
+    import joblib
+    import sklearn
+    import torch
+
+    from featurecache import __version__
+
+    return {"featurecache": __version__, "scikit-learn": sklearn.__version__, "torch": torch.__version__,
+            "joblib": joblib.__version__, "numpy": np.__version__, "python": platform.python_version()}  # fmt: skip
+
+
+# train split as (X, y, n, loaders): in memory (loaders None) or as lazy HDF5 chunks for streaming heads
+TrainData = tuple[Any, Any, int, Any]
+
+
+def _load_split(path: str, layer: str, spec: Any, opts: TrainOptions) -> TrainData:
+    import h5py
+
+    meta = store.read_metadata(path)
+    n, dim = meta["num_valid"], meta["taps"][layer]["out_dim"]
+    need = n * dim * 4 * 3  # float32 copy + standardized copy + solver workspace
+    budget = int((opts.max_memory_gb * 2**30) if opts.max_memory_gb is not None else _available_memory() // 2)
+    if need <= budget:
+        X, y, _ = store.load_features(path, layer)
+        return X.astype(np.float32), y, len(y), None
+    if not spec.streams:
+        raise FeaturecacheError(
+            f"layer {layer} of {path} needs about {need / 2**30:.1f} GiB in memory for head {spec.name!r}, over the "
+            f"budget of {budget / 2**30:.1f} GiB. Use a head that streams from the cache (--heads mlp), a pooled "
+            f"layer (avg/grid2 instead of raw maps), or raise --max-memory-gb"
+        )
+    log.info("%s of %s does not fit in %.1f GiB: streaming it in chunks", layer, path, budget / 2**30)
+    handle = h5py.File(path, "r")
+    dset, labels, valid = handle["features"][layer], handle["labels"], handle["valid"]
+    step = max(dset.chunks[0], (64 << 20) // max(1, 4 * dim))
+    step -= step % dset.chunks[0]
+
+    def loader(start: int, stop: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        def read() -> tuple[np.ndarray, np.ndarray]:
+            keep = valid[start:stop]
+            return dset[start:stop][keep].astype(np.float32), labels[start:stop][keep]
+
+        return read
+
+    loaders = [loader(s, min(s + step, dset.shape[0])) for s in range(0, dset.shape[0], step)]
+    return None, None, n, (loaders, np.arange(len(meta["class_names"])), dim, handle)
+
+
+def _materialize(train: TrainData) -> tuple[np.ndarray, np.ndarray]:
+    X, y, _, stream = train
+    if stream is None:
+        return X, y
+    parts = [load() for load in stream[0]]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _fit(estimator: Any, train: Any, *, eval_set: Any, spec_dense: bool, device: str) -> None:
+    if spec_dense:
+        estimator.set_params(device=device)
+    if len(train) == 2:
+        estimator.fit(*train)
+        return
+    X, y, _, stream = train
+    if stream is not None:
+        loaders, classes, dim, _ = stream
+        estimator.fit_stream(loaders, classes=classes, n_features=dim, eval_set=eval_set)
+    elif spec_dense:
+        estimator.fit(X, y, eval_set=eval_set)
+    else:
+        estimator.fit(X, y)
+
+
+# ------------------------------------------------------------------------------------------- leaderboard
+
+LEADERBOARD_COLUMNS = [
+    "base", "layer", "relative_depth", "head", "params", "val_accuracy", "test_accuracy", "test_ci_low",
+    "test_ci_high", "test_balanced_accuracy", "test_macro_f1", "fit_seconds", "n_train", "model_dir",
+]  # fmt: skip
+
+
+def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
+    """One row per saved head of the dataset (every base), ranked by val accuracy (the selection score)."""
+    rows = []
+    for sidecar_path in sorted((paths.models / dataset).glob(f"*/*/*/{persist.SIDECAR_FILE}")):
+        s = json.loads(sidecar_path.read_text())
+        rows.append(
+            {
+                "base": s["base_tag"],
+                "layer": s["layer"],
+                "relative_depth": s["tap"]["relative_depth"],
+                "head": s["head"],
+                "dense": s["dense"],
+                "params": json.dumps(s["params"], sort_keys=True),
+                "val_accuracy": round(s["selection_val_accuracy"], 4),
+                "test_accuracy": round(s["test"]["accuracy"], 4),
+                "test_ci_low": round(s["test"]["accuracy_ci95"][0], 4),
+                "test_ci_high": round(s["test"]["accuracy_ci95"][1], 4),
+                "test_balanced_accuracy": round(s["test"]["balanced_accuracy"], 4),
+                "test_macro_f1": round(s["test"]["macro_f1"], 4),
+                "fit_seconds": s["timings"]["total_seconds"],
+                "n_train": s["n_train"],
+                "model_dir": str(sidecar_path.parent),
+            }
+        )
+    # Ranked by val only; ties go to the cheaper head. Test never decides anything.
+    return sorted(rows, key=lambda r: (-r["val_accuracy"], r["fit_seconds"], r["base"], r["layer"], r["head"]))
+
+
+def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any]:
+    """Write ``reports/<dataset>/results.{csv,md}`` and ``best.json``; returns the best.json content."""
+    paths = paths or default_paths()
+    rows = leaderboard_rows(dataset, paths)
+    if not rows:
+        raise FeaturecacheError(f"no trained heads under {paths.models / dataset}; run `make train-heads` first")
+    out = paths.reports / dataset
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    persist_text(out / "results.csv", buffer.getvalue())
+    persist_text(out / "results.md", format_leaderboard(dataset, rows))
+    dense = [r for r in rows if r["dense"]]
+    best = {
+        "dataset": dataset,
+        "selected_by": "val_accuracy",
+        "best": rows[0],
+        "best_dense": dense[0] if dense else None,
+    }
+    persist_text(out / "best.json", json.dumps(best, indent=1))
+    return best
+
+
+def persist_text(path: Path, text: str) -> None:
+    from featurecache.data import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# {dataset}: heads on cached features",
+        "",
+        "Selected on val; test scored once after selection, with a 95% bootstrap interval.",
+        "",
+        "| rank | base | layer | depth | head | val acc | test acc (95% CI) | bal. acc | macro-F1 | s |",
+        "|---:|---|---|---:|---|---:|---|---:|---:|---:|",
+    ]
+    for i, r in enumerate(rows, 1):
+        lines.append(
+            f"| {i} | {r['base']} | {r['layer']} | {r['relative_depth']:.2f} | {r['head']} | {r['val_accuracy']:.3f} "
+            f"| {r['test_accuracy']:.3f} ({r['test_ci_low']:.3f}–{r['test_ci_high']:.3f}) "
+            f"| {r['test_balanced_accuracy']:.3f} | {r['test_macro_f1']:.3f} | {r['fit_seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

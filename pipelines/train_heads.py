@@ -1,0 +1,56 @@
+"""featurecache train-heads: sweep heads per cached layer, select on val, test once, save, rank."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from featurecache.config import default_paths
+from featurecache.heads import list_heads
+from featurecache.train import TrainOptions, train_heads, write_leaderboard
+from pipelines.common import comma_list, run_main
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("featurecache train-heads", description=__doc__, add_help=add_help)
+    p.add_argument("--dataset", default="digits", help="dataset name under data/features/")
+    p.add_argument(
+        "--bases",
+        type=comma_list,
+        default=["efficientnet_lite0"],
+        help="comma-separated base cache folders (e.g. efficientnet_lite0,efficientnet_lite0-random)",
+    )
+    p.add_argument("--layers", type=comma_list, help="layers to use (default: every cached layer)")
+    p.add_argument("--heads", type=comma_list, help=f"heads (default: all of {', '.join(list_heads())})")
+    p.add_argument("--refit", default="train", choices=["train", "train+val"], help="data for the final fit")
+    p.add_argument("--n-jobs", type=int, default=1, help="parallel jobs (joblib); -1 for all cores")
+    p.add_argument("--overwrite", action="store_true", help="retrain even when a matching saved head exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-memory-gb", type=float, help="memory budget per split (default: half of available)")
+    p.add_argument("--device", default="cpu", help="device of the dense head: cpu|cuda|auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    options = TrainOptions(refit=args.refit, n_jobs=args.n_jobs, overwrite=args.overwrite, seed=args.seed,
+                           max_memory_gb=args.max_memory_gb, device=args.device, progress=args.progress)  # fmt: skip
+    counts = {"trained": 0, "reused": 0}
+    for base in args.bases:
+        for sidecar in train_heads(dataset=args.dataset, base_tag=base, layers=args.layers, heads=args.heads,
+                                   options=options):  # fmt: skip
+            counts[sidecar["status"]] += 1
+    best = write_leaderboard(args.dataset)
+    report = default_paths().reports / args.dataset
+    print((report / "results.md").read_text())
+    b = best["best"]
+    print(f"{counts['trained']} heads trained, {counts['reused']} reused (--overwrite retrains)")
+    print(f"best on val: {b['base']} / {b['layer']} / {b['head']}: val {b['val_accuracy']:.3f}, "
+          f"test {b['test_accuracy']:.3f} ({b['test_ci_low']:.3f}–{b['test_ci_high']:.3f})")  # fmt: skip
+    print(f"wrote {report}/results.csv, {report}/results.md, {report}/best.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, get_args_parser().parse_args()))

@@ -1,0 +1,194 @@
+"""Stage 2: every head is a scikit-learn estimator; selection never reads test; saved heads are faithful."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from featurecache import FeaturecacheError, load_features, read_metadata
+from featurecache.config import Paths
+from featurecache.extract import ExtractOptions, extract
+from featurecache.heads import get_head_spec, list_heads
+from featurecache.heads.classic import RBFSVMClassifier
+from featurecache.heads.dense import DenseClassifier
+from featurecache.metrics import bootstrap_ci
+from featurecache.persist import load_head
+from featurecache.predict import predict_images
+from featurecache.train import TrainOptions, feature_fingerprint, train_heads, write_leaderboard
+from tests.helpers import make_image_folder
+
+BASE = "mobilenet_v2_offline"
+LAYERS = "features.6,flatten"
+QUIET = TrainOptions(progress=False)
+
+
+def _check_instances():
+    for name in list_heads():
+        head = get_head_spec(name).build(0)
+        if isinstance(head, DenseClassifier):
+            head.set_params(max_epochs=30, hidden_units=(32,))
+        yield head
+    yield RBFSVMClassifier(exact_max_samples=20, n_components=30)  # the Nystroem route too
+
+
+@parametrize_with_checks(list(_check_instances()))
+def test_heads_pass_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory) -> tuple[Paths, Path]:
+    """Features of a small generated dataset, extracted once for this module."""
+    root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes",
+                             per_class={"train": 14, "val": 5, "test": 5})  # fmt: skip
+    paths = Paths(tmp_path_factory.mktemp("project"))
+    extract(root, base=BASE, layers=LAYERS, paths=paths, options=ExtractOptions(workers=0, progress=False))
+    return paths, root
+
+
+def fresh_copy(cached, tmp_path) -> Paths:
+    paths, _ = cached
+    shutil.copytree(paths.features, tmp_path / "data" / "features")
+    return Paths(tmp_path)
+
+
+def test_train_heads_writes_models_sidecars_and_leaderboard(cached, tmp_path):
+    paths = fresh_copy(cached, tmp_path)
+    sidecars = train_heads(dataset="shapes", base_tag=BASE, options=QUIET, paths=paths)
+    assert len(sidecars) == 2 * len(list_heads()) and {s["status"] for s in sidecars} == {"trained"}
+    s = next(x for x in sidecars if x["head"] == "logreg" and x["layer"] == "flatten")
+    model_dir = paths.models / "shapes" / BASE / "flatten" / "logreg"
+    assert (model_dir / "head.joblib").is_file() and (model_dir / "sidecar.json").is_file()
+    assert len(s["sweep"]) == 7 and s["params"] in [p["params"] for p in s["sweep"]]
+    assert s["selection_val_accuracy"] == max(p["val_accuracy"] for p in s["sweep"])
+    assert set(s["test"]) >= {"accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1", "confusion_matrix"}
+    assert np.sum(s["test"]["confusion_matrix"]) == 15
+    low, high = s["test"]["accuracy_ci95"]
+    assert low <= s["test"]["accuracy"] <= high
+    test_meta = read_metadata(paths.feature_file("shapes", BASE, "test"))
+    assert s["features"]["test"]["fingerprint"] == feature_fingerprint(test_meta, "flatten")
+    assert {"scikit-learn", "torch"} <= set(s["library_versions"]) and s["timings"]["total_seconds"] > 0
+    mlp_dir = paths.models / "shapes" / BASE / "flatten" / "mlp"
+    assert (mlp_dir / "state_dict.pt").is_file()
+
+    best = write_leaderboard("shapes", paths)
+    report = paths.reports / "shapes"
+    rows = (report / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(sidecars)
+    assert best["best"]["val_accuracy"] == max(x["selection_val_accuracy"] for x in sidecars).__round__(4)
+    assert best["best_dense"]["head"] == "mlp"
+    assert "| rank | base | layer |" in (report / "results.md").read_text()
+
+    again = train_heads(dataset="shapes", base_tag=BASE, heads=["logreg"], options=QUIET, paths=paths)
+    assert {x["status"] for x in again} == {"reused"}
+    forced = TrainOptions(progress=False, overwrite=True)
+    assert {x["status"] for x in train_heads(dataset="shapes", base_tag=BASE, heads=["logreg"], options=forced,
+                                             paths=paths)} == {"trained"}  # fmt: skip
+
+
+def scores(sidecar: dict) -> list[tuple[str, float]]:
+    """The sweep without its wall-clock timings."""
+    return [(json.dumps(p["params"], sort_keys=True), p["val_accuracy"]) for p in sidecar["sweep"]]
+
+
+def test_selection_never_reads_test(cached, tmp_path):
+    paths = fresh_copy(cached, tmp_path)
+    clean = train_heads(dataset="shapes", base_tag=BASE, heads=["logreg", "mlp", "knn"], options=QUIET, paths=paths)
+    with h5py.File(paths.feature_file("shapes", BASE, "test"), "r+") as f:
+        labels = f["labels"][:]
+        f["labels"][:] = (labels + 1) % 3  # every test label is now wrong
+    poisoned = train_heads(dataset="shapes", base_tag=BASE, heads=["logreg", "mlp", "knn"],
+                           options=TrainOptions(progress=False, overwrite=True), paths=paths)  # fmt: skip
+    for a, b in zip(clean, poisoned, strict=True):
+        assert scores(a) == scores(b) and a["params"] == b["params"]
+        assert a["selection_val_accuracy"] == b["selection_val_accuracy"]
+        assert a["test"]["accuracy"] != b["test"]["accuracy"]  # test was used, but only after selection
+
+
+def test_training_is_deterministic_with_a_seed(cached, tmp_path):
+    runs = []
+    for i in range(2):
+        paths = fresh_copy(cached, tmp_path / str(i))
+        runs.append(train_heads(dataset="shapes", base_tag=BASE, layers=["features.6"], heads=["mlp", "rbf_svm"],
+                                options=QUIET, paths=paths))  # fmt: skip
+    for a, b in zip(*runs, strict=True):
+        assert scores(a) == scores(b) and a["params"] == b["params"]
+        assert a["test"]["confusion_matrix"] == b["test"]["confusion_matrix"]
+
+
+def test_saved_head_reloads_and_predicts_the_same(cached, tmp_path):
+    paths = fresh_copy(cached, tmp_path)
+    _, root = cached
+    (s,) = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["mlp"], options=QUIET, paths=paths)
+    model_dir = paths.models / "shapes" / BASE / "flatten" / "mlp"
+    head, sidecar = load_head(model_dir)
+    X, y, meta = load_features(paths.feature_file("shapes", BASE, "test"), "flatten")
+    cached_pred = head.predict(X.astype(np.float32))
+    assert float((cached_pred == y).mean()) == s["test"]["accuracy"]
+    # End to end: base + tap + head on the image files agrees with the head on the cached features.
+    rows = predict_images(model_dir, [root / p for p in meta["paths"]])
+    assert [r["label"] for r in rows] == [sidecar["class_names"][i] for i in cached_pred]
+    assert all(0 < r["probability"] <= 1 for r in rows)
+
+
+def test_foreign_or_stale_heads_are_refused(cached, tmp_path):
+    paths = fresh_copy(cached, tmp_path)
+    train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=QUIET, paths=paths)
+    model_dir = paths.models / "shapes" / BASE / "flatten" / "logreg"
+    with pytest.raises(FeaturecacheError, match=r"trained on other features.*\(test changed\)"):
+        load_head(model_dir, expect_features={"test": "something-else"})
+    (model_dir / "head.joblib").write_bytes(b"not ours")
+    with pytest.raises(FeaturecacheError, match="does not match the sha256"):
+        load_head(model_dir)
+    with pytest.raises(FeaturecacheError, match="not a head saved by featurecache"):
+        load_head(tmp_path)
+
+
+def test_missing_cache_says_run_extract(tmp_path):
+    with pytest.raises(FeaturecacheError, match=r"run make extract first: `make extract DATASET=shapes BASE=resnet18`"):
+        train_heads(dataset="shapes", base_tag="resnet18", options=QUIET, paths=Paths(tmp_path))
+
+
+def test_larger_than_memory_streams_the_dense_head_and_refuses_the_rest(cached, tmp_path):
+    paths = fresh_copy(cached, tmp_path)
+    tiny_budget = TrainOptions(progress=False, max_memory_gb=1e-6)
+    (s,) = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["mlp"], options=tiny_budget,
+                       paths=paths)  # fmt: skip
+    assert s["streamed"] and s["test"]["accuracy"] > 0.5
+    with pytest.raises(FeaturecacheError, match=r"needs about .* GiB in memory for head 'logreg'.*--heads mlp"):
+        train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=tiny_budget,
+                    paths=paths)  # fmt: skip
+
+
+def test_streamed_fit_matches_in_memory_statistics():
+    rng = np.random.default_rng(0)
+    X = rng.normal(3, 2, (300, 5)).astype(np.float32)
+    y = (X[:, 0] > 3).astype(int)
+    chunks = [lambda a=a: (X[a : a + 64], y[a : a + 64]) for a in range(0, 300, 64)]
+    streamed = DenseClassifier(max_epochs=5).fit_stream(chunks, classes=np.array([0, 1]), n_features=5)
+    np.testing.assert_allclose(streamed.mean_, X.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(streamed.scale_, X.std(0), rtol=1e-4)
+
+
+def test_rbf_svm_switches_to_nystroem_for_large_n():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 8))
+    y = (np.linalg.norm(X, axis=1) > 2.7).astype(int)  # not linearly separable
+    exact = RBFSVMClassifier(C=10).fit(X, y)
+    approx = RBFSVMClassifier(C=10, exact_max_samples=100, n_components=200).fit(X, y)
+    assert exact.route_ == "exact" and approx.route_ == "nystroem"
+    assert (approx.predict(X) == y).mean() > 0.9
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    correct = np.r_[np.ones(320), np.zeros(80)]  # accuracy 0.8 on 400 items
+    low, high = bootstrap_ci(correct, n_resamples=4000, seed=1)
+    half_width = 1.96 * np.sqrt(0.8 * 0.2 / 400)  # 0.0392
+    assert abs(low - (0.8 - half_width)) < 0.006 and abs(high - (0.8 + half_width)) < 0.006
+    assert bootstrap_ci(correct, seed=3) == bootstrap_ci(correct, seed=3)
