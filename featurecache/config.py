@@ -22,6 +22,11 @@ class Paths:
         return self.root / "data" / "raw"
 
     @property
+    def external(self) -> Path:
+        """Third-party sources as downloaded (registry packages unpacked); never modified after unpacking."""
+        return self.root / "data" / "external"
+
+    @property
     def features(self) -> Path:
         return self.root / "data" / "features"
 

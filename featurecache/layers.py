@@ -21,6 +21,7 @@ from featurecache.errors import FeaturecacheError
 POOLINGS = ("avg", "max", "grid2", "grid3", "grid4", "raw")
 DEFAULT_POOL = "avg"
 ALL_STAGES = ("all-stages", "default")
+LOGITS = "logits"  # alias for the model's final output node (the ImageNet classifier, where the base has one)
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,8 @@ def parse_taps(text: str | Sequence[str], traced: TracedBase, *, default_pool: s
         raise FeaturecacheError("no layers given; pass --layers all-stages or node names (see list-layers)")
     expanded: list[str] = []
     for entry in entries:
+        if entry.partition(":")[0] == LOGITS and traced.nodes:
+            entry = traced.nodes[-1].name
         expanded.extend(traced.default_taps if entry in ALL_STAGES else [entry])
 
     info = traced.by_name()

@@ -16,6 +16,7 @@ COMMANDS = {
     "list-heads": "pipelines.list_heads",
     "train-heads": "pipelines.train_heads",
     "predict": "pipelines.predict",
+    "compare-layers": "pipelines.compare_layers",
 }
 
 

@@ -82,7 +82,8 @@ class LinearSVMHead(_Decision, ScaledClassifier):
     def _steps(self, n_samples: int, n_features: int) -> list[Any]:
         from sklearn.svm import LinearSVC
 
-        return [LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.random_state)]
+        # dual="auto" picks the primal for N > D, which converges where the dual stalls on many samples.
+        return [LinearSVC(C=self.C, dual="auto", max_iter=self.max_iter, random_state=self.random_state)]
 
 
 class KNNHead(_Proba, ScaledClassifier):
