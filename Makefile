@@ -17,6 +17,7 @@ EXTRACT_ARGS ?=
 HEADS_ARGS ?=
 BASES ?= efficientnet_lite0
 COMPARE_ARGS ?=
+FINETUNE_ARGS ?=
 N_JOBS ?= 2
 
 #################################################################################
@@ -61,6 +62,10 @@ train-heads: install
 compare-layers: data-all
 	$(FC) compare-layers --bases $(BASES) --n-jobs $(N_JOBS) $(COMPARE_ARGS)
 
+## Fine-tune: best dense head + the top block of BASE, small learning rate, augmentation (FINETUNE_ARGS)
+finetune: install
+	$(FC) finetune --dataset $(DATASET) --base $(BASE) $(FINETUNE_ARGS)
+
 ## List heads and the grid each sweeps
 list-heads: install
 	$(FC) list-heads
@@ -93,6 +98,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+## Benchmarks: ratios against physical ceilings and naive peers, measured side by side (CPU, < 10 min)
+bench: install
+	$(BIN)/python -m benchmarks.bench
+
 ## Lint and check formatting
 lint: install
 	$(BIN)/ruff check .
@@ -111,4 +120,4 @@ clean:
 help:
 	@awk '/^## /{desc=substr($$0,4); next} /^[a-zA-Z_-]+:/{ if (desc) { split($$1,t,":"); printf "  \033[36m%-14s\033[0m %s\n", t[1], desc }; desc="" }' $(MAKEFILE_LIST)
 
-.PHONY: install data data-all compare-layers extract train-heads list-heads info demo list-bases list-layers test test-fast lint format clean help
+.PHONY: finetune bench install data data-all compare-layers extract train-heads list-heads info demo list-bases list-layers test test-fast lint format clean help

@@ -41,7 +41,7 @@ class ExtractOptions:
     dtype: str = "float16"  # storage dtype
     amp: str = "auto"  # autocast on CUDA: bf16 by default; never on CPU (keeps CPU runs bit-exact)
     channels_last: bool = True
-    compression: str = "gzip"
+    compression: str = "none"  # see store._compression_kwargs for the measurements behind it
     on_bad_image: str = "skip"
     fingerprint: str = "content"
     progress: bool = True

@@ -11,7 +11,7 @@ import math
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from featurecache.errors import FeaturecacheError
@@ -73,6 +73,15 @@ class TapSpec:
 
     def as_attrs(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> TapSpec:
+        """Rebuild a tap from the attrs stored with a cache or a head's sidecar (extra keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in attrs.items() if k in names}
+        values["map_shape"] = tuple(values["map_shape"])
+        values.setdefault("layout", infer_layout(values["map_shape"]))  # caches written before layouts were stored
+        return cls(**values)
 
 
 @dataclass

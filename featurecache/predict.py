@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Sequence
@@ -50,9 +49,7 @@ def predict_images(
             f"the base rebuilt here has weights {loaded.weights_id}, but the head was trained on features of "
             f"{sidecar['weights']}; use the same weights (or retrain the head)"
         )
-    fields = {f.name for f in dataclasses.fields(TapSpec)}
-    tap_attrs = {k: v for k, v in sidecar["tap"].items() if k in fields}
-    tap = TapSpec(**{**tap_attrs, "map_shape": tuple(tap_attrs["map_shape"])})
+    tap = TapSpec.from_attrs(sidecar["tap"])
     extractor = build_extractor(loaded.model, [tap])
     transform = loaded.spec.transforms()
     classes = sidecar["class_names"]

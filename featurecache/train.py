@@ -194,14 +194,19 @@ def run_job(job: Job) -> dict[str, Any]:
     X_val, y_val, _ = store.load_features(job.files["val"], job.layer)
     X_val = X_val.astype(np.float32)
 
+    if spec.sweep is not None and train[3] is None:
+        fitted = spec.sweep(train[0], train[1], X_val, y_val, grid, seed=opts.seed)
+    else:
+        fitted = []
+        for params in grid:
+            estimator = spec.build(opts.seed).set_params(**params)
+            t0 = time.perf_counter()
+            _fit(estimator, train, eval_set=(X_val, y_val), spec_dense=spec.dense, device=opts.device)
+            fit_seconds = time.perf_counter() - t0
+            fitted.append((params, estimator, float((estimator.predict(X_val) == y_val).mean()), fit_seconds))
     sweep = []
     best = None
-    for params in grid:
-        estimator = spec.build(opts.seed).set_params(**params)
-        t0 = time.perf_counter()
-        _fit(estimator, train, eval_set=(X_val, y_val), spec_dense=spec.dense, device=opts.device)
-        fit_seconds = time.perf_counter() - t0
-        val_accuracy = float((estimator.predict(X_val) == y_val).mean())
+    for params, estimator, val_accuracy, fit_seconds in fitted:
         sweep.append({"params": params, "val_accuracy": val_accuracy, "fit_seconds": round(fit_seconds, 4)})
         if best is None or val_accuracy > best[2]:  # ties keep the earlier (grid order) point
             best = (params, estimator, val_accuracy)

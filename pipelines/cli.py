@@ -17,6 +17,7 @@ COMMANDS = {
     "train-heads": "pipelines.train_heads",
     "predict": "pipelines.predict",
     "compare-layers": "pipelines.compare_layers",
+    "finetune": "pipelines.finetune",
 }
 
 

@@ -29,7 +29,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast on CUDA")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"])
+    p.add_argument("--compression", default="none", choices=["gzip", "lzf", "none"],
+                   help="none reads ~12x faster; gzip halves the file (see BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
     p.add_argument("--fingerprint", default="content", choices=["content", "stat"], help="how input files are hashed")
     p.add_argument("--seed", type=int, default=0, help="seed of a missing val/test split and of random init")

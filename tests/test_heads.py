@@ -192,3 +192,22 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     half_width = 1.96 * np.sqrt(0.8 * 0.2 / 400)  # 0.0392
     assert abs(low - (0.8 - half_width)) < 0.006 and abs(high - (0.8 + half_width)) < 0.006
     assert bootstrap_ci(correct, seed=3) == bootstrap_ci(correct, seed=3)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_logreg_warm_path_matches_cold_scikit_learn_fits(n_classes):
+    from featurecache.heads import LOGREG_C_GRID
+    from featurecache.heads.classic import LogisticRegressionHead, logreg_warm_path
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, n_classes, 400)
+    X = (rng.normal(size=(n_classes, 300))[y] + rng.normal(scale=3.0, size=(400, 300))).astype(np.float32)
+    grid = [{"C": c} for c in LOGREG_C_GRID]
+    path = logreg_warm_path(X[:300], y[:300], X[300:], y[300:], grid, seed=0)
+    for (params, head, val_accuracy, _), point in zip(path, grid, strict=True):
+        assert params == point and isinstance(head, LogisticRegressionHead)
+        cold = LogisticRegressionHead(C=point["C"], max_iter=5000).fit(X[:300], y[:300])
+        agree = (head.predict(X[300:]) == cold.predict(X[300:])).mean()
+        assert agree >= 0.98, (point, agree)
+        assert abs(val_accuracy - (cold.predict(X[300:]) == y[300:]).mean()) <= 0.02
+        np.testing.assert_allclose(head.predict_proba(X[300:]).sum(1), 1, rtol=1e-5)

@@ -1,0 +1,81 @@
+"""Fine-tuning: the rebuilt model reproduces the head, a short run works, and resume is exact."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from featurecache import FeaturecacheError
+from featurecache.config import Paths
+from featurecache.extract import ExtractOptions, extract
+from featurecache.finetune import FinetuneOptions, finetune
+from featurecache.train import TrainOptions, leaderboard_rows, train_heads
+from tests.helpers import make_image_folder
+
+BASE = "mobilenet_v2_offline"
+LAYER = "features.13"  # a 14x14 map: the last block before it (features.13) is what gets unfrozen
+QUICK = dict(max_epochs=2, max_batches=2, batch_size=8, progress=False, lr_base=1e-4, lr_head=1e-3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class={"train": 8, "val": 4, "test": 4})
+    paths = Paths(tmp_path_factory.mktemp("project"))
+    extract(root, base=BASE, layers=LAYER, paths=paths, options=ExtractOptions(workers=0, progress=False))
+    train_heads(dataset="shapes", base_tag=BASE, heads=["mlp", "logreg"], options=TrainOptions(progress=False),
+                paths=paths)  # fmt: skip
+    return paths
+
+
+def copy_of(paths: Paths, tmp_path) -> Paths:
+    shutil.copytree(paths.root, tmp_path / "p")
+    return Paths(tmp_path / "p")
+
+
+@pytest.mark.slow
+def test_short_finetune_reproduces_head_then_trains(trained, tmp_path):
+    paths = copy_of(trained, tmp_path)
+    result = finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**{**QUICK, "max_epochs": 1}),
+                      paths=paths)  # fmt: skip
+    s = result.sidecar
+    assert s["rebuilt_agreement"] >= 0.98
+    assert s["params"]["unfrozen"] == ["features.13"] and len(s["history"]) == 1
+    assert 0 <= s["test"]["accuracy"] <= 1 and s["gain_ci95_points"][0] <= s["gain_over_frozen_points"]
+    assert (result.model_dir / "model.pt").is_file() and not (result.model_dir / "checkpoint.pt").exists()
+    assert any(r["head"] == "finetuned-mlp" for r in leaderboard_rows("shapes", paths))
+
+
+@pytest.mark.slow
+def test_interrupt_and_resume_gives_the_same_weights(trained, tmp_path):
+    straight = copy_of(trained, tmp_path / "a")
+    finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**QUICK, patience=99), paths=straight)
+    interrupted = copy_of(trained, tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        finetune(dataset="shapes", base_tag=BASE, paths=interrupted,
+                 options=FinetuneOptions(**QUICK, patience=99, stop_after_epochs=1))  # fmt: skip
+    resumed = finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**QUICK, patience=99),
+                       paths=interrupted)  # fmt: skip
+    assert resumed.resumed
+    a = torch.load(straight.models / "shapes" / BASE / LAYER / "finetuned-mlp" / "model.pt")
+    b = torch.load(resumed.model_dir / "model.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_logreg_head_folds_into_a_linear_layer(trained, tmp_path):
+    paths = copy_of(trained, tmp_path)
+    options = FinetuneOptions(**{**QUICK, "max_epochs": 1, "max_batches": 1}, head="logreg")
+    result = finetune(dataset="shapes", base_tag=BASE, paths=paths, options=options)
+    assert result.sidecar["rebuilt_agreement"] >= 0.98
+
+
+def test_no_head_no_finetune(trained, tmp_path):
+    with pytest.raises(FeaturecacheError, match="never starts from a random head"):
+        finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(head="rbf_svm"), paths=trained)
+    with pytest.raises(FeaturecacheError, match="matches no block; blocks: .*features.13"):
+        finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**QUICK, unfreeze=("layer9",)),
+                 paths=copy_of(trained, tmp_path))  # fmt: skip
