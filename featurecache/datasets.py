@@ -25,6 +25,7 @@ import numpy as np
 
 from featurecache.data import stratified_split
 from featurecache.errors import FeaturecacheError
+from featurecache.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +53,19 @@ class DatasetSpec:
     install_hint: str = ""
 
 
-_DATASETS: dict[str, DatasetSpec] = {}
+_DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    if spec.name in _DATASETS:
-        raise ValueError(f"dataset {spec.name!r} is registered twice")
-    _DATASETS[spec.name] = spec
-    return spec
+    return _DATASETS.register(spec.name, spec)
 
 
 def list_datasets(*, default_only: bool = False) -> list[str]:
-    return sorted(n for n, s in _DATASETS.items() if s.default or not default_only)
+    return _DATASETS.names(where=(lambda s: s.default) if default_only else None)
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
-    if name not in _DATASETS:
-        raise FeaturecacheError(f"unknown dataset {name!r}; offline datasets: {', '.join(list_datasets())}")
-    return _DATASETS[name]
+    return _DATASETS.get(name)
 
 
 # ------------------------------------------------------------------------------------------- sources

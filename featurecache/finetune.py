@@ -39,6 +39,7 @@ CHECK_AGREEMENT = 0.98  # rebuilt model vs stage-2 head on val (float16 cache ro
 @dataclass(frozen=True)
 class FinetuneOptions:
     head: str = "mlp"  # which stage-2 head to start from: mlp, or logreg (folded into a linear layer)
+    layer: str | None = None  # start from the head at this layer (default: the best on val over all layers)
     unfreeze: tuple[str, ...] = ()  # module-name prefixes of the base to train
     unfreeze_last: int = 1  # or: the last K blocks before the tap (used when ``unfreeze`` is empty)
     train_bn: bool = False  # BatchNorm layers stay in eval mode (frozen statistics) unless asked
@@ -169,7 +170,7 @@ def finetune(
     if options.augment not in AUGMENTATIONS:
         raise FeaturecacheError(f"unknown --augment {options.augment!r}; choose one of: {', '.join(AUGMENTATIONS)}")
     files = cache_files(dataset, base_tag, paths)
-    head_dir = _pick_head(dataset, base_tag, options.head, paths)
+    head_dir = _pick_head(dataset, base_tag, options.head, paths, layer=options.layer)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
     sidecar0 = persist.read_sidecar(head_dir)
     layer = sidecar0["layer"]
@@ -382,15 +383,16 @@ def finetune(
     return FinetuneResult(sidecar=sidecar, model_dir=out_dir, resumed=resumed)
 
 
-def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths) -> Path:
-    """The stage-2 head to start from: the best (on val) of the requested kind for this base."""
+def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: str | None = None) -> Path:
+    """The stage-2 head to start from: the best (on val) of the requested kind for this base (and layer)."""
     candidates = []
-    for sidecar_path in (paths.models / dataset / base_tag).glob(f"*/{head}/{persist.SIDECAR_FILE}"):
+    for sidecar_path in (paths.models / dataset / base_tag).glob(f"{layer or '*'}/{head}/{persist.SIDECAR_FILE}"):
         s = json.loads(sidecar_path.read_text())
         candidates.append((-s["selection_val_accuracy"], s["timings"]["total_seconds"], sidecar_path.parent))
     if not candidates:
         raise FeaturecacheError(
-            f"no trained {head!r} head for {dataset} x {base_tag}; run `featurecache train-heads --dataset {dataset} "
+            f"no trained {head!r} head for {dataset} x {base_tag}{f' at layer {layer}' if layer else ''}; run "
+            f"`featurecache train-heads --dataset {dataset} "
             f"--bases {base_tag} --heads {head}` first (fine-tuning never starts from a random head)"
         )
     return min(candidates)[2]

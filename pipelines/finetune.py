@@ -17,6 +17,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--head", default="mlp", help="stage-2 head to start from: mlp, or logreg (folded to a linear layer)"
     )
+    p.add_argument("--layer", help="start from the head at this layer (default: the best on val)")
     p.add_argument("--unfreeze", type=comma_list, default=[], help="module names of the base to train, e.g. _blocks.15")
     p.add_argument("--unfreeze-last", type=int, default=1, help="or: the last K blocks before the tap (default 1)")
     p.add_argument("--train-bn", action="store_true", help="let BatchNorm layers update their statistics")
@@ -39,11 +40,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     options = FinetuneOptions(
-        head=args.head, unfreeze=tuple(args.unfreeze), unfreeze_last=args.unfreeze_last, train_bn=args.train_bn,
-        lr_head=args.lr_head, lr_base=args.lr_base, optimizer=args.optimizer, max_epochs=args.epochs,
-        patience=args.patience, batch_size=args.batch_size, max_batches=args.max_batches, augment=args.augment,
-        device=args.device, workers=args.workers, seed=args.seed, progress=args.progress,
-    )  # fmt: skip
+        head=args.head,
+        layer=args.layer,
+        unfreeze=tuple(args.unfreeze),
+        unfreeze_last=args.unfreeze_last,
+        train_bn=args.train_bn,
+        lr_head=args.lr_head,
+        lr_base=args.lr_base,
+        optimizer=args.optimizer,
+        max_epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        augment=args.augment,
+        device=args.device,
+        workers=args.workers,
+        seed=args.seed,
+        progress=args.progress,
+    )
     result = finetune(dataset=args.dataset, base_tag=args.base, options=options)
     s = result.sidecar
     write_leaderboard(args.dataset)

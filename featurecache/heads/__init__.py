@@ -5,14 +5,13 @@ Every head is a scikit-learn classifier; grids are module constants so a reader 
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from featurecache.errors import FeaturecacheError
+from featurecache.registry import Registry
 
 # The grids swept on the val split (dinov2's log_regression sweeps C on a log grid the same way).
 LOGREG_C_GRID = [float(c) for c in np.logspace(-4, 2, 7)]
@@ -35,24 +34,19 @@ class HeadSpec:
     sweep: Callable[..., list] | None = None
 
 
-_HEADS: dict[str, HeadSpec] = {}
+_HEADS: Registry[HeadSpec] = Registry("head")
 
 
 def register_head(spec: HeadSpec) -> HeadSpec:
-    if spec.name in _HEADS:
-        raise ValueError(f"head {spec.name!r} is registered twice")
-    _HEADS[spec.name] = spec
-    return spec
+    return _HEADS.register(spec.name, spec)
 
 
 def list_heads(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _HEADS if fnmatch.fnmatch(n, pattern))
+    return _HEADS.names(pattern)
 
 
 def get_head_spec(name: str) -> HeadSpec:
-    if name not in _HEADS:
-        raise FeaturecacheError(f"unknown head {name!r}; choose from: {', '.join(list_heads())}")
-    return _HEADS[name]
+    return _HEADS.get(name)
 
 
 def _logreg(seed: int) -> Any:
