@@ -303,10 +303,16 @@ def finetune(
         # Every epoch's randomness derives from (seed, epoch): a resumed run repeats it exactly.
         torch.manual_seed(options.seed * 1000 + epoch)
         random.seed(options.seed * 1000 + epoch)
+        # The base runs its eval graph, as when the features were extracted: create_feature_extractor's
+        # train-mode graph bakes in stochastic depth for every block (frozen ones too), which would feed the
+        # head features unlike those it was fitted on. Gradients flow through the eval graph all the same.
         model.train()
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not options.train_bn:
-                module.eval()
+        model.base.eval()
+        if options.train_bn:
+            for unit in chosen:
+                for module in extractor.body.get_submodule(unit).modules():
+                    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                        module.train()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{options.max_epochs}", disable=not options.progress)
         correct = seen = 0
         for step, (images, rows, errors) in enumerate(loader("train", train_tf, shuffle=True, epoch=epoch)):

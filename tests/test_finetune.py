@@ -79,3 +79,28 @@ def test_no_head_no_finetune(trained, tmp_path):
     with pytest.raises(FeaturecacheError, match="matches no block; blocks: .*features.13"):
         finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**QUICK, unfreeze=("layer9",)),
                  paths=copy_of(trained, tmp_path))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_training_sees_the_features_the_head_was_fitted_on(tmp_path):
+    """Frozen base, zero learning rate: train-mode accuracy must equal the head's own accuracy on train.
+
+    EfficientNet-Lite0's train-mode graph applies stochastic depth to every block; fine-tuning must run the
+    base's eval graph, or the head is fed features unlike those it was fitted on.
+    """
+    root = make_image_folder(tmp_path / "shapes", per_class={"train": 8, "val": 3, "test": 3})
+    paths = Paths(tmp_path / "project")
+    extract(root, base="efficientnet_lite0", layers="_blocks.14", paths=paths,
+            options=ExtractOptions(workers=0, progress=False, dtype="float32"))  # fmt: skip
+    train_heads(dataset="shapes", base_tag="efficientnet_lite0", heads=["logreg"], options=TrainOptions(progress=False),
+                paths=paths)  # fmt: skip
+    options = FinetuneOptions(max_epochs=1, batch_size=8, progress=False, unfreeze_last=0, lr_head=0.0,
+                              lr_base=0.0, augment="none", head="logreg")  # fmt: skip
+    s = finetune(dataset="shapes", base_tag="efficientnet_lite0", options=options, paths=paths).sidecar
+    from featurecache import load_features
+    from featurecache.persist import load_head
+
+    head, _ = load_head(paths.models / "shapes" / "efficientnet_lite0" / "_blocks.14" / "logreg")
+    X, y, _ = load_features(paths.feature_file("shapes", "efficientnet_lite0", "train"), "_blocks.14")
+    expected = float((head.predict(X) == y).mean())
+    assert s["history"][0]["train_accuracy"] == pytest.approx(expected, abs=1 / len(y) + 1e-9)
