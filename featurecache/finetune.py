@@ -303,11 +303,9 @@ def finetune(
         # Every epoch's randomness derives from (seed, epoch): a resumed run repeats it exactly.
         torch.manual_seed(options.seed * 1000 + epoch)
         random.seed(options.seed * 1000 + epoch)
-        # The base runs its eval graph, as when the features were extracted: create_feature_extractor's
-        # train-mode graph bakes in stochastic depth for every block (frozen ones too), which would feed the
-        # head features unlike those it was fitted on. Gradients flow through the eval graph all the same.
+        # model.train() leaves the base on its eval graph (see layers.build_extractor): the head sees the features
+        # it was fitted on; gradients flow through the eval graph all the same.
         model.train()
-        model.base.eval()
         if options.train_bn:
             for unit in chosen:
                 for module in extractor.body.get_submodule(unit).modules():

@@ -367,4 +367,12 @@ def build_extractor(model: Any, taps: Sequence[TapSpec]) -> Any:
             acts = self.body(images)
             return {t.key: pool_activation(acts[t.node], t.pool, t.layout) for t in taps}
 
+        def train(self, mode: bool = True) -> MultiTap:
+            # create_feature_extractor swaps in a separately traced train-mode graph on .train(); for some bases
+            # that graph bakes in stochastic depth on every block. Features (and fine-tuning) always use the
+            # eval graph; layers that should learn batch statistics are switched to train mode one by one.
+            self.training = mode
+            self.body.eval()
+            return self
+
     return MultiTap().eval()
