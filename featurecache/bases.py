@@ -16,7 +16,6 @@ does no work.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import importlib.util
 import logging
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from featurecache.errors import FeaturecacheError
+from featurecache.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +146,6 @@ def load_base(
     return LoadedBase(spec=spec, model=model, weights_id=weights_id, tag=tag)
 
 
-def file_digest(path: Path, *, length: int = 12) -> str:
-    """Short sha256 of a file: identifies a weights file in cache fingerprints."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
-
-
 def _load_state_dict_file(model: Any, path: Path, name: str) -> str:
     import torch
 
@@ -172,7 +163,7 @@ def _load_state_dict_file(model: Any, path: Path, name: str) -> str:
             f"weights file {path} does not fit base {name!r}: missing keys {result.missing_keys[:5]}, "
             f"unexpected keys {result.unexpected_keys[:5]}. Pass the state_dict saved from this architecture."
         )
-    return f"file:{path.name}:sha256={file_digest(path)}"
+    return f"file:{path.name}:sha256={file_sha256(path, length=12)}"
 
 
 def _package_file(package: str, relative: str, pip_hint: str) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from featurecache.errors import FeaturecacheError
+from featurecache.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -193,17 +194,6 @@ def _recorded_or_new_split(
         atomic_write_text(record_path, json.dumps(record, indent=1))
         log.info("recorded a %s split (seed %d) in %s", "/".join(split_files), seed, record_path)
     return split_files
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def fingerprint_files(index: SplitIndex, *, mode: str = "content", workers: int = 8) -> str:

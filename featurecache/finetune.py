@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from featurecache.bases import load_base
 from featurecache.config import Paths, default_paths
 from featurecache.data import ImageFiles, discover_splits
 from featurecache.errors import FeaturecacheError
+from featurecache.fileio import atomic_write, file_sha256
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
 from featurecache.train import cache_files, feature_fingerprint
@@ -338,9 +338,9 @@ def finetune(
         else:
             state["stale"] += 1
         state["epoch"] = epoch + 1
-        _atomic_torch_save(ckpt_path, {"config": config, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "state": state,
-                                       "best_weights": best_weights})  # fmt: skip
+        checkpoint = {"config": config, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "scheduler": scheduler.state_dict(), "state": state, "best_weights": best_weights}  # fmt: skip
+        atomic_write(ckpt_path, lambda tmp, checkpoint=checkpoint: torch.save(checkpoint, tmp))
         epochs_this_run += 1
         if options.stop_after_epochs is not None and epochs_this_run >= options.stop_after_epochs:
             raise KeyboardInterrupt  # the simulated interruption; progress is in the checkpoint
@@ -355,7 +355,7 @@ def finetune(
     frozen_correct = estimator.predict(X_test.astype(np.float32)) == labels["test"]
     gain = (test_pred == labels["test"]).astype(float) - frozen_correct.astype(float)
     low, high = bootstrap_ci(gain, seed=options.seed)  # paired: the same test images resampled together
-    _atomic_torch_save(out_dir / "model.pt", model.state_dict())
+    atomic_write(out_dir / "model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
     sidecar = {
         "version": 1,
         "dataset": dataset,
@@ -380,7 +380,7 @@ def finetune(
         "gain_ci95_points": [100 * low, 100 * high],
         "n_train": n_train,
         "timings": {"total_seconds": round(time.perf_counter() - t_start, 3)},
-        "files": {"model.pt": persist._sha256(out_dir / "model.pt")},
+        "files": {"model.pt": file_sha256(out_dir / "model.pt")},
     }
     (out_dir / persist.SIDECAR_FILE).write_text(json.dumps(sidecar, indent=1, default=str))
     ckpt_path.unlink(missing_ok=True)
@@ -400,14 +400,3 @@ def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: s
             f"--bases {base_tag} --heads {head}` first (fine-tuning never starts from a random head)"
         )
     return min(candidates)[2]
-
-
-def _atomic_torch_save(path: Path, obj: Any) -> None:
-    import torch
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

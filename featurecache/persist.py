@@ -6,34 +6,17 @@ sidecar written next to them by featurecache itself; never point it at a head fr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from featurecache.errors import FeaturecacheError
+from featurecache.fileio import atomic_write, file_sha256
 
 HEAD_FILE = "head.joblib"
 STATE_DICT_FILE = "state_dict.pt"
 SIDECAR_FILE = "sidecar.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_head(directory: Path, estimator: Any, sidecar: dict[str, Any]) -> None:
@@ -45,16 +28,16 @@ def save_head(directory: Path, estimator: Any, sidecar: dict[str, Any]) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SIDECAR_FILE).unlink(missing_ok=True)
-    _atomic(directory / HEAD_FILE, lambda p: joblib.dump(estimator, p))
-    files = {HEAD_FILE: _sha256(directory / HEAD_FILE)}
+    atomic_write(directory / HEAD_FILE, lambda p: joblib.dump(estimator, p))
+    files = {HEAD_FILE: file_sha256(directory / HEAD_FILE)}
     module = getattr(estimator, "module_", None)
     if module is not None:
         import torch
 
-        _atomic(directory / STATE_DICT_FILE, lambda p: torch.save(module.state_dict(), p))
-        files[STATE_DICT_FILE] = _sha256(directory / STATE_DICT_FILE)
+        atomic_write(directory / STATE_DICT_FILE, lambda p: torch.save(module.state_dict(), p))
+        files[STATE_DICT_FILE] = file_sha256(directory / STATE_DICT_FILE)
     payload = {**sidecar, "files": files}
-    _atomic(directory / SIDECAR_FILE, lambda p: p.write_text(json.dumps(payload, indent=1, default=_json_default)))
+    atomic_write(directory / SIDECAR_FILE, lambda p: p.write_text(json.dumps(payload, indent=1, default=_json_default)))
 
 
 def _json_default(value: Any) -> Any:
@@ -96,7 +79,7 @@ def load_head(directory: str | os.PathLike, *, expect_features: dict[str, str] |
             f"loaded, since joblib files run code); train one with `featurecache train-heads`"
         )
     head_path = directory / HEAD_FILE
-    if not head_path.is_file() or _sha256(head_path) != sidecar["files"][HEAD_FILE]:
+    if not head_path.is_file() or file_sha256(head_path) != sidecar["files"][HEAD_FILE]:
         raise FeaturecacheError(
             f"{head_path} does not match the sha256 in its sidecar; it was modified or replaced, so it is not "
             f"loaded. Retrain it with `featurecache train-heads --overwrite`"

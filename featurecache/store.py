@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import FeaturecacheError
+from featurecache.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Journal:
             log.info("discarding progress in %s: it was made with other settings", directory)
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        _atomic_write_bytes(manifest_path, json.dumps(manifest, sort_keys=True).encode())
+        atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True))
         return cls(directory, manifest)
 
     def _shard_name(self, start: int, stop: int) -> str:
@@ -155,16 +156,6 @@ def _disk_error(exc: OSError, where: Path) -> Exception:
             f"disk) and re-run; committed batches are kept and extraction resumes from them"
         )
     return exc
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- writing

@@ -25,6 +25,7 @@ import numpy as np
 from featurecache import persist, store
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
+from featurecache.fileio import atomic_write_text
 from featurecache.heads import get_head_spec, list_heads
 from featurecache.metrics import classification_scores
 
@@ -388,8 +389,8 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
     writer = csv.DictWriter(buffer, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    persist_text(out / "results.csv", buffer.getvalue())
-    persist_text(out / "results.md", format_leaderboard(dataset, rows))
+    atomic_write_text(out / "results.csv", buffer.getvalue())
+    atomic_write_text(out / "results.md", format_leaderboard(dataset, rows))
     dense = [r for r in rows if r["dense"]]
     best = {
         "dataset": dataset,
@@ -397,14 +398,8 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
         "best": rows[0],
         "best_dense": dense[0] if dense else None,
     }
-    persist_text(out / "best.json", json.dumps(best, indent=1))
+    atomic_write_text(out / "best.json", json.dumps(best, indent=1))
     return best
-
-
-def persist_text(path: Path, text: str) -> None:
-    from featurecache.data import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
