@@ -2,7 +2,8 @@
 
 Sections (``--only NAME[,NAME]``): answer (make-demo pipeline wall time, and the caches the others reuse),
 extraction (end-to-end vs bare forward), multitap (all stage taps vs one), sweep (logreg C path vs naive
-loop), io (HDF5 vs np.load; dtype x compression), memory (peak RSS at 1x and 10x). Prints each figure with
+loop), io (HDF5 vs np.load; dtype x compression), memory (peak RSS at 1x and 10x), scaleout (torchrun
+with 2 gloo ranks vs 1 process; not in the default set, ``--only scaleout``). Prints each figure with
 its goal and writes reports/bench/results.json.
 """
 
@@ -284,6 +285,38 @@ def bench_memory(work: Path) -> None:
            f"{s1:.0f} -> {s10:.0f} MiB (25k -> 250k rows x {dim}, {full:.0f} MiB as float32)")  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------- 8. scale-out
+
+
+def bench_scaleout(work: Path, ranks: int = 2) -> None:
+    """Wall time of one process vs ``torchrun --nproc-per-node ranks`` on the same JPEGs, same batches."""
+    import re
+
+    root = make_photos(work / "scaleout", 320)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    common = ["-m", "pipelines.extract", str(root), "--base", BASE, "--splits", "train", "--no-progress"]
+    timings = {}
+    for name, cmd in (
+        ("1 process", [sys.executable, *common]),
+        (f"{ranks} ranks", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={ranks}", *common]),
+    ):  # fmt: skip
+        # torchrun gives each rank 1 thread by default; give the ranks the machine's cores between them instead.
+        threads = str(max(1, (os.cpu_count() or 1) // (ranks if "ranks" in name else 1)))
+        home = work / f"scaleout-{name.split()[0]}"
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, env={**env, "FEATURECACHE_HOME": str(home), "OMP_NUM_THREADS": threads},
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        wall = time.perf_counter() - t0
+        speed = float(re.search(r"([\d.]+) img/s", out.stdout).group(1))
+        timings[name] = (wall, speed, threads)
+    (w1, s1, t1), (wn, sn, tn) = timings.values()
+    report("scaleout", f"{ranks} ranks / 1 process, extraction img/s", sn / s1, "report", None,
+           f"{s1:.1f} -> {sn:.1f} img/s over 320 JPEGs ({t1} vs {tn} threads per process)")  # fmt: skip
+    report("scaleout", f"{ranks} ranks / 1 process, wall time with start-up", w1 / wn, "report", None,
+           f"{w1:.1f}s -> {wn:.1f}s")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser("make bench", description=__doc__)
     parser.add_argument("--only", default="answer,extraction,sweep,io,memory")
@@ -305,6 +338,8 @@ def main() -> int:
             bench_io(home, work)
         if "memory" in only:
             bench_memory(work)
+        if "scaleout" in only:
+            bench_scaleout(work)
     out = REPO / "reports" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(RESULTS, indent=1))

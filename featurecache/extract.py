@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from featurecache import store
 from featurecache.bases import WEIGHTS_DEFAULT, LoadedBase, load_base
 from featurecache.config import Paths, default_paths
 from featurecache.data import SPLITS, ImageFiles, SplitIndex, discover_splits, fingerprint_files
+from featurecache.distributed import World
 from featurecache.errors import FeaturecacheError
 from featurecache.layers import TapSpec, build_extractor, parse_taps, trace_base
 
@@ -108,6 +110,7 @@ def extract(
     options: ExtractOptions | None = None,
     paths: Paths | None = None,
     seed: int = 0,
+    world: World | None = None,
 ) -> list[SplitResult]:
     """Extract the requested taps of ``base`` for every split of a dataset into ``data/features``.
 
@@ -125,7 +128,10 @@ def extract(
         options: batching, device, storage dtype, compression, bad-image policy.
         paths: project folders (default: below ``$FEATURECACHE_HOME`` or the current directory).
         seed: seed of the val/test split made when the dataset lacks one, and of random-init weights.
+        world: the ranks of a torchrun launch (``featurecache.distributed.init_from_environment``); each rank
+            extracts every ``size``-th batch and rank 0 writes the file, identical to a single-process run.
     """
+    world = world or World()
     options = options or ExtractOptions()
     paths = paths or default_paths()
     _check_options(options)
@@ -133,18 +139,25 @@ def extract(
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise FeaturecacheError(f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
-    indexes = discover_splits(dataset_root, record_path=paths.split_record(dataset), seed=seed)
+    # Rank 0 alone may write the split record of a dataset without val/test; the others get its result.
+    indexes = world.broadcast(
+        discover_splits(dataset_root, record_path=paths.split_record(dataset), seed=seed) if world.is_main else None
+    )
     loaded = load_base(base, weights=weights, weights_file=weights_file, seed=seed)
     traced = trace_base(loaded.model, loaded.spec.input_size, loaded.spec.default_taps, name=base)
     taps = parse_taps(layers, traced, default_pool=pool)
     _warn_raw_size(taps, indexes, options)
     device = resolve_device(options.device)
+    if device == "cuda" and world.distributed:
+        device = f"cuda:{world.local_rank}"
     runner = _Runner(loaded, device, options)
     results = []
     for split in splits:
         final = paths.feature_file(dataset, loaded.tag, split)
         results.append(
-            _extract_split(indexes[split], final, runner=runner, taps=taps, dataset=dataset, options=options)
+            _extract_split(
+                indexes[split], final, runner=runner, taps=taps, dataset=dataset, options=options, world=world
+            )
         )
     return results
 
@@ -267,16 +280,22 @@ def _default_workers(device: str) -> int:
     return min(8, cpus) if device.startswith("cuda") else min(2, max(1, cpus // 2))
 
 
-def _extract_split(
-    index: SplitIndex,
-    final: Path,
-    *,
-    runner: _Runner,
-    taps: Sequence[TapSpec],
-    dataset: str,
-    options: ExtractOptions,
-) -> SplitResult:
-    t0 = time.perf_counter()
+@dataclass
+class _Plan:
+    """What rank 0 decided for one split, sent to every rank."""
+
+    config: dict[str, Any]
+    config_fp: str
+    todo: list[str]  # tap keys to extract; empty when the cache is complete
+    keep_from: Path | None
+    manifest: dict[str, Any] | None
+    cached_meta: dict[str, Any] | None = None
+
+
+def _plan_split(
+    index: SplitIndex, final: Path, *, runner: _Runner, taps: Sequence[TapSpec], options: ExtractOptions
+) -> _Plan:
+    """Compare the cache on disk with what this run would write: reuse, add taps, or (re-)extract."""
     data_fp = fingerprint_files(index, mode=options.fingerprint)
     config = {
         "schema_version": store.SCHEMA_VERSION,
@@ -287,62 +306,97 @@ def _extract_split(
         "split": index.split,
     }
     config_fp = _digest(config)
-    with store.writer_lock(final):
-        todo = list(taps)
-        keep_from = None
-        if final.is_file():
-            try:
-                meta = store.read_metadata(final)
-            except FeaturecacheError as exc:
-                log.warning("%s; re-extracting", exc)
-                meta = {}
-            if meta.get("config_fingerprint") == config_fp:
-                have = set(meta["taps"])
-                todo = [t for t in taps if t.key not in have]
-                if not todo:
-                    log.info("%s: cached (%d rows, taps %s)", final, meta["num_samples"], ", ".join(have))
-                    return SplitResult(
-                        index.split, final, "cached", meta["num_samples"], meta["num_samples"] - meta["num_valid"],
-                        list(meta["taps"]), file_bytes=final.stat().st_size,
-                    )  # fmt: skip
-                keep_from = final
-                log.info("%s: adding taps %s (cached taps are kept)", final, ", ".join(t.key for t in todo))
-            elif meta:
-                changed = sorted(k for k in config if meta.get(k) != config[k] and k != "class_names") or ["inputs"]
-                log.info("%s is stale (%s changed); re-extracting", final, ", ".join(changed))
+    todo = [t.key for t in taps]
+    keep_from = None
+    if final.is_file():
+        try:
+            meta = store.read_metadata(final)
+        except FeaturecacheError as exc:
+            log.warning("%s; re-extracting", exc)
+            meta = {}
+        if meta.get("config_fingerprint") == config_fp:
+            have = set(meta["taps"])
+            todo = [t.key for t in taps if t.key not in have]
+            if not todo:
+                log.info("%s: cached (%d rows, taps %s)", final, meta["num_samples"], ", ".join(have))
+                return _Plan(config, config_fp, [], None, None, cached_meta=meta)
+            keep_from = final
+            log.info("%s: adding taps %s (cached taps are kept)", final, ", ".join(todo))
+        elif meta:
+            changed = sorted(k for k in config if meta.get(k) != config[k] and k != "class_names") or ["inputs"]
+            log.info("%s is stale (%s changed); re-extracting", final, ", ".join(changed))
+    by_key = {t.key: t for t in taps}
+    manifest = {
+        "config_fingerprint": config_fp,
+        "taps": [by_key[k].as_attrs() for k in todo],
+        "batch_size": options.batch_size,
+        "channels_last": options.channels_last,
+        "num_samples": len(index),
+    }
+    return _Plan(config, config_fp, todo, keep_from, manifest)
 
-        manifest = {
-            "config_fingerprint": config_fp,
-            "taps": [t.as_attrs() for t in todo],
-            "batch_size": options.batch_size,
-            "channels_last": options.channels_last,
-            "num_samples": len(index),
-        }
-        journal = store.Journal.open(final, manifest)
-        seconds, processed = _run_batches(index, journal, runner=runner, taps=todo, options=options)
 
-        attrs = {
-            **config,
-            "dataset": dataset,
-            "config_fingerprint": config_fp,
-            "compression": options.compression,
-            "library_versions": _library_versions(),
-            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            "extraction_seconds": round(seconds, 3),
-            "dataset_root": str(index.root),
-        }
-        columns = [store.TapColumn(t.key, t.out_dim, {**t.as_attrs(), "channels": t.map_shape[0]}) for t in todo]
-        store.assemble(
-            final, journal=journal, taps=columns, labels=index.labels, paths=index.paths, attrs=attrs,
-            dtype=options.dtype, compression=options.compression, keep_from=keep_from,
-        )  # fmt: skip
-        journal.remove()
+def _extract_split(
+    index: SplitIndex,
+    final: Path,
+    *,
+    runner: _Runner,
+    taps: Sequence[TapSpec],
+    dataset: str,
+    options: ExtractOptions,
+    world: World,
+) -> SplitResult:
+    t0 = time.perf_counter()
+    # Rank 0 holds the writer lock for the whole split (a foreign job is refused) and alone decides, opens the
+    # journal (which may discard stale progress) and assembles; the other ranks only commit their batches.
+    with store.writer_lock(final) if world.is_main else contextlib.nullcontext():
+        plan = None
+        journal = None
+        if world.is_main:
+            plan = _plan_split(index, final, runner=runner, taps=taps, options=options)
+            if plan.todo:
+                journal = store.Journal.open(final, plan.manifest)
+        plan = world.broadcast(plan)
+        if not plan.todo:
+            meta = plan.cached_meta
+            return SplitResult(
+                index.split, final, "cached", meta["num_samples"], meta["num_samples"] - meta["num_valid"],
+                list(meta["taps"]), file_bytes=final.stat().st_size,
+            )  # fmt: skip
+        if journal is None:
+            journal = store.Journal.attach(final, plan.manifest)
+        todo = [t for t in taps if t.key in plan.todo]
+        seconds, processed = _run_batches(index, journal, runner=runner, taps=todo, options=options, world=world)
+        # The split's speed is all ranks' images over the slowest rank's forward loop.
+        counts = world.gather((seconds, processed))
+        seconds, processed = max(c[0] for c in counts), sum(c[1] for c in counts)
+        world.barrier()  # every rank's batches are committed
+
+        if world.is_main:
+            attrs = {
+                **plan.config,
+                "dataset": dataset,
+                "config_fingerprint": plan.config_fp,
+                "compression": options.compression,
+                "library_versions": _library_versions(),
+                "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                "extraction_seconds": round(seconds, 3),
+                "dataset_root": str(index.root),
+                "world_size": world.size,
+            }
+            columns = [store.TapColumn(t.key, t.out_dim, {**t.as_attrs(), "channels": t.map_shape[0]}) for t in todo]
+            store.assemble(
+                final, journal=journal, taps=columns, labels=index.labels, paths=index.paths, attrs=attrs,
+                dtype=options.dtype, compression=options.compression, keep_from=plan.keep_from,
+            )  # fmt: skip
+            journal.remove()
+        world.barrier()  # the file is in place
     meta = store.read_metadata(final)
     elapsed = time.perf_counter() - t0
     result = SplitResult(
         split=index.split,
         path=final,
-        status="added-taps" if keep_from else "extracted",
+        status="added-taps" if plan.keep_from else "extracted",
         num_samples=meta["num_samples"],
         num_skipped=meta["num_samples"] - meta["num_valid"],
         taps=list(meta["taps"]),
@@ -350,11 +404,22 @@ def _extract_split(
         images_per_second=processed / seconds if seconds > 0 else math.nan,
         file_bytes=final.stat().st_size,
     )
-    log.info(
-        "%s: %s %d images (%d skipped) in %.1fs, %s", final, result.status, result.num_samples,
-        result.num_skipped, elapsed, _fmt_bytes(result.file_bytes),
-    )  # fmt: skip
+    if world.is_main:
+        log.info(
+            "%s: %s %d images (%d skipped) in %.1fs, %s", final, result.status, result.num_samples,
+            result.num_skipped, elapsed, _fmt_bytes(result.file_bytes),
+        )  # fmt: skip
     return result
+
+
+def batch_ranges(num_rows: int, batch_size: int) -> list[tuple[int, int]]:
+    """The row ranges of every batch of a split; fixed by the batch size alone, whatever the world size."""
+    return [(start, min(start + batch_size, num_rows)) for start in range(0, num_rows, batch_size)]
+
+
+def rank_batches(num_rows: int, batch_size: int, world: World) -> list[tuple[int, int]]:
+    """This rank's batches: every ``size``-th one, starting at its rank (interleaved, so ranks finish together)."""
+    return batch_ranges(num_rows, batch_size)[world.rank :: world.size]
 
 
 def _run_batches(
@@ -364,26 +429,38 @@ def _run_batches(
     runner: _Runner,
     taps: Sequence[TapSpec],
     options: ExtractOptions,
+    world: World,
 ) -> tuple[float, int]:
-    """Forward every not-yet-committed batch and commit it; returns (forward-loop seconds, images done)."""
+    """Forward this rank's not-yet-committed batches and commit each; returns (forward-loop seconds, images)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    start = journal.committed_rows()
     n = len(index)
-    if start >= n:
+    mine = rank_batches(n, options.batch_size, world)
+    committed = journal.committed()
+    todo = [b for b in mine if b not in committed]
+    who = f"rank {world.rank}/{world.size}: " if world.distributed else ""
+    resuming = len(todo) < len(mine)
+    if resuming or world.distributed:
+        log.info(
+            "%s%s %s: %d of %d batches already committed, %d to do", who, "resuming" if resuming else "extracting",
+            index.split, len(mine) - len(todo), len(mine), len(todo),
+        )  # fmt: skip
+    if not todo:
         return 0.0, 0
-    if start:
-        log.info("resuming %s at row %d of %d", index.split, start, n)
     workers = options.workers if options.workers is not None else _default_workers(runner.device)
-    # Resume at a batch boundary of the original run: batches keep the same composition, so the numbers
-    # are bit-identical to an uninterrupted run.
-    data = ImageFiles(index, runner.transform, input_size=runner.loaded.spec.input_size, rows=range(start, n))
+    # Batches keep the composition they have in a single uninterrupted run (same rows, same batch size), so
+    # resumed and distributed runs give bit-identical numbers.
+    rows = [r for start, stop in todo for r in range(start, stop)]
+    positions, batches = 0, []
+    for start, stop in todo:
+        batches.append(list(range(positions, positions + stop - start)))
+        positions += stop - start
+    data = ImageFiles(index, runner.transform, input_size=runner.loaded.spec.input_size, rows=rows)
     loader = DataLoader(
         data,
-        batch_size=options.batch_size,
-        shuffle=False,
+        batch_sampler=batches,
         num_workers=workers,
         pin_memory=runner.device.startswith("cuda"),
         persistent_workers=False,
@@ -392,26 +469,32 @@ def _run_batches(
     module = runner.extractor(taps)
     t0 = time.perf_counter()
     done = 0
+    mine_rows = sum(stop - start for start, stop in mine)
     bar = tqdm(
-        total=n, initial=start, unit="img", desc=f"{index.split}", disable=not options.progress, dynamic_ncols=True
+        total=mine_rows,
+        initial=mine_rows - len(rows),
+        unit="img",
+        desc=f"{index.split}" + (f" [rank {world.rank}]" if world.distributed else ""),
+        disable=not options.progress or not world.is_main,
+        dynamic_ncols=True,
     )
     try:
-        for images, rows, errors in loader:
+        for images, batch_rows, errors in loader:
             errors = list(errors)
             bad = [i for i, e in enumerate(errors) if e]
             for i in bad:
-                log.warning("skipping unreadable %s: %s", index.paths[int(rows[i])], errors[i])
+                log.warning("skipping unreadable %s: %s", index.paths[int(batch_rows[i])], errors[i])
             if bad and options.on_bad_image == "fail":
                 first = bad[0]
                 raise FeaturecacheError(
-                    f"unreadable image {index.root / index.paths[int(rows[first])]}: {errors[first]} "
+                    f"unreadable image {index.root / index.paths[int(batch_rows[first])]}: {errors[first]} "
                     f"(remove it, or pass --on-bad-image skip to skip and list such files)"
                 )
             arrays = runner.forward(module, images)
             for i in bad:
                 for a in arrays.values():
                     a[i] = 0
-            journal.commit(int(rows[0]), arrays, errors)
+            journal.commit(int(batch_rows[0]), arrays, errors)
             done += len(errors)
             bar.update(len(errors))
     finally:

@@ -12,8 +12,12 @@ Layout of one cache file (one dataset x base x split)::
 
 Crash safety: while extracting, every batch is committed as a small ``.npz`` in ``<file>.partial/`` (written
 to a temporary name, then renamed), so a ``kill -9`` at any point loses at most the batch in flight and a
-re-run continues from the last committed batch. The HDF5 file is assembled from those shards into a
+re-run redoes only the batches that are not committed. The HDF5 file is assembled from those shards into a
 temporary name and renamed into place: readers only ever see complete files.
+
+Distributed extraction (``torchrun``) uses the same journal: every rank commits its own batches into the
+one ``.partial/`` folder (shards are named by row range, so ranks never collide), and rank 0 assembles the
+file once every batch is there. The result is byte-for-byte the file a single process writes.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ class Journal:
     @classmethod
     def open(cls, final_path: Path, manifest: dict[str, Any]) -> Journal:
         """Reuse a journal whose manifest matches (same data, base, taps, batching); else start afresh."""
-        directory = final_path.with_name(final_path.name + ".partial")
+        directory = cls.directory_for(final_path)
         manifest_path = directory / cls.MANIFEST
         if directory.is_dir():
             try:
@@ -104,6 +108,25 @@ class Journal:
         atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True))
         return cls(directory, manifest)
 
+    @classmethod
+    def attach(cls, final_path: Path, manifest: dict[str, Any]) -> Journal:
+        """Join a journal another process (rank 0 of a distributed run) has opened; never discards anything."""
+        directory = cls.directory_for(final_path)
+        try:
+            previous = json.loads((directory / cls.MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise FeaturecacheError(
+                f"cannot read the journal manifest in {directory} ({exc}); every rank must see the same "
+                f"FEATURECACHE_HOME (a shared filesystem on multi-node runs)"
+            ) from exc
+        if previous != manifest:
+            raise FeaturecacheError(f"the journal in {directory} was opened with other settings than this rank's")
+        return cls(directory, manifest)
+
+    @staticmethod
+    def directory_for(final_path: Path) -> Path:
+        return final_path.with_name(final_path.name + ".partial")
+
     def _shard_name(self, start: int, stop: int) -> str:
         return f"rows-{start:012d}-{stop:012d}.npz"
 
@@ -115,14 +138,24 @@ class Journal:
             out.append((int(start), int(stop), p))
         return sorted(out)
 
-    def committed_rows(self) -> int:
-        """Rows 0..k-1 are committed; shards after a gap (impossible with in-order commits) are ignored."""
-        done = 0
+    def committed(self) -> set[tuple[int, int]]:
+        """The ``(start, stop)`` row ranges already committed, in any order (ranks commit interleaved)."""
+        return {(start, stop) for start, stop, _ in self.shards()}
+
+    def missing_rows(self, num_rows: int) -> list[tuple[int, int]]:
+        """Row ranges of ``0..num_rows`` that no committed shard covers (empty when the journal is complete)."""
+        gaps, done = [], 0
         for start, stop, _ in self.shards():
-            if start != done:
-                break
-            done = stop
-        return done
+            if start > done:
+                gaps.append((done, start))
+            if start < done:
+                raise FeaturecacheError(
+                    f"overlapping shards in {self.directory} (rows {start}-{stop}); delete the folder and re-run"
+                )
+            done = max(done, stop)
+        if done < num_rows:
+            gaps.append((done, num_rows))
+        return gaps
 
     def commit(self, start: int, arrays: dict[str, np.ndarray], errors: Sequence[str]) -> None:
         """Persist one batch of rows ``start..start+len(errors)``; atomic (temporary name + rename)."""
@@ -209,6 +242,13 @@ def assemble(
     import h5py
 
     n = len(paths)
+    gaps = journal.missing_rows(n)
+    if gaps:
+        shown = ", ".join(f"{a}-{b - 1}" for a, b in gaps[:5])
+        raise FeaturecacheError(
+            f"cannot assemble {final_path}: rows {shown}{' ...' if len(gaps) > 5 else ''} were never committed; "
+            f"re-run the same extract command to finish them"
+        )
     tmp = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)  # a temporary from an earlier crash of this same pid number
     valid = np.ones(n, dtype=bool)

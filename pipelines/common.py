@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -11,9 +12,11 @@ from featurecache.errors import FeaturecacheError
 
 
 def setup_logging(verbose: bool = False) -> None:
+    # Under torchrun every rank logs to the same terminal: say which rank speaks.
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
 

@@ -1,10 +1,15 @@
-"""featurecache extract: frozen base -> per-layer HDF5 caches for every split of a dataset."""
+"""featurecache extract: frozen base -> per-layer HDF5 caches for every split of a dataset.
+
+Also the torchrun entry point: ``torchrun --nproc-per-node N -m pipelines.extract ROOT ...`` splits every split's
+batches over N ranks (gloo on CPU, NCCL on GPUs) and writes the same cache one process would.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from featurecache import distributed
 from featurecache.extract import ExtractOptions, extract
 from pipelines.common import comma_list, run_main
 
@@ -52,20 +57,28 @@ def main(args: argparse.Namespace) -> int:
         fingerprint=args.fingerprint,
         progress=args.progress,
     )
-    results = extract(
-        args.dataset_root,
-        base=args.base,
-        layers=args.layers,
-        pool=args.pool,
-        dataset=args.dataset,
-        splits=args.splits,
-        weights=args.weights,
-        weights_file=args.weights_file,
-        options=options,
-        seed=args.seed,
-    )
+    world = distributed.init_from_environment(args.device)  # a world of one unless launched by torchrun
+    try:
+        results = extract(
+            args.dataset_root,
+            base=args.base,
+            layers=args.layers,
+            pool=args.pool,
+            dataset=args.dataset,
+            splits=args.splits,
+            weights=args.weights,
+            weights_file=args.weights_file,
+            options=options,
+            seed=args.seed,
+            world=world,
+        )
+    finally:
+        distributed.shutdown(world)
+    if not world.is_main:
+        return 0
+    ranks = f" on {world.size} ranks" if world.distributed else ""
     for r in results:
-        speed = f", {r.images_per_second:.1f} img/s" if r.status != "cached" and r.images_per_second > 0 else ""
+        speed = f", {r.images_per_second:.1f} img/s{ranks}" if r.status != "cached" and r.images_per_second > 0 else ""
         print(
             f"{r.split:5s} {r.status:10s} {r.num_samples:6d} images ({r.num_skipped} skipped){speed}, "
             f"{r.file_bytes / 1024:.0f} KiB -> {r.path}"

@@ -76,4 +76,4 @@ def test_kill_minus_9_at_random_points_then_resume_is_bit_identical(tmp_path):
         assert m["paths"].tolist() == m_ref["paths"].tolist()
     assert not partial.exists()
     resumed = [p.read_text() for p in logs] + [done.stderr]
-    assert any("resuming train at row" in text for text in resumed), "no run resumed from committed batches"
+    assert any("resuming train:" in text for text in resumed), "no run resumed from committed batches"
