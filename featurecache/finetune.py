@@ -25,7 +25,7 @@ from featurecache.bases import load_base
 from featurecache.config import Paths, default_paths
 from featurecache.data import ImageFiles, discover_splits
 from featurecache.errors import FeaturecacheError
-from featurecache.fileio import atomic_write, file_sha256
+from featurecache.fileio import atomic_write, atomic_write_text, file_sha256
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
 from featurecache.train import cache_files, feature_fingerprint
@@ -382,7 +382,7 @@ def finetune(
         "timings": {"total_seconds": round(time.perf_counter() - t_start, 3)},
         "files": {"model.pt": file_sha256(out_dir / "model.pt")},
     }
-    (out_dir / persist.SIDECAR_FILE).write_text(json.dumps(sidecar, indent=1, default=str))
+    atomic_write_text(out_dir / persist.SIDECAR_FILE, json.dumps(sidecar, indent=1, default=str))
     ckpt_path.unlink(missing_ok=True)
     return FinetuneResult(sidecar=sidecar, model_dir=out_dir, resumed=resumed)
 
@@ -392,11 +392,11 @@ def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: s
     candidates = []
     for sidecar_path in (paths.models / dataset / base_tag).glob(f"{layer or '*'}/{head}/{persist.SIDECAR_FILE}"):
         s = json.loads(sidecar_path.read_text())
-        candidates.append((-s["selection_val_accuracy"], s["timings"]["total_seconds"], sidecar_path.parent))
+        candidates.append((-s["selection_val_accuracy"], s["tap"]["relative_depth"], str(sidecar_path.parent)))
     if not candidates:
         raise FeaturecacheError(
             f"no trained {head!r} head for {dataset} x {base_tag}{f' at layer {layer}' if layer else ''}; run "
             f"`featurecache train-heads --dataset {dataset} "
             f"--bases {base_tag} --heads {head}` first (fine-tuning never starts from a random head)"
         )
-    return min(candidates)[2]
+    return Path(min(candidates)[2])  # ties: the shallower layer

@@ -23,8 +23,9 @@ import numpy as np
 
 from featurecache import persist, store
 from featurecache.config import Paths
-from featurecache.data import atomic_write_text
 from featurecache.errors import FeaturecacheError
+from featurecache.fileio import atomic_write_text
+from featurecache.heads import simplicity_rank
 from featurecache.transferability import logme
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def _sidecars(models: Path, dataset: str, base: str) -> list[dict[str, Any]]:
 def layer_points(
     dataset: str, base: str, paths: Paths, *, heads: Sequence[str] | None = None, with_logme: bool = True
 ) -> list[LayerPoint]:
-    """The curve of one dataset x base: per layer, the head with the best val accuracy (ties: cheaper)."""
+    """The curve of one dataset x base: per layer, the head with the best val accuracy (ties: simpler head)."""
     by_layer: dict[str, list[dict[str, Any]]] = {}
     for s in _sidecars(paths.models, dataset, base):
         if heads is None or s["head"] in heads:
@@ -66,7 +67,7 @@ def layer_points(
     points = []
     train_file = paths.feature_file(dataset, base, "train")
     for layer, sidecars in by_layer.items():
-        best = min(sidecars, key=lambda s: (-s["selection_val_accuracy"], s["timings"]["total_seconds"]))
+        best = min(sidecars, key=lambda s: (-s["selection_val_accuracy"], simplicity_rank(s["head"])))
         score = None
         if with_logme and train_file.is_file():
             X, y, _ = store.load_features(train_file, layer)

@@ -9,13 +9,14 @@ must be on train alone and the dense head early-stops on the val split.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,14 @@ from featurecache import persist, store
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
-from featurecache.heads import get_head_spec, list_heads
+from featurecache.heads import get_head_spec, list_heads, simplicity_rank
 from featurecache.metrics import classification_scores
 
 log = logging.getLogger(__name__)
 
 REFIT_MODES = ("train", "train+val")
+# joblib backends for the sweep; dask and ray are optional extras that run the same jobs on a cluster.
+BACKENDS = ("loky", "dask", "ray")
 SIDECAR_VERSION = 1
 
 
@@ -39,6 +42,8 @@ SIDECAR_VERSION = 1
 class TrainOptions:
     refit: str = "train"  # refit the selected head on train, or on train+val
     n_jobs: int = 1
+    backend: str = "loky"  # where the layer x head jobs run (see BACKENDS); never changes the results
+    cluster_address: str | None = None  # dask scheduler / ray head; None: a local cluster (or the env's)
     overwrite: bool = False
     seed: int = 0
     max_memory_gb: float | None = None  # None: half of the memory available now
@@ -112,6 +117,8 @@ def train_heads(
     paths = paths or default_paths()
     if options.refit not in REFIT_MODES:
         raise FeaturecacheError(f"unknown --refit {options.refit!r}; choose train or train+val")
+    if options.backend not in BACKENDS:
+        raise FeaturecacheError(f"unknown --backend {options.backend!r}; choose one of: {', '.join(BACKENDS)}")
     files = cache_files(dataset, base_tag, paths)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
     if (
@@ -132,6 +139,8 @@ def train_heads(
     heads = list(heads) if heads else list_heads()
     for h in heads:
         get_head_spec(h)
+    # Fixed here, on the driver, whatever the backend: the torch heads' numbers depend on their thread count,
+    # and the same command must give the same leaderboard on loky, dask or ray.
     threads = max(1, (os.cpu_count() or 1) // max(1, options.n_jobs))
     jobs = [
         Job(
@@ -148,17 +157,69 @@ def train_heads(
         for head in heads
     ]
     results = []
-    runner = Parallel(n_jobs=options.n_jobs, return_as="generator_unordered")
     bar = tqdm(total=len(jobs), unit="head", desc=f"{dataset}/{base_tag}", disable=not options.progress)
     try:
-        for sidecar in runner(delayed(run_job)(job) for job in jobs):
-            results.append(sidecar)
-            bar.set_postfix_str(f"{sidecar['layer']}/{sidecar['head']} test {sidecar['test']['accuracy']:.3f}")
-            bar.update()
+        with joblib_backend(options.backend, n_jobs=options.n_jobs, address=options.cluster_address):
+            runner = Parallel(n_jobs=options.n_jobs, return_as="generator_unordered")
+            for sidecar in runner(delayed(run_job)(job) for job in jobs):
+                results.append(sidecar)
+                bar.set_postfix_str(f"{sidecar['layer']}/{sidecar['head']} test {sidecar['test']['accuracy']:.3f}")
+                bar.update()
     finally:
         bar.close()
     order = {(j.layer, j.head): i for i, j in enumerate(jobs)}
     return sorted(results, key=lambda s: order[(s["layer"], s["head"])])
+
+
+@contextlib.contextmanager
+def joblib_backend(backend: str, *, n_jobs: int, address: str | None = None) -> Iterator[None]:
+    """Run the enclosed joblib calls on loky (local processes), a Dask cluster or a Ray cluster.
+
+    Dask: ``address`` is a scheduler (``tcp://host:8786``); without one, ``$DASK_SCHEDULER_ADDRESS`` or else a
+    local cluster of ``n_jobs`` single-threaded worker processes. Ray: ``address`` or ``$RAY_ADDRESS``, else a
+    local Ray. Cluster workers read the caches and write the models by path, so they need the same filesystem.
+    """
+    from joblib import parallel_config
+
+    if backend == "loky":
+        with parallel_config(backend="loky"):
+            yield
+        return
+    if backend == "dask":
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError:
+            raise FeaturecacheError("--backend dask needs dask.distributed: pip install 'featurecache[dask]'") from None
+        address = address or os.environ.get("DASK_SCHEDULER_ADDRESS")
+        cluster = None
+        if address is None:
+            workers = n_jobs if n_jobs > 0 else os.cpu_count() or 1
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(address or cluster)
+        log.info("dask backend: %s", client)
+        try:
+            with parallel_config(backend="dask"):
+                yield
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        return
+    try:
+        import ray
+        from ray.util.joblib import register_ray
+    except ImportError:
+        raise FeaturecacheError("--backend ray needs ray: pip install 'featurecache[ray]'") from None
+    register_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address)  # None: $RAY_ADDRESS if set, else a local Ray
+    try:
+        with parallel_config(backend="ray"):
+            yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -373,8 +434,11 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
                 "model_dir": str(sidecar_path.parent),
             }
         )
-    # Ranked by val only; ties go to the cheaper head. Test never decides anything.
-    return sorted(rows, key=lambda r: (-r["val_accuracy"], r["fit_seconds"], r["base"], r["layer"], r["head"]))
+    # Ranked by val only; ties go to the simpler head, then the shallower layer. Test never decides anything.
+    return sorted(
+        rows,
+        key=lambda r: (-r["val_accuracy"], simplicity_rank(r["head"]), r["relative_depth"], r["base"], r["layer"]),
+    )
 
 
 def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any]:

@@ -24,6 +24,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--heads", type=comma_list, help=f"heads (default: all of {', '.join(list_heads())})")
     p.add_argument("--refit", default="train", choices=["train", "train+val"], help="data for the final fit")
     p.add_argument("--n-jobs", type=int, default=1, help="parallel jobs (joblib); -1 for all cores")
+    p.add_argument("--backend", default="loky", choices=["loky", "dask", "ray"],
+                   help="where jobs run: local processes, or a Dask/Ray cluster (extras [dask], [ray])")  # fmt: skip
+    p.add_argument("--cluster-address",
+                   help="dask scheduler (tcp://host:8786) or ray head address; default: a local cluster")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="retrain even when a matching saved head exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-memory-gb", type=float, help="memory budget per split (default: half of available)")
@@ -34,7 +38,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    options = TrainOptions(refit=args.refit, n_jobs=args.n_jobs, overwrite=args.overwrite, seed=args.seed,
+    options = TrainOptions(refit=args.refit, n_jobs=args.n_jobs, backend=args.backend,
+                           cluster_address=args.cluster_address, overwrite=args.overwrite, seed=args.seed,
                            max_memory_gb=args.max_memory_gb, device=args.device, progress=args.progress)  # fmt: skip
     counts = {"trained": 0, "reused": 0}
     for base in args.bases:

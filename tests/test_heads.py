@@ -20,7 +20,7 @@ from featurecache.heads.dense import DenseClassifier
 from featurecache.metrics import bootstrap_ci
 from featurecache.persist import load_head
 from featurecache.predict import predict_images
-from featurecache.train import TrainOptions, feature_fingerprint, train_heads, write_leaderboard
+from featurecache.train import TrainOptions, feature_fingerprint, leaderboard_rows, train_heads, write_leaderboard
 from tests.helpers import make_image_folder
 
 BASE = "mobilenet_v2_offline"
@@ -211,3 +211,33 @@ def test_logreg_warm_path_matches_cold_scikit_learn_fits(n_classes):
         assert agree >= 0.98, (point, agree)
         assert abs(val_accuracy - (cold.predict(X[300:]) == y[300:]).mean()) <= 0.02
         np.testing.assert_allclose(head.predict_proba(X[300:]).sum(1), 1, rtol=1e-5)
+
+
+def leaderboard_without_timings(paths: Paths) -> list[dict]:
+    rows = leaderboard_rows("shapes", paths)
+    return [{k: v for k, v in r.items() if k not in ("fit_seconds", "model_dir")} for r in rows]
+
+
+@pytest.mark.slow
+def test_dask_backend_gives_the_loky_leaderboard(cached, tmp_path):
+    pytest.importorskip("dask.distributed")
+    boards = {}
+    for backend in ("loky", "dask"):
+        paths = fresh_copy(cached, tmp_path / backend)
+        options = TrainOptions(progress=False, n_jobs=2, backend=backend)
+        sidecars = train_heads(dataset="shapes", base_tag=BASE, options=options, paths=paths)
+        assert len(sidecars) == 2 * len(list_heads())
+        best = write_leaderboard("shapes", paths)
+        boards[backend] = (leaderboard_without_timings(paths), {k: v for k, v in best["best"].items() if k not in
+                                                                ("fit_seconds", "model_dir")})  # fmt: skip
+    assert boards["dask"] == boards["loky"]
+
+
+def test_unknown_or_missing_backend_says_what_to_install(cached, tmp_path, monkeypatch):
+    paths = fresh_copy(cached, tmp_path)
+    with pytest.raises(FeaturecacheError, match="choose one of: loky, dask, ray"):
+        train_heads(dataset="shapes", base_tag=BASE, options=TrainOptions(backend="spark"), paths=paths)
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if ray were not installed
+    with pytest.raises(FeaturecacheError, match=r"pip install 'featurecache\[ray\]'"):
+        train_heads(dataset="shapes", base_tag=BASE, heads=["knn"], options=TrainOptions(backend="ray",
+                    progress=False), paths=paths)  # fmt: skip

@@ -49,6 +49,16 @@ def get_head_spec(name: str) -> HeadSpec:
     return _HEADS.get(name)
 
 
+# Ties in val accuracy go to the simpler head, in this order; a fixed order (not measured fit seconds) keeps
+# leaderboards and reports identical from run to run and from one joblib backend to another.
+SIMPLICITY_ORDER = ("logreg", "linear_svm", "knn", "rbf_svm", "mlp")
+
+
+def simplicity_rank(head: str) -> int:
+    """Position of ``head`` in :data:`SIMPLICITY_ORDER`; heads not listed (fine-tuned models) rank last."""
+    return SIMPLICITY_ORDER.index(head) if head in SIMPLICITY_ORDER else len(SIMPLICITY_ORDER)
+
+
 def _logreg(seed: int) -> Any:
     from featurecache.heads.classic import LogisticRegressionHead
 
