@@ -28,6 +28,9 @@ from featurecache.fileio import atomic_write_text
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# K augmented views of the train split, cached once for heads that train "with augmentation" (extract
+# --train-views K); it is read only for training, never for selection or scoring.
+AUGMENTED_TRAIN = "train-aug"
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.15
 SPLIT_RECORD_VERSION = 1
@@ -45,6 +48,18 @@ class SplitIndex:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def augmented_views(train: SplitIndex, views: int) -> SplitIndex:
+    """The index of ``views`` augmented copies of the train split, view-major: row ``v * N + i`` is view ``v`` of
+    train row ``i``, so the cache's rows map back to train rows without a lookup table."""
+    return SplitIndex(
+        split=AUGMENTED_TRAIN,
+        root=train.root,
+        paths=train.paths * views,
+        labels=train.labels * views,
+        class_names=train.class_names,
+    )
 
 
 def _list_files(folder: Path) -> list[Path]:
@@ -259,4 +274,7 @@ class ImageFiles:
             image = default_loader(str(self.index.root / self.index.paths[row]))
         except self._bad as exc:
             return torch.zeros(3, self.input_size, self.input_size), row, f"{type(exc).__name__}: {exc}"
+        # A per-row transform (cached augmented views) seeds its randomness from the row, not from the loader.
+        if getattr(self.transform, "per_row", False):
+            return self.transform(image, row), row, ""
         return self.transform(image), row, ""

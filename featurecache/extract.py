@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -19,9 +20,18 @@ from typing import Any
 import numpy as np
 
 from featurecache import store
+from featurecache.augment import AUGMENTATIONS, SeededPerRow, train_transform
 from featurecache.bases import WEIGHTS_DEFAULT, LoadedBase, load_base
 from featurecache.config import Paths, default_paths
-from featurecache.data import SPLITS, ImageFiles, SplitIndex, discover_splits, fingerprint_files
+from featurecache.data import (
+    AUGMENTED_TRAIN,
+    SPLITS,
+    ImageFiles,
+    SplitIndex,
+    augmented_views,
+    discover_splits,
+    fingerprint_files,
+)
 from featurecache.distributed import World
 from featurecache.errors import FeaturecacheError
 from featurecache.layers import TapSpec, build_extractor, parse_taps, trace_base
@@ -110,6 +120,8 @@ def extract(
     options: ExtractOptions | None = None,
     paths: Paths | None = None,
     seed: int = 0,
+    train_views: int = 0,
+    augment: str = "light",
     world: World | None = None,
 ) -> list[SplitResult]:
     """Extract the requested taps of ``base`` for every split of a dataset into ``data/features``.
@@ -127,7 +139,11 @@ def extract(
         weights, weights_file: see ``featurecache.bases.load_base``.
         options: batching, device, storage dtype, compression, bad-image policy.
         paths: project folders (default: below ``$FEATURECACHE_HOME`` or the current directory).
-        seed: seed of the val/test split made when the dataset lacks one, and of random-init weights.
+        seed: seed of the val/test split made when the dataset lacks one, of random-init weights, and of the
+            augmented views.
+        train_views: also cache this many augmented views of every train image (``train-aug.h5``, view-major),
+            so heads can train with augmentation without running the base every epoch.
+        augment: the augmentation of those views (``featurecache.augment.AUGMENTATIONS``).
         world: the ranks of a torchrun launch (``featurecache.distributed.init_from_environment``); each rank
             extracts every ``size``-th batch and rank 0 writes the file, identical to a single-process run.
     """
@@ -136,6 +152,10 @@ def extract(
     paths = paths or default_paths()
     _check_options(options)
     dataset = dataset or Path(dataset_root).resolve().name
+    if train_views < 0:
+        raise FeaturecacheError("--train-views must be 0 (none) or a positive number of augmented views")
+    if augment not in AUGMENTATIONS or augment == "none" and train_views:
+        raise FeaturecacheError(f"--augment must be one of: light, standard for augmented views (got {augment!r})")
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise FeaturecacheError(f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
@@ -159,6 +179,18 @@ def extract(
                 indexes[split], final, runner=runner, taps=taps, dataset=dataset, options=options, world=world
             )
         )
+    if train_views:
+        train = indexes["train"]
+        views = SeededPerRow(train_transform(runner.transform, loaded.spec.input_size, augment), seed)
+        view_runner = runner.with_transform(
+            views, views=train_views, augment=augment, source_split="train", source_rows=len(train)
+        )
+        results.append(
+            _extract_split(
+                augmented_views(train, train_views), paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN),
+                runner=view_runner, taps=taps, dataset=dataset, options=options, world=world, files_of=train,
+            )
+        )  # fmt: skip
     return results
 
 
@@ -212,6 +244,15 @@ class _Runner:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.amp = amp
         self._extractors: dict[tuple[str, ...], Any] = {}
+        self._extra_config: dict[str, Any] = {}
+
+    def with_transform(self, transform: Any, **config: Any) -> _Runner:
+        """The same base and built extractors with another preprocessing (augmented views), recorded in the config."""
+        other = copy.copy(self)
+        other.transform = transform
+        other.transforms_repr = repr(transform)
+        other._extra_config = {**self._extra_config, **config}
+        return other
 
     def extractor(self, taps: Sequence[TapSpec]) -> Any:
         import torch
@@ -232,6 +273,7 @@ class _Runner:
             "transforms": self.transforms_repr,
             "input_size": self.loaded.spec.input_size,
             "amp": self.amp,
+            **self._extra_config,
         }
 
     def forward(self, module: Any, images: Any) -> dict[str, np.ndarray]:
@@ -293,10 +335,20 @@ class _Plan:
 
 
 def _plan_split(
-    index: SplitIndex, final: Path, *, runner: _Runner, taps: Sequence[TapSpec], options: ExtractOptions
+    index: SplitIndex,
+    final: Path,
+    *,
+    runner: _Runner,
+    taps: Sequence[TapSpec],
+    options: ExtractOptions,
+    files_of: SplitIndex | None = None,
 ) -> _Plan:
-    """Compare the cache on disk with what this run would write: reuse, add taps, or (re-)extract."""
-    data_fp = fingerprint_files(index, mode=options.fingerprint)
+    """Compare the cache on disk with what this run would write: reuse, add taps, or (re-)extract.
+
+    ``files_of``: the index whose files the data fingerprint covers (the train split, for its augmented views,
+    so K views do not hash every file K times).
+    """
+    data_fp = fingerprint_files(files_of or index, mode=options.fingerprint)
     config = {
         "schema_version": store.SCHEMA_VERSION,
         **runner.run_config(),
@@ -345,6 +397,7 @@ def _extract_split(
     dataset: str,
     options: ExtractOptions,
     world: World,
+    files_of: SplitIndex | None = None,
 ) -> SplitResult:
     t0 = time.perf_counter()
     # Rank 0 holds the writer lock for the whole split (a foreign job is refused) and alone decides, opens the
@@ -353,7 +406,7 @@ def _extract_split(
         plan = None
         journal = None
         if world.is_main:
-            plan = _plan_split(index, final, runner=runner, taps=taps, options=options)
+            plan = _plan_split(index, final, runner=runner, taps=taps, options=options, files_of=files_of)
             if plan.todo:
                 journal = store.Journal.open(final, plan.manifest)
         plan = world.broadcast(plan)

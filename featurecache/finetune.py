@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from featurecache import persist, store
+from featurecache.augment import AUGMENTATIONS, train_transform
 from featurecache.bases import load_base
 from featurecache.config import Paths, default_paths
 from featurecache.data import ImageFiles, discover_splits
@@ -32,7 +33,6 @@ from featurecache.train import cache_files, feature_fingerprint
 
 log = logging.getLogger(__name__)
 
-AUGMENTATIONS = ("light", "standard", "none")
 CHECK_AGREEMENT = 0.98  # rebuilt model vs stage-2 head on val (float16 cache rounding flips a few near-ties)
 
 
@@ -96,31 +96,6 @@ def _head_module(estimator: Any, sidecar: dict[str, Any]) -> Any:
         linear.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
         linear.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
     return Standardized(np.zeros(w.shape[1]), np.ones(w.shape[1]), linear)
-
-
-def _normalization(transform: Any) -> Any:
-    """The Normalize step of a base's preprocessing (Compose of v1 transforms, or a torchvision preset)."""
-    from torchvision import transforms as T
-
-    for t in getattr(transform, "transforms", []):
-        if isinstance(t, T.Normalize):
-            return t
-    if hasattr(transform, "mean") and hasattr(transform, "std"):
-        return T.Normalize(mean=transform.mean, std=transform.std)
-    raise FeaturecacheError(f"cannot find the normalization in {transform!r}; augmentation needs it")
-
-
-def train_transform(base_transform: Any, input_size: int, augment: str) -> Any:
-    """On-the-fly augmentation for the train split only, ending in the base's own normalization."""
-    from torchvision import transforms as T
-
-    if augment == "none":
-        return base_transform
-    ops = [T.RandomResizedCrop(input_size, scale=(0.6 if augment == "standard" else 0.8, 1.0))]
-    if augment == "standard":
-        ops.append(T.RandomHorizontalFlip())
-    ops += [T.RandomRotation(10 if augment == "standard" else 5), T.ColorJitter(0.2, 0.2, 0.2)]
-    return T.Compose([*ops, T.ToTensor(), _normalization(base_transform)])
 
 
 def _blocks_before(extractor: Any, model: Any) -> list[str]:

@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 REFERENCE_BASE = "efficientnet_lite0"  # its ImageNet classifier measures how far a dataset is from ImageNet
 REFERENCE_LOGITS = "_fc"
 RANDOM_SUFFIX = "-random"
+FINETUNED_PREFIX = "finetuned-"  # models written by `featurecache finetune`
+AUGMENTED_MARK = "+"  # heads trained with cached augmented views: "logreg+aug"
+
+
+def _frozen_plain(head: str) -> bool:
+    """Heads on frozen features of the plain train split: what the accuracy-vs-depth curves compare."""
+    return not head.startswith(FINETUNED_PREFIX) and AUGMENTED_MARK not in head
 
 
 @dataclass
@@ -62,7 +69,7 @@ def layer_points(
     """The curve of one dataset x base: per layer, the head with the best val accuracy (ties: simpler head)."""
     by_layer: dict[str, list[dict[str, Any]]] = {}
     for s in _sidecars(paths.models, dataset, base):
-        if heads is None or s["head"] in heads:
+        if _frozen_plain(s["head"]) and (heads is None or s["head"] in heads):
             by_layer.setdefault(s["layer"], []).append(s)
     points = []
     train_file = paths.feature_file(dataset, base, "train")
@@ -144,6 +151,55 @@ def summarize(points: list[LayerPoint], random_points: list[LayerPoint]) -> Curv
     random_best = min(random_points, key=lambda p: -p.val_accuracy) if random_points else None
     top = max(p.depth for p in points)
     return CurveSummary(points[0].dataset, points[0].base, recommended, oracle, worst, rho, random_best, top)
+
+
+# ------------------------------------------------------------------------------------------- beyond frozen
+
+
+def beyond_frozen(dataset: str, base: str, paths: Paths, *, seed: int = 0) -> list[dict[str, Any]]:
+    """The routes past a frozen head on plain features, each against the frozen head it starts from.
+
+    * ``finetuned-<head>``: the fine-tune stage's model; its sidecar holds the paired gain and interval.
+    * ``<head>+aug``: the best head (on val) trained with the cached augmented views, against the same head at the
+      same layer without them; the gain and its paired 95% bootstrap interval are computed here on the test cache.
+    """
+    from featurecache.metrics import bootstrap_ci
+
+    rows = []
+    sidecars = _sidecars(paths.models, dataset, base)
+    for s in sidecars:
+        if s["head"].startswith(FINETUNED_PREFIX):
+            rows.append({
+                "route": "fine-tuned", "head": s["head"], "layer": s["layer"], "depth": s["tap"]["relative_depth"],
+                "detail": f"unfrozen {', '.join(s['params']['unfrozen'])}; augment {s['params']['augment']}; "
+                          f"best epoch {s['best_epoch']}",
+                "val_accuracy": s["selection_val_accuracy"], "test_accuracy": s["test"]["accuracy"],
+                "test_ci95": s["test"]["accuracy_ci95"], "frozen_test_accuracy": s["frozen_test_accuracy"],
+                "gain_points": s["gain_over_frozen_points"], "gain_ci95_points": s["gain_ci95_points"],
+            })  # fmt: skip
+    augmented = [s for s in sidecars if AUGMENTED_MARK in s["head"] and not s["head"].startswith(FINETUNED_PREFIX)]
+    if augmented:
+        best = min(augmented, key=lambda s: (-s["selection_val_accuracy"], simplicity_rank(s["head"])))
+        plain_dir = paths.models / dataset / base / best["layer"] / best["head_spec"]
+        if (plain_dir / persist.SIDECAR_FILE).is_file():
+            test_file = paths.feature_file(dataset, base, "test")
+            X, y, _ = store.load_features(test_file, best["layer"])
+            X = X.astype(np.float32)
+            aug_head, _ = persist.load_head(paths.models / dataset / base / best["layer"] / best["head"])
+            plain_head, plain = persist.load_head(plain_dir)
+            gain = (aug_head.predict(X) == y).astype(float) - (plain_head.predict(X) == y).astype(float)
+            low, high = bootstrap_ci(gain, seed=seed)
+            rows.append({
+                "route": "augmented views", "head": best["head"], "layer": best["layer"],
+                "depth": best["tap"]["relative_depth"],
+                "detail": f"{best['train_views']} cached views + the plain train split ({best['n_train']} rows)",
+                "val_accuracy": best["selection_val_accuracy"], "test_accuracy": best["test"]["accuracy"],
+                "test_ci95": best["test"]["accuracy_ci95"], "frozen_test_accuracy": plain["test"]["accuracy"],
+                "gain_points": 100 * float(gain.mean()), "gain_ci95_points": [100 * low, 100 * high],
+            })  # fmt: skip
+        else:
+            log.warning("no plain %s head at %s to compare %s with", best["head_spec"], best["layer"], best["head"])
+    return rows
 
 
 # ------------------------------------------------------------------------------------------- figure
@@ -284,14 +340,19 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     png = out / "accuracy_vs_depth.png"
     plot_accuracy_vs_depth(curves, distances, png)
-    _write_tables(out, curves, summaries, distances)
-    blocks = _blocks(summaries, curves, distances, licenses or {}, expected or {}, command)
+    beyond = {
+        (ds, tag): rows
+        for (ds, tag) in curves
+        if not tag.endswith(RANDOM_SUFFIX) and (rows := beyond_frozen(ds, tag, paths))
+    }
+    _write_tables(out, curves, summaries, distances, beyond)
+    blocks = _blocks(summaries, curves, distances, licenses or {}, expected or {}, command, beyond)
     atomic_write_text(out / "report.md", _markdown(blocks))
     atomic_write_text(out / "report.html", _html(blocks, {png.name: png}))
     return json.loads((out / "summary.json").read_text())
 
 
-def _write_tables(out: Path, curves: dict, summaries: list[CurveSummary], distances: dict) -> None:
+def _write_tables(out: Path, curves: dict, summaries: list[CurveSummary], distances: dict, beyond: dict) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["dataset", "base", "layer", "relative_depth", "head", "val_accuracy", "test_accuracy",
@@ -332,11 +393,12 @@ def _write_tables(out: Path, curves: dict, summaries: list[CurveSummary], distan
             }  # fmt: skip
             for s in summaries
         ],
+        "beyond_frozen": [{"dataset": ds, "base": base, **row} for (ds, base), rows in beyond.items() for row in rows],
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
 
 
-def _blocks(summaries, curves, distances, licenses, expected, command) -> list[tuple[str, Any]]:
+def _blocks(summaries, curves, distances, licenses, expected, command, beyond) -> list[tuple[str, Any]]:
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     blocks: list[tuple[str, Any]] = [
         ("h1", "Which layer transfers? Accuracy versus depth"),
@@ -366,6 +428,22 @@ def _blocks(summaries, curves, distances, licenses, expected, command) -> list[t
     blocks.append(("table", (["dataset", "base", "recommended (depth)", "head", "test % [95% CI]",
                               "oracle (depth)", "oracle test %", "gap (pts)", "best-worst (pts)",
                               "random-init test %", "LogME ρ"], rows)))  # fmt: skip
+    if beyond:
+        blocks.append(("h2", "Beyond frozen features: augmented views and fine-tuning"))
+        blocks.append(("p", "Each route against the frozen head it starts from, on the same test images: the gain is "
+                            "the mean paired difference in correctness, with a paired 95% bootstrap interval. An "
+                            "interval that straddles 0 means the route did not measurably pay."))  # fmt: skip
+        rows = []
+        for (ds, base), routes in sorted(beyond.items()):
+            for r in routes:
+                lo, hi = r["test_ci95"]
+                glo, ghi = r["gain_ci95_points"]
+                gain = f"{r['gain_points']:+.1f} [{glo:+.1f}, {ghi:+.1f}]"
+                rows.append([ds, base, r["route"], r["head"], f"{r['layer']} ({r['depth']:.2f})", r["detail"],
+                             pct(r["val_accuracy"]), f"{pct(r['test_accuracy'])} [{pct(lo)}, {pct(hi)}]",
+                             pct(r["frozen_test_accuracy"]), gain])  # fmt: skip
+        blocks.append(("table", (["dataset", "base", "route", "model", "layer (depth)", "how", "val %",
+                                  "test % [95% CI]", "frozen test %", "gain pts [95% CI]"], rows)))  # fmt: skip
     blocks.append(("h2", "Every layer"))
     blocks.append(("p", "Test accuracy of each head; ✓ marks the head selected on val at that layer. LogME from the "
                         "cached train features, no training."))  # fmt: skip

@@ -25,6 +25,7 @@ import numpy as np
 
 from featurecache import persist, store
 from featurecache.config import Paths, default_paths
+from featurecache.data import AUGMENTED_TRAIN
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
 from featurecache.heads import get_head_spec, list_heads, simplicity_rank
@@ -33,6 +34,7 @@ from featurecache.metrics import classification_scores
 log = logging.getLogger(__name__)
 
 REFIT_MODES = ("train", "train+val")
+AUGMENTED_SUFFIX = "+aug"
 # joblib backends for the sweep; dask and ray are optional extras that run the same jobs on a cluster.
 BACKENDS = ("loky", "dask", "ray")
 SIDECAR_VERSION = 1
@@ -44,6 +46,7 @@ class TrainOptions:
     n_jobs: int = 1
     backend: str = "loky"  # where the layer x head jobs run (see BACKENDS); never changes the results
     cluster_address: str | None = None  # dask scheduler / ray head; None: a local cluster (or the env's)
+    augmented: bool = False  # also train on the cached augmented views (extract --train-views K); heads "<name>+aug"
     overwrite: bool = False
     seed: int = 0
     max_memory_gb: float | None = None  # None: half of the memory available now
@@ -62,10 +65,24 @@ class Job:
     options: TrainOptions
     threads: int
 
+    @property
+    def name(self) -> str:
+        """The head as saved and ranked: ``logreg``, or ``logreg+aug`` when trained with the augmented views."""
+        return self.head + (AUGMENTED_SUFFIX if self.options.augmented else "")
 
-def cache_files(dataset: str, base_tag: str, paths: Paths) -> dict[str, Path]:
-    """The three split caches of a dataset x base, or an error with the command that makes them."""
+
+def cache_files(dataset: str, base_tag: str, paths: Paths, *, augmented: bool = False) -> dict[str, Path]:
+    """The split caches of a dataset x base (plus the augmented train views), or an error naming the command."""
     files = {s: paths.feature_file(dataset, base_tag, s) for s in ("train", "val", "test")}
+    views = paths.feature_file(dataset, base_tag, AUGMENTED_TRAIN)
+    if augmented and not views.is_file():
+        raise FeaturecacheError(
+            f"--augmented needs cached augmented views of {dataset} x {base_tag} ({views} is missing); make them "
+            f"once with `featurecache extract data/raw/{dataset} --base {base_tag} --train-views 4` "
+            f"(or drop --augmented)"
+        )
+    if augmented:
+        files[AUGMENTED_TRAIN] = views
     missing = [s for s, p in files.items() if not p.is_file()]
     if missing:
         base = base_tag.removesuffix("-random")
@@ -119,8 +136,13 @@ def train_heads(
         raise FeaturecacheError(f"unknown --refit {options.refit!r}; choose train or train+val")
     if options.backend not in BACKENDS:
         raise FeaturecacheError(f"unknown --backend {options.backend!r}; choose one of: {', '.join(BACKENDS)}")
-    files = cache_files(dataset, base_tag, paths)
+    files = cache_files(dataset, base_tag, paths, augmented=options.augmented)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
+    if options.augmented and metas[AUGMENTED_TRAIN].get("source_rows") != metas["train"]["num_samples"]:
+        raise FeaturecacheError(
+            f"{files[AUGMENTED_TRAIN]} was made from another train split than {files['train']}; re-extract with "
+            f"--train-views"
+        )
     if (
         len({json.dumps(m["class_names"]) for m in metas.values()}) != 1
         or len({m["base"] for m in metas.values()}) != 1
@@ -149,7 +171,7 @@ def train_heads(
             layer,
             head,
             {s: str(p) for s, p in files.items()},
-            str(paths.models / dataset / base_tag / layer / head),
+            str(paths.models / dataset / base_tag / layer / (head + (AUGMENTED_SUFFIX if options.augmented else ""))),
             options,
             threads,
         )  # fmt: skip
@@ -167,7 +189,7 @@ def train_heads(
                 bar.update()
     finally:
         bar.close()
-    order = {(j.layer, j.head): i for i, j in enumerate(jobs)}
+    order = {(j.layer, j.name): i for i, j in enumerate(jobs)}
     return sorted(results, key=lambda s: order[(s["layer"], s["head"])])
 
 
@@ -252,7 +274,8 @@ def run_job(job: Job) -> dict[str, Any]:
         if same and (out_dir / persist.HEAD_FILE).is_file():
             return {**previous, "status": "reused"}
 
-    train = _load_split(job.files["train"], job.layer, spec, opts)
+    train_files = [job.files["train"]] + ([job.files[AUGMENTED_TRAIN]] if AUGMENTED_TRAIN in job.files else [])
+    train = _load_split(train_files, job.layer, spec, opts)
     X_val, y_val, _ = store.load_features(job.files["val"], job.layer)
     X_val = X_val.astype(np.float32)
 
@@ -285,7 +308,8 @@ def run_job(job: Job) -> dict[str, Any]:
     refit_seconds = time.perf_counter() - t_refit
 
     if train[3] is not None:
-        train[3][3].close()  # the HDF5 handle the streaming loaders read from
+        for handle in train[3][3]:
+            handle.close()  # the HDF5 files the streaming loaders read from
 
     # The test split is opened here, after selection, exactly once.
     X_test, y_test, _ = store.load_features(job.files["test"], job.layer)
@@ -303,7 +327,9 @@ def run_job(job: Job) -> dict[str, Any]:
         "feature_dtype": metas["train"]["dtype"],
         "layer": job.layer,
         "tap": tap,
-        "head": job.head,
+        "head": job.name,
+        "head_spec": job.head,
+        "train_views": int(metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in metas else 0,
         "dense": spec.dense,
         "class_names": metas["train"]["class_names"],
         "features": features,
@@ -345,37 +371,46 @@ def _library_versions() -> dict[str, str]:
 TrainData = tuple[Any, Any, int, Any]
 
 
-def _load_split(path: str, layer: str, spec: Any, opts: TrainOptions) -> TrainData:
+def _load_split(files: Sequence[str], layer: str, spec: Any, opts: TrainOptions) -> TrainData:
+    """The training rows of ``layer`` from one or more caches (train, plus its augmented views), in memory when
+    they fit the budget, else as chunk loaders for the heads that stream."""
     import h5py
 
-    meta = store.read_metadata(path)
-    n, dim = meta["num_valid"], meta["taps"][layer]["out_dim"]
+    metas = [store.read_metadata(f) for f in files]
+    n, dim = sum(m["num_valid"] for m in metas), metas[0]["taps"][layer]["out_dim"]
     need = n * dim * 4 * 3  # float32 copy + standardized copy + solver workspace
     budget = int((opts.max_memory_gb * 2**30) if opts.max_memory_gb is not None else _available_memory() // 2)
+    shown = " + ".join(str(f) for f in files)
     if need <= budget:
-        X, y, _ = store.load_features(path, layer)
-        return X.astype(np.float32), y, len(y), None
+        parts = [store.load_features(f, layer)[:2] for f in files]
+        X = np.concatenate([p[0] for p in parts]).astype(np.float32, copy=False)
+        return X, np.concatenate([p[1] for p in parts]), n, None
     if not spec.streams:
         raise FeaturecacheError(
-            f"layer {layer} of {path} needs about {need / 2**30:.1f} GiB in memory for head {spec.name!r}, over the "
+            f"layer {layer} of {shown} needs about {need / 2**30:.1f} GiB in memory for head {spec.name!r}, over the "
             f"budget of {budget / 2**30:.1f} GiB. Use a head that streams from the cache (--heads mlp), a pooled "
             f"layer (avg/grid2 instead of raw maps), or raise --max-memory-gb"
         )
-    log.info("%s of %s does not fit in %.1f GiB: streaming it in chunks", layer, path, budget / 2**30)
-    handle = h5py.File(path, "r")
-    dset, labels, valid = handle["features"][layer], handle["labels"], handle["valid"]
-    step = max(dset.chunks[0], (64 << 20) // max(1, 4 * dim))
-    step -= step % dset.chunks[0]
+    log.info("%s of %s does not fit in %.1f GiB: streaming it in chunks", layer, shown, budget / 2**30)
 
-    def loader(start: int, stop: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    def loader(
+        dset: Any, labels: Any, valid: Any, start: int, stop: int
+    ) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
         def read() -> tuple[np.ndarray, np.ndarray]:
             keep = valid[start:stop]
             return dset[start:stop][keep].astype(np.float32), labels[start:stop][keep]
 
         return read
 
-    loaders = [loader(s, min(s + step, dset.shape[0])) for s in range(0, dset.shape[0], step)]
-    return None, None, n, (loaders, np.arange(len(meta["class_names"])), dim, handle)
+    handles, loaders = [], []
+    for f in files:
+        handle = h5py.File(f, "r")
+        handles.append(handle)
+        dset, labels, valid = handle["features"][layer], handle["labels"], handle["valid"]
+        step = max(dset.chunks[0], (64 << 20) // max(1, 4 * dim))
+        step -= step % dset.chunks[0]
+        loaders += [loader(dset, labels, valid, s, min(s + step, dset.shape[0])) for s in range(0, dset.shape[0], step)]
+    return None, None, n, (loaders, np.arange(len(metas[0]["class_names"])), dim, handles)
 
 
 def _materialize(train: TrainData) -> tuple[np.ndarray, np.ndarray]:

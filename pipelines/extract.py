@@ -38,7 +38,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="none reads ~12x faster; gzip halves the file (see BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
     p.add_argument("--fingerprint", default="content", choices=["content", "stat"], help="how input files are hashed")
-    p.add_argument("--seed", type=int, default=0, help="seed of a missing val/test split and of random init")
+    p.add_argument("--seed", type=int, default=0, help="seed of a missing val/test split, random init, and views")
+    p.add_argument(
+        "--train-views", type=int, default=0, metavar="K",
+        help="also cache K augmented views of every train image (train-aug.h5), for train-heads --augmented",
+    )  # fmt: skip
+    p.add_argument(
+        "--augment", default="light", choices=["light", "standard"],
+        help="augmentation of those views: light (crop, small rotation/colour) or standard (+ flips)",
+    )  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -70,6 +78,8 @@ def main(args: argparse.Namespace) -> int:
             weights_file=args.weights_file,
             options=options,
             seed=args.seed,
+            train_views=args.train_views,
+            augment=args.augment,
             world=world,
         )
     finally:
@@ -80,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     for r in results:
         speed = f", {r.images_per_second:.1f} img/s{ranks}" if r.status != "cached" and r.images_per_second > 0 else ""
         print(
-            f"{r.split:5s} {r.status:10s} {r.num_samples:6d} images ({r.num_skipped} skipped){speed}, "
+            f"{r.split:9s} {r.status:10s} {r.num_samples:6d} images ({r.num_skipped} skipped){speed}, "
             f"{r.file_bytes / 1024:.0f} KiB -> {r.path}"
         )
     if results:

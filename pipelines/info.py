@@ -36,6 +36,14 @@ def main(args: argparse.Namespace) -> int:
             f"created {meta['created_utc']}"
         )
         print(f"  data fingerprint {meta['data_fingerprint']}")
+        if meta.get("views"):
+            n, source = meta["source_rows"], meta["source_split"]
+            print(
+                f"  {meta['views']} {meta['augment']} augmented views of the {n} {source} rows, view-major "
+                f"(row r = view r // {n} of {source} row r % {n})"
+            )
+        if meta.get("world_size", 1) > 1:
+            print(f"  extracted by {meta['world_size']} torchrun ranks")
         with h5py.File(path, "r") as f:
             print(f"  {'layer':28s} {'node':28s} {'pool':6s} {'map':>12s} {'dim':>6s} {'depth':>6s} {'stored':>10s}")
             for key, tap in meta["taps"].items():

@@ -28,6 +28,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="where jobs run: local processes, or a Dask/Ray cluster (extras [dask], [ray])")  # fmt: skip
     p.add_argument("--cluster-address",
                    help="dask scheduler (tcp://host:8786) or ray head address; default: a local cluster")  # fmt: skip
+    p.add_argument(
+        "--augmented", action="store_true",
+        help="train on train + its cached augmented views (extract --train-views K); saved as <head>+aug",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="retrain even when a matching saved head exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-memory-gb", type=float, help="memory budget per split (default: half of available)")
@@ -38,7 +42,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    options = TrainOptions(refit=args.refit, n_jobs=args.n_jobs, backend=args.backend,
+    options = TrainOptions(refit=args.refit, n_jobs=args.n_jobs, backend=args.backend, augmented=args.augmented,
                            cluster_address=args.cluster_address, overwrite=args.overwrite, seed=args.seed,
                            max_memory_gb=args.max_memory_gb, device=args.device, progress=args.progress)  # fmt: skip
     counts = {"trained": 0, "reused": 0}

@@ -11,6 +11,7 @@ from featurecache import FeaturecacheError
 from featurecache.config import Paths
 from featurecache.extract import ExtractOptions, extract
 from featurecache.finetune import FinetuneOptions, finetune
+from featurecache.report import build_report
 from featurecache.train import TrainOptions, leaderboard_rows, train_heads
 from tests.helpers import make_image_folder
 
@@ -45,6 +46,15 @@ def test_short_finetune_reproduces_head_then_trains(trained, tmp_path):
     assert 0 <= s["test"]["accuracy"] <= 1 and s["gain_ci95_points"][0] <= s["gain_over_frozen_points"]
     assert (result.model_dir / "model.pt").is_file() and not (result.model_dir / "checkpoint.pt").exists()
     assert any(r["head"] == "finetuned-mlp" for r in leaderboard_rows("shapes", paths))
+
+    summary = build_report(["shapes"], [BASE], paths, heads=["mlp", "logreg"])
+    assert "finetuned-mlp" not in {p["head"] for p in summary["curves"][0]["points"]}  # the curves stay frozen
+    (row,) = summary["beyond_frozen"]
+    assert row["route"] == "fine-tuned" and row["head"] == "finetuned-mlp" and row["layer"] == LAYER
+    assert row["gain_points"] == s["gain_over_frozen_points"] and row["gain_ci95_points"] == s["gain_ci95_points"]
+    assert row["frozen_test_accuracy"] == s["frozen_test_accuracy"]
+    md = (paths.reports / "compare" / "report.md").read_text()
+    assert "| shapes | mobilenet_v2_offline | fine-tuned | finetuned-mlp |" in md
 
 
 @pytest.mark.slow

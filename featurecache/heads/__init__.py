@@ -55,8 +55,11 @@ SIMPLICITY_ORDER = ("logreg", "linear_svm", "knn", "rbf_svm", "mlp")
 
 
 def simplicity_rank(head: str) -> int:
-    """Position of ``head`` in :data:`SIMPLICITY_ORDER`; heads not listed (fine-tuned models) rank last."""
-    return SIMPLICITY_ORDER.index(head) if head in SIMPLICITY_ORDER else len(SIMPLICITY_ORDER)
+    """Rank of ``head`` in :data:`SIMPLICITY_ORDER`, a ``+aug`` variant just after its plain head (it costs a
+    K-times larger training set); heads not listed (fine-tuned models) rank last."""
+    name, _, variant = head.partition("+")
+    rank = SIMPLICITY_ORDER.index(name) if name in SIMPLICITY_ORDER else len(SIMPLICITY_ORDER)
+    return 2 * rank + bool(variant)
 
 
 def _logreg(seed: int) -> Any:
