@@ -19,6 +19,7 @@ BASES ?= efficientnet_lite0
 COMPARE_ARGS ?=
 FINETUNE_ARGS ?=
 N_JOBS ?= 2
+NPROC ?= 2
 
 #################################################################################
 # ENVIRONMENT                                                                   #
@@ -53,6 +54,11 @@ data-all: install
 ## Stage 1: extract and cache features of every split (DATASET, BASE, LAYERS, DEVICE, EXTRACT_ARGS)
 extract: data
 	$(FC) extract data/raw/$(DATASET) --base $(BASE) --layers $(LAYERS) --device $(DEVICE) $(EXTRACT_ARGS)
+
+## Stage 1 on NPROC torchrun ranks (gloo on CPU, NCCL on GPUs); the same cache as `make extract`
+extract-torchrun: data
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipelines.extract data/raw/$(DATASET) --base $(BASE) \
+		--layers $(LAYERS) --device $(DEVICE) $(EXTRACT_ARGS)
 
 ## Stage 2: sweep heads on every cached layer, select on val, test once, save + leaderboard (HEADS_ARGS)
 train-heads: install
@@ -120,4 +126,4 @@ clean:
 help:
 	@awk '/^## /{desc=substr($$0,4); next} /^[a-zA-Z_-]+:/{ if (desc) { split($$1,t,":"); printf "  \033[36m%-14s\033[0m %s\n", t[1], desc }; desc="" }' $(MAKEFILE_LIST)
 
-.PHONY: finetune bench install data data-all compare-layers extract train-heads list-heads info demo list-bases list-layers test test-fast lint format clean help
+.PHONY: extract-torchrun finetune bench install data data-all compare-layers extract train-heads list-heads info demo list-bases list-layers test test-fast lint format clean help

@@ -3,7 +3,7 @@
 Sections (``--only NAME[,NAME]``): answer (make-demo pipeline wall time, and the caches the others reuse),
 extraction (end-to-end vs bare forward), multitap (all stage taps vs one), sweep (logreg C path vs naive
 loop), io (HDF5 vs np.load; dtype x compression), memory (peak RSS at 1x and 10x), scaleout (torchrun
-with 2 gloo ranks vs 1 process; not in the default set, ``--only scaleout``). Prints each figure with
+with 2 gloo ranks vs 1 process). Prints each figure with
 its goal and writes reports/bench/results.json.
 """
 
@@ -319,7 +319,7 @@ def bench_scaleout(work: Path, ranks: int = 2) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser("make bench", description=__doc__)
-    parser.add_argument("--only", default="answer,extraction,sweep,io,memory")
+    parser.add_argument("--only", default="answer,extraction,sweep,io,memory,scaleout")
     args = parser.parse_args()
     only = set(args.only.split(","))
     machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
