@@ -95,7 +95,17 @@ def init_from_environment(device: str = "auto", *, timeout: timedelta = DEFAULT_
             )
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_cuda else "gloo", timeout=timeout)
+        # torchrun --max-restarts relaunches the ranks against the same agent-hosted store; without a per-attempt
+        # prefix the new ranks read the dead ranks' addresses and gloo fails with "connection refused".
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            "nccl" if on_cuda else "gloo",
+            store=dist.PrefixStore(f"featurecache/attempt_{attempt}", store),
+            rank=rank,
+            world_size=size,
+            timeout=timeout,
+        )
     group = dist.new_group(backend="gloo", timeout=timeout) if on_cuda else dist.group.WORLD
     log.info("rank %d of %d (local rank %d) joined the %s group", rank, size, local_rank, dist.get_backend())
     return World(rank=rank, size=size, local_rank=local_rank, group=group)

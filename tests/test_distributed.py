@@ -62,9 +62,22 @@ def single_cmd(root: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipelines.extract", str(root), *ARGS, *extra]
 
 
-def torchrun_cmd(root: Path, *extra: str) -> list[str]:
+def torchrun_cmd(root: Path, *extra: str, restarts: int = 0) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "pipelines.extract", str(root), *ARGS, *extra]  # fmt: skip
+            "--max-restarts", str(restarts), "-m", "pipelines.extract", str(root), *ARGS, *extra]  # fmt: skip
+
+
+def kill_rank_after(launcher: subprocess.Popen, partial: Path, *, shards: int, rank: int = 1) -> int | None:
+    """SIGKILL torchrun's worker of ``rank`` once ``shards`` batches are committed; returns its pid."""
+    deadline = time.monotonic() + 120
+    while launcher.poll() is None and time.monotonic() < deadline:
+        if partial.is_dir() and len(list(partial.glob("rows-*.npz"))) >= shards:
+            victim = worker_pid(launcher.pid, rank=rank)
+            if victim:
+                os.kill(victim, signal.SIGKILL)
+                return victim
+        time.sleep(0.005)
+    return None
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
@@ -114,15 +127,7 @@ def test_two_gloo_ranks_write_the_single_process_cache_and_resume_after_a_rank_i
     total = len(batch_ranges(43, 2))
     launcher = subprocess.Popen(torchrun_cmd(root, "--splits", "train"), env=env_for(kill_home),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    victim = None
-    while launcher.poll() is None and time.monotonic() < deadline:
-        if partial.is_dir() and len(list(partial.glob("rows-*.npz"))) >= 4:
-            victim = worker_pid(launcher.pid, rank=1)
-            if victim:
-                os.kill(victim, signal.SIGKILL)
-                break
-        time.sleep(0.005)
+    victim = kill_rank_after(launcher, partial, shards=4)
     first_log = launcher.communicate(timeout=120)[0]
     print(first_log[-4000:])
     assert victim is not None, first_log[-3000:]
@@ -138,4 +143,15 @@ def test_two_gloo_ranks_write_the_single_process_cache_and_resume_after_a_rank_i
     assert len(redone) == 2 and sum(map(int, redone)) == total - committed, again.stderr[-3000:]
     # (only the batches missing after the failed launch are redone; committed shards are kept)
     assert not partial.exists()
+    assert_same_cache(Paths(ref_home).feature_file("tiny", BASE, "train"), final)
+
+    # With --max-restarts torchrun relaunches the ranks itself, and they resume from the journal.
+    auto_home = tmp_path / "auto"
+    final = Paths(auto_home).feature_file("tiny", BASE, "train")
+    launcher = subprocess.Popen(torchrun_cmd(root, "--splits", "train", restarts=1), env=env_for(auto_home),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    assert kill_rank_after(launcher, store.Journal.directory_for(final), shards=4) is not None
+    log = launcher.communicate(timeout=180)[0]
+    assert launcher.returncode == 0, log[-3000:]
+    assert "resuming train:" in log
     assert_same_cache(Paths(ref_home).feature_file("tiny", BASE, "train"), final)
