@@ -505,15 +505,10 @@ def _run_batches(
     workers = options.workers if options.workers is not None else _default_workers(runner.device)
     # Batches keep the composition they have in a single uninterrupted run (same rows, same batch size), so
     # resumed and distributed runs give bit-identical numbers.
-    rows = [r for start, stop in todo for r in range(start, stop)]
-    positions, batches = 0, []
-    for start, stop in todo:
-        batches.append(list(range(positions, positions + stop - start)))
-        positions += stop - start
-    data = ImageFiles(index, runner.transform, input_size=runner.loaded.spec.input_size, rows=rows)
+    data = ImageFiles(index, runner.transform, input_size=runner.loaded.spec.input_size, rows=range(n))
     loader = DataLoader(
         data,
-        batch_sampler=batches,
+        batch_sampler=[list(range(start, stop)) for start, stop in todo],
         num_workers=workers,
         pin_memory=runner.device.startswith("cuda"),
         persistent_workers=False,
@@ -523,9 +518,10 @@ def _run_batches(
     t0 = time.perf_counter()
     done = 0
     mine_rows = sum(stop - start for start, stop in mine)
+    todo_rows = sum(stop - start for start, stop in todo)
     bar = tqdm(
         total=mine_rows,
-        initial=mine_rows - len(rows),
+        initial=mine_rows - todo_rows,
         unit="img",
         desc=f"{index.split}" + (f" [rank {world.rank}]" if world.distributed else ""),
         disable=not options.progress or not world.is_main,

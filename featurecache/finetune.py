@@ -27,6 +27,7 @@ from featurecache.config import Paths, default_paths
 from featurecache.data import ImageFiles, discover_splits
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, atomic_write_text, file_sha256
+from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
 from featurecache.train import cache_files, feature_fingerprint
@@ -249,7 +250,7 @@ def finetune(
     config = {"head_dir": str(head_dir), "head_sha256": head_sidecar["files"][persist.HEAD_FILE],
               "unfrozen": chosen, **{k: v for k, v in dataclasses.asdict(options).items()
                                      if k not in ("progress", "stop_after_epochs", "workers", "device")}}  # fmt: skip
-    out_dir = paths.models / dataset / base_tag / layer / f"finetuned-{head_sidecar['head']}"
+    out_dir = paths.models / dataset / base_tag / layer / f"{FINETUNED_PREFIX}{head_sidecar['head']}"
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
 
@@ -339,7 +340,7 @@ def finetune(
         "weights": head_sidecar["weights"],
         "layer": layer,
         "tap": head_sidecar["tap"],
-        "head": f"finetuned-{head_sidecar['head']}",
+        "head": f"{FINETUNED_PREFIX}{head_sidecar['head']}",
         "dense": True,
         "class_names": list(class_names),
         "features": head_sidecar["features"],

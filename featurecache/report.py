@@ -25,7 +25,7 @@ from featurecache import persist, store
 from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
-from featurecache.heads import simplicity_rank
+from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX, simplicity_rank
 from featurecache.transferability import logme
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,11 @@ log = logging.getLogger(__name__)
 REFERENCE_BASE = "efficientnet_lite0"  # its ImageNet classifier measures how far a dataset is from ImageNet
 REFERENCE_LOGITS = "_fc"
 RANDOM_SUFFIX = "-random"
-FINETUNED_PREFIX = "finetuned-"  # models written by `featurecache finetune`
-AUGMENTED_MARK = "+"  # heads trained with cached augmented views: "logreg+aug"
 
 
 def _frozen_plain(head: str) -> bool:
     """Heads on frozen features of the plain train split: what the accuracy-vs-depth curves compare."""
-    return not head.startswith(FINETUNED_PREFIX) and AUGMENTED_MARK not in head
+    return not head.startswith(FINETUNED_PREFIX) and not head.endswith(AUGMENTED_SUFFIX)
 
 
 @dataclass
@@ -177,7 +175,9 @@ def beyond_frozen(dataset: str, base: str, paths: Paths, *, seed: int = 0) -> li
                 "test_ci95": s["test"]["accuracy_ci95"], "frozen_test_accuracy": s["frozen_test_accuracy"],
                 "gain_points": s["gain_over_frozen_points"], "gain_ci95_points": s["gain_ci95_points"],
             })  # fmt: skip
-    augmented = [s for s in sidecars if AUGMENTED_MARK in s["head"] and not s["head"].startswith(FINETUNED_PREFIX)]
+    augmented = [
+        s for s in sidecars if s["head"].endswith(AUGMENTED_SUFFIX) and not s["head"].startswith(FINETUNED_PREFIX)
+    ]
     if augmented:
         best = min(augmented, key=lambda s: (-s["selection_val_accuracy"], simplicity_rank(s["head"])))
         plain_dir = paths.models / dataset / base / best["layer"] / best["head_spec"]

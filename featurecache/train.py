@@ -28,13 +28,12 @@ from featurecache.config import Paths, default_paths
 from featurecache.data import AUGMENTED_TRAIN
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
-from featurecache.heads import get_head_spec, list_heads, simplicity_rank
+from featurecache.heads import get_head_spec, list_heads, saved_head_name, simplicity_rank
 from featurecache.metrics import classification_scores
 
 log = logging.getLogger(__name__)
 
 REFIT_MODES = ("train", "train+val")
-AUGMENTED_SUFFIX = "+aug"
 # joblib backends for the sweep; dask and ray are optional extras that run the same jobs on a cluster.
 BACKENDS = ("loky", "dask", "ray")
 SIDECAR_VERSION = 1
@@ -68,7 +67,7 @@ class Job:
     @property
     def name(self) -> str:
         """The head as saved and ranked: ``logreg``, or ``logreg+aug`` when trained with the augmented views."""
-        return self.head + (AUGMENTED_SUFFIX if self.options.augmented else "")
+        return saved_head_name(self.head, augmented=self.options.augmented)
 
 
 def cache_files(dataset: str, base_tag: str, paths: Paths, *, augmented: bool = False) -> dict[str, Path]:
@@ -171,7 +170,7 @@ def train_heads(
             layer,
             head,
             {s: str(p) for s, p in files.items()},
-            str(paths.models / dataset / base_tag / layer / (head + (AUGMENTED_SUFFIX if options.augmented else ""))),
+            str(paths.models / dataset / base_tag / layer / saved_head_name(head, augmented=options.augmented)),
             options,
             threads,
         )  # fmt: skip

@@ -49,6 +49,17 @@ def get_head_spec(name: str) -> HeadSpec:
     return _HEADS.get(name)
 
 
+# Saved heads beyond the registered names: "<head>+aug" is a head trained with the cached augmented views
+# (train-heads --augmented), "finetuned-<head>" the fine-tune stage's model built from a head.
+AUGMENTED_SUFFIX = "+aug"
+FINETUNED_PREFIX = "finetuned-"
+
+
+def saved_head_name(head: str, *, augmented: bool) -> str:
+    """The name a head is saved and ranked under: ``logreg``, or ``logreg+aug`` when trained with the views."""
+    return head + (AUGMENTED_SUFFIX if augmented else "")
+
+
 # Ties in val accuracy go to the simpler head, in this order; a fixed order (not measured fit seconds) keeps
 # leaderboards and reports identical from run to run and from one joblib backend to another.
 SIMPLICITY_ORDER = ("logreg", "linear_svm", "knn", "rbf_svm", "mlp")
@@ -57,9 +68,9 @@ SIMPLICITY_ORDER = ("logreg", "linear_svm", "knn", "rbf_svm", "mlp")
 def simplicity_rank(head: str) -> int:
     """Rank of ``head`` in :data:`SIMPLICITY_ORDER`, a ``+aug`` variant just after its plain head (it costs a
     K-times larger training set); heads not listed (fine-tuned models) rank last."""
-    name, _, variant = head.partition("+")
+    name = head.removesuffix(AUGMENTED_SUFFIX)
     rank = SIMPLICITY_ORDER.index(name) if name in SIMPLICITY_ORDER else len(SIMPLICITY_ORDER)
-    return 2 * rank + bool(variant)
+    return 2 * rank + (name != head)
 
 
 def _logreg(seed: int) -> Any:
