@@ -239,6 +239,19 @@ def fingerprint_files(index: SplitIndex, *, mode: str = "content", workers: int 
     return f"{mode}:{h.hexdigest()[:32]}"
 
 
+def decode_rgb(path: str | os.PathLike, *, alpha: str = "white") -> Any:
+    """An image file as a PIL RGB image, transparent pixels composited onto a ``white`` or ``black`` background."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255) if alpha == "black" else (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+
+
 # Errors PIL raises for unreadable images: zero-byte, truncated, not an image, decompression bombs.
 def _bad_image_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image

@@ -30,6 +30,7 @@ from featurecache.fileio import atomic_write, atomic_write_text, file_sha256
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
+from featurecache.selection import pick_best
 from featurecache.train import cache_files, feature_fingerprint
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def finetune(
     config = {"head_dir": str(head_dir), "head_sha256": head_sidecar["files"][persist.HEAD_FILE],
               "unfrozen": chosen, **{k: v for k, v in dataclasses.asdict(options).items()
                                      if k not in ("progress", "stop_after_epochs", "workers", "device")}}  # fmt: skip
-    out_dir = paths.models / dataset / base_tag / layer / f"{FINETUNED_PREFIX}{head_sidecar['head']}"
+    out_dir = paths.head_dir(dataset, base_tag, layer, f"{FINETUNED_PREFIX}{head_sidecar['head']}")
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
 
@@ -326,7 +327,9 @@ def finetune(
     test_pred = evaluate("test")
     frozen_test = head_sidecar["test"]
     n_classes = len(class_names)
-    test_scores = classification_scores(labels["test"], test_pred, n_classes=n_classes, seed=options.seed)
+    test_scores = classification_scores(labels["test"], test_pred, n_classes=n_classes)
+    valid = store.read_rows(files["test"])[2]
+    test_scores["predictions"] = test_pred[valid]  # valid rows, as stage-2 heads record them (paired tests)
     X_test, _, _ = store.load_features(files["test"], layer, include_invalid=True)
     frozen_correct = estimator.predict(X_test.astype(np.float32)) == labels["test"]
     gain = (test_pred == labels["test"]).astype(float) - frozen_correct.astype(float)
@@ -364,15 +367,15 @@ def finetune(
 
 
 def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: str | None = None) -> Path:
-    """The stage-2 head to start from: the best (on val) of the requested kind for this base (and layer)."""
-    candidates = []
-    for sidecar_path in (paths.models / dataset / base_tag).glob(f"{layer or '*'}/{head}/{persist.SIDECAR_FILE}"):
-        s = json.loads(sidecar_path.read_text())
-        candidates.append((-s["selection_val_accuracy"], s["tap"]["relative_depth"], str(sidecar_path.parent)))
-    if not candidates:
+    """The stage-2 head to start from: the best of the requested kind for this base (and layer), under the one
+    selection rule (:mod:`featurecache.selection`)."""
+    sidecars = [s for d in paths.head_dirs(dataset, base_tag, layer=layer or "*", head=head)
+                if (s := persist.read_sidecar(d)) is not None]  # fmt: skip
+    if not sidecars:
         raise FeaturecacheError(
             f"no trained {head!r} head for {dataset} x {base_tag}{f' at layer {layer}' if layer else ''}; run "
             f"`featurecache train-heads --dataset {dataset} "
             f"--bases {base_tag} --heads {head}` first (fine-tuning never starts from a random head)"
         )
-    return Path(min(candidates)[2])  # ties: the shallower layer
+    best = pick_best(sidecars)
+    return paths.head_dir(dataset, base_tag, best["layer"], best["head"])

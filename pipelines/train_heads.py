@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
                                    options=options):  # fmt: skip
             counts[sidecar["status"]] += 1
     best = write_leaderboard(args.dataset)
-    report = default_paths().reports / args.dataset
+    report = default_paths().leaderboard_dir(args.dataset)
     print((report / "results.md").read_text())
     b = best["best"]
     print(f"{counts['trained']} heads trained, {counts['reused']} reused (--overwrite retrains)")
