@@ -26,7 +26,7 @@ from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.metrics import mcnemar_worse_p, paired_difference, wilson_interval
-from featurecache.selection import Candidate, pick_best
+from featurecache.selection import Candidate, pick_best, ranked
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ def layer_curve(results: Sequence[HeadResult]) -> list[HeadResult]:
 def tie_set(recommended: HeadResult, others: Sequence[HeadResult], *, split: str = "test") -> list[HeadResult]:
     """The ``others`` not significantly worse than ``recommended`` on the same ``split`` images (exact McNemar)."""
     ref = getattr(recommended, f"{split}_correct")
-    return [r for r in others if r is not recommended and mcnemar_worse_p(ref, getattr(r, f"{split}_correct")) >= ALPHA]
+    tied = [r for r in others if r is not recommended and mcnemar_worse_p(ref, getattr(r, f"{split}_correct")) >= ALPHA]
+    return ranked(tied, _candidate)  # best first under the selection rule
 
 
 def significantly_better(recommended: HeadResult, others: Sequence[HeadResult]) -> list[HeadResult]:

@@ -2,8 +2,8 @@
 
 ``reports/compare/<dataset>/``: ``report.md``, ``report.html`` (figure inline, opens offline),
 ``accuracy_vs_depth.png``, ``results.csv`` (every head) and ``summary.json`` (the answer as data).
-``reports/compare/``: the same for all datasets of the run, with one small-multiples figure. The numbers come from :mod:`featurecache.answer`, the words
-from :mod:`featurecache.advice`; this module only renders them.
+``reports/compare/``: the same for all datasets of the run, with one small-multiples figure. The numbers come
+from :mod:`featurecache.answer`, the words from :mod:`featurecache.advice`; this module only renders them.
 """
 
 from __future__ import annotations
