@@ -111,5 +111,8 @@ def test_imagenet_distance_from_cached_logits(trained):
 
 def test_layer_points_choose_by_val_not_test(trained):
     pts = layer_points("shapes", BASE, trained, heads=["logreg", "knn"], with_logme=False)
+    assert sorted(p.layer for p in pts) == ["features.10", "features.3", "flatten"]  # an empty result fails
     for p in pts:
+        assert set(p.heads) == {"logreg", "knn"}
         assert p.val_accuracy == max(v for v, _ in p.heads.values())
+        assert p.heads[p.head] == (p.val_accuracy, p.test_accuracy)  # the chosen head's own test score
