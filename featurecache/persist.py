@@ -41,6 +41,8 @@ def save_head(directory: Path, estimator: Any, sidecar: dict[str, Any]) -> None:
     """
     import skops.io
 
+    if ".." in Path(directory).parts:  # callers build it from checked names; this is the last line of defence
+        raise FeaturecacheError(f"refusing to save a head under {directory}: '..' would leave the models folder")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SIDECAR_FILE).unlink(missing_ok=True)
     (directory / LEGACY_HEAD_FILE).unlink(missing_ok=True)  # a retrained head replaces a pickled one

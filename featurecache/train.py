@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from featurecache import persist, store
-from featurecache.config import Paths, default_paths
+from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
@@ -135,6 +135,8 @@ def train_heads(
         raise FeaturecacheError(f"unknown --refit {options.refit!r}; choose train or train+val")
     if options.backend not in BACKENDS:
         raise FeaturecacheError(f"unknown --backend {options.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_path_name(dataset, what="dataset name")  # both become folders under models/ and reports/
+    check_path_name(base_tag, what="base")
     files = cache_files(dataset, base_tag, paths, augmented=options.augmented)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
     if options.augmented and metas[AUGMENTED_TRAIN].get("source_rows") != metas["train"]["num_samples"]:
