@@ -498,7 +498,7 @@ def iter_feature_chunks(
 
 
 def identical_row_groups(path: str | os.PathLike, layer: str | None = None) -> tuple[int, list[list[int]]]:
-    """Valid rows of one layer (default: the shallowest) that hold exactly the same features, grouped.
+    """Valid rows of one layer (default: the narrowest, the cheapest to read) that hold exactly the same features.
 
     Returns ``(valid rows, groups)``: each group lists the row numbers of one repeated feature vector, largest
     group first. Identical features mean identical decoded inputs (a dataset collapsed by its decoding, or
@@ -510,7 +510,7 @@ def identical_row_groups(path: str | os.PathLike, layer: str | None = None) -> t
 
     path = Path(path)
     meta = read_metadata(path)
-    key = layer if layer is not None else next(iter(meta["taps"]))
+    key = layer if layer is not None else min(meta["taps"], key=lambda k: meta["taps"][k]["out_dim"])
     by_digest: dict[bytes, list[int]] = {}
     with h5py.File(path, "r") as f, _reading(path, f"layer {key}"):
         dset, valid = f["features"][key], f["valid"][:]
