@@ -31,14 +31,14 @@ def pixel_layer(side: int = PIXELS_SIDE) -> str:
 
 def pixel_rows(cache_file: Path, *, side: int = PIXELS_SIDE) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)``: the valid rows of a cache as flattened ``side`` x ``side`` RGB pixels in [0, 1]."""
-    from featurecache.data import decode_rgb
+    from featurecache.data import DEFAULT_ALPHA, load_image
 
     meta = store.read_metadata(cache_file)
     labels, rel_paths, valid = store.read_rows(cache_file)
     root = Path(meta["dataset_root"])
     rows = []
     for rel in np.asarray(rel_paths, dtype=object)[valid]:
-        image = decode_rgb(root / rel, alpha=meta.get("alpha", "white")).resize((side, side))
+        image = load_image(root / rel, alpha=meta.get("alpha", DEFAULT_ALPHA)).resize((side, side))
         rows.append(np.asarray(image, dtype=np.float32).reshape(-1) / 255.0)
     return np.stack(rows), labels[valid]
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.config import check_path_name
 from featurecache.data import stratified_split
 from featurecache.errors import FeaturecacheError
 from featurecache.registry import Registry
@@ -112,12 +113,9 @@ def parse_dataset(item: str) -> DatasetSource:
 
 
 def _checked_name(name: str, item: str) -> str:
-    if not name or name.startswith(".") or any(c in name for c in "/\\\0") or name in ("compare",):
-        raise FeaturecacheError(
-            f"{name!r} (from {item!r}) cannot name a dataset: it becomes a folder under data/features, models and "
-            f"reports; use letters, digits, '-', '_' or '.' (NAME=PATH)"
-        )
-    return name
+    if name == "compare":  # reports/compare/ holds the comparison's own pages
+        raise FeaturecacheError(f"{name!r} (from {item!r}) cannot name a dataset; pass another name as NAME=PATH")
+    return check_path_name(name, what=f"dataset name (from {item!r}; pass another as NAME=PATH)")
 
 
 # ------------------------------------------------------------------------------------------- sources

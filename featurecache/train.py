@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from featurecache import persist, store
-from featurecache.config import Paths, default_paths
+from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
@@ -136,6 +136,8 @@ def train_heads(
         raise FeaturecacheError(f"unknown --refit {options.refit!r}; choose train or train+val")
     if options.backend not in BACKENDS:
         raise FeaturecacheError(f"unknown --backend {options.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_path_name(dataset, what="dataset name")  # both become folders under models/ and reports/
+    check_path_name(base_tag, what="base")
     files = cache_files(dataset, base_tag, paths, augmented=options.augmented)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
     if options.augmented and metas[AUGMENTED_TRAIN].get("source_rows") != metas["train"]["num_samples"]:
@@ -152,12 +154,7 @@ def train_heads(
         )
     cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
     layers = list(layers) if layers else cached
-    unknown = [k for k in layers if k not in cached]
-    if unknown:
-        raise FeaturecacheError(
-            f"layer(s) {', '.join(unknown)} are not cached in all splits of {dataset} x {base_tag}; cached: "
-            f"{', '.join(cached)}. Add them with `featurecache extract data/raw/{dataset} --layers ...`"
-        )
+    check_layers_in_every_split(layers, metas, files, dataset=dataset, base_tag=base_tag)
     heads = list(heads) if heads else list_heads()
     for h in heads:
         get_head_spec(h)
@@ -191,6 +188,26 @@ def train_heads(
         bar.close()
     order = {(j.layer, j.name): i for i, j in enumerate(jobs)}
     return sorted(results, key=lambda s: order[(s["layer"], s["head"])])
+
+
+def check_layers_in_every_split(
+    layers: Sequence[str], metas: dict[str, dict[str, Any]], files: dict[str, Path], *, dataset: str, base_tag: str
+) -> None:
+    """Refuse layers that some split's cache lacks (the splits were extracted with different --layers), naming
+    the files and the extract command that adds them; a head needs the same layer in train, val and test."""
+    for layer in layers:
+        lacking = [s for s, m in metas.items() if layer not in m["taps"]]
+        if not lacking:
+            continue
+        having = [s for s in metas if s not in lacking]
+        cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
+        raise FeaturecacheError(
+            f"layer {layer} is cached in {', '.join(having) or 'no split'} but not in {', '.join(lacking)} "
+            f"({files[lacking[0]]}); the splits of {dataset} x {base_tag} were extracted with different --layers. "
+            f"Add it with `featurecache extract data/raw/{dataset} --layers {layer} --splits "
+            f"{','.join(s for s in lacking if s != AUGMENTED_TRAIN) or 'train'}` (cached taps are kept), or use "
+            f"a layer every split has: {', '.join(cached) or 'none'}"
+        )
 
 
 @contextlib.contextmanager
@@ -259,6 +276,9 @@ def run_job(job: Job) -> dict[str, Any]:
     spec = get_head_spec(job.head)
     opts = job.options
     metas = {s: store.read_metadata(p) for s, p in job.files.items()}
+    # Checked again here: a cache may have been re-extracted since train_heads looked (or on another worker).
+    check_layers_in_every_split([job.layer], metas, {s: Path(p) for s, p in job.files.items()},
+                                dataset=job.dataset, base_tag=job.base_tag)  # fmt: skip
     features = {s: {"file": job.files[s], "fingerprint": feature_fingerprint(metas[s], job.layer)} for s in job.files}
     grid = _grid_points(spec.grid)
     out_dir = Path(job.out_dir)
@@ -326,6 +346,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "base_tag": job.base_tag,
         "weights": metas["train"]["weights"],
         "feature_dtype": metas["train"]["dtype"],
+        "alpha": metas["train"].get("alpha"),  # how transparent images were decoded; predict decodes the same way
         "layer": job.layer,
         "tap": tap,
         "head": job.name,

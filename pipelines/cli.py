@@ -16,6 +16,7 @@ COMMANDS = {
     "list-bases": "pipelines.list_bases",
     "list-layers": "pipelines.list_layers",
     "info": "pipelines.info",
+    "verify": "pipelines.verify",
     "list-heads": "pipelines.list_heads",
     "train-heads": "pipelines.train_heads",
     "predict": "pipelines.predict",

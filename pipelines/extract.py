@@ -11,6 +11,7 @@ import sys
 
 from featurecache import distributed
 from featurecache.config import default_paths
+from featurecache.data import ALPHA_MODES, DEFAULT_ALPHA
 from featurecache.datasets import parse_dataset
 from featurecache.extract import ExtractOptions, extract
 from pipelines.common import comma_list, run_main
@@ -44,6 +45,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--compression", default="none", choices=["gzip", "lzf", "none"],
                    help="none reads ~12x faster; gzip halves the file (see BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
+    p.add_argument(
+        "--alpha", default=DEFAULT_ALPHA, choices=list(ALPHA_MODES),
+        help="background for transparent pixels (RGBA, LA, palette): white, black or mean (ImageNet's mean colour)",
+    )  # fmt: skip
     p.add_argument("--fingerprint", default="content", choices=["content", "stat"], help="how input files are hashed")
     p.add_argument("--seed", type=int, default=0, help="seed of a missing val/test split, random init, and views")
     p.add_argument(
@@ -71,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
         on_bad_image=args.on_bad_image,
         fingerprint=args.fingerprint,
         progress=args.progress,
+        alpha=args.alpha,
     )
     source = parse_dataset(args.dataset_root)
     paths = default_paths()

@@ -9,7 +9,7 @@ import sys
 from featurecache.config import default_paths
 from featurecache.data import SPLITS
 from featurecache.errors import FeaturecacheError
-from featurecache.store import read_metadata
+from featurecache.store import read_metadata, read_skipped
 from pipelines.common import run_main
 
 
@@ -20,6 +20,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--base", default="efficientnet_lite0", help="the base (cache folder) of --dataset")
     p.add_argument("--json", action="store_true", help="print the attrs as JSON")
     return p
+
+
+def _shown(text: str) -> str:
+    """A file name for the terminal: bytes that are not valid UTF-8 shown as \\xNN instead of failing to print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,10 +70,8 @@ def main(args: argparse.Namespace) -> int:
                     f"  {key:28s} {tap['node']:28s} {tap['pool']:6s} {shape:>12s} {tap['out_dim']:6d} "
                     f"{tap['relative_depth']:6.2f} {stored / 1024:8.0f}KiB"
                 )
-            for row, p, reason in zip(
-                f["skipped/row"][:], f["skipped/path"].asstr()[:], f["skipped/reason"].asstr()[:], strict=True
-            ):
-                print(f"  skipped row {row}: {p} ({reason})")
+        for row, p, reason in read_skipped(path):
+            print(f"  skipped row {row}: {_shown(p)} ({_shown(reason)})")
     return 0
 
 
