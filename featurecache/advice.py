@@ -55,7 +55,13 @@ def sentence(answer: Answer) -> str:
     """One plain sentence: where the best layer sits, by how much, and what is tied with it."""
     rec, top = answer.recommended, top_layer(answer)
     where = region(answer, rec)
-    if where == "top":
+    if rec.multi_tap:
+        single = max(answer.curves[rec.base], key=lambda r: r.test_accuracy)
+        gap = 100 * (rec.test_accuracy - single.test_accuracy)
+        side = "above" if gap >= 0 else "below"
+        text = (f"For this data a head on every stage tap at once (`{rec.name()}`) is chosen; on test it is "
+                f"{abs(gap):.1f} points {side} the best single layer (`{single.layer}`)")  # fmt: skip
+    elif where == "top":
         lower = [r for r in answer.curves[rec.base] if r.layer != rec.layer]
         runner = max(lower, key=lambda r: r.test_accuracy, default=None)
         text = "For this data the top layer is best"
@@ -96,6 +102,8 @@ def quadrant(answer: Answer) -> dict[str, str | float | None]:
 
 def _verdict(answer: Answer, kind: str) -> str:
     rec = answer.recommended
+    if rec.multi_tap and kind != "finetune":
+        return "cannot say: the recommendation reads every stage tap at once (multilayer)"
     top = top_layer(answer).layer
     tied_layers = {r.layer for r in answer.ties if r.base == rec.base}
     if kind == "top":

@@ -50,6 +50,7 @@ class HeadResult:
     test_interval: tuple[float, float]  # Wilson 95%
     val_correct: np.ndarray
     test_correct: np.ndarray
+    multi_tap: bool = False  # a head on every stage tap at once (``multilayer``): a candidate, not a curve point
 
     @property
     def candidate(self) -> Candidate:
@@ -105,6 +106,7 @@ def result_of_sidecar(sidecar: dict[str, Any], labels: LabelReader) -> HeadResul
         test_interval=wilson_interval(int(correct["test"].sum()), n_test),
         val_correct=correct["val"],
         test_correct=correct["test"],
+        multi_tap=bool(sidecar["tap"].get("multi_tap", False)),
     )
 
 
@@ -120,10 +122,11 @@ def head_results(dataset: str, base_tag: str, paths: Paths, labels: LabelReader 
 
 
 def layer_curve(results: Sequence[HeadResult]) -> list[HeadResult]:
-    """Per layer, the head chosen on val (the one rule), shallow to deep."""
+    """Per layer, the head chosen on val (the one rule), shallow to deep; multi-tap heads are no layer's point."""
     by_layer: dict[str, list[HeadResult]] = {}
     for r in results:
-        by_layer.setdefault(r.layer, []).append(r)
+        if not r.multi_tap:
+            by_layer.setdefault(r.layer, []).append(r)
     return sorted((pick_best(rs, _candidate) for rs in by_layer.values()), key=lambda r: (r.depth, r.layer))
 
 
@@ -211,6 +214,7 @@ class Answer:
     quadrant: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] | None = None
     beyond: list[dict[str, Any]] = field(default_factory=list)  # fine-tuned / +aug routes (featurecache.report)
+    multilayer: list[dict[str, Any]] = field(default_factory=list)  # multi-tap heads vs the best single layer
     sentence: str = ""
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the comparison that produced it (extraction and training included)
@@ -244,7 +248,7 @@ def compute_answer(
             heads[tag] = control
     curves = {b: layer_curve(rs) for b, rs in heads.items() if rs}
     same_base_curve = curves[recommended.base]
-    return Answer(
+    answer = Answer(
         dataset=dataset,
         recommended=recommended,
         ties=tie_set(recommended, results),
@@ -257,3 +261,19 @@ def compute_answer(
         n_classes=len(store.read_metadata(paths.feature_file(dataset, recommended.base, "test"))["class_names"]),
         distance=distance,
     )
+    answer.multilayer = multilayer_comparisons(heads, bases, seed=seed)
+    return answer
+
+
+def multilayer_comparisons(heads: dict[str, list[HeadResult]], bases: Sequence[str], *, seed: int = 0) -> list[dict]:
+    """Each multi-tap head against the best single-layer head of its base (chosen on val), on the same test
+    images: paired difference with a bootstrap 95% interval."""
+    out = []
+    for base in bases:
+        single = [r for r in heads.get(base, []) if not r.multi_tap]
+        for multi in (r for r in heads.get(base, []) if r.multi_tap):
+            if single:
+                best = pick_best(single, _candidate)
+                gain = paired_difference(multi.test_correct, best.test_correct, seed=seed)
+                out.append({"result": multi, "best_single": best, "gain": gain})
+    return out

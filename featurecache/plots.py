@@ -17,6 +17,7 @@ from featurecache.answer import PIXELS_TAG, RANDOM_SUFFIX, Answer, HeadResult, i
 PRETRAINED_COLOUR = "#1f77b4"
 CONTROL_COLOUR = "0.55"
 TIE_COLOUR = "#2ca02c"
+MULTI_COLOUR = "#9467bd"
 PANEL_SIZE = (5.6, 4.3)  # inches per panel; layer names under the axis need the height
 
 
@@ -42,7 +43,8 @@ def plot_answers(answers: Sequence[Answer], out: Path, *, columns: int = 3) -> N
         _panel(ax, answer, base)
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
-    fig.legend(handles=_legend_handles(), loc="lower center", ncol=6 // legend_rows, frameon=False, fontsize=9)
+    handles = _legend_handles()
+    fig.legend(handles=handles, loc="lower center", ncol=-(-len(handles) // legend_rows), frameon=False, fontsize=9)
     fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -61,9 +63,12 @@ def _panel(ax, answer: Answer, base: str) -> None:  # noqa: ANN001 (a matplotlib
     tied = [r for r in curve if any(t.base == base and t.layer == r.layer and t.head == r.head for t in answer.ties)]
     ax.scatter([position[r.layer] for r in tied], [100 * r.test_accuracy for r in tied], s=110, facecolors="none",
                edgecolors=TIE_COLOUR, linewidths=1.8, zorder=3)  # fmt: skip
+    for m in (r for r in answer.heads.get(base, []) if r.multi_tap):
+        ax.axhline(100 * m.test_accuracy, color=MULTI_COLOUR, ls="-.", lw=1.3)
     star = star_of(answer, base)
     if star is not None:
-        ax.plot([position[star.layer]], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=4)
+        x_star = len(curve) - 0.6 if star.multi_tap else position[star.layer]  # a multi-tap head: at the right edge
+        ax.plot([x_star], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=4)
     ax.set_xticks(x, [f"{r.layer}\n{r.depth:.2f}" for r in curve], rotation=35, ha="right", fontsize=7)
     ax.set_ylabel("test accuracy (%)")
     conf = "" if answer.distance is None else f", ImageNet conf. {answer.distance['confidence']:.2f}"
@@ -74,7 +79,7 @@ def _panel(ax, answer: Answer, base: str) -> None:  # noqa: ANN001 (a matplotlib
 def star_of(answer: Answer, base: str) -> HeadResult | None:
     """The starred point of a panel: the recommendation, on its own base's panel (the one selection rule)."""
     rec = answer.recommended
-    return rec if rec.base == base and any(r.layer == rec.layer for r in answer.curves[base]) else None
+    return rec if rec.base == base else None
 
 
 def _controls(ax, answer: Answer, base: str, position: dict[str, int]) -> None:  # noqa: ANN001
@@ -96,6 +101,7 @@ def _legend_handles() -> list:
         Line2D([], [], color=CONTROL_COLOUR, ls="--", marker="x", label="random-init control"),
         Line2D([], [], color=CONTROL_COLOUR, ls=":", lw=1.5, label="raw pixels (logreg)"),
         Line2D([], [], color="k", lw=0.8, label="chance (largest class)"),
+        Line2D([], [], color=MULTI_COLOUR, ls="-.", lw=1.3, label="multilayer head (every tap)"),
         Line2D(
             [], [], ls="", marker="o", mfc="none", mec=TIE_COLOUR, ms=10, mew=1.8, label="tied with the recommendation"
         ),

@@ -166,7 +166,8 @@ def dataset_blocks(answer: Answer, paths: Paths, *, command: str = "") -> list[B
     ]
     if answer.warnings:
         blocks += [("h2", "Warnings"), ("ul", answer.warnings)]
-    blocks += [("img", FIGURE), *_tie_table(answer), *_control_table(answer), *_beyond_table(answer)]
+    blocks += [("img", FIGURE), *_tie_table(answer), *_control_table(answer), *_multilayer_table(answer)]
+    blocks += _beyond_table(answer)
     blocks += _layer_tables(answer, paths)
     return blocks
 
@@ -192,6 +193,20 @@ def _control_table(answer: Answer) -> list[Block]:
     rows.append(["chance (largest class)", "", "", pts(t.chance)])
     return [("h2", "Does transfer help at all?"), ("p", transfer_sentence(answer)),
             ("table", (["control", "best head (val)", "val %", "test %"], rows))]  # fmt: skip
+
+
+def _multilayer_table(answer: Answer) -> list[Block]:
+    rows = [[f"`{m['result'].name(with_base=True)}`", pts(m["result"].val_accuracy), pts(m["result"].test_accuracy),
+             f"`{m['best_single'].name()}`", pts(m["best_single"].test_accuracy), gain_text(m["gain"])]
+            for m in answer.multilayer]  # fmt: skip
+    if not rows:
+        return []
+    return [("h2", "A head on every layer at once"),
+            ("p", "The multilayer head (every stage tap, standardized per tap, features selected on train with the "
+                  "kept fraction swept on val, then logistic regression) against the best single-layer head chosen "
+                  "on val, on the same test images (paired bootstrap 95%)."),
+            ("table", (["multilayer", "val %", "test %", "best single layer (val)", "its test %",
+                        "difference pts [95% CI]"], rows))]  # fmt: skip
 
 
 def _beyond_table(answer: Answer) -> list[Block]:
@@ -269,6 +284,10 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
         "class_counts_min": answer.class_counts,
         "imagenet": answer.distance,
         "curves": {b: [head(r) for r in c] for b, c in answer.curves.items()},
+        "multilayer": [
+            {**head(m["result"]), "best_single": head(m["best_single"]), "gain": list(m["gain"])}
+            for m in answer.multilayer
+        ],
         "beyond_frozen": [
             {"route": r["route"], **head(r["result"]), "frozen": head(r["frozen"]), "gain": list(r["gain"])}
             for r in answer.beyond
