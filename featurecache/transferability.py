@@ -31,20 +31,21 @@ KNN_NEIGHBORS = 5
 
 
 def _singular_values(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Left singular vectors and the non-zero singular values of ``features`` (N x D)."""
+    """Left singular vectors and the non-zero singular values of ``features`` (N x D).
+
+    From the eigendecomposition of the smaller Gram matrix (D x D, or N x N when N < D): much cheaper than an
+    N x D SVD, and accurate enough for the evidence (tiny singular values are dropped as rank-deficient).
+    """
     n, d = features.shape
-    if n > d:
-        # Eigen-decomposition of the D x D Gram matrix is much cheaper than an N x D SVD when N >> D.
-        eigvals, eigvecs = np.linalg.eigh(features.T @ features)
-        order = np.argsort(eigvals)[::-1]
-        eigvals, eigvecs = np.clip(eigvals[order], 0, None), eigvecs[:, order]
-        s = np.sqrt(eigvals)
-        keep = s > RANK_TOLERANCE * max(s[0], 1.0)
-        u = (features @ eigvecs[:, keep]) / s[keep]
-        return u, s[keep]
-    u, s, _ = np.linalg.svd(features, full_matrices=False)
+    gram = features.T @ features if n > d else features @ features.T
+    eigvals, eigvecs = np.linalg.eigh(gram)
+    order = np.argsort(eigvals)[::-1]
+    s = np.sqrt(np.clip(eigvals[order], 0, None))
+    eigvecs = eigvecs[:, order]
     keep = s > RANK_TOLERANCE * max(s[0] if len(s) else 0.0, 1.0)
-    return u[:, keep], s[keep]
+    if n > d:
+        return (features @ eigvecs[:, keep]) / s[keep], s[keep]
+    return eigvecs[:, keep], s[keep]
 
 
 def logme(features: np.ndarray, labels: np.ndarray) -> float:
@@ -192,7 +193,7 @@ def ncti_components(features: np.ndarray, labels: np.ndarray) -> tuple[float, fl
     x = np.asarray(features, dtype=np.float64)
     _, codes = np.unique(np.asarray(labels), return_inverse=True)
     n_components = min(NCTI_PCA_COMPONENTS, x.shape[0] - 1, x.shape[1])
-    pca = PCA(n_components=n_components, svd_solver="full")
+    pca = PCA(n_components=n_components, random_state=0)
     x = pca.fit_transform(x)
     shrinkage = max(float(np.exp(-pca.explained_variance_[:NCTI_SHRINKAGE_COMPONENTS].sum())), 1e-10)
     if shrinkage == 1e-10:

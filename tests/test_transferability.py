@@ -335,7 +335,8 @@ def digits_layers(tmp_path_factory) -> tuple[dict[str, np.ndarray], np.ndarray]:
             continue
         folder = Path(root / "raw" / "train" / str(label))
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((image * 16).astype(np.uint8)).resize((32, 32)).save(folder / f"{counts[label]}.png")
+        # as `featurecache data --datasets digits` writes them: 8x8, values 0..16 scaled to 0..255
+        Image.fromarray(np.round(image * (255.0 / 16.0)).astype(np.uint8)).save(folder / f"{counts[label]}.png")
         counts[label] += 1
     paths = Paths(root / "home")
     options = ExtractOptions(progress=False, device="cpu", dtype="float32")
