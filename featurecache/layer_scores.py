@@ -27,7 +27,7 @@ import numpy as np
 from featurecache import persist, store
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
-from featurecache.heads import simplicity_rank
+from featurecache.heads import FINETUNED_PREFIX, simplicity_rank
 from featurecache.train import MULTI_TAP_LAYER
 from featurecache.transferability import knn_loo_accuracy, logme, ncti, ncti_components, sfda
 
@@ -87,10 +87,10 @@ def score_layers(
         )
     meta = store.read_metadata(train)
     taps = meta["taps"]
-    chosen = list(layers) if layers else [k for k, t in taps.items() if t["relative_depth"] < 1.0]
-    missing = [k for k in chosen if k not in taps]
+    missing = [k for k in layers or () if k not in taps]
     if missing:
         raise FeaturecacheError(f"layer(s) {', '.join(missing)} not cached in {train}; cached: {', '.join(taps)}")
+    chosen = [k for k, t in taps.items() if (k in layers if layers else t["relative_depth"] < 1.0)]  # cache order
     t0 = time.perf_counter()
     features, y = {}, None
     for layer in chosen:
@@ -142,12 +142,13 @@ class SelectedHead:
 
 
 def selected_heads(dataset: str, base_tag: str, paths: Paths | None = None) -> dict[str, SelectedHead]:
-    """Layer -> its val-selected head, from the saved sidecars (multi-tap heads are not a layer: left out)."""
+    """Layer -> its val-selected head, from the saved sidecars. Multi-tap heads (not a layer) and fine-tuned
+    models (not heads on the cached features) are left out."""
     paths = paths or default_paths()
     by_layer: dict[str, list[dict[str, Any]]] = {}
     for sidecar_path in sorted((paths.models / dataset / base_tag).glob(f"*/*/{persist.SIDECAR_FILE}")):
         s = json.loads(sidecar_path.read_text())
-        if sidecar_path.parent.parent.name == MULTI_TAP_LAYER:
+        if sidecar_path.parent.parent.name == MULTI_TAP_LAYER or s["head"].startswith(FINETUNED_PREFIX):
             continue
         by_layer.setdefault(s["layer"], []).append({**s, "model_dir": str(sidecar_path.parent)})
     out = {}

@@ -203,7 +203,8 @@ MULTI_TAP_LAYER = "all-stages"
 def _multi_tap_jobs(dataset: str, base_tag: str, layers: Sequence[str], heads: Sequence[str], files: dict,
                     meta: dict[str, Any], options: TrainOptions, threads: int, paths: Paths) -> list[Job]:  # fmt: skip
     """One job per multi-tap head: every requested layer below depth 1.0 (the ImageNet logits are no stage)."""
-    taps = tuple(k for k in layers if meta["taps"][k]["relative_depth"] < 1.0)
+    # in cache order (shallow to deep), whatever order the layers were asked for in
+    taps = tuple(k for k, tap in meta["taps"].items() if k in layers and tap["relative_depth"] < 1.0)
     folder = paths.models / dataset / base_tag / MULTI_TAP_LAYER
     return [
         Job(
