@@ -29,7 +29,7 @@ from featurecache.train import TrainOptions, train_heads
 
 log = logging.getLogger(__name__)
 
-COMPARE_HEADS = ("logreg", "linear_svm", "rbf_svm")  # fast on CPU; --heads adds mlp/knn
+COMPARE_HEADS = ("logreg", "linear_svm", "rbf_svm", "multilayer")  # fast on CPU; --heads adds mlp/knn
 FINETUNABLE_HEADS = ("mlp", "logreg", "linear_svm")  # heads the fine-tune stage can rebuild as torch layers
 
 

@@ -31,6 +31,7 @@ TRUSTED_TYPES = (
     "featurecache.heads.classic.LogisticRegressionHead",
     "featurecache.heads.classic.RBFSVMClassifier",
     "featurecache.heads.dense.DenseClassifier",
+    "featurecache.heads.multilayer.MultiLayerHead",
 )
 
 

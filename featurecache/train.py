@@ -64,6 +64,7 @@ class Job:
     out_dir: str
     options: TrainOptions
     threads: int
+    taps: tuple[str, ...] = ()  # a multi-tap head's cached taps, side by side; empty: just `layer`
 
     @property
     def name(self) -> str:
@@ -174,7 +175,9 @@ def train_heads(
         )  # fmt: skip
         for layer in layers
         for head in heads
+        if not get_head_spec(head).multi_tap
     ]
+    jobs += _multi_tap_jobs(dataset, base_tag, layers, heads, files, metas["train"], options, threads, paths)
     results = []
     bar = tqdm(total=len(jobs), unit="head", desc=f"{dataset}/{base_tag}", disable=not options.progress)
     try:
@@ -208,6 +211,55 @@ def check_layers_in_every_split(
             f"{','.join(s for s in lacking if s != AUGMENTED_TRAIN) or 'train'}` (cached taps are kept), or use "
             f"a layer every split has: {', '.join(cached) or 'none'}"
         )
+
+
+# The pseudo layer of heads that read every stage tap: models/<ds>/<base>/all-stages/<head>. Its sidecar's `tap`
+# has relative_depth 1.0 and multi_tap true, and `taps` lists the cached taps in the order they are concatenated.
+MULTI_TAP_LAYER = "all-stages"
+
+
+def _multi_tap_jobs(dataset: str, base_tag: str, layers: Sequence[str], heads: Sequence[str], files: dict,
+                    meta: dict[str, Any], options: TrainOptions, threads: int, paths: Paths) -> list[Job]:  # fmt: skip
+    """One job per multi-tap head: every requested layer below depth 1.0 (the ImageNet logits are no stage)."""
+    # in cache order (shallow to deep), whatever order the layers were asked for in
+    taps = tuple(k for k, tap in meta["taps"].items() if k in layers and tap["relative_depth"] < 1.0)
+    return [
+        Job(
+            dataset,
+            base_tag,
+            MULTI_TAP_LAYER,
+            head,
+            {s: str(p) for s, p in files.items()},
+            str(paths.head_dir(dataset, base_tag, MULTI_TAP_LAYER, saved_head_name(head, augmented=options.augmented))),
+            options,
+            threads,
+            taps,
+        )  # fmt: skip
+        for head in heads
+        if get_head_spec(head).multi_tap and taps
+    ]
+
+
+def _load_taps(job: Job, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-tap job's rows: its taps side by side, the rows of every file one after another."""
+    rows = []
+    for f in files:
+        parts = [store.load_features(f, tap)[:2] for tap in job.taps]
+        rows.append((np.concatenate([p[0] for p in parts], axis=1).astype(np.float32), parts[0][1]))
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+
+
+def _job_tap(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar's `tap`: the cached tap, or for a multi-tap head the marker described at MULTI_TAP_LAYER."""
+    if not job.taps:
+        return meta["taps"][job.layer]
+    return {"key": MULTI_TAP_LAYER, "multi_tap": True, "relative_depth": 1.0,
+            "out_dim": sum(meta["taps"][t]["out_dim"] for t in job.taps)}  # fmt: skip
+
+
+def _job_fingerprint(job: Job, meta: dict[str, Any]) -> str:
+    taps = job.taps or (job.layer,)
+    return " + ".join(feature_fingerprint(meta, t) for t in taps)
 
 
 @contextlib.contextmanager
@@ -277,10 +329,12 @@ def run_job(job: Job) -> dict[str, Any]:
     opts = job.options
     metas = {s: store.read_metadata(p) for s, p in job.files.items()}
     # Checked again here: a cache may have been re-extracted since train_heads looked (or on another worker).
-    check_layers_in_every_split([job.layer], metas, {s: Path(p) for s, p in job.files.items()},
+    check_layers_in_every_split(list(job.taps or (job.layer,)), metas, {s: Path(p) for s, p in job.files.items()},
                                 dataset=job.dataset, base_tag=job.base_tag)  # fmt: skip
-    features = {s: {"file": job.files[s], "fingerprint": feature_fingerprint(metas[s], job.layer)} for s in job.files}
+    features = {s: {"file": job.files[s], "fingerprint": _job_fingerprint(job, metas[s])} for s in job.files}
     grid = _grid_points(spec.grid)
+    if job.taps:  # the head needs to know where one tap's columns end and the next begin
+        grid = [{**p, "group_sizes": [metas["train"]["taps"][t]["out_dim"] for t in job.taps]} for p in grid]
     out_dir = Path(job.out_dir)
     previous = persist.read_sidecar(out_dir)
     if previous is not None and not opts.overwrite:
@@ -295,8 +349,13 @@ def run_job(job: Job) -> dict[str, Any]:
             return {**previous, "status": "reused"}
 
     train_files = [job.files["train"]] + ([job.files[AUGMENTED_TRAIN]] if AUGMENTED_TRAIN in job.files else [])
-    train = _load_split(train_files, job.layer, spec, opts)
-    X_val, y_val, _ = store.load_features(job.files["val"], job.layer)
+    if job.taps:
+        X_tr, y_tr = _load_taps(job, train_files)
+        train = (X_tr, y_tr, len(y_tr), None)
+        X_val, y_val = _load_taps(job, [job.files["val"]])
+    else:
+        train = _load_split(train_files, job.layer, spec, opts)
+        X_val, y_val, _ = store.load_features(job.files["val"], job.layer)
     X_val = X_val.astype(np.float32)
 
     if spec.sweep is not None and train[3] is None:
@@ -332,13 +391,16 @@ def run_job(job: Job) -> dict[str, Any]:
             handle.close()  # the HDF5 files the streaming loaders read from
 
     # The test split is opened here, after selection, exactly once.
-    X_test, y_test, _ = store.load_features(job.files["test"], job.layer)
+    if job.taps:
+        X_test, y_test = _load_taps(job, [job.files["test"]])
+    else:
+        X_test, y_test, _ = store.load_features(job.files["test"], job.layer)
     n_classes = len(metas["train"]["class_names"])
     test_pred, val_pred = final.predict(X_test.astype(np.float32)), final.predict(X_val)
     # Per-image predictions (valid rows, cache order) let the report compare heads on the same images (McNemar).
     test_scores = {**classification_scores(y_test, test_pred, n_classes=n_classes), "predictions": test_pred}
     val_scores = {**classification_scores(y_val, val_pred, n_classes=n_classes), "predictions": val_pred}
-    tap = metas["train"]["taps"][job.layer]
+    tap = _job_tap(job, metas["train"])
     sidecar = {
         "version": SIDECAR_VERSION,
         "dataset": job.dataset,
@@ -349,6 +411,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "alpha": metas["train"].get("alpha"),  # how transparent images were decoded; predict decodes the same way
         "layer": job.layer,
         "tap": tap,
+        **({"taps": list(job.taps)} if job.taps else {}),
         "head": job.name,
         "head_spec": job.head,
         "train_views": int(metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in metas else 0,
