@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from featurecache import FeaturecacheError, load_features, read_metadata
+from featurecache import FeaturecacheError, load_features, persist, read_metadata
 from featurecache.augment import SeededPerRow, train_transform
 from featurecache.bases import get_base_spec
 from featurecache.config import Paths
@@ -99,7 +99,7 @@ def test_heads_train_with_the_views_and_the_report_compares_them(with_views, tmp
         assert a["head"] == "logreg+aug" and a["head_spec"] == "logreg" and a["train_views"] == VIEWS
         assert a["n_train"] == (1 + VIEWS) * p["n_train"]
         assert AUGMENTED_TRAIN in a["features"] and AUGMENTED_TRAIN not in p["features"]
-        assert (paths.models / "shapes" / BASE / a["layer"] / "logreg+aug" / "head.joblib").is_file()
+        assert (paths.models / "shapes" / BASE / a["layer"] / "logreg+aug" / persist.HEAD_FILE).is_file()
     heads = {r["head"] for r in leaderboard_rows("shapes", paths)}
     assert heads == {"logreg", "logreg+aug"}
 
