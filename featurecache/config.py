@@ -49,6 +49,22 @@ class Paths:
         """Where a split made by featurecache (for a folder without val/test) is recorded."""
         return self.features / dataset / "splits.json"
 
+    def head_dir(self, dataset: str, base_tag: str, layer: str, head: str) -> Path:
+        """A saved head: ``models/<dataset>/<base_tag>/<layer>/<head>/`` (model files + sidecar)."""
+        return self.models / dataset / base_tag / layer / head
+
+    def head_dirs(self, dataset: str, base_tag: str = "*", *, layer: str = "*", head: str = "*") -> list[Path]:
+        """The saved-head folders of a dataset that match (fnmatch patterns), sorted; complete or not."""
+        return sorted(p for p in (self.models / dataset).glob(f"{base_tag}/{layer}/{head}") if p.is_dir())
+
+    def leaderboard_dir(self, dataset: str) -> Path:
+        """``reports/<dataset>/``: the stage-2 leaderboard (results.csv/md, best.json)."""
+        return self.reports / dataset
+
+    def compare_dir(self, dataset: str | None = None) -> Path:
+        """``reports/compare/`` (the cross-dataset page) or ``reports/compare/<dataset>/`` (one dataset's answer)."""
+        return self.reports / "compare" if dataset is None else self.reports / "compare" / dataset
+
 
 def default_paths() -> Paths:
     """Paths below ``$FEATURECACHE_HOME``, or below the current directory."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import numpy as np
 
 from featurecache import store
 from featurecache.augment import AUGMENTATIONS, SeededPerRow, train_transform
-from featurecache.bases import WEIGHTS_DEFAULT, LoadedBase, load_base
+from featurecache.bases import WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import (
     AUGMENTED_TRAIN,
@@ -55,7 +56,7 @@ class ExtractOptions:
     batch_size: int = 32
     workers: int | None = None  # None: a sensible default for the device
     device: str = "auto"
-    dtype: str = "float16"  # storage dtype
+    dtype: str = "auto"  # storage dtype; auto: float16, float32 for random-init weights (see storage_dtype)
     amp: str = "auto"  # autocast on CUDA: bf16 by default; never on CPU (keeps CPU runs bit-exact)
     channels_last: bool = True
     compression: str = "none"  # see store._compression_kwargs for the measurements behind it
@@ -158,6 +159,7 @@ def extract(
     options = options or ExtractOptions()
     paths = paths or default_paths()
     _check_options(options)
+    options = dataclasses.replace(options, dtype=storage_dtype(options.dtype, weights))
     dataset = check_path_name(dataset or Path(dataset_root).resolve().name, what="dataset name")
     if train_views < 0:
         raise FeaturecacheError("--train-views must be 0 (none) or a positive number of augmented views")
@@ -201,8 +203,16 @@ def extract(
     return results
 
 
+def storage_dtype(requested: str, weights: str) -> str:
+    """``auto`` stores float16 (half the disk, the same head accuracy), except for random-init weights, whose deep
+    activations shrink below float16's range; an explicit dtype is kept (float16 is still range-checked)."""
+    if requested != "auto":
+        return requested
+    return "float32" if weights == WEIGHTS_NONE else "float16"
+
+
 def _check_options(options: ExtractOptions) -> None:
-    if options.dtype not in store.STORAGE_DTYPES:
+    if options.dtype not in (*store.STORAGE_DTYPES, "auto"):
         raise FeaturecacheError(f"unknown --dtype {options.dtype!r}; choose one of: {', '.join(store.STORAGE_DTYPES)}")
     if options.compression not in store.COMPRESSIONS:
         raise FeaturecacheError(

@@ -473,6 +473,15 @@ def read_skipped(path: str | os.PathLike) -> list[tuple[int, str, str]]:
         )
 
 
+def read_rows(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``(labels, paths, valid)`` of every row of a cache, without reading features."""
+    import h5py
+
+    read_metadata(path)
+    with h5py.File(path, "r") as f:
+        return f["labels"][:], list(f["paths"].asstr()[:]), f["valid"][:].astype(bool)
+
+
 def iter_feature_chunks(
     path: str | os.PathLike, layer: str | None = None, *, rows_per_chunk: int | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

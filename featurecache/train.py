@@ -28,15 +28,16 @@ from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
-from featurecache.heads import get_head_spec, list_heads, saved_head_name, simplicity_rank
+from featurecache.heads import get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
+from featurecache.selection import ranked
 
 log = logging.getLogger(__name__)
 
 REFIT_MODES = ("train", "train+val")
 # joblib backends for the sweep; dask and ray are optional extras that run the same jobs on a cluster.
 BACKENDS = ("loky", "dask", "ray")
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2: val/test scores carry per-image predictions (paired tests in the report)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def train_heads(
             layer,
             head,
             {s: str(p) for s, p in files.items()},
-            str(paths.models / dataset / base_tag / layer / saved_head_name(head, augmented=options.augmented)),
+            str(paths.head_dir(dataset, base_tag, layer, saved_head_name(head, augmented=options.augmented))),
             options,
             threads,
         )  # fmt: skip
@@ -333,9 +334,10 @@ def run_job(job: Job) -> dict[str, Any]:
     # The test split is opened here, after selection, exactly once.
     X_test, y_test, _ = store.load_features(job.files["test"], job.layer)
     n_classes = len(metas["train"]["class_names"])
-    test_scores = classification_scores(y_test, final.predict(X_test.astype(np.float32)), n_classes=n_classes,
-                                        seed=opts.seed)  # fmt: skip
-    val_scores = classification_scores(y_val, final.predict(X_val), n_classes=n_classes, seed=opts.seed)
+    test_pred, val_pred = final.predict(X_test.astype(np.float32)), final.predict(X_val)
+    # Per-image predictions (valid rows, cache order) let the report compare heads on the same images (McNemar).
+    test_scores = {**classification_scores(y_test, test_pred, n_classes=n_classes), "predictions": test_pred}
+    val_scores = {**classification_scores(y_val, val_pred, n_classes=n_classes), "predictions": val_pred}
     tap = metas["train"]["taps"][job.layer]
     sidecar = {
         "version": SIDECAR_VERSION,
@@ -466,10 +468,11 @@ LEADERBOARD_COLUMNS = [
 
 
 def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
-    """One row per saved head of the dataset (every base), ranked by val accuracy (the selection score)."""
+    """One row per saved head of the dataset (every base), best first under the one selection rule
+    (:mod:`featurecache.selection`: val accuracy; ties to the simpler head, then the shallower layer)."""
+    sidecars = [s for d in paths.head_dirs(dataset) if (s := persist.read_sidecar(d)) is not None]
     rows = []
-    for sidecar_path in sorted((paths.models / dataset).glob(f"*/*/*/{persist.SIDECAR_FILE}")):
-        s = json.loads(sidecar_path.read_text())
+    for s in ranked(sidecars):
         rows.append(
             {
                 "base": s["base_tag"],
@@ -486,14 +489,10 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
                 "test_macro_f1": round(s["test"]["macro_f1"], 4),
                 "fit_seconds": s["timings"]["total_seconds"],
                 "n_train": s["n_train"],
-                "model_dir": str(sidecar_path.parent),
+                "model_dir": str(paths.head_dir(dataset, s["base_tag"], s["layer"], s["head"])),
             }
         )
-    # Ranked by val only; ties go to the simpler head, then the shallower layer. Test never decides anything.
-    return sorted(
-        rows,
-        key=lambda r: (-r["val_accuracy"], simplicity_rank(r["head"]), r["relative_depth"], r["base"], r["layer"]),
-    )
+    return rows
 
 
 def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any]:
@@ -502,7 +501,7 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
     rows = leaderboard_rows(dataset, paths)
     if not rows:
         raise FeaturecacheError(f"no trained heads under {paths.models / dataset}; run `make train-heads` first")
-    out = paths.reports / dataset
+    out = paths.leaderboard_dir(dataset)
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
@@ -513,7 +512,7 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
     dense = [r for r in rows if r["dense"]]
     best = {
         "dataset": dataset,
-        "selected_by": "val_accuracy",
+        "selected_by": "val_accuracy; ties: simpler head, then shallower layer (featurecache.selection)",
         "best": rows[0],
         "best_dense": dense[0] if dense else None,
     }
@@ -525,7 +524,8 @@ def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# {dataset}: heads on cached features",
         "",
-        "Selected on val; test scored once after selection, with a 95% bootstrap interval.",
+        "Selected on val (ties: the simpler head, then the shallower layer); test scored once after selection, "
+        "with a 95% Wilson interval.",
         "",
         "| rank | base | layer | depth | head | val acc | test acc (95% CI) | bal. acc | macro-F1 | s |",
         "|---:|---|---|---:|---|---:|---|---:|---:|---:|",

@@ -128,3 +128,16 @@ def test_names_that_would_become_unsafe_paths_are_refused(name):
 @pytest.mark.parametrize("name", ["_blocks.4.add", "layer3@grid2", "logreg+aug", "finetuned-mlp", "ÉtéDataset", "a b"])
 def test_ordinary_names_pass(name):
     assert check_path_name(name) == name
+
+
+def test_head_classes_are_exported_lazily():
+    """``from featurecache.heads import DenseClassifier`` works, and importing the registry stays cheap."""
+    import subprocess
+    import sys
+
+    from featurecache.heads import DenseClassifier, LogisticRegressionHead
+
+    assert DenseClassifier.__module__ == "featurecache.heads.dense" and LogisticRegressionHead.__name__
+    code = "import sys, featurecache.heads; print(sorted(m for m in ('torch', 'sklearn.base') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
