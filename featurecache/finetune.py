@@ -33,7 +33,7 @@ from featurecache import persist, store
 from featurecache.augment import AUGMENTATIONS, train_transform
 from featurecache.bases import LoadedBase, load_base
 from featurecache.config import Paths, default_paths
-from featurecache.data import ImageFiles, SplitIndex, discover_splits
+from featurecache.data import DEFAULT_ALPHA, ImageFiles, SplitIndex, discover_splits
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, atomic_write_text, file_sha256
 from featurecache.heads import FINETUNED_PREFIX
@@ -147,9 +147,11 @@ class Splits:
     batch_size: int
     seed: int
     workers: int
+    alpha: str  # the background the caches composited transparent pixels onto: decode exactly as they did
 
     def loader(self, split: str, transform: Any, *, shuffle: bool, epoch: int = 0) -> DataLoader:
-        data = ImageFiles(self.index[split], transform, input_size=self.input_size, rows=range(len(self.index[split])))
+        data = ImageFiles(self.index[split], transform, input_size=self.input_size, rows=range(len(self.index[split])),
+                          alpha=self.alpha)  # fmt: skip
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
                           num_workers=self.workers)  # fmt: skip
@@ -201,7 +203,8 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
     _check_dataset_unchanged(root, index, files, tuple(head_sidecar["class_names"]))
     splits = Splits(index=index, labels={s: np.asarray(index[s].labels) for s in index},
                     eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,
-                    batch_size=options.batch_size, seed=options.seed, workers=options.workers)  # fmt: skip
+                    batch_size=options.batch_size, seed=options.seed, workers=options.workers,
+                    alpha=metas["train"].get("alpha", DEFAULT_ALPHA))  # fmt: skip
     return Rebuilt(
         dataset, base_tag, head_dir, head_sidecar, estimator, files, loaded, model.to(device), splits, device
     )
