@@ -215,6 +215,7 @@ class Answer:
     finetune: dict[str, Any] | None = None
     beyond: list[dict[str, Any]] = field(default_factory=list)  # fine-tuned / +aug routes (featurecache.report)
     multilayer: list[dict[str, Any]] = field(default_factory=list)  # multi-tap heads vs the best single layer
+    layer_scores: Any = None  # featurecache.layer_scores.LayerTauTable of the recommended base (the report adds it)
     sentence: str = ""
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the comparison that produced it (extraction and training included)

@@ -23,6 +23,7 @@ from featurecache.bases import WEIGHTS_NONE, get_base_spec
 from featurecache.config import Paths, default_paths
 from featurecache.datasets import DatasetSource, parse_dataset
 from featurecache.extract import ExtractOptions, extract
+from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, shortlist_layers
 from featurecache.metrics import paired_difference
 from featurecache.report import REFERENCE_BASE, REFERENCE_LOGITS, imagenet_distance, write_dataset_report, write_index
 from featurecache.train import TrainOptions, train_heads
@@ -41,6 +42,8 @@ class CompareOptions:
     controls: bool = True  # random-init base + raw-pixel baseline
     finetune: bool = False  # fine-tune from the recommended head and add it to the answer
     finetune_epochs: int = 5
+    shortlist: int | None = None  # train heads only on the K layers a training-free score ranks best
+    shortlist_score: str = DEFAULT_SHORTLIST_SCORE
     extract: ExtractOptions = field(default_factory=ExtractOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
     seed: int = 0
@@ -95,6 +98,11 @@ def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, 
     results = extract(root, base=base, layers=layers, dataset=dataset, options=options.extract, paths=paths)
     tag = results[0].path.parent.name
     stages = [k for k in results[0].taps if k != REFERENCE_LOGITS]
+    if options.shortlist is not None:
+        t0 = time.perf_counter()
+        stages = shortlist_layers(dataset, tag, options.shortlist, options.shortlist_score, paths, layers=stages)
+        log.info("%s x %s: shortlist by %s in %.1fs: %s", dataset, tag, options.shortlist_score,
+                 time.perf_counter() - t0, ", ".join(stages))  # fmt: skip
     train_heads(dataset=dataset, base_tag=tag, layers=stages, heads=options.heads, options=options.train, paths=paths)
     return tag
 

@@ -109,12 +109,19 @@ def score_layers(
 
 
 def shortlist_layers(
-    dataset: str, base_tag: str, k: int, score: str = DEFAULT_SHORTLIST_SCORE, paths: Paths | None = None
+    dataset: str,
+    base_tag: str,
+    k: int,
+    score: str = DEFAULT_SHORTLIST_SCORE,
+    paths: Paths | None = None,
+    *,
+    layers: Sequence[str] | None = None,
 ) -> list[str]:
-    """The ``k`` layers ranked best by ``score`` (ties to the shallower layer), best first."""
+    """The ``k`` layers (of ``layers``, default every cached one) ranked best by ``score`` (ties to the shallower
+    layer), best first."""
     if k < 1:
         raise FeaturecacheError(f"--shortlist must be at least 1 (got {k})")
-    result = score_layers(dataset, base_tag, paths, scores=[score])
+    result = score_layers(dataset, base_tag, paths, scores=[score], layers=layers)
     return rank_layers(result.scores[score], result.relative_depth)[:k]
 
 

@@ -27,11 +27,11 @@ from featurecache.answer import Answer, HeadResult, LabelReader, compute_answer,
 from featurecache.config import Paths
 from featurecache.fileio import atomic_write_text
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
+from featurecache.layer_scores import SCORES, cross_dataset_summary, layer_tau_table
 from featurecache.metrics import mcnemar_worse_p, paired_difference
 from featurecache.persist import read_sidecar
 from featurecache.plots import plot_answers
 from featurecache.selection import pick_best
-from featurecache.transferability import logme
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +69,6 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
         return float("nan")
     return float(spearmanr(a, b).statistic)
-
-
-def layer_logme(dataset: str, base: str, layers: Sequence[str], paths: Paths) -> dict[str, float]:
-    """LogME of each layer's cached train features (no training)."""
-    train_file = paths.feature_file(dataset, base, "train")
-    if not train_file.is_file():
-        return {}
-    cached = store.read_metadata(train_file)["taps"]
-    out = {}
-    for layer in layers:
-        if layer in cached:
-            X, y, _ = store.load_features(train_file, layer)
-            out[layer] = logme(X.astype(np.float64), y)
-    return out
 
 
 # ------------------------------------------------------------------------------------------- beyond frozen
@@ -168,7 +154,8 @@ def dataset_blocks(answer: Answer, paths: Paths, *, command: str = "") -> list[B
         blocks += [("h2", "Warnings"), ("ul", answer.warnings)]
     blocks += [("img", FIGURE), *_tie_table(answer), *_control_table(answer), *_multilayer_table(answer)]
     blocks += _beyond_table(answer)
-    blocks += _layer_tables(answer, paths)
+    blocks += _score_blocks(answer)
+    blocks += _layer_tables(answer)
     return blocks
 
 
@@ -220,25 +207,40 @@ def _beyond_table(answer: Answer) -> list[Block]:
             ("table", (["route", "model", "val %", "test %", "frozen test %", "gain pts [95% CI]"], rows))]  # fmt: skip
 
 
-def _layer_tables(answer: Answer, paths: Paths) -> list[Block]:
+def _layer_tables(answer: Answer) -> list[Block]:
     blocks: list[Block] = [("h2", "Every layer"),
                            ("p", "Test accuracy of each head; ✓ = the head chosen on val at that layer, = = tied with "
-                                 "the recommendation, ★ = the recommendation. LogME from the cached train features, "
-                                 "no training.")]  # fmt: skip
+                                 "the recommendation, ★ = the recommendation.")]  # fmt: skip
     tied = {(r.base, r.layer, r.head) for r in answer.ties}
     for base, heads in answer.heads.items():
-        curve = {r.layer: r for r in answer.curves[base]}
-        scores = {} if is_control(base) else layer_logme(answer.dataset, base, list(curve), paths)
-        names = sorted({r.head for r in heads})
+        names = sorted({r.head for r in heads if not r.multi_tap})
         rows = []
-        for layer, chosen in curve.items():
-            at = {r.head: r for r in heads if r.layer == layer}
+        for chosen in answer.curves[base]:
+            at = {r.head: r for r in heads if r.layer == chosen.layer}
             cells = [_cell(at.get(h), chosen, answer.recommended, tied) for h in names]
-            rows.append(
-                [f"`{layer}`", f"{chosen.depth:.2f}", f"{scores[layer]:.3f}" if layer in scores else "", *cells]
-            )
-        blocks += [("h3", base), ("table", (["layer", "depth", "LogME", *names], rows))]
+            rows.append([f"`{chosen.layer}`", f"{chosen.depth:.2f}", *cells])
+        blocks += [("h3", base), ("table", (["layer", "depth", *names], rows))]
     return blocks
+
+
+def _score_blocks(answer: Answer) -> list[Block]:
+    """Training-free scores per layer and how well each ranks the layers (Kendall tau against trained accuracy)."""
+    table = answer.layer_scores
+    if table is None:
+        return []
+    names = [s for s in SCORES if s in table.scores]
+    rows = [[f"`{k}`", f"{table.relative_depth[k]:.2f}", pts(table.test_accuracy[k]),
+             *[f"{table.scores[s].get(k, float('nan')):.3f}" for s in names]] for k in table.layers]  # fmt: skip
+    agree = [[s, f"{table.agreement[s].kendall_tau:+.2f}", f"{table.agreement[s].weighted_tau:+.2f}",
+              ", ".join(f"`{k}`" for k in table.agreement[s].top), "yes" if table.agreement[s].best_in_top else "no",
+              f"{table.scoring_seconds.get(s, float('nan')):.1f}"] for s in names]  # fmt: skip
+    return [("h2", "Which layer, before training anything"),
+            ("p", f"Scores computed from the cached train features of {table.base_tag} alone (no training), against "
+                  f"the test accuracy of each layer's val-selected head. The trained-best layer (chosen on val) is "
+                  f"`{table.best_layer}`; training the heads on these layers took {table.training_seconds:.0f} s."),
+            ("table", (["layer", "depth", "test %", *names], rows)),
+            ("table", (["score", "Kendall τ", "weighted τ", "top 3", "best layer in top 3", "seconds"],
+                       agree))]  # fmt: skip
 
 
 def _cell(r: HeadResult | None, chosen: HeadResult, rec: HeadResult, tied: set) -> str:
@@ -293,7 +295,16 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
             for r in answer.beyond
         ],
         "seconds": answer.seconds,
+        "layer_scores": None if answer.layer_scores is None else _tau_summary(answer.layer_scores),
     }
+
+
+def _tau_summary(table: Any) -> dict[str, Any]:
+    return {"base": table.base_tag, "layers": table.layers, "test_accuracy": table.test_accuracy,
+            "best_layer": table.best_layer, "scores": table.scores, "scoring_seconds": table.scoring_seconds,
+            "training_seconds": table.training_seconds,
+            "agreement": {s: {"kendall_tau": a.kendall_tau, "weighted_tau": a.weighted_tau, "top": a.top,
+                              "best_in_top": a.best_in_top} for s, a in table.agreement.items()}}  # fmt: skip
 
 
 def results_csv(answers: Sequence[Answer]) -> str:
@@ -328,6 +339,7 @@ def build_report(datasets: Sequence[str], base_tags: Sequence[str], paths: Paths
 def write_dataset_report(answer: Answer, paths: Paths, *, command: str = "") -> Path:
     """Write ``reports/compare/<dataset>/``; returns the folder."""
     answer.beyond = beyond_frozen(answer, paths)
+    answer.layer_scores = layer_tau_table(answer.dataset, answer.recommended.base, paths)
     out = paths.compare_dir(answer.dataset)
     out.mkdir(parents=True, exist_ok=True)
     plot_answers([answer], out / FIGURE, columns=1)
@@ -361,11 +373,27 @@ def write_index(answers: Sequence[Answer], paths: Paths, *, command: str = "") -
     ]  # fmt: skip
     for a in answers:
         blocks += [("h2", a.dataset), ("box", [a.sentence, *[f"⚠ {w}" for w in a.warnings]])]
+    blocks += _score_summary_blocks(answers)
     atomic_write_text(out / "report.md", render_markdown(blocks))
     atomic_write_text(out / "report.html", render_html(blocks, {FIGURE: out / FIGURE}, title="compare-layers"))
     atomic_write_text(out / "results.csv", results_csv(answers))
     atomic_write_text(out / "summary.json", json.dumps({"datasets": [answer_summary(a) for a in answers]}, indent=1))
     return out
+
+
+def _score_summary_blocks(answers: Sequence[Answer]) -> list[Block]:
+    """The per-layer tau table averaged over datasets: which training-free score ranks layers best."""
+    tables = [a.layer_scores for a in answers if a.layer_scores is not None]
+    if len(tables) < 2:
+        return []
+    rows = [[name, f"{s.mean_kendall_tau:+.2f}", f"{s.mean_weighted_tau:+.2f}", f"{s.top_hits} of {s.n_datasets}",
+             ", ".join(f"{d} {t:+.2f}" for d, t in s.per_dataset_tau.items())]
+            for name, s in cross_dataset_summary(tables).items()]  # fmt: skip
+    return [("h2", "Which layer before training: the training-free scores across datasets"),
+            ("p", "Kendall τ between each score and the test accuracy of every layer's val-selected head, averaged "
+                  "over datasets; top 3 = datasets whose trained-best layer is among the score's three best."),
+            ("table", (["score", "mean Kendall τ", "mean weighted τ", "best layer in top 3", "τ per dataset"],
+                       rows))]  # fmt: skip
 
 
 def _reading(answers: Sequence[Answer]) -> str:

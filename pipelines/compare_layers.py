@@ -10,6 +10,7 @@ from featurecache.compare import COMPARE_HEADS, CompareOptions, run_comparison
 from featurecache.config import default_paths
 from featurecache.datasets import list_datasets
 from featurecache.extract import ExtractOptions
+from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
 from featurecache.report import terminal_lines
 from featurecache.train import TrainOptions
 from pipelines.common import comma_list, run_main
@@ -29,6 +30,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="skip the random-init base and the raw-pixel baseline")  # fmt: skip
     p.add_argument("--finetune", action="store_true", help="fine-tune from the recommended head and report its gain")
     p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--shortlist", type=int, metavar="K",
+                   help="score every stage tap without training (seconds), train heads only on the K best")  # fmt: skip
+    p.add_argument("--shortlist-score", default=DEFAULT_SHORTLIST_SCORE, choices=SCORES,
+                   help="training-free score that ranks the layers for --shortlist")  # fmt: skip
     p.add_argument("--n-jobs", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
@@ -45,6 +50,8 @@ def main(args: argparse.Namespace) -> int:
         controls=args.controls,
         finetune=args.finetune,
         finetune_epochs=args.finetune_epochs,
+        shortlist=args.shortlist,
+        shortlist_score=args.shortlist_score,
         extract=ExtractOptions(device=args.device, batch_size=args.batch_size, progress=args.progress),
         train=TrainOptions(n_jobs=args.n_jobs, progress=args.progress),
     )
