@@ -514,9 +514,13 @@ def score_and_record(
     options, hs = trainer.options, rebuilt.head_sidecar
     y_test = rebuilt.splits.labels["test"]
     test_pred = predict_split(rebuilt.model, rebuilt.splits, "test", rebuilt.device)
-    test_scores = classification_scores(y_test, test_pred, n_classes=len(hs["class_names"]))
-    valid = store.read_rows(rebuilt.files["test"])[2]
-    test_scores["predictions"] = test_pred[valid]  # valid rows, as stage-2 heads record them (paired tests)
+    n_classes = len(hs["class_names"])
+    test_scores = classification_scores(y_test, test_pred, n_classes=n_classes)
+    val_pred = predict_split(rebuilt.model, rebuilt.splits, "val", rebuilt.device)
+    val_scores = classification_scores(rebuilt.splits.labels["val"], val_pred, n_classes=n_classes)
+    # Per-image predictions of the valid rows, as stage-2 heads record them: the report pairs models on them.
+    test_scores["predictions"] = test_pred[store.read_rows(rebuilt.files["test"])[2]]
+    val_scores["predictions"] = val_pred[store.read_rows(rebuilt.files["val"])[2]]
     gain_points, ci = paired_test_gain(rebuilt, test_pred, options.seed)
     atomic_write(out_dir / MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
     return {
@@ -542,6 +546,7 @@ def score_and_record(
         "improved_on_val": state.best_epoch > 0,
         "verdict": gain_verdict(state, frozen_val, gain_points, ci),
         "history": state.history,
+        "val": val_scores,
         "test": test_scores,
         "frozen_test_accuracy": hs["test"]["accuracy"],
         "gain_over_frozen_points": gain_points,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import logging
@@ -162,22 +163,10 @@ def train_heads(
     # Fixed here, on the driver, whatever the backend: the torch heads' numbers depend on their thread count,
     # and the same command must give the same leaderboard on loky, dask or ray.
     threads = max(1, (os.cpu_count() or 1) // max(1, options.n_jobs))
-    jobs = [
-        Job(
-            dataset,
-            base_tag,
-            layer,
-            head,
-            {s: str(p) for s, p in files.items()},
-            str(paths.head_dir(dataset, base_tag, layer, saved_head_name(head, augmented=options.augmented))),
-            options,
-            threads,
-        )  # fmt: skip
-        for layer in layers
-        for head in heads
-        if not get_head_spec(head).multi_tap
-    ]
-    jobs += _multi_tap_jobs(dataset, base_tag, layers, heads, files, metas["train"], options, threads, paths)
+    make = functools.partial(_job, dataset=dataset, base_tag=base_tag, files=files, options=options, threads=threads,
+                             paths=paths)  # fmt: skip
+    jobs = [make(layer, head) for layer in layers for head in heads if not get_head_spec(head).multi_tap]
+    jobs += _multi_tap_jobs(layers, heads, metas["train"], make)
     results = []
     bar = tqdm(total=len(jobs), unit="head", desc=f"{dataset}/{base_tag}", disable=not options.progress)
     try:
@@ -218,26 +207,21 @@ def check_layers_in_every_split(
 MULTI_TAP_LAYER = "all-stages"
 
 
-def _multi_tap_jobs(dataset: str, base_tag: str, layers: Sequence[str], heads: Sequence[str], files: dict,
-                    meta: dict[str, Any], options: TrainOptions, threads: int, paths: Paths) -> list[Job]:  # fmt: skip
+def _job(layer: str, head: str, taps: tuple[str, ...] = (), *, dataset: str, base_tag: str, files: dict[str, Path],
+         options: TrainOptions, threads: int, paths: Paths) -> Job:  # fmt: skip
+    """One layer x head job, saved under ``models/<dataset>/<base_tag>/<layer>/<head>``."""
+    name = saved_head_name(head, augmented=options.augmented)
+    return Job(dataset, base_tag, layer, head, {s: str(p) for s, p in files.items()},
+               str(paths.head_dir(dataset, base_tag, layer, name)), options, threads, taps)  # fmt: skip
+
+
+def _multi_tap_jobs(
+    layers: Sequence[str], heads: Sequence[str], meta: dict[str, Any], make: Callable[..., Job]
+) -> list[Job]:
     """One job per multi-tap head: every requested layer below depth 1.0 (the ImageNet logits are no stage)."""
     # in cache order (shallow to deep), whatever order the layers were asked for in
     taps = tuple(k for k, tap in meta["taps"].items() if k in layers and tap["relative_depth"] < 1.0)
-    return [
-        Job(
-            dataset,
-            base_tag,
-            MULTI_TAP_LAYER,
-            head,
-            {s: str(p) for s, p in files.items()},
-            str(paths.head_dir(dataset, base_tag, MULTI_TAP_LAYER, saved_head_name(head, augmented=options.augmented))),
-            options,
-            threads,
-            taps,
-        )  # fmt: skip
-        for head in heads
-        if get_head_spec(head).multi_tap and taps
-    ]
+    return [make(MULTI_TAP_LAYER, head, taps) for head in heads if get_head_spec(head).multi_tap and taps]
 
 
 def _load_taps(job: Job, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
