@@ -519,8 +519,8 @@ def score_and_record(
     val_pred = predict_split(rebuilt.model, rebuilt.splits, "val", rebuilt.device)
     val_scores = classification_scores(rebuilt.splits.labels["val"], val_pred, n_classes=n_classes)
     # Per-image predictions of the valid rows, as stage-2 heads record them: the report pairs models on them.
-    test_scores["predictions"] = test_pred[store.read_rows(rebuilt.files["test"])[2]]
-    val_scores["predictions"] = val_pred[store.read_rows(rebuilt.files["val"])[2]]
+    test_scores["predictions"] = test_pred[store.read_rows(rebuilt.files["test"])[2]].tolist()
+    val_scores["predictions"] = val_pred[store.read_rows(rebuilt.files["val"])[2]].tolist()
     gain_points, ci = paired_test_gain(rebuilt, test_pred, options.seed)
     atomic_write(out_dir / MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
     return {
