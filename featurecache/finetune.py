@@ -415,12 +415,8 @@ def run_epoch(trainer: Trainer, epoch: int, train_tf: Any) -> float:
     """One pass over the train split (or ``max_batches`` of it); returns the train accuracy."""
     from tqdm.auto import tqdm
 
-    model, splits, options, device = (
-        trainer.rebuilt.model,
-        trainer.rebuilt.splits,
-        trainer.options,
-        trainer.rebuilt.device,
-    )
+    model, splits, device = trainer.rebuilt.model, trainer.rebuilt.splits, trainer.rebuilt.device
+    options = trainer.options
     # Every epoch's randomness derives from (seed, epoch): a resumed run repeats it exactly.
     torch.manual_seed(options.seed * 1000 + epoch)
     random.seed(options.seed * 1000 + epoch)

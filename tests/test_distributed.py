@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -19,7 +18,7 @@ from featurecache.config import Paths
 from featurecache.distributed import World
 from featurecache.errors import FeaturecacheError
 from featurecache.extract import batch_ranges, rank_batches
-from tests.helpers import make_image_folder
+from tests.helpers import SAFETY_TIMEOUT_S, make_image_folder, wait_until
 
 BASE = "mobilenet_v2_offline"
 ARGS = ["--base", BASE, "--layers", "features.3,features.10:grid2,flatten", "--dtype", "float32",
@@ -68,16 +67,23 @@ def torchrun_cmd(root: Path, *extra: str, restarts: int = 0) -> list[str]:
 
 
 def kill_rank_after(launcher: subprocess.Popen, partial: Path, *, shards: int, rank: int = 1) -> int | None:
-    """SIGKILL torchrun's worker of ``rank`` once ``shards`` batches are committed; returns its pid."""
-    deadline = time.monotonic() + 120
-    while launcher.poll() is None and time.monotonic() < deadline:
-        if partial.is_dir() and len(list(partial.glob("rows-*.npz"))) >= shards:
-            victim = worker_pid(launcher.pid, rank=rank)
-            if victim:
-                os.kill(victim, signal.SIGKILL)
-                return victim
-        time.sleep(0.005)
-    return None
+    """SIGKILL torchrun's worker of ``rank`` once ``shards`` batches are committed (observed progress, no clock);
+    returns its pid, or None if the launcher exited first."""
+
+    def committed_and_found() -> bool:
+        return (
+            partial.is_dir()
+            and len(list(partial.glob("rows-*.npz"))) >= shards
+            and bool(worker_pid(launcher.pid, rank))
+        )
+
+    if not wait_until(committed_and_found, launcher, what=f"{shards} committed batches"):
+        return None
+    victim = worker_pid(launcher.pid, rank=rank)
+    if victim is None:  # the worker exited between the two looks: the launcher is ending, nothing to kill
+        return None
+    os.kill(victim, signal.SIGKILL)
+    return victim
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
@@ -128,7 +134,7 @@ def test_two_gloo_ranks_write_the_single_process_cache_and_resume_after_a_rank_i
     launcher = subprocess.Popen(torchrun_cmd(root, "--splits", "train"), env=env_for(kill_home),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     victim = kill_rank_after(launcher, partial, shards=4)
-    first_log = launcher.communicate(timeout=120)[0]
+    first_log = launcher.communicate(timeout=SAFETY_TIMEOUT_S)[0]
     print(first_log[-4000:])
     assert victim is not None, first_log[-3000:]
     assert launcher.returncode != 0 and not final.exists(), "a failed launch left a file under the final name"
@@ -151,7 +157,7 @@ def test_two_gloo_ranks_write_the_single_process_cache_and_resume_after_a_rank_i
     launcher = subprocess.Popen(torchrun_cmd(root, "--splits", "train", restarts=1), env=env_for(auto_home),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     assert kill_rank_after(launcher, store.Journal.directory_for(final), shards=4) is not None
-    log = launcher.communicate(timeout=180)[0]
+    log = launcher.communicate(timeout=SAFETY_TIMEOUT_S)[0]
     assert launcher.returncode == 0, log[-3000:]
     assert "resuming train:" in log
     assert_same_cache(Paths(ref_home).feature_file("tiny", BASE, "train"), final)
