@@ -207,6 +207,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="cached dataset name; default: generated features")
     p.add_argument("--base", default=BASE, help="base cache folder")
     p.add_argument("--n-per-class", type=int, default=1300, help="rows per class of the generated data")
+    p.add_argument("--heads", type=lambda v: v.split(","), help="comma-separated heads (default: all registered)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the rows (without per-item correctness) here")
@@ -216,7 +217,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     home = args.home or (Path(os.environ["FEATURECACHE_HOME"]) if "FEATURECACHE_HOME" in os.environ else None)
     rows = run(home=home, dataset=args.dataset, base_tag=args.base, n_per_class=args.n_per_class,
-               repeats=args.repeats, threads=args.threads)  # fmt: skip
+               heads=args.heads, repeats=args.repeats, threads=args.threads)  # fmt: skip
     for config in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == config]
         cpu, wall = (float(np.median([r[k] for r in mine])) for k in ("cpu_s", "wall_s"))
