@@ -49,6 +49,7 @@ OLD = Config(
     params={"mlp": {"max_epochs": 100, "patience": 10, "threads": None}},
 )
 NEW = Config("new")
+CONFIGS = {c.name: c for c in (OLD, NEW)}
 
 
 def generated_splits(
@@ -140,7 +141,7 @@ def run(
     threads: int = 1,
     progress: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Time the default stage-2 sweep per config, side by side (A, B, A, B, ...), one row per config x repeat.
+    """Time the default stage-2 sweep per config, side by side, one row per config x repeat.
 
     Args:
         home, dataset: a cached dataset (``home/data/features/<dataset>/<base_tag>``); without them, generated
@@ -165,23 +166,26 @@ def run(
     heads = heads or list_heads()
     rows = []
     for repeat in range(repeats):
-        for config in configs:
-            records = []
-            for layer, splits in data.items():
-                for head in heads:
+        # Interleaved per layer x head (A, B, A, B, ...): the VM's speed drifts over minutes, so configs whose
+        # jobs run back to back see the same machine.
+        records: dict[str, list[dict]] = {config.name: [] for config in configs}
+        for layer, splits in data.items():
+            for head in heads:
+                for config in configs:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # ConvergenceWarnings of the liblinear grid edges
                         record = {"layer": layer, **sweep_one(config, head, splits)}
                     torch.set_num_threads(threads)  # a head may change it; the next one starts equal
-                    records.append(record)
+                    records[config.name].append(record)
                     if progress:
                         progress(record)
-            per_head = {h: {k: sum(r[k] for r in records if r["head"] == h) for k in ("wall_s", "cpu_s")}
-                        for h in heads}  # fmt: skip
+        for config in configs:
+            mine = records[config.name]
+            per_head = {h: {k: sum(r[k] for r in mine if r["head"] == h) for k in ("wall_s", "cpu_s")} for h in heads}
             rows.append({"config": config.name, "repeat": repeat, "dataset": dataset or f"generated-{2 * n_per_class}",
-                         "threads": threads, "wall_s": sum(r["wall_s"] for r in records),
-                         "cpu_s": sum(r["cpu_s"] for r in records), "per_head": per_head, "layers": list(data),
-                         "records": records})  # fmt: skip
+                         "threads": threads, "wall_s": sum(r["wall_s"] for r in mine),
+                         "cpu_s": sum(r["cpu_s"] for r in mine), "per_head": per_head, "layers": list(data),
+                         "records": mine})  # fmt: skip
     return rows
 
 
@@ -201,6 +205,14 @@ def paired_differences(rows: list[dict], *, a: str = "old", b: str = "new") -> l
     return out
 
 
+def _print_record(r: dict) -> None:
+    print(
+        f"  {r['config']:4s} {r['layer']:>16s} {r['head']:10s} CPU {r['cpu_s']:6.2f} s wall {r['wall_s']:7.2f} s "
+        f"val {r['val_accuracy']:.3f} test {r['test_accuracy']:.3f} {r['params']}",
+        flush=True,
+    )
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("benchmarks.stage2", description=__doc__.splitlines()[0], add_help=add_help)
     p.add_argument("--home", type=Path, help="FEATURECACHE_HOME holding the cache (read only)")
@@ -208,6 +220,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--base", default=BASE, help="base cache folder")
     p.add_argument("--n-per-class", type=int, default=1300, help="rows per class of the generated data")
     p.add_argument("--heads", type=lambda v: v.split(","), help="comma-separated heads (default: all registered)")
+    p.add_argument("--configs", type=lambda v: v.split(","), default=["old", "new"], help="old,new or one of them")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the rows (without per-item correctness) here")
@@ -217,7 +230,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     home = args.home or (Path(os.environ["FEATURECACHE_HOME"]) if "FEATURECACHE_HOME" in os.environ else None)
     rows = run(home=home, dataset=args.dataset, base_tag=args.base, n_per_class=args.n_per_class,
-               heads=args.heads, repeats=args.repeats, threads=args.threads)  # fmt: skip
+               heads=args.heads, configs=tuple(CONFIGS[c] for c in args.configs), repeats=args.repeats,
+               threads=args.threads, progress=_print_record)  # fmt: skip
     for config in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == config]
         cpu, wall = (float(np.median([r[k] for r in mine])) for k in ("cpu_s", "wall_s"))
