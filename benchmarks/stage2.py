@@ -159,11 +159,12 @@ def run(
     """
     import torch
 
-    from featurecache.heads import list_heads
+    from featurecache.heads import get_head_spec, list_heads
 
     torch.set_num_threads(threads)
     data = cached_splits(home, dataset, base_tag) if dataset else generated_splits(n_per_class=n_per_class)
-    heads = heads or list_heads()
+    # The per-layer heads; a multi-tap head (reads every tap at once, trained once per base) is not a layer x head job.
+    heads = heads or [h for h in list_heads() if not getattr(get_head_spec(h), "multi_tap", False)]
     rows = []
     for repeat in range(repeats):
         # Interleaved per layer x head (A, B, A, B, ...): the VM's speed drifts over minutes, so configs whose
