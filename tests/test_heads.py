@@ -241,3 +241,24 @@ def test_unknown_or_missing_backend_says_what_to_install(cached, tmp_path, monke
     with pytest.raises(FeaturecacheError, match=r"pip install 'featurecache\[ray\]'"):
         train_heads(dataset="shapes", base_tag=BASE, heads=["knn"], options=TrainOptions(backend="ray",
                     progress=False), paths=paths)  # fmt: skip
+
+
+def test_dense_head_fits_on_its_own_thread_count_and_restores_the_process_setting():
+    import torch
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 64)).astype(np.float32)
+    y = (X[:, :3].sum(1) > 0).astype(int)
+    before = torch.get_num_threads()
+    fits = []
+    try:
+        for process_threads in (1, 2):
+            torch.set_num_threads(process_threads)
+            head = DenseClassifier(hidden_units=(32,), max_epochs=5).fit(X[:150], y[:150], eval_set=(X[150:], y[150:]))
+            assert torch.get_num_threads() == process_threads  # restored after the fit
+            fits.append(head)
+    finally:
+        torch.set_num_threads(before)
+    # Fitted on one thread whatever the process allows, so the numbers do not depend on the job layout.
+    assert fits[0].history_ == fits[1].history_
+    np.testing.assert_array_equal(fits[0].predict_proba(X), fits[1].predict_proba(X))

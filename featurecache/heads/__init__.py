@@ -18,7 +18,7 @@ LOGREG_C_GRID = [float(c) for c in np.logspace(-4, 2, 7)]
 LINEAR_SVM_C_GRID = [float(c) for c in np.logspace(-5, 0, 6)]
 RBF_SVM_C_GRID = [0.3, 1.0, 3.0, 10.0, 30.0]
 KNN_NEIGHBORS_GRID = [1, 3, 7, 15]
-MLP_GRID = {"hidden_units": [(256,), (512, 256)], "dropout": [0.2, 0.5]}
+MLP_GRID = {"hidden_units": [(512, 256)], "dropout": [0.2, 0.5]}  # trimmed from 4 points by measured wins (git log)
 MULTILAYER_KEEP_FRACTION_GRID = [0.05, 0.1, 0.2, 0.4, 0.7, 1.0]
 
 

@@ -8,7 +8,7 @@ trains from chunks read off the HDF5 cache when a split does not fit in memory.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import io
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +48,10 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         patience: epochs without validation improvement before stopping.
         validation_fraction: share of training rows held out for early stopping when ``fit`` gets no eval_set.
         device: ``cpu``, ``cuda`` or ``auto``.
+        threads: torch intra-op threads while fitting on the CPU (restored afterwards); ``None`` keeps the
+            process's setting. One by default: these matmuls are too small to gain much from a second thread, and
+            on a shared machine two spinning threads made a fit several times slower (see BENCHMARKS.md); parallel
+            jobs (``train-heads --n-jobs``) use the cores instead, and the numbers no longer depend on the count.
         random_state: seeds initialisation, shuffling and the hold-out split.
     """
 
@@ -62,6 +66,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         patience: int = 10,
         validation_fraction: float = 0.1,
         device: str = "cpu",
+        threads: int | None = 1,
         random_state: int | None = 0,
     ) -> None:
         self.hidden_units = hidden_units
@@ -73,6 +78,7 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
         self.patience = patience
         self.validation_fraction = validation_fraction
         self.device = device
+        self.threads = threads
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fitting
@@ -150,41 +156,56 @@ class DenseClassifier(ClassifierMixin, BaseEstimator):
     def _train(
         self, chunks: Sequence[ChunkLoader], X_val: Any, y_val: Any, rng: np.random.Generator
     ) -> DenseClassifier:
+        device = _device(self.device)
+        with _torch_threads(self.threads if device.type == "cpu" else None):
+            return self._train_loop(chunks, X_val, y_val, rng, device)
+
+    def _train_loop(
+        self, chunks: Sequence[ChunkLoader], X_val: Any, y_val: Any, rng: np.random.Generator, device: Any
+    ) -> DenseClassifier:
         import torch
 
-        device = _device(self.device)
         torch.manual_seed(int(rng.integers(2**31)))
         model = _mlp(self.n_features_in_, tuple(self.hidden_units), len(self.classes_), self.dropout).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # foreach: one fused update per parameter group instead of a Python loop per tensor (most of a step's
+        # overhead on the narrow layers).
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay, foreach=True)
         loss_fn = torch.nn.CrossEntropyLoss()
         mean = torch.as_tensor(self.mean_, device=device)
         scale = torch.as_tensor(self.scale_, device=device)
+        # In memory (one chunk): standardized once into a float32 tensor, not once per epoch.
+        resident = [_standardized(*chunks[0](), mean, scale, device)] if len(chunks) == 1 else None
+        val = None if X_val is None else (_standardized(X_val, y_val, mean, scale, device))
         best_state, best_score, best_epoch, stale = None, -math.inf, 0, 0
         self.history_ = []
         for epoch in range(1, self.max_epochs + 1):
             model.train()
-            total, seen = 0.0, 0
-            for X_chunk, y_chunk in _shuffled(chunks, rng):
-                Xt = (torch.as_tensor(X_chunk, device=device) - mean) / scale
-                yt = torch.as_tensor(y_chunk, device=device, dtype=torch.long)
+            total = torch.zeros((), device=device)
+            seen = 0
+            blocks = resident or (_standardized(X, y, mean, scale, device) for X, y in _chunk_order(chunks, rng))
+            for Xt, yt in blocks:
+                order = torch.as_tensor(rng.permutation(len(Xt)), device=device)
                 for start in range(0, len(Xt), self.batch_size):
-                    xb, yb = Xt[start : start + self.batch_size], yt[start : start + self.batch_size]
+                    rows = order[start : start + self.batch_size]
                     opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(xb), yb)
+                    loss = loss_fn(model(Xt[rows]), yt[rows])
                     loss.backward()
                     opt.step()
-                    total += loss.item() * len(xb)
-                    seen += len(xb)
-            record = {"epoch": epoch, "train_loss": total / max(seen, 1)}
-            if X_val is not None:
-                score = float((self._logits(model, X_val, device).argmax(1) == torch.as_tensor(y_val)).float().mean())
+                    total += loss.detach() * len(rows)  # summed on the device: no sync per step
+                    seen += len(rows)
+            record = {"epoch": epoch, "train_loss": float(total) / max(seen, 1)}
+            if val is not None:
+                model.eval()
+                with torch.inference_mode():
+                    score = float((model(val[0]).argmax(1) == val[1]).float().mean())
                 record["val_accuracy"] = score
                 if score > best_score:
-                    best_state, best_score, best_epoch, stale = copy.deepcopy(model.state_dict()), score, epoch, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_score, best_epoch, stale = score, epoch, 0
                 else:
                     stale += 1
             self.history_.append(record)
-            if X_val is not None and stale >= self.patience:
+            if val is not None and stale >= self.patience:
                 break
         if best_state is not None:
             model.load_state_dict(best_state)  # best-epoch restore
@@ -260,9 +281,31 @@ def _device(name: str) -> Any:
     return torch.device(name)
 
 
-def _shuffled(chunks: Sequence[ChunkLoader], rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Chunks in a random order, rows shuffled within each; a single in-memory chunk is a full shuffle."""
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (``None``: unchanged), then restore the count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _chunk_order(chunks: Sequence[ChunkLoader], rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Chunks in a random order (rows are shuffled within each by the caller); one chunk is a full shuffle."""
     for i in rng.permutation(len(chunks)):
-        X_chunk, y_chunk = chunks[i]()
-        order = rng.permutation(len(X_chunk))
-        yield X_chunk[order], y_chunk[order]
+        yield chunks[i]()
+
+
+def _standardized(X: np.ndarray, y: np.ndarray, mean: Any, scale: Any, device: Any) -> tuple[Any, Any]:
+    """``(X - mean) / scale`` as a float32 tensor and the labels as a long tensor, on ``device``."""
+    import torch
+
+    Xt = (torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=device) - mean) / scale
+    return Xt, torch.as_tensor(y, device=device, dtype=torch.long)
