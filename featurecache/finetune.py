@@ -157,7 +157,7 @@ def finetune(
 
     loaded = load_base(head_sidecar["base"], **_weights_for(head_sidecar, None), seed=options.seed)
     tap = TapSpec.from_attrs(head_sidecar["tap"])
-    extractor = build_extractor(loaded.model, [tap])
+    extractor = build_extractor(loaded, [tap])
     head = _head_module(estimator, head_sidecar)
 
     device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else

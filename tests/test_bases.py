@@ -44,7 +44,7 @@ def test_duplicate_registration_is_refused():
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2_offline", *FAMILIES])
 def test_default_taps_resolve_and_match_the_real_forward(name):
     loaded = load_base(name, weights="none")
-    traced = trace_base(loaded.model, loaded.spec.input_size, loaded.spec.default_taps, name=name)
+    traced = trace_base(loaded)
     taps = parse_taps("all-stages", traced)
     assert len(taps) >= 4, [t.node for t in taps]
     depths = [t.relative_depth for t in taps]
@@ -52,19 +52,19 @@ def test_default_taps_resolve_and_match_the_real_forward(name):
     assert taps[-1].layout == "vector"  # the pooled penultimate closes the list
     spatial = [t for t in taps if t.layout in ("chw", "hwc")]
     assert [t.reduction for t in spatial] == sorted(t.reduction for t in spatial)
-    out = build_extractor(loaded.model, taps)(torch.randn(2, 3, traced.input_size, traced.input_size))
+    out = build_extractor(loaded, taps)(torch.randn(2, 3, traced.input_size, traced.input_size))
     for tap in taps:
         assert out[tap.key].shape == (2, tap.out_dim), tap
 
 
 def test_pooling_variants_have_the_declared_width():
     loaded = load_base("resnet18", weights="none")
-    traced = trace_base(loaded.model, 224)
+    traced = trace_base(loaded)
     taps = parse_taps("layer3:avg,layer3:max,layer3:grid2,layer3:grid3,layer2:raw,fc", traced)
     assert [t.key for t in taps] == ["layer3", "layer3@max", "layer3@grid2", "layer3@grid3", "layer2@raw", "fc"]
     assert [t.out_dim for t in taps] == [256, 256, 1024, 2304, 128 * 28 * 28, 1000]
     x = torch.randn(2, 3, 224, 224)
-    out = build_extractor(loaded.model, taps)(x)
+    out = build_extractor(loaded, taps)(x)
     assert all(out[t.key].shape == (2, t.out_dim) for t in taps)
     layer3 = torch.nn.Sequential(*list(loaded.model.children())[:7])(x)
     torch.testing.assert_close(out["layer3"], layer3.mean(dim=(2, 3)))
