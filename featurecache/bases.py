@@ -19,6 +19,7 @@ enumerated lazily so importing this module does no work.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import math
@@ -498,7 +499,7 @@ def _timm_lookup(name: str) -> BaseSpec:
     model_name = name.removeprefix(TIMM_PREFIX)
     arch, _, tag = model_name.partition(".")
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(arch, timm.list_models(), n=8)
         hint = f" Did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
         raise FeaturecacheError(f"timm has no model {arch!r}.{hint} `featurecache list-bases 'timm:*'` lists CNNs.")
     if tag and model_name not in timm.list_pretrained(model_name):

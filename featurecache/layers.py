@@ -7,6 +7,8 @@ Taps are FX graph nodes, named as ``torchvision.models.feature_extraction.get_gr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import re
@@ -209,7 +211,8 @@ def _trace_fx(loaded: LoadedBase) -> tuple[list[NodeInfo], str | None]:
         graph = tracer.trace(loaded.model)
     gm = fx.GraphModule(tracer.root, graph, loaded.model.__class__.__name__)
     size = loaded.spec.input_size
-    with torch.inference_mode():
+    # ShapeProp prints the traceback of a failing node itself; the caller reports the failure in one line.
+    with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
         ShapeProp(gm).propagate(torch.zeros(_TRACE_BATCH, 3, size, size))
 
     modules = dict(gm.named_modules())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from featurecache import FeaturecacheError
 from featurecache.bases import BaseSpec, get_base_spec, list_bases, load_base, register_base
 from featurecache.layers import build_extractor, parse_taps, trace_base
+from pipelines import list_bases as list_bases_cli
 
 # A spread of torchvision families (plain, residual, dense, inverted-residual, inception, channels-last
 # transformer, token transformer); the heavy ones are marked slow.
@@ -117,3 +120,14 @@ def test_random_init_is_seeded():
     c = load_base("efficientnet_lite0", weights="none", seed=2).model.state_dict()
     key = "_conv_stem.weight"
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+
+
+def test_without_timm_the_family_is_absent_and_names_the_extra(monkeypatch, capsys):
+    list_bases()  # the family may already be registered: it must still disappear
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm looks like to import
+    assert list_bases() and not any(n.startswith("timm:") for n in list_bases())
+    list_bases_cli.main(list_bases_cli.get_args_parser().parse_args([]))
+    assert "# timm" not in capsys.readouterr().out
+    for name in ("timm:resnet18", "timm:anything"):
+        with pytest.raises(FeaturecacheError, match=r"pip install 'featurecache\[timm\]'"):
+            get_base_spec(name)
