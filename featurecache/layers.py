@@ -131,7 +131,8 @@ def _as_loaded(
         load_weights=unused,
         default_taps=tuple(default_taps) if default_taps is not None else None,
     )
-    return LoadedBase(spec=spec, model=loaded, weights_id="", tag=spec.name)
+    # FX as before, with no fallback: that call shape predates the hook path.
+    return LoadedBase(spec=spec, model=loaded, weights_id="", tag=spec.name, graph="fx")
 
 
 def _is_weighted_op(node: Any, modules: dict[str, Any]) -> bool:

@@ -131,3 +131,14 @@ def test_without_timm_the_family_is_absent_and_names_the_extra(monkeypatch, caps
     for name in ("timm:resnet18", "timm:anything"):
         with pytest.raises(FeaturecacheError, match=r"pip install 'featurecache\[timm\]'"):
             get_base_spec(name)
+
+
+def test_the_older_call_shape_with_a_bare_model_still_traces_and_extracts():
+    # Branches written before trace_base/build_extractor took the LoadedBase still pass (model, input_size, ...).
+    loaded = load_base("resnet18", weights="none")
+    old, new = trace_base(loaded.model, 224, name="resnet18"), trace_base(loaded)
+    assert old.by_name() == new.by_name() and old.default_taps == new.default_taps and old.logits_node == "fc"
+    taps = parse_taps("layer2,fc", old)
+    x = torch.randn(2, 3, 64, 64)
+    for key, value in build_extractor(loaded.model, taps)(x).items():
+        torch.testing.assert_close(value, build_extractor(loaded, taps)(x)[key])

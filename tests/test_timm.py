@@ -165,4 +165,23 @@ def test_lite0_offline_weights_load_bit_identically_into_timm():
         assert torch.equal(theirs[lite0_key_to_timm(key)], value), key
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        torch.testing.assert_close(mapped.model(x), default.model(x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(mapped.model(x), default.model(x))  # same ops in the same order: bit-identical
+
+
+def test_extract_caches_timm_stage_taps_with_their_channels_and_reduction(tmp_path):
+    from featurecache.config import Paths
+    from featurecache.extract import ExtractOptions, extract
+    from featurecache.store import load_features, read_metadata
+    from tests.helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "tiny", per_class={"train": 2, "val": 1, "test": 1})
+    paths = Paths(tmp_path / "project")
+    options = ExtractOptions(dtype="float32", workers=0, progress=False)
+    results = extract(root, base="timm:regnetx_002", weights="none", splits=("train",), options=options, paths=paths)
+    assert results[0].path == paths.features / "tiny" / "timm:regnetx_002-random" / "train.h5"
+    taps = read_metadata(results[0].path)["taps"]
+    info = load_base("timm:regnetx_002", weights="none").model.feature_info
+    stages = [t for t in taps.values() if t["layout"] == "chw"]
+    assert [(t["map_shape"][0], t["reduction"]) for t in stages] == [(f["num_chs"], f["reduction"]) for f in info]
+    features, labels, _ = load_features(results[0].path, "head.global_pool.flatten")
+    assert features.shape == (6, 368) and len(labels) == 6
