@@ -598,8 +598,8 @@ def timm_cached_weights(cfg: Any) -> Path:
         looked.append(str(cached))
     raise FeaturecacheError(
         f"weights of timm {cfg.architecture}.{cfg.tag} are not on this machine and featurecache never downloads: "
-        f"looked at {' and '.join(looked)}. Fetch them into that cache where there is network "
-        f"(`huggingface-cli download {cfg.hf_hub_id}`), or pass --weights-file PATH, or --weights none."
+        f"looked at {' and '.join(looked)}. Fetch them into the Hugging Face cache where there is network "
+        f"(`hf download {cfg.hf_hub_id}`), or pass --weights-file PATH, or --weights none."
     )
 
 

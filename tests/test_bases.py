@@ -142,3 +142,12 @@ def test_the_older_call_shape_with_a_bare_model_still_traces_and_extracts():
     x = torch.randn(2, 3, 64, 64)
     for key, value in build_extractor(loaded.model, taps)(x).items():
         torch.testing.assert_close(value, build_extractor(loaded, taps)(x)[key])
+
+
+def test_the_logits_node_is_the_bases_own_knowledge():
+    # report/compare read the ImageNet logits of the reference base under this key, not a literal.
+    assert get_base_spec("efficientnet_lite0").logits_node == "_fc"
+    offline = load_base("mobilenet_v2_offline", weights="none")
+    assert trace_base(offline).logits_node is None
+    with pytest.raises(FeaturecacheError, match="'mobilenet_v2_offline' has no ImageNet classifier"):
+        parse_taps("logits", trace_base(offline))

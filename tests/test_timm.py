@@ -79,6 +79,7 @@ def test_hooks_give_the_fx_features_for_module_taps():
     for key in outs[0]:
         torch.testing.assert_close(outs[0][key], outs[1][key])
     assert trace_base(hooked).default_taps == ["act1", "layer1", "layer2", "layer3", "layer4", "global_pool"]
+    assert [t.key for t in parse_taps("logits", trace_base(hooked))] == ["fc"]  # timm's pretrained_cfg classifier
 
 
 @pytest.mark.slow
