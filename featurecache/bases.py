@@ -77,7 +77,7 @@ class BaseSpec:
     # Default taps: node names or module prefixes (or PENULTIMATE); None derives stage outputs from the graph.
     default_taps: tuple[str, ...] | None = None
     # Default taps read off the built model (timm's ``feature_info``); when set it overrides ``default_taps``.
-    taps_from_model: Callable[[Any], tuple[str, ...]] | None = None
+    taps_from_model: Callable[[Any], tuple[str, ...] | None] | None = None
     family: str = "torchvision"
     license: str = ""
     # Whether the model ends in the 1000-way ImageNet classifier (used by sanity checks and reports).
@@ -542,16 +542,23 @@ def _timm_spec(model_name: str) -> BaseSpec:
         family="timm",
         license=(cfg.license or "") if cfg is not None else "",
         has_imagenet_classifier=cfg is not None and cfg.num_classes == 1000,
-        logits_node=(cfg.classifier or None) if cfg is not None else None,
+        logits_node=_timm_classifier(cfg),
         tracer_kwargs=timm_tracer_kwargs,
     )
 
 
-def _timm_stage_taps(model: Any) -> tuple[str, ...]:
+def _timm_classifier(cfg: Any) -> str | None:
+    """The classifier module a pretrained config names (the first, for distilled models with two heads)."""
+    if cfg is None or not cfg.num_classes or not cfg.classifier:
+        return None  # a headless checkpoint: the model is built with num_classes=0
+    return cfg.classifier[0] if isinstance(cfg.classifier, tuple | list) else cfg.classifier
+
+
+def _timm_stage_taps(model: Any) -> tuple[str, ...] | None:
     """timm's own stages (``feature_info``: one module per stride, channels and reduction) and the pooled
-    penultimate."""
-    info = getattr(model, "feature_info", None) or []
-    return (*(str(f["module"]) for f in info if f.get("module")), PENULTIMATE)
+    penultimate; None (stages derived from the graph) for a model without feature_info."""
+    modules = [str(f["module"]) for f in getattr(model, "feature_info", None) or [] if f.get("module")]
+    return (*modules, PENULTIMATE) if modules else None
 
 
 def _timm_load(model: Any, variant: str, model_name: str, cfg: Any, extra: dict[str, Callable[[Any], str]]) -> str:
