@@ -78,6 +78,9 @@ class BaseSpec:
     default_taps: tuple[str, ...] | None = None
     # Default taps read off the built model (timm's ``feature_info``); when set it overrides ``default_taps``.
     taps_from_model: Callable[[Any], tuple[str, ...] | None] | None = None
+    # The stride a model declares for its stage modules (timm's feature_info), by module name. Taps there store
+    # it as their reduction; input size // map size is off when the input is not a multiple (240 px: 30, not 32).
+    declared_reductions: Callable[[Any], dict[str, int]] | None = None
     family: str = "torchvision"
     license: str = ""
     # Whether the model ends in the 1000-way ImageNet classifier (used by sanity checks and reports).
@@ -539,6 +542,7 @@ def _timm_spec(model_name: str) -> BaseSpec:
         load_weights=lambda model, variant: _timm_load(model, variant, model_name, cfg, extra),
         weight_variants=((cfg.tag or WEIGHTS_DEFAULT) if cfg is not None else WEIGHTS_DEFAULT, *extra),
         taps_from_model=_timm_stage_taps,
+        declared_reductions=_timm_reductions,
         family="timm",
         license=(cfg.license or "") if cfg is not None else "",
         has_imagenet_classifier=cfg is not None and cfg.num_classes == 1000,
@@ -559,6 +563,11 @@ def _timm_stage_taps(model: Any) -> tuple[str, ...] | None:
     penultimate; None (stages derived from the graph) for a model without feature_info."""
     modules = [str(f["module"]) for f in getattr(model, "feature_info", None) or [] if f.get("module")]
     return (*modules, PENULTIMATE) if modules else None
+
+
+def _timm_reductions(model: Any) -> dict[str, int]:
+    info = getattr(model, "feature_info", None) or []
+    return {str(f["module"]): int(f["reduction"]) for f in info if f.get("module")}
 
 
 def _timm_load(model: Any, variant: str, model_name: str, cfg: Any, extra: dict[str, Callable[[Any], str]]) -> str:

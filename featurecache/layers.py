@@ -14,7 +14,7 @@ import math
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +105,8 @@ class TracedBase:
     graph: str = "fx"  # fx: nodes of the FX graph | hooks: outputs of named modules (models FX cannot trace)
     # The node whose output is the ImageNet logits (what ``--layers logits`` means); None without a classifier.
     logits_node: str | None = None
+    # Node -> the stride the model declares there (BaseSpec.declared_reductions); other taps use size // map size.
+    reductions: dict[str, int] = field(default_factory=dict)
 
     def by_name(self) -> dict[str, NodeInfo]:
         return {n.name: n for n in self.nodes}
@@ -192,6 +194,9 @@ def trace_base(
     else:
         resolved = [penultimate if q == PENULTIMATE else resolve_node(traced, q) for q in queries]
         traced.default_taps = list(dict.fromkeys(r for r in resolved if r is not None))
+    if spec.declared_reductions is not None:
+        declared = spec.declared_reductions(loaded.model).items()
+        traced.reductions = {resolve_node(traced, module): stride for module, stride in declared}
     if spec.logits_node is not None:
         traced.logits_node = resolve_node(traced, spec.logits_node)
     elif spec.has_imagenet_classifier and nodes:
@@ -428,7 +433,8 @@ def parse_taps(text: str | Sequence[str], traced: TracedBase, *, default_pool: s
                 layout=layout,
                 out_dim=pooled_dim(shape, layout, pool),
                 relative_depth=info[node].relative_depth,
-                reduction=traced.input_size // (spatial_size(shape, layout) or (traced.input_size,))[0],
+                reduction=traced.reductions.get(node)
+                or traced.input_size // (spatial_size(shape, layout) or (traced.input_size,))[0],
             )
         )
     return taps

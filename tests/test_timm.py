@@ -169,6 +169,13 @@ def test_lite0_offline_weights_load_bit_identically_into_timm():
         assert torch.equal(mapped.model(x), default.model(x))  # same ops in the same order: bit-identical
 
 
+def test_reduction_is_the_declared_stride_when_the_input_is_not_a_multiple():
+    loaded = load_base("timm:efficientnet_b1", weights="none")  # 240 px: the last map is 8x8, the stride 32
+    taps = parse_taps("all-stages,blocks.6.0.conv_pwl", trace_base(loaded))
+    assert [t.reduction for t in taps] == [2, 4, 8, 16, 32, 1, 240 // 8]  # a node outside feature_info: size // map
+    assert taps[4].map_shape[-1] == 8
+
+
 def test_extract_caches_timm_stage_taps_with_their_channels_and_reduction(tmp_path):
     from featurecache.config import Paths
     from featurecache.extract import ExtractOptions, extract
