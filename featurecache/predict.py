@@ -70,7 +70,7 @@ def predict_images(
             f"{sidecar['weights']}; use the same weights (or retrain the head)"
         )
     tap = TapSpec.from_attrs(sidecar["tap"])
-    extractor = build_extractor(loaded.model, [tap])
+    extractor = build_extractor(loaded, [tap])
     transform = loaded.spec.transforms()
     classes = sidecar["class_names"]
     out = []

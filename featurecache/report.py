@@ -24,6 +24,7 @@ import numpy as np
 from featurecache import store
 from featurecache.advice import explain, gain_text, pts, transfer_sentence
 from featurecache.answer import Answer, HeadResult, LabelReader, compute_answer, is_control, result_of_sidecar
+from featurecache.bases import get_base_spec
 from featurecache.config import Paths
 from featurecache.fileio import atomic_write_text
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
@@ -36,7 +37,6 @@ from featurecache.selection import pick_best
 log = logging.getLogger(__name__)
 
 REFERENCE_BASE = "efficientnet_lite0"  # its ImageNet classifier measures how far a dataset is from ImageNet
-REFERENCE_LOGITS = "_fc"
 FIGURE = "accuracy_vs_depth.png"
 
 Block = tuple[str, Any]  # ("h1"|"h2"|"h3"|"p"|"box"|"ul"|"img"|"table", content)
@@ -50,9 +50,10 @@ def imagenet_distance(dataset: str, paths: Paths) -> dict[str, float] | None:
     spread the predictions are over ImageNet's 1000 classes).
     """
     path = paths.feature_file(dataset, REFERENCE_BASE, "train")
-    if not path.is_file() or REFERENCE_LOGITS not in store.read_metadata(path)["taps"]:
+    logits_key = get_base_spec(REFERENCE_BASE).logits_node  # the cache key `--layers logits` writes
+    if not path.is_file() or logits_key not in store.read_metadata(path)["taps"]:
         return None
-    logits, _, _ = store.load_features(path, REFERENCE_LOGITS)
+    logits, _, _ = store.load_features(path, logits_key)
     z = logits.astype(np.float64)
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)

@@ -20,9 +20,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     # Shapes do not depend on the weights; random init avoids needing weight files just to look.
     loaded = load_base(args.base, weights="none")
-    traced = trace_base(loaded.model, loaded.spec.input_size, loaded.spec.default_taps, name=args.base)
+    traced = trace_base(loaded)
     defaults = set(traced.default_taps)
-    print(f"# {args.base}: {len(traced.nodes)} nodes at {traced.input_size}x{traced.input_size}; * = default tap")
+    kind = "FX graph nodes" if traced.graph == "fx" else "module outputs (FX cannot trace this model)"
+    print(f"# {args.base}: {len(traced.nodes)} {kind} at {traced.input_size}x{traced.input_size}; * = default tap")
     print(f"  {'node':48s} {'shape':>18s} {'depth':>6s}")
     for node in traced.nodes:
         if args.defaults_only and node.name not in defaults:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from featurecache import FeaturecacheError
 from featurecache.bases import BaseSpec, get_base_spec, list_bases, load_base, register_base
 from featurecache.layers import build_extractor, parse_taps, trace_base
+from pipelines import list_bases as list_bases_cli
 
 # A spread of torchvision families (plain, residual, dense, inverted-residual, inception, channels-last
 # transformer, token transformer); the heavy ones are marked slow.
@@ -44,7 +47,7 @@ def test_duplicate_registration_is_refused():
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenet_v2_offline", *FAMILIES])
 def test_default_taps_resolve_and_match_the_real_forward(name):
     loaded = load_base(name, weights="none")
-    traced = trace_base(loaded.model, loaded.spec.input_size, loaded.spec.default_taps, name=name)
+    traced = trace_base(loaded)
     taps = parse_taps("all-stages", traced)
     assert len(taps) >= 4, [t.node for t in taps]
     depths = [t.relative_depth for t in taps]
@@ -52,19 +55,19 @@ def test_default_taps_resolve_and_match_the_real_forward(name):
     assert taps[-1].layout == "vector"  # the pooled penultimate closes the list
     spatial = [t for t in taps if t.layout in ("chw", "hwc")]
     assert [t.reduction for t in spatial] == sorted(t.reduction for t in spatial)
-    out = build_extractor(loaded.model, taps)(torch.randn(2, 3, traced.input_size, traced.input_size))
+    out = build_extractor(loaded, taps)(torch.randn(2, 3, traced.input_size, traced.input_size))
     for tap in taps:
         assert out[tap.key].shape == (2, tap.out_dim), tap
 
 
 def test_pooling_variants_have_the_declared_width():
     loaded = load_base("resnet18", weights="none")
-    traced = trace_base(loaded.model, 224)
+    traced = trace_base(loaded)
     taps = parse_taps("layer3:avg,layer3:max,layer3:grid2,layer3:grid3,layer2:raw,fc", traced)
     assert [t.key for t in taps] == ["layer3", "layer3@max", "layer3@grid2", "layer3@grid3", "layer2@raw", "fc"]
     assert [t.out_dim for t in taps] == [256, 256, 1024, 2304, 128 * 28 * 28, 1000]
     x = torch.randn(2, 3, 224, 224)
-    out = build_extractor(loaded.model, taps)(x)
+    out = build_extractor(loaded, taps)(x)
     assert all(out[t.key].shape == (2, t.out_dim) for t in taps)
     layer3 = torch.nn.Sequential(*list(loaded.model.children())[:7])(x)
     torch.testing.assert_close(out["layer3"], layer3.mean(dim=(2, 3)))
@@ -117,3 +120,34 @@ def test_random_init_is_seeded():
     c = load_base("efficientnet_lite0", weights="none", seed=2).model.state_dict()
     key = "_conv_stem.weight"
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+
+
+def test_without_timm_the_family_is_absent_and_names_the_extra(monkeypatch, capsys):
+    list_bases()  # the family may already be registered: it must still disappear
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm looks like to import
+    assert list_bases() and not any(n.startswith("timm:") for n in list_bases())
+    list_bases_cli.main(list_bases_cli.get_args_parser().parse_args([]))
+    assert "# timm" not in capsys.readouterr().out
+    for name in ("timm:resnet18", "timm:anything"):
+        with pytest.raises(FeaturecacheError, match=r"pip install 'featurecache\[timm\]'"):
+            get_base_spec(name)
+
+
+def test_the_older_call_shape_with_a_bare_model_still_traces_and_extracts():
+    # Branches written before trace_base/build_extractor took the LoadedBase still pass (model, input_size, ...).
+    loaded = load_base("resnet18", weights="none")
+    old, new = trace_base(loaded.model, 224, name="resnet18"), trace_base(loaded)
+    assert old.by_name() == new.by_name() and old.default_taps == new.default_taps and old.logits_node == "fc"
+    taps = parse_taps("layer2,fc", old)
+    x = torch.randn(2, 3, 64, 64)
+    for key, value in build_extractor(loaded.model, taps)(x).items():
+        torch.testing.assert_close(value, build_extractor(loaded, taps)(x)[key])
+
+
+def test_the_logits_node_is_the_bases_own_knowledge():
+    # report/compare read the ImageNet logits of the reference base under this key, not a literal.
+    assert get_base_spec("efficientnet_lite0").logits_node == "_fc"
+    offline = load_base("mobilenet_v2_offline", weights="none")
+    assert trace_base(offline).logits_node is None
+    with pytest.raises(FeaturecacheError, match="'mobilenet_v2_offline' has no ImageNet classifier"):
+        parse_taps("logits", trace_base(offline))
