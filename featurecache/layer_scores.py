@@ -14,21 +14,19 @@ Returned records are dataclasses of plain values; the report renders them.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featurecache import persist, store
+from featurecache.answer import head_results, is_frozen_plain, multilayer_comparisons
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
-from featurecache.heads import FINETUNED_PREFIX, simplicity_rank
-from featurecache.train import MULTI_TAP_LAYER
+from featurecache.selection import Candidate, pick_best
 from featurecache.transferability import knn_loo_accuracy, logme, ncti, ncti_components, sfda
 
 # name -> (features, labels) -> score, for the scores that judge one layer on its own. NCTI is relative to the
@@ -117,12 +115,19 @@ def score_layers(
 
 
 def shortlist_layers(
-    dataset: str, base_tag: str, k: int, score: str = DEFAULT_SHORTLIST_SCORE, paths: Paths | None = None
+    dataset: str,
+    base_tag: str,
+    k: int,
+    score: str = DEFAULT_SHORTLIST_SCORE,
+    paths: Paths | None = None,
+    *,
+    layers: Sequence[str] | None = None,
 ) -> list[str]:
-    """The ``k`` layers ranked best by ``score`` (ties to the shallower layer), best first."""
+    """The ``k`` layers (of ``layers``, default every cached one) ranked best by ``score`` (ties to the shallower
+    layer), best first."""
     if k < 1:
         raise FeaturecacheError(f"--shortlist must be at least 1 (got {k})")
-    result = score_layers(dataset, base_tag, paths, scores=[score])
+    result = score_layers(dataset, base_tag, paths, scores=[score], layers=layers)
     return rank_layers(result.scores[score], result.relative_depth)[:k]
 
 
@@ -152,14 +157,14 @@ def selected_heads(dataset: str, base_tag: str, paths: Paths | None = None) -> d
     models (not heads on the cached features) are left out."""
     paths = paths or default_paths()
     by_layer: dict[str, list[dict[str, Any]]] = {}
-    for sidecar_path in sorted((paths.models / dataset / base_tag).glob(f"*/*/{persist.SIDECAR_FILE}")):
-        s = json.loads(sidecar_path.read_text())
-        if sidecar_path.parent.parent.name == MULTI_TAP_LAYER or s["head"].startswith(FINETUNED_PREFIX):
+    for directory in paths.head_dirs(dataset, base_tag):
+        s = persist.read_sidecar(directory)
+        if s is None or s["tap"].get("multi_tap") or not is_frozen_plain(s["head"]):
             continue
-        by_layer.setdefault(s["layer"], []).append({**s, "model_dir": str(sidecar_path.parent)})
+        by_layer.setdefault(s["layer"], []).append({**s, "model_dir": str(directory)})
     out = {}
     for layer, heads in by_layer.items():
-        best = min(heads, key=lambda s: (-s["selection_val_accuracy"], simplicity_rank(s["head"]), s["head"]))
+        best = pick_best(heads)  # the one selection rule (featurecache.selection)
         out[layer] = SelectedHead(layer, best["head"], best["tap"]["relative_depth"], best["selection_val_accuracy"],
                                   best["test"]["accuracy"], round(sum(s["timings"]["total_seconds"] for s in heads), 3),
                                   best["model_dir"])  # fmt: skip
@@ -168,8 +173,7 @@ def selected_heads(dataset: str, base_tag: str, paths: Paths | None = None) -> d
 
 def best_layer(heads: dict[str, SelectedHead]) -> str:
     """The layer a full run selects (as the leaderboard ranks: val accuracy, simpler head, shallower layer)."""
-    order = min(heads.values(), key=lambda h: (-h.val_accuracy, simplicity_rank(h.head), h.relative_depth, h.layer))
-    return order.layer
+    return pick_best(heads.values(), lambda h: Candidate("", h.layer, h.head, h.relative_depth, h.val_accuracy)).layer
 
 
 # ------------------------------------------------------------------------------------------------ tau table
@@ -282,38 +286,20 @@ class PairedDifference:
     n_test: int
 
 
-def _test_correct(model_dir: str, test_file: Path) -> np.ndarray:
-    """Per-image correctness of a saved head on the test split (its taps concatenated for multi-tap heads)."""
-    estimator, sidecar = persist.load_head(model_dir)
-    taps = sidecar.get("taps") or [sidecar["layer"]]
-    parts = [store.load_features(test_file, tap)[:2] for tap in taps]
-    X = np.concatenate([p[0] for p in parts], axis=1).astype(np.float32)
-    return estimator.predict(X) == parts[0][1]
-
-
 def multilayer_vs_best_single(
     dataset: str, base_tag: str, paths: Paths | None = None, *, head: str = "multilayer", seed: int = 0
 ) -> PairedDifference:
     """Test accuracy of ``head`` (saved under the all-stages folder) minus that of the best single-layer head
-    chosen on val, with a 95% percentile-bootstrap interval of the paired per-image differences."""
-    from featurecache.metrics import bootstrap_ci
-
+    chosen on val, with a 95% percentile-bootstrap interval of the paired per-image differences (computed by
+    :func:`featurecache.answer.multilayer_comparisons`, which the report uses too)."""
     paths = paths or default_paths()
-    multi_dir = paths.models / dataset / base_tag / MULTI_TAP_LAYER / head
-    if persist.read_sidecar(multi_dir) is None:
+    results = head_results(dataset, base_tag, paths)
+    found = [c for c in multilayer_comparisons({base_tag: results}, [base_tag], seed=seed) if c["result"].head == head]
+    if not found:
         raise FeaturecacheError(
-            f"no {head} head at {multi_dir}; train it with `featurecache train-heads --dataset {dataset} "
-            f"--bases {base_tag} --heads {head}`"
+            f"no {head} head and single-layer heads for {dataset} x {base_tag}; train them with `featurecache "
+            f"train-heads --dataset {dataset} --bases {base_tag}`"
         )
-    heads = selected_heads(dataset, base_tag, paths)
-    if not heads:
-        raise FeaturecacheError(f"no single-layer heads under {paths.models / dataset / base_tag}; train some first")
-    single = heads[best_layer(heads)]
-    test_file = paths.feature_file(dataset, base_tag, "test")
-    multi = _test_correct(str(multi_dir), test_file).astype(np.float64)
-    one = _test_correct(single.model_dir, test_file).astype(np.float64)
-    diff = multi - one
-    # bootstrap_ci resamples the mean of a vector: the mean of per-image differences is the paired difference
-    low, high = bootstrap_ci(diff, seed=seed)
-    return PairedDifference(dataset, base_tag, float(multi.mean()), single.layer, single.head, float(one.mean()),
-                            float(diff.mean()), (low, high), int(len(diff)))  # fmt: skip
+    multi, single, (diff, low, high) = found[0]["result"], found[0]["best_single"], found[0]["gain"]
+    return PairedDifference(dataset, base_tag, multi.test_accuracy, single.layer, single.head, single.test_accuracy,
+                            diff, (low, high), len(multi.test_correct))  # fmt: skip

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from featurecache import store
 from featurecache.bases import WEIGHTS_DEFAULT, WEIGHTS_NONE, load_base
+from featurecache.data import bad_image_errors, load_image
 from featurecache.errors import FeaturecacheError
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.persist import load_head
@@ -31,6 +33,24 @@ def _weights_for(sidecar: dict[str, Any], weights_file: str | os.PathLike | None
     return {"weights": tag[len(base) + 1 :] if tag != base else WEIGHTS_DEFAULT}
 
 
+def _alpha_of(sidecar: dict[str, Any]) -> str:
+    """The background the head's training images were composited onto, so new images are decoded the same way.
+
+    Recorded in the sidecar; heads whose sidecar predates it read it from the training cache's attrs.
+    """
+    if sidecar.get("alpha"):
+        return sidecar["alpha"]
+    train_file = Path(sidecar["features"]["train"]["file"])
+    alpha = store.read_metadata(train_file).get("alpha") if train_file.is_file() else None
+    if alpha is None:
+        raise FeaturecacheError(
+            f"cannot tell how the training images of this head were decoded (no 'alpha' in its sidecar or in "
+            f"{train_file}): it predates --alpha; re-run `featurecache extract` and `featurecache train-heads "
+            f"--overwrite`"
+        )
+    return alpha
+
+
 def predict_images(
     head_dir: str | os.PathLike,
     images: Sequence[str | os.PathLike],
@@ -40,9 +60,9 @@ def predict_images(
 ) -> list[dict[str, Any]]:
     """Classify image files with a saved head; returns ``[{path, label, probability}]`` in input order."""
     import torch
-    from torchvision.datasets.folder import default_loader
 
     estimator, sidecar = load_head(head_dir)
+    alpha = _alpha_of(sidecar)
     loaded = load_base(sidecar["base"], **_weights_for(sidecar, weights_file))
     if loaded.weights_id != sidecar["weights"]:
         raise FeaturecacheError(
@@ -59,8 +79,8 @@ def predict_images(
         tensors = []
         for p in batch_paths:
             try:
-                tensors.append(transform(default_loader(str(p))))
-            except (OSError, ValueError, SyntaxError) as exc:
+                tensors.append(transform(load_image(p, alpha=alpha)))
+            except bad_image_errors() as exc:
                 raise FeaturecacheError(f"cannot read image {p}: {exc}") from exc
         with torch.inference_mode():
             rows = extractor(torch.stack(tensors))[tap.key].numpy()

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from featurecache.answer import MIN_IMAGES_PER_CLASS, smallest_class_counts
 from featurecache.config import default_paths
 from featurecache.heads import list_heads
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
@@ -65,13 +66,19 @@ def main(args: argparse.Namespace) -> int:
                                    options=options):  # fmt: skip
             counts[sidecar["status"]] += 1
     best = write_leaderboard(args.dataset)
-    report = default_paths().reports / args.dataset
+    report = default_paths().leaderboard_dir(args.dataset)
     print((report / "results.md").read_text())
     b = best["best"]
     print(f"{counts['trained']} heads trained, {counts['reused']} reused (--overwrite retrains)")
     print(f"best on val: {b['base']} / {b['layer']} / {b['head']}: val {b['val_accuracy']:.3f}, "
           f"test {b['test_accuracy']:.3f} ({b['test_ci_low']:.3f}–{b['test_ci_high']:.3f})")  # fmt: skip
     print(f"wrote {report}/results.csv, {report}/results.md, {report}/best.json")
+    counts = smallest_class_counts(args.dataset, args.bases[0], default_paths())
+    small = {s: n for s, n in counts.items() if s != "train" and n < MIN_IMAGES_PER_CLASS}
+    if small:
+        where = ", ".join(f"{s}: {n} image(s) in the smallest class" for s, n in small.items())
+        print(f"WARNING: small sample ({where}; fewer than {MIN_IMAGES_PER_CLASS}): the ranking above is within "
+              f"noise. `featurecache compare-layers` says which heads are statistically tied.")  # fmt: skip
     return 0
 
 

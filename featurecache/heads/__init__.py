@@ -137,3 +137,27 @@ register_head(HeadSpec("mlp", "dense net in torch, early stopping on val, best-e
 register_head(HeadSpec("multilayer", "every stage tap: standardize, keep the most relevant features, logreg",
                        _multilayer, {"keep_fraction": MULTILAYER_KEEP_FRACTION_GRID}, sweep=_multilayer_sweep,
                        multi_tap=True))  # fmt: skip
+
+
+# The head classes, importable from here (``from featurecache.heads import DenseClassifier``). They load on first
+# use (PEP 562 module __getattr__), so importing the registry stays cheap: no scikit-learn estimators until then.
+_HEAD_CLASSES = {
+    "LogisticRegressionHead": "featurecache.heads.classic",
+    "LinearSVMHead": "featurecache.heads.classic",
+    "RBFSVMClassifier": "featurecache.heads.classic",
+    "KNNHead": "featurecache.heads.classic",
+    "DenseClassifier": "featurecache.heads.dense",
+    "MultiLayerHead": "featurecache.heads.multilayer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HEAD_CLASSES:
+        import importlib
+
+        return getattr(importlib.import_module(_HEAD_CLASSES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HEAD_CLASSES])
