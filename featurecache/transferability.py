@@ -17,7 +17,7 @@ well a cheap head would do on that layer, without training one. Higher is better
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -101,24 +101,16 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------------------ SFDA
 
 
-def _shrunk(cov: np.ndarray, shrinkage: float) -> np.ndarray:
-    """Ledoit-Wolf style shrinkage towards the mean variance: (1 - s) C + s tr(C)/D I."""
-    out = (1.0 - shrinkage) * cov
-    out.flat[:: cov.shape[0] + 1] += shrinkage * np.trace(cov) / cov.shape[0]
-    return out
-
-
-def _largest_eigenvalue(matrix: np.ndarray, iterations: int = 3) -> float:
-    """Three steps of power iteration from the row sums, as the reference does (cheap and good enough to set
-    the shrinkage, which only needs the order of magnitude)."""
-    x = matrix.sum(axis=1)
-    y = x
+def _largest_eigenvalue(times: Callable[[np.ndarray], np.ndarray], start: np.ndarray, iterations: int = 3) -> float:
+    """Three steps of power iteration from ``start`` (the row sums), as the reference does: cheap, and the
+    shrinkage only needs the order of magnitude. ``times(v)`` is the matrix-vector product."""
+    x = y = start
     for _ in range(iterations):
-        y = matrix @ x
-        y /= max(np.linalg.norm(y), np.finfo(float).tiny)
-        x = matrix @ y
-        x /= max(np.linalg.norm(x), np.finfo(float).tiny)
-    return float(x @ matrix @ y)
+        y = times(x)
+        y = y / max(np.linalg.norm(y), np.finfo(float).tiny)
+        x = times(y)
+        x = x / max(np.linalg.norm(x), np.finfo(float).tiny)
+    return float(x @ times(y))
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -127,28 +119,47 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def _solve_shrunk_within(centered: np.ndarray, shrinkage: float, rhs: np.ndarray) -> np.ndarray:
+    """Solve ((1 - s) S_w + s tr(S_w)/D I) x = rhs with S_w = centered^T centered / N, never forming S_w when
+    N < D (Woodbury: the N x N system instead of the D x D one)."""
+    from scipy import linalg
+
+    n, d = centered.shape
+    a = shrinkage * float(np.einsum("ij,ij->", centered, centered)) / n / d  # the ridge on the diagonal
+    b = (1.0 - shrinkage) / n
+    if n >= d:
+        matrix = b * (centered.T @ centered)
+        matrix.flat[:: d + 1] += a
+        return linalg.solve(matrix, rhs, assume_a="sym")
+    # (a I + b Z^T Z)^-1 = I/a - (b/a^2) Z^T (I + (b/a) Z Z^T)^-1 Z
+    inner = (b / a) * (centered @ centered.T)
+    inner.flat[:: n + 1] += 1.0
+    return rhs / a - (b / a**2) * (centered.T @ linalg.solve(inner, centered @ rhs, assume_a="sym"))
+
+
 def _lda_proba(features: np.ndarray, codes: np.ndarray, n_classes: int, shrinkage: float | None) -> tuple:
     """Class probabilities of a shrunk LDA fitted on the same rows, its class means and the shrinkage used.
 
     The reference solves the generalized eigenproblem (S_b, S_w) and keeps every eigenvector V; since
     V^T S_w V = I, V V^T = S_w^-1 and its coefficients are means @ S_w^-1, which one linear solve gives at a
-    fraction of the cost of a D x D eigendecomposition.
+    fraction of the cost of a D x D eigendecomposition. The prior-weighted biased class covariances sum to
+    centered^T centered / N (prior_c / N_c = 1 / N).
     """
-    from scipy import linalg
-
-    priors = np.bincount(codes, minlength=n_classes) / len(codes)
+    n = len(codes)
+    counts = np.bincount(codes, minlength=n_classes)
     means = np.zeros((n_classes, features.shape[1]))
     np.add.at(means, codes, features)
-    means /= np.bincount(codes, minlength=n_classes)[:, None]
+    means /= counts[:, None]
     centered = features - means[codes]
-    within = np.zeros((features.shape[1],) * 2)
-    for c in range(n_classes):
-        rows = centered[codes == c]
-        within += priors[c] * (rows.T @ rows) / len(rows)  # biased class covariance, weighted by the prior
     if shrinkage is None:  # the reference's adaptive strength: strong for small-scale features, tiny otherwise
-        shrinkage = max(float(np.exp(-5.0 * _largest_eigenvalue(within))), 1e-10)
-    coef = linalg.solve(_shrunk(within, shrinkage), means.T, assume_a="sym").T
-    intercept = -0.5 * np.einsum("cd,cd->c", means, coef) + np.log(priors)
+
+        def within_times(v: np.ndarray) -> np.ndarray:
+            return centered.T @ (centered @ v) / n
+
+        largest = _largest_eigenvalue(within_times, within_times(np.ones(features.shape[1])))
+        shrinkage = max(float(np.exp(-5.0 * largest)), 1e-10)
+    coef = _solve_shrunk_within(centered, shrinkage, means.T).T
+    intercept = -0.5 * np.einsum("cd,cd->c", means, coef) + np.log(counts / n)
     return _softmax(features @ coef.T + intercept), means, shrinkage
 
 
@@ -187,15 +198,12 @@ def ncti_components(features: np.ndarray, labels: np.ndarray) -> tuple[float, fl
     probabilities (within-class variability, NC1-like; lower is closer to collapse). Combine the terms of
     several candidates with :func:`ncti`.
     """
-    from sklearn.decomposition import PCA
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     x = np.asarray(features, dtype=np.float64)
     _, codes = np.unique(np.asarray(labels), return_inverse=True)
-    n_components = min(NCTI_PCA_COMPONENTS, x.shape[0] - 1, x.shape[1])
-    pca = PCA(n_components=n_components, random_state=0)
-    x = pca.fit_transform(x)
-    shrinkage = max(float(np.exp(-pca.explained_variance_[:NCTI_SHRINKAGE_COMPONENTS].sum())), 1e-10)
+    x, variances = _principal_components(x, min(NCTI_PCA_COMPONENTS, x.shape[0] - 1, x.shape[1]))
+    shrinkage = max(float(np.exp(-variances[:NCTI_SHRINKAGE_COMPONENTS].sum())), 1e-10)
     if shrinkage == 1e-10:
         lda = LinearDiscriminantAnalysis(solver="svd")
     else:
@@ -206,6 +214,19 @@ def ncti_components(features: np.ndarray, labels: np.ndarray) -> tuple[float, fl
     ncc = float(proba[np.arange(len(codes)), codes].mean())
     vc = float(np.log(sum(np.linalg.norm(proba[codes == c], ord="nuc") for c in np.unique(codes))))
     return seli, ncc, vc
+
+
+def _principal_components(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scores on the top ``k`` principal components and their variances (as sklearn's PCA gives, up to
+    the sign of each component, which LDA does not see), from the eigendecomposition of the smaller Gram."""
+    centered = x - x.mean(axis=0)
+    n, d = centered.shape
+    gram = centered.T @ centered if n > d else centered @ centered.T
+    eigvals, eigvecs = np.linalg.eigh(gram)
+    top = np.argsort(eigvals)[::-1][:k]
+    eigvals = np.clip(eigvals[top], 0, None)
+    scores = centered @ eigvecs[:, top] if n > d else eigvecs[:, top] * np.sqrt(eigvals)
+    return scores, eigvals / (n - 1)
 
 
 def ncti(components: Sequence[tuple[float, float, float]]) -> list[float]:

@@ -79,14 +79,18 @@ def test_cross_dataset_summary_averages():
 # --------------------------------------------------------------------------------- on a real (tiny) cache
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Paths:
+def shapes_home(tmp_path_factory: pytest.TempPathFactory, heads: list[str]) -> Paths:
+    """A tiny generated dataset with every stage tap of a real offline base cached and ``heads`` trained."""
     root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class={"train": 12, "val": 5, "test": 5})
     paths = Paths(tmp_path_factory.mktemp("project"))
     extract(root, base=BASE, layers="all-stages", paths=paths, options=ExtractOptions(workers=0, progress=False))
-    train_heads(dataset="shapes", base_tag=BASE, heads=["logreg", "knn"], options=TrainOptions(progress=False),
-                paths=paths)  # fmt: skip
+    train_heads(dataset="shapes", base_tag=BASE, heads=heads, options=TrainOptions(progress=False), paths=paths)
     return paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Paths:
+    return shapes_home(tmp_path_factory, ["logreg", "knn"])
 
 
 @pytest.mark.slow

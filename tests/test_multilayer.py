@@ -8,16 +8,13 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featurecache.config import Paths
-from featurecache.extract import ExtractOptions, extract
 from featurecache.heads import get_head_spec
 from featurecache.heads.multilayer import MultiLayerHead, multilayer_sweep
 from featurecache.layer_scores import multilayer_vs_best_single, selected_heads
 from featurecache.persist import load_head
 from featurecache.store import load_features, read_metadata
 from featurecache.train import MULTI_TAP_LAYER, TrainOptions, leaderboard_rows, train_heads
-from tests.helpers import make_image_folder
-
-BASE = "mobilenet_v2_offline"
+from tests.test_layer_scores import BASE, shapes_home
 
 
 @parametrize_with_checks([MultiLayerHead(), MultiLayerHead(selection="group", keep_fraction=0.5)])
@@ -72,12 +69,7 @@ def test_sweep_gives_the_heads_of_separate_fits():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Paths:
-    root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class={"train": 12, "val": 5, "test": 5})
-    paths = Paths(tmp_path_factory.mktemp("project"))
-    extract(root, base=BASE, layers="all-stages", paths=paths, options=ExtractOptions(workers=0, progress=False))
-    train_heads(dataset="shapes", base_tag=BASE, heads=["logreg", "multilayer"], options=TrainOptions(progress=False),
-                paths=paths)  # fmt: skip
-    return paths
+    return shapes_home(tmp_path_factory, ["logreg", "multilayer"])
 
 
 @pytest.mark.slow

@@ -159,6 +159,31 @@ def reference_sfda(X: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum(prob[np.arange(n), y]) / n)
 
 
+def reference_ncti_components(X: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Transcription of BUserName/NCTI ``NCTI_Score`` (prints dropped): (seli, ncc, vc) of one model."""
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    C = np.unique(y).shape[0]
+    pca = PCA(n_components=64)
+    X = pca.fit_transform(X, y)
+    temp = max(np.exp(-pca.explained_variance_[:32].sum()), 1e-10)
+    if temp == 1e-10:
+        clf = LinearDiscriminantAnalysis(solver="svd")
+    else:
+        clf = LinearDiscriminantAnalysis(solver="eigen", shrinkage=float(temp))
+    low_feat = clf.fit_transform(X, y)
+    low_feat = low_feat - np.mean(low_feat, axis=0, keepdims=True)
+    seli_score = np.linalg.norm(low_feat, ord="nuc")
+    low_pred = clf.predict_proba(X)
+    ncc_score = np.sum(low_pred[np.arange(X.shape[0]), y]) / X.shape[0]
+    class_pred_nuc = 0
+    for c in range(C):
+        c_pred = low_pred[(y == c).flatten()]
+        class_pred_nuc += np.linalg.norm(c_pred, ord="nuc")
+    return float(seli_score), float(ncc_score), float(np.log(class_pred_nuc))
+
+
 # --------------------------------------------------------------------------------------------------- helpers
 
 
@@ -248,7 +273,7 @@ def test_sfda_hand_checked_two_class_line():
     assert 0.5 < sfda(x, y) < 1.0
 
 
-@pytest.mark.parametrize("shape", [(200, 20), (90, 60)])
+@pytest.mark.parametrize("shape", [(200, 20), (90, 60), (50, 120)])  # N > D and N < D (the Woodbury route)
 def test_sfda_agrees_with_the_reference(shape):
     X, y = clusters(*shape, separation=0.4, seed=3)
     assert sfda(X, y) == pytest.approx(reference_sfda(X, y), rel=1e-6)
@@ -281,6 +306,12 @@ def test_ncti_components_of_collapsed_classes():
     assert ncc == pytest.approx(1.0, abs=1e-6)
     assert vc == pytest.approx(math.log(3 * math.sqrt(20)), abs=1e-4)
     assert seli > 0
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0])  # small features: the shrunk-LDA branch; large: the SVD branch
+def test_ncti_components_agree_with_the_reference(scale):
+    X, y = clusters(150, 80, separation=0.5, seed=4)
+    assert ncti_components(X * scale, y) == pytest.approx(reference_ncti_components(X * scale, y), rel=1e-6)
 
 
 def test_ncti_ranks_separated_features_first():
