@@ -148,6 +148,7 @@ def write_export(module: Any, path: Path, fingerprint: dict[str, Any], *, keys: 
 
     size = fingerprint["input_size"]
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     batch_axis = {0: "batch"}
     try:
@@ -163,6 +164,18 @@ def write_export(module: Any, path: Path, fingerprint: dict[str, Any], *, keys: 
         tmp.unlink(missing_ok=True)
     atomic_write_text(_sidecar(path), json.dumps({"fingerprint": fingerprint, "sha256": _sha256(path)}, indent=1))
     log.info("exported the extractor graph to %s", path)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporaries of exports whose process died (``kill -9`` mid-export); a live exporter's are kept."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 # ------------------------------------------------------------------------------------------- backends

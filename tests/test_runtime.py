@@ -163,6 +163,15 @@ def test_a_corrupt_export_is_refused_with_a_warning_and_rebuilt(tmp_path, caplog
     assert runtime.export_status(path, runtime.export_fingerprint(IDENTITY)) == "ok"
 
 
+def test_temporaries_of_a_killed_export_are_removed_on_the_next_export(tmp_path):
+    path = tmp_path / "exports" / "x.onnx"
+    path.parent.mkdir()
+    orphan = path.with_name(f".{path.name}.tmp-{2**22 + 1}")  # above the kernel's pid limit: no such process
+    orphan.write_bytes(b"half an export")
+    load(path)
+    assert not orphan.exists() and sorted(p.name for p in path.parent.iterdir()) == ["x.json", "x.onnx"]
+
+
 def test_a_rank_that_may_not_rebuild_refuses_a_corrupt_export(tmp_path):
     path = tmp_path / "exports" / "x.onnx"
     load(path)
