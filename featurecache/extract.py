@@ -627,7 +627,6 @@ def _run_batches(
     )
     module = runner.extractor(taps)
     t0 = time.perf_counter()
-    done = 0
     mine_rows = sum(stop - start for start, stop in mine)
     todo_rows = sum(stop - start for start, stop in todo)
     bar = tqdm(
@@ -642,21 +641,48 @@ def _run_batches(
     # a batch still counts only once its shard is renamed into place, and a failed commit raises here.
     try:
         with store.BackgroundCommits(journal) as commits:
-            for images, batch_rows, errors in loader:
-                errors = list(errors)
-                bad = _bad_rows(index, batch_rows, errors, options)
-                arrays = runner.forward(module, images)
-                for i in bad:
-                    for a in arrays.values():
-                        a[i] = 0
-                commits.submit(int(batch_rows[0]), arrays, errors)
-                done += len(errors)
-                bar.update(len(errors))
+            done, spent = _forward_loop(loader, index, runner=runner, module=module, commits=commits, bar=bar)
     finally:
         bar.close()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    return time.perf_counter() - t0, done
+    seconds = time.perf_counter() - t0
+    log.debug(
+        "%s: %.1fs loop = %.1fs waiting for decoded batches + %.1fs forward + %.1fs waiting for the journal writer",
+        index.split, seconds, spent["decode"], spent["forward"], spent["writer"],
+    )  # fmt: skip
+    return seconds, done
+
+
+def _forward_loop(
+    loader: Any, index: SplitIndex, *, runner: _Runner, module: Any, commits: store.BackgroundCommits, bar: Any
+) -> tuple[int, dict[str, float]]:
+    """Forward every batch the loader decodes and queue its rows; returns (images, seconds spent per stage)."""
+    spent = dict.fromkeys(("decode", "forward", "writer"), 0.0)
+    done = 0
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        t1 = time.perf_counter()
+        if batch is None:
+            break
+        images, batch_rows, errors = batch
+        errors = list(errors)
+        bad = _bad_rows(index, batch_rows, errors, runner.options)
+        arrays = runner.forward(module, images)
+        for i in bad:
+            for a in arrays.values():
+                a[i] = 0
+        t2 = time.perf_counter()
+        commits.submit(int(batch_rows[0]), arrays, errors)
+        spent["decode"] += t1 - t0
+        spent["forward"] += t2 - t1
+        spent["writer"] += time.perf_counter() - t2
+        done += len(errors)
+        bar.update(len(errors))
+    spent["decode"] += time.perf_counter() - t0
+    return done, spent
 
 
 def _bad_rows(index: SplitIndex, batch_rows: Any, errors: Sequence[str], options: ExtractOptions) -> list[int]:
