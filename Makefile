@@ -10,6 +10,12 @@ BIN := $(VENV)/bin
 FC := $(BIN)/featurecache
 
 DATASET ?= digits
+# Your own images: DATA=path/to/folder (ROOT/<class>/<image>, with or without train/val/test), DATA=name=path, or
+# several for compare-layers (DATA="path/a path/b"). Without DATA the built-in DATASET is used.
+DATA ?=
+FIRST := $(firstword $(DATA))
+# The name caches, models and reports go under: NAME of NAME=PATH, else the folder's name, else DATASET.
+NAME := $(if $(DATA),$(if $(findstring =,$(FIRST)),$(firstword $(subst =, ,$(FIRST))),$(notdir $(abspath $(FIRST)))),$(DATASET))
 BASE ?= efficientnet_lite0
 LAYERS ?= all-stages
 DEVICE ?= auto
@@ -51,34 +57,35 @@ data: install
 data-all: install
 	$(FC) data --datasets all
 
-## Stage 1: extract and cache features of every split (DATASET, BASE, LAYERS, DEVICE, EXTRACT_ARGS)
-extract: data
-	$(FC) extract data/raw/$(DATASET) --base $(BASE) --layers $(LAYERS) --device $(DEVICE) $(EXTRACT_ARGS)
+## Stage 1: extract and cache features of every split (DATA=folder or DATASET, BASE, LAYERS, DEVICE, EXTRACT_ARGS)
+extract: install
+	$(FC) extract $(or $(FIRST),$(DATASET)) --base $(BASE) --layers $(LAYERS) --device $(DEVICE) $(EXTRACT_ARGS)
 
 ## Stage 1 on NPROC torchrun ranks (gloo on CPU, NCCL on GPUs); the same cache as `make extract`
-extract-torchrun: data
-	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipelines.extract data/raw/$(DATASET) --base $(BASE) \
-		--layers $(LAYERS) --device $(DEVICE) $(EXTRACT_ARGS)
+extract-torchrun: install
+	$(if $(DATA),,$(FC) data --datasets $(DATASET))
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipelines.extract $(or $(FIRST),$(DATASET)) \
+		--base $(BASE) --layers $(LAYERS) --device $(DEVICE) $(EXTRACT_ARGS)
 
 ## Stage 2: sweep heads on every cached layer, select on val, test once, save + leaderboard (HEADS_ARGS)
 train-heads: install
-	$(FC) train-heads --dataset $(DATASET) --bases $(BASE) --n-jobs $(N_JOBS) $(HEADS_ARGS)
+	$(FC) train-heads --dataset $(NAME) --bases $(BASE) --n-jobs $(N_JOBS) $(HEADS_ARGS)
 
-## Accuracy vs depth across datasets near and far from ImageNet, with random-init controls (CPU ~10 min)
-compare-layers: data-all
-	$(FC) compare-layers --bases $(BASES) --n-jobs $(N_JOBS) $(COMPARE_ARGS)
+## The answer for DATA (your folders; default: the six built-in datasets): layer, base, head, ties, controls
+compare-layers: install
+	$(FC) compare-layers $(DATA) --bases $(BASES) --n-jobs $(N_JOBS) $(COMPARE_ARGS)
 
 ## Fine-tune: best dense head + the top block of BASE, small learning rate, augmentation (FINETUNE_ARGS)
 finetune: install
-	$(FC) finetune --dataset $(DATASET) --base $(BASE) $(FINETUNE_ARGS)
+	$(FC) finetune --dataset $(NAME) --base $(BASE) $(FINETUNE_ARGS)
 
 ## List heads and the grid each sweeps
 list-heads: install
 	$(FC) list-heads
 
-## Show what the cache of DATASET x BASE holds
+## Show what the cache of DATA (or DATASET) x BASE holds
 info: install
-	$(FC) info data/features/$(DATASET)/$(BASE)/{train,val,test}.h5
+	$(FC) info --dataset $(NAME) --base $(BASE)
 
 ## The main job on the embedded default: digits x EfficientNet-Lite0 features of every stage + all heads (CPU, ~4 min)
 demo: extract info

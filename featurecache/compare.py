@@ -1,9 +1,11 @@
-"""Run (or reuse) everything the layer comparison needs, then write the report.
+"""Run (or reuse) everything the layer comparison needs for any datasets, then write their answers.
 
-For each dataset x base: prepare the data, extract every stage tap (plus the ImageNet logits of the reference
-base, which measure the dataset's distance from ImageNet), extract the same taps from the random-init control
-(float32: its activations underflow float16), sweep the heads on every stage tap of both, and build
-``reports/compare/``. Every step is cached, so a re-run only does what is missing.
+For each dataset (a built-in name or the user's own folder) x base: extract every stage tap (plus the ImageNet
+logits of the reference base, which measure the dataset's distance from ImageNet), sweep the heads on every tap;
+then the controls: the same base with random-init weights, and logistic regression on raw pixels. From the saved
+heads :mod:`featurecache.answer` computes the answer and :mod:`featurecache.report` writes
+``reports/compare/<dataset>/`` (and ``reports/compare/`` when several datasets are given). Every step is cached, so
+a re-run only does what is missing.
 """
 
 from __future__ import annotations
@@ -11,55 +13,122 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from featurecache.bases import get_base_spec
+from featurecache.advice import explain
+from featurecache.answer import Answer, LabelReader, compute_answer, result_of_sidecar
+from featurecache.baselines import pixel_baseline
+from featurecache.bases import WEIGHTS_NONE, get_base_spec
 from featurecache.config import Paths, default_paths
-from featurecache.datasets import get_dataset_spec, prepare_dataset
+from featurecache.datasets import DatasetSource, parse_dataset
 from featurecache.extract import ExtractOptions, extract
-from featurecache.report import REFERENCE_BASE, build_report
+from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, shortlist_layers
+from featurecache.metrics import paired_difference
+from featurecache.report import REFERENCE_BASE, REFERENCE_LOGITS, imagenet_distance, write_dataset_report, write_index
 from featurecache.train import TrainOptions, train_heads
 
 log = logging.getLogger(__name__)
 
-COMPARE_HEADS = ("logreg", "linear_svm", "rbf_svm")  # fast on CPU; --heads adds mlp/knn
+COMPARE_HEADS = ("logreg", "linear_svm", "rbf_svm", "multilayer")  # fast on CPU; --heads adds mlp/knn
+FINETUNABLE_HEADS = ("mlp", "logreg", "linear_svm")  # heads the fine-tune stage can rebuild as torch layers
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What the comparison runs besides the pretrained heads."""
+
+    heads: Sequence[str] = COMPARE_HEADS
+    controls: bool = True  # random-init base + raw-pixel baseline
+    finetune: bool = False  # fine-tune from the recommended head and add it to the answer
+    finetune_epochs: int = 5
+    shortlist: int | None = None  # train heads only on the K layers a training-free score ranks best
+    shortlist_score: str = DEFAULT_SHORTLIST_SCORE
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    seed: int = 0
 
 
 def run_comparison(
     *,
-    datasets: Sequence[str],
+    datasets: Sequence[DatasetSource | str],
     bases: Sequence[str],
-    heads: Sequence[str] = COMPARE_HEADS,
-    controls: bool = True,
-    extract_options: ExtractOptions | None = None,
-    train_options: TrainOptions | None = None,
+    options: CompareOptions | None = None,
     paths: Paths | None = None,
     command: str = "",
-) -> dict[str, Any]:
-    """Extract, train and report for ``datasets`` x ``bases``; returns ``summary.json``'s content plus timings."""
+) -> list[Answer]:
+    """Extract, train, answer and report for ``datasets`` x ``bases``; returns one answer per dataset."""
+    options = options or CompareOptions()
     paths = paths or default_paths()
-    extract_options = extract_options or ExtractOptions()
-    train_options = train_options or TrainOptions()
-    timings: dict[str, float] = {}
-    for ds in datasets:
+    sources = [parse_dataset(d) if isinstance(d, str) else d for d in datasets]
+    answers = []
+    for source in sources:
         t0 = time.perf_counter()
-        root = prepare_dataset(ds, paths.raw, external_dir=paths.external)
-        for base in bases:
-            spec = get_base_spec(base)
-            layers = "all-stages,logits" if base == REFERENCE_BASE and spec.has_imagenet_classifier else "all-stages"
-            results = extract(root, base=base, layers=layers, dataset=ds, options=extract_options, paths=paths)
-            stage_layers = [k for k in results[0].taps if k != "_fc"]
-            train_heads(dataset=ds, base_tag=results[0].path.parent.name, layers=stage_layers, heads=heads,
-                        options=train_options, paths=paths)  # fmt: skip
-            if controls:
-                control_opts = ExtractOptions(**{**extract_options.__dict__, "dtype": "float32"})
-                control = extract(root, base=base, layers="all-stages", dataset=ds, weights="none",
-                                  options=control_opts, paths=paths)  # fmt: skip
-                train_heads(dataset=ds, base_tag=control[0].path.parent.name, heads=heads, options=train_options,
-                            paths=paths)  # fmt: skip
-        timings[ds] = round(time.perf_counter() - t0, 1)
-        log.info("%s done in %.0fs", ds, timings[ds])
-    licenses = {ds: get_dataset_spec(ds).license for ds in datasets}
-    expected = {ds: get_dataset_spec(ds).expected_distance for ds in datasets}
-    summary = build_report(datasets, bases, paths, heads=heads, licenses=licenses, expected=expected, command=command)
-    return {**summary, "timings_seconds": timings}
+        answer = compare_dataset(source, bases, options=options, paths=paths)
+        write_dataset_report(answer, paths, command=command)
+        answer.seconds = round(time.perf_counter() - t0, 1)
+        log.info("%s done in %.0fs", source.name, answer.seconds)
+        answers.append(answer)
+    if len(answers) > 1:
+        write_index(answers, paths, command=command)
+    return answers
+
+
+def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: CompareOptions, paths: Paths) -> Answer:
+    """Everything for one dataset: caches, heads, controls, the answer (and fine-tuning when asked)."""
+    root = source.root(paths.raw, paths.external)
+    tags = []
+    for base in bases:
+        tags.append(_pretrained(source.name, root, base, options=options, paths=paths))
+        if options.controls:
+            _random_init(source.name, root, base, options=options, paths=paths)
+    if REFERENCE_BASE not in bases:  # the ImageNet classifier's logits measure the distance from ImageNet
+        extract(root, base=REFERENCE_BASE, layers="logits", dataset=source.name, options=options.extract, paths=paths)
+    if options.controls:
+        pixel_baseline(source.name, tags[0], paths, seed=options.seed)
+    answer = compute_answer(source.name, tags, paths, distance=imagenet_distance(source.name, paths))
+    if options.finetune:
+        answer.finetune = finetune_recommended(answer, options=options, paths=paths)
+    return explain(answer)
+
+
+def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> str:
+    spec = get_base_spec(base)
+    layers = "all-stages,logits" if base == REFERENCE_BASE and spec.has_imagenet_classifier else "all-stages"
+    results = extract(root, base=base, layers=layers, dataset=dataset, options=options.extract, paths=paths)
+    tag = results[0].path.parent.name
+    stages = [k for k in results[0].taps if k != REFERENCE_LOGITS]
+    if options.shortlist is not None:
+        t0 = time.perf_counter()
+        stages = shortlist_layers(dataset, tag, options.shortlist, options.shortlist_score, paths, layers=stages)
+        log.info("%s x %s: shortlist by %s in %.1fs: %s", dataset, tag, options.shortlist_score,
+                 time.perf_counter() - t0, ", ".join(stages))  # fmt: skip
+    train_heads(dataset=dataset, base_tag=tag, layers=stages, heads=options.heads, options=options.train, paths=paths)
+    return tag
+
+
+def _random_init(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> None:
+    results = extract(root, base=base, layers="all-stages", dataset=dataset, weights=WEIGHTS_NONE,
+                      options=options.extract, paths=paths)  # fmt: skip
+    train_heads(
+        dataset=dataset, base_tag=results[0].path.parent.name, heads=options.heads, options=options.train, paths=paths
+    )
+
+
+def finetune_recommended(answer: Answer, *, options: CompareOptions, paths: Paths) -> dict[str, Any]:
+    """Fine-tune from the recommended head (or, when its kind cannot be rebuilt in torch, from the best logreg at
+    the same layer) and measure the paired gain over the recommendation on the same test images."""
+    from featurecache.finetune import FinetuneOptions, finetune
+
+    rec = answer.recommended
+    head = rec.head if rec.head in FINETUNABLE_HEADS else "logreg"
+    if head != rec.head:
+        train_heads(dataset=answer.dataset, base_tag=rec.base, layers=[rec.layer], heads=[head], options=options.train,
+                    paths=paths)  # fmt: skip
+    ft_options = FinetuneOptions(head=head, layer=rec.layer, max_epochs=options.finetune_epochs, seed=options.seed,
+                                 progress=options.train.progress)  # fmt: skip
+    result = finetune(dataset=answer.dataset, base_tag=rec.base, options=ft_options, paths=paths)
+    tuned = result_of_sidecar(result.sidecar, LabelReader())
+    gain = paired_difference(tuned.test_correct, rec.test_correct, seed=options.seed)
+    return {"name": tuned.name(), "started_from": f"{rec.layer} / {head}", "test_accuracy": tuned.test_accuracy,
+            "gain": gain, "result": tuned}  # fmt: skip

@@ -53,7 +53,55 @@ class Paths:
         """Where a split made by featurecache (for a folder without val/test) is recorded."""
         return self.features / dataset / "splits.json"
 
+    def head_dir(self, dataset: str, base_tag: str, layer: str, head: str) -> Path:
+        """A saved head: ``models/<dataset>/<base_tag>/<layer>/<head>/`` (model files + sidecar)."""
+        return self.models / dataset / base_tag / layer / head
+
+    def head_dirs(self, dataset: str, base_tag: str = "*", *, layer: str = "*", head: str = "*") -> list[Path]:
+        """The saved-head folders of a dataset that match (fnmatch patterns), sorted; complete or not."""
+        return sorted(p for p in (self.models / dataset).glob(f"{base_tag}/{layer}/{head}") if p.is_dir())
+
+    def leaderboard_dir(self, dataset: str) -> Path:
+        """``reports/<dataset>/``: the stage-2 leaderboard (results.csv/md, best.json)."""
+        return self.reports / dataset
+
+    def compare_dir(self, dataset: str | None = None) -> Path:
+        """``reports/compare/`` (the cross-dataset page) or ``reports/compare/<dataset>/`` (one dataset's answer)."""
+        return self.reports / "compare" if dataset is None else self.reports / "compare" / dataset
+
 
 def default_paths() -> Paths:
     """Paths below ``$FEATURECACHE_HOME``, or below the current directory."""
     return Paths(Path(os.environ.get("FEATURECACHE_HOME", ".")).resolve())
+
+
+def check_path_name(name: str, *, what: str = "name") -> str:
+    """Refuse a name that would not stay one folder or file below the project folders; return it unchanged.
+
+    Dataset names, base tags, layer (tap) keys and head names become path components under ``data/features``
+    and ``models``: a ``/``, a ``..`` or a leading ``.`` could write outside them or hide files, and a name
+    that is not valid UTF-8 cannot be recorded in the caches' attrs.
+
+    Args:
+        name: the name to check.
+        what: what the name is, for the message ("dataset name", "layer key in <file>", ...).
+    """
+    problem = None
+    if not name or name in (".", ".."):
+        problem = "is empty or a relative folder"
+    elif any(sep in name for sep in ("/", "\\", "\0")):
+        problem = "contains a path separator or NUL"
+    elif name.startswith("."):
+        problem = "starts with '.'"
+    elif any(0xD800 <= ord(ch) <= 0xDFFF for ch in name):
+        problem = "is not valid UTF-8"
+    elif len(name.encode()) > 255:
+        problem = "is longer than a file name may be (255 bytes)"
+    if problem is not None:
+        from featurecache.errors import FeaturecacheError
+
+        raise FeaturecacheError(
+            f"{what} {name!r} {problem}, so it cannot be used as a folder name below the project; rename it (or "
+            f"pass --dataset NAME) using letters, digits and -_.+@ only"
+        )
+    return name

@@ -34,6 +34,16 @@ AUGMENTED_TRAIN = "train-aug"
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.15
 SPLIT_RECORD_VERSION = 1
+# What transparent pixels become (RGBA, LA, palette or grey/RGB with a transparent colour): composited onto a
+# declared background instead of keeping whatever colour they happen to store (usually black, which turns
+# black-on-transparent icons into one all-black image). "mean" is the ImageNet mean colour, which the
+# normalization maps to zero input. The choice is part of every cache's fingerprint.
+# Default "mean", measured (benchmarks/alpha_icons.py: 5 glyph classes, 60 train icons, efficientnet_lite0): on
+# black glyphs "black" collapses all 60 train rows into 1, on white glyphs "white" does; "mean" keeps 60 of 60 for
+# black, white and coloured glyphs alike, so it is the one background that never erases a glyph colour.
+ALPHA_MODES = ("white", "black", "mean")
+DEFAULT_ALPHA = "mean"
+ALPHA_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "mean": (124, 116, 104)}
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,13 @@ def augmented_views(train: SplitIndex, views: int) -> SplitIndex:
 
 def _list_files(folder: Path) -> list[Path]:
     # Every non-hidden regular file is a sample candidate: a non-image file is reported as skipped
-    # (and listed in the cache) rather than silently ignored by an extension filter.
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts[-1:]))
+    # (and listed in the cache) rather than silently ignored by an extension filter. So is a symlink whose
+    # target is gone: it is listed as unreadable instead of vanishing from the dataset.
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith(".")
+    )
 
 
 def _scan_classes(folder: Path, root: Path) -> dict[str, list[str]]:
@@ -219,6 +234,8 @@ def fingerprint_files(index: SplitIndex, *, mode: str = "content", workers: int 
 
     def digest_one(rel: str) -> str:
         path = index.root / rel
+        if path.is_symlink() and not path.exists():
+            return f"dangling-link:{os.readlink(path)}"
         if mode == "stat":
             st = path.stat()
             return f"{st.st_size}:{st.st_mtime_ns}"
@@ -235,12 +252,55 @@ def fingerprint_files(index: SplitIndex, *, mode: str = "content", workers: int 
     h = hashlib.sha256()
     h.update(json.dumps(list(index.class_names)).encode())
     for rel, label, d in zip(index.paths, index.labels, digests, strict=True):
-        h.update(f"{rel}\0{label}\0{d}\n".encode())
+        # A name that is not valid UTF-8 reaches Python as lone surrogates; hash the bytes it has on disk.
+        h.update(f"{rel}\0{label}\0{d}\n".encode("utf-8", "surrogateescape"))
     return f"{mode}:{h.hexdigest()[:32]}"
 
 
+def check_alpha(alpha: str) -> None:
+    if alpha not in ALPHA_MODES:
+        raise FeaturecacheError(f"unknown --alpha {alpha!r}; choose one of: {', '.join(ALPHA_MODES)}")
+
+
+def load_image(path: str | os.PathLike, *, alpha: str = DEFAULT_ALPHA) -> Any:
+    """Decode an image to RGB the way every stage does (extract, predict, fine-tune).
+
+    Like torchvision's ``default_loader`` (PIL, ``convert("RGB")``), except that transparent pixels are
+    composited onto the ``alpha`` background rather than taking the colour they store. Raises the PIL errors of
+    :func:`bad_image_errors` for unreadable files.
+    """
+    from PIL import Image
+
+    check_alpha(alpha)
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        if image.mode.startswith("I"):
+            return _high_bit_depth_to_8(image).convert("RGB")
+        has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+        if not has_alpha:
+            return image.convert("RGB")
+        rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUNDS[alpha] + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _high_bit_depth_to_8(image: Any) -> Any:
+    """A 16-bit (or 32-bit integer) grey image scaled to 8 bits.
+
+    PIL's ``convert`` clips such values at 255, which turns a typical 16-bit scan almost all white; scaling by
+    1/257 maps 0..65535 onto 0..255. Integer images whose values already fit 8 bits are kept as they are.
+    """
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+        values = values / 257
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
 # Errors PIL raises for unreadable images: zero-byte, truncated, not an image, decompression bombs.
-def _bad_image_errors() -> tuple[type[BaseException], ...]:
+def bad_image_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image
 
     return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -249,15 +309,20 @@ def _bad_image_errors() -> tuple[type[BaseException], ...]:
 class ImageFiles:
     """A map-style dataset of ``(image_tensor, row_index, error)``; unreadable files give ``error != ""``.
 
-    Decoding is torchvision's ``default_loader`` (PIL, converted to RGB like every torchvision dataset), so
-    grey or palette images become 3-channel inputs; resizing is the base's own transforms.
+    Decoding is :func:`load_image` (PIL, converted to RGB like every torchvision dataset, transparent pixels
+    composited onto the ``alpha`` background), so grey or palette images become 3-channel inputs; resizing is
+    the base's own transforms.
     """
 
-    def __init__(self, index: SplitIndex, transform: Any, *, input_size: int, rows: Sequence[int]) -> None:
+    def __init__(
+        self, index: SplitIndex, transform: Any, *, input_size: int, rows: Sequence[int], alpha: str = DEFAULT_ALPHA
+    ) -> None:
+        check_alpha(alpha)
         self.index = index
         self.transform = transform
         self.input_size = input_size
         self.rows = list(rows)
+        self.alpha = alpha
         self._bad = None
 
     def __len__(self) -> int:
@@ -265,13 +330,12 @@ class ImageFiles:
 
     def __getitem__(self, i: int) -> tuple[Any, int, str]:
         import torch
-        from torchvision.datasets.folder import default_loader
 
         if self._bad is None:
-            self._bad = _bad_image_errors()
+            self._bad = bad_image_errors()
         row = self.rows[i]
         try:
-            image = default_loader(str(self.index.root / self.index.paths[row]))
+            image = load_image(self.index.root / self.index.paths[row], alpha=self.alpha)
         except self._bad as exc:
             return torch.zeros(3, self.input_size, self.input_size), row, f"{type(exc).__name__}: {exc}"
         # A per-row transform (cached augmented views) seeds its randomness from the row, not from the loader.

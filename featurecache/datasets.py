@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.config import check_path_name
 from featurecache.data import stratified_split
 from featurecache.errors import FeaturecacheError
 from featurecache.registry import Registry
@@ -66,6 +67,55 @@ def list_datasets(*, default_only: bool = False) -> list[str]:
 
 def get_dataset_spec(name: str) -> DatasetSpec:
     return _DATASETS.get(name)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A dataset to work on, under the name its caches, models and reports use: a registered offline dataset
+    (prepared into ``data/raw/<name>`` on first use) or a folder of the user's own images."""
+
+    name: str
+    folder: Path | None = None  # None: a registered dataset
+
+    def root(self, raw_dir: Path, external_dir: Path) -> Path:
+        """The ImageFolder-style root to extract from (preparing a registered dataset if needed)."""
+        if self.folder is not None:
+            return self.folder
+        return prepare_dataset(self.name, raw_dir, external_dir=external_dir)
+
+    @property
+    def spec(self) -> DatasetSpec | None:
+        return None if self.folder is not None else get_dataset_spec(self.name)
+
+
+def parse_dataset(item: str) -> DatasetSource:
+    """``NAME=PATH``, a folder, or a registered dataset name -> :class:`DatasetSource`.
+
+    A folder is named after itself; a folder whose name is also a registered dataset's shares that dataset's
+    caches, so pass ``NAME=PATH`` to keep them apart.
+    """
+    name, sep, folder = item.partition("=")
+    if sep:
+        return DatasetSource(_checked_name(name.strip(), item), Path(folder).expanduser())
+    path = Path(item).expanduser()
+    if path.is_dir():
+        name = path.resolve().name
+        if name in _DATASETS.names():
+            log.warning("folder %s shares the name of the built-in dataset %r (and its caches); pass NAME=%s to "
+                        "keep them apart", path, name, path)  # fmt: skip
+        return DatasetSource(_checked_name(name, item), path)
+    if item in _DATASETS.names():
+        return DatasetSource(item)
+    raise FeaturecacheError(
+        f"{item!r} is neither a folder nor a built-in dataset ({', '.join(_DATASETS.names())}); pass a folder "
+        f"(ROOT/<class>/<image> or ROOT/{{train,val,test}}/<class>/<image>) or NAME=PATH"
+    )
+
+
+def _checked_name(name: str, item: str) -> str:
+    if name == "compare":  # reports/compare/ holds the comparison's own pages
+        raise FeaturecacheError(f"{name!r} (from {item!r}) cannot name a dataset; pass another name as NAME=PATH")
+    return check_path_name(name, what=f"dataset name (from {item!r}; pass another as NAME=PATH)")
 
 
 # ------------------------------------------------------------------------------------------- sources

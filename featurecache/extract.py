@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,14 +23,16 @@ import numpy as np
 from featurecache import runtime as runtimes
 from featurecache import store
 from featurecache.augment import AUGMENTATIONS, SeededPerRow, train_transform
-from featurecache.bases import WEIGHTS_DEFAULT, LoadedBase, load_base
-from featurecache.config import Paths, default_paths
+from featurecache.bases import WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
+from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import (
     AUGMENTED_TRAIN,
+    DEFAULT_ALPHA,
     SPLITS,
     ImageFiles,
     SplitIndex,
     augmented_views,
+    check_alpha,
     discover_splits,
     fingerprint_files,
 )
@@ -40,6 +43,9 @@ from featurecache.layers import TapSpec, build_extractor, parse_taps, trace_base
 log = logging.getLogger(__name__)
 
 RAW_MAPS_WARN_BYTES = 1 << 30
+# Warn when this share of a split's rows repeat another row's features exactly: the sign of a dataset that its
+# decoding collapsed (transparent icons on the wrong background) or of many duplicated files.
+IDENTICAL_ROWS_WARN_FRACTION = 0.05
 ON_BAD_IMAGE = ("skip", "fail")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
@@ -51,7 +57,7 @@ class ExtractOptions:
     batch_size: int = 32
     workers: int | None = None  # None: a sensible default for the device
     device: str = "auto"
-    dtype: str = "float16"  # storage dtype
+    dtype: str = "auto"  # storage dtype; auto: float16, float32 for random-init weights (see storage_dtype)
     amp: str = "auto"  # autocast on CUDA: bf16 by default; never on CPU (keeps CPU runs bit-exact)
     channels_last: bool = True
     compression: str = "none"  # see store._compression_kwargs for the measurements behind it
@@ -60,6 +66,7 @@ class ExtractOptions:
     progress: bool = True
     runtime: str = "auto"  # featurecache.runtime.RUNTIMES; a non-eager runtime enters the cache fingerprint
     precision: str = "f32"  # "bf16": OpenVINO's bf16 hint, only when asked for (in the fingerprint)
+    alpha: str = DEFAULT_ALPHA  # background of transparent pixels (featurecache.data.ALPHA_MODES)
 
 
 @dataclass
@@ -74,6 +81,7 @@ class SplitResult:
     images_per_second: float = 0.0
     file_bytes: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    identical_rows: int = 0  # valid rows whose features repeat another row's exactly (see _warn_identical_rows)
 
 
 def resolve_device(device: str) -> str:
@@ -154,7 +162,8 @@ def extract(
     options = options or ExtractOptions()
     paths = paths or default_paths()
     _check_options(options)
-    dataset = dataset or Path(dataset_root).resolve().name
+    options = dataclasses.replace(options, dtype=storage_dtype(options.dtype, weights))
+    dataset = check_path_name(dataset or Path(dataset_root).resolve().name, what="dataset name")
     if train_views < 0:
         raise FeaturecacheError("--train-views must be 0 (none) or a positive number of augmented views")
     if augment not in AUGMENTATIONS or augment == "none" and train_views:
@@ -200,8 +209,16 @@ def extract(
     return results
 
 
+def storage_dtype(requested: str, weights: str) -> str:
+    """``auto`` stores float16 (half the disk, the same head accuracy), except for random-init weights, whose deep
+    activations shrink below float16's range; an explicit dtype is kept (float16 is still range-checked)."""
+    if requested != "auto":
+        return requested
+    return "float32" if weights == WEIGHTS_NONE else "float16"
+
+
 def _check_options(options: ExtractOptions) -> None:
-    if options.dtype not in store.STORAGE_DTYPES:
+    if options.dtype not in (*store.STORAGE_DTYPES, "auto"):
         raise FeaturecacheError(f"unknown --dtype {options.dtype!r}; choose one of: {', '.join(store.STORAGE_DTYPES)}")
     if options.compression not in store.COMPRESSIONS:
         raise FeaturecacheError(
@@ -214,6 +231,12 @@ def _check_options(options: ExtractOptions) -> None:
     if options.batch_size < 1:
         raise FeaturecacheError("--batch-size must be at least 1")
     runtimes.check_choice(options.runtime, options.precision)
+    if options.workers is not None and options.workers < 0:
+        raise FeaturecacheError(
+            f"--workers {options.workers}: must be 0 (decode in the main process) or a positive number of "
+            f"decode processes; leave it out for the default"
+        )
+    check_alpha(options.alpha)
 
 
 def _warn_raw_size(taps: Sequence[TapSpec], indexes: dict[str, SplitIndex], options: ExtractOptions) -> None:
@@ -305,7 +328,8 @@ class _Runner:
         if shared["checked"] or self.runtime == "eager" or len(index) == 0:
             return False
         rows = range(min(len(index), self.options.batch_size, PROBE_ROWS))
-        data = ImageFiles(index, self.transform, input_size=self.loaded.spec.input_size, rows=rows)
+        data = ImageFiles(index, self.transform, input_size=self.loaded.spec.input_size, rows=rows,
+                          alpha=self.options.alpha)  # fmt: skip
         return self.check(torch.stack([data[i][0] for i in range(len(rows))]))
 
     def check(self, images: Any) -> bool:
@@ -458,6 +482,7 @@ def _plan_split(
         "schema_version": store.SCHEMA_VERSION,
         **runner.run_config(),
         "dtype": options.dtype,
+        "alpha": options.alpha,
         "data_fingerprint": data_fp,
         "class_names": list(index.class_names),
         "split": index.split,
@@ -573,7 +598,23 @@ def _extract_split(
             "%s: %s %d images (%d skipped) in %.1fs, %s", final, result.status, result.num_samples,
             result.num_skipped, elapsed, _fmt_bytes(result.file_bytes),
         )  # fmt: skip
+        result.identical_rows = _warn_identical_rows(final, alpha=options.alpha)
     return result
+
+
+def _warn_identical_rows(path: Path, *, alpha: str) -> int:
+    """Warn, naming a few files, when many rows of a cache are identical; returns how many rows repeat another."""
+    valid, groups = store.identical_row_groups(path)
+    repeated = sum(len(g) - 1 for g in groups)
+    if repeated >= max(2, IDENTICAL_ROWS_WARN_FRACTION * valid):
+        names = store.read_paths(path)
+        log.warning(
+            "%s: %d of %d images have exactly the same features as another image (%d distinct); the largest "
+            "group of %d includes %s. Check that the images differ: images with transparency are composited onto "
+            "--alpha %s (try white, black or mean), and duplicated files give duplicated rows", path, repeated,
+            valid, valid - repeated, len(groups[0]), ", ".join(names[r] for r in groups[0][:3]), alpha,
+        )  # fmt: skip
+    return repeated
 
 
 def batch_ranges(num_rows: int, batch_size: int) -> list[tuple[int, int]]:
@@ -616,7 +657,9 @@ def _run_batches(
     workers = options.workers if options.workers is not None else _default_workers(runner.device)
     # Batches keep the composition they have in a single uninterrupted run (same rows, same batch size), so
     # resumed and distributed runs give bit-identical numbers.
-    data = ImageFiles(index, runner.transform, input_size=runner.loaded.spec.input_size, rows=range(n))
+    data = ImageFiles(
+        index, runner.transform, input_size=runner.loaded.spec.input_size, rows=range(n), alpha=options.alpha
+    )
     loader = DataLoader(
         data,
         batch_sampler=[list(range(start, stop)) for start, stop in todo],

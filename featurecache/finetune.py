@@ -4,37 +4,51 @@ The recipe (Chollet; cs231n): the head is trained on frozen features first (stag
 the base are unfrozen and trained jointly with a small learning rate and augmentation. Never start with a
 randomly initialised head: the rebuilt model is checked to reproduce the stage-2 head's predictions before
 any training step.
+
+:func:`finetune` runs six phases, one function each: rebuild, verify agreement, choose units, optimizer and
+schedule, epochs (resumable from a checkpoint), score and record. This module imports torch when it is
+imported; only the ``finetune`` entry point imports it, and only when it runs.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import math
+import pickle
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from featurecache import persist, store
 from featurecache.augment import AUGMENTATIONS, train_transform
-from featurecache.bases import load_base
+from featurecache.bases import LoadedBase, load_base
 from featurecache.config import Paths, default_paths
-from featurecache.data import ImageFiles, discover_splits
+from featurecache.data import DEFAULT_ALPHA, ImageFiles, SplitIndex, discover_splits
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, atomic_write_text, file_sha256
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
+from featurecache.selection import pick_best
 from featurecache.train import cache_files, feature_fingerprint
 
 log = logging.getLogger(__name__)
 
 CHECK_AGREEMENT = 0.98  # rebuilt model vs stage-2 head on val (float16 cache rounding flips a few near-ties)
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+# Options that change how a run executes but not what it computes: a checkpoint made with other values resumes.
+_EXECUTION_ONLY = ("progress", "workers", "device")
 
 
 @dataclass(frozen=True)
@@ -42,7 +56,7 @@ class FinetuneOptions:
     head: str = "mlp"  # which stage-2 head to start from: mlp, or logreg (folded into a linear layer)
     layer: str | None = None  # start from the head at this layer (default: the best on val over all layers)
     unfreeze: tuple[str, ...] = ()  # module-name prefixes of the base to train
-    unfreeze_last: int = 1  # or: the last K blocks before the tap (used when ``unfreeze`` is empty)
+    unfreeze_last: int = 1  # or: the last K units with conv/linear weights before the tap (when ``unfreeze`` is empty)
     train_bn: bool = False  # BatchNorm layers stay in eval mode (frozen statistics) unless asked
     lr_head: float = 1e-4
     lr_base: float = 1e-5
@@ -59,29 +73,47 @@ class FinetuneOptions:
     seed: int = 0
     workers: int = 0
     progress: bool = True
-    stop_after_epochs: int | None = None  # simulate an interruption (tests); a re-run resumes
 
 
-def _head_module(estimator: Any, sidecar: dict[str, Any]) -> Any:
+@dataclass
+class FinetuneResult:
+    sidecar: dict[str, Any]
+    model_dir: Path
+    resumed: bool
+    improved: bool  # some epoch beat the frozen head on val; False: the saved model is the frozen head rebuilt
+    verdict: str  # one plain sentence on the gain, also in the sidecar and the log
+
+
+class StandardizedHead(nn.Module):
+    """A stage-2 head as a torch module on pooled features: ``body((x - mean) / scale)``."""
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, body: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x - self.mean) / self.scale)
+
+
+class FinetunedModel(nn.Module):
+    """Truncated base (one tap, pooled) followed by the head: images -> logits."""
+
+    def __init__(self, base: nn.Module, head: nn.Module, tap_key: str) -> None:
+        super().__init__()
+        self.base = base
+        self.head = head
+        self.tap_key = tap_key
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.base(images)[self.tap_key])
+
+
+def head_module(estimator: Any, sidecar: dict[str, Any]) -> StandardizedHead:
     """The stage-2 head as a torch module mapping pooled features to logits (standardization folded in)."""
-    import torch
-    from torch import nn
-
-    class Standardized(nn.Module):
-        def __init__(self, mean: np.ndarray, scale: np.ndarray, body: nn.Module) -> None:
-            super().__init__()
-            self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-            self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-            self.body = body
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body((x - self.mean) / self.scale)
-
     if sidecar["dense"]:
-        body = estimator.module_
-        import copy
-
-        return Standardized(estimator.mean_, estimator.scale_, copy.deepcopy(body))
+        return StandardizedHead(estimator.mean_, estimator.scale_, copy.deepcopy(estimator.module_))
     pipeline = getattr(estimator, "pipeline_", None)
     clf = pipeline[-1] if pipeline is not None else None
     if clf is None or not hasattr(clf, "coef_") or not hasattr(clf, "intercept_") or len(estimator.classes_) == 2:
@@ -96,115 +128,118 @@ def _head_module(estimator: Any, sidecar: dict[str, Any]) -> Any:
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
         linear.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
-    return Standardized(np.zeros(w.shape[1]), np.ones(w.shape[1]), linear)
+    return StandardizedHead(np.zeros(w.shape[1]), np.ones(w.shape[1]), linear)
 
 
-def _blocks_before(extractor: Any, model: Any) -> list[str]:
-    """Parameterised units of the truncated base in execution order: children of the root, with containers
-    (``_blocks``, ``features``, ``layer3``) expanded one level, so the 'last K' are the top blocks.
-
-    Container types are read from the original ``model``: the traced graph module rebuilds its intermediate
-    modules as plain ``nn.Module`` (the parameters are the same objects)."""
-    from torch import nn
-
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    body = extractor.body
-    used = []
-    for node in body.graph.nodes:
-        name = str(node.target) if node.op == "call_module" else ""
-        if node.op == "call_function" and "." in node.name:  # functional convs (static padding) keep a qualname
-            name = ""
-        if not name:
-            continue
-        parts = name.split(".")
-        unit = parts[0]
-        module = model.get_submodule(unit)
-        if isinstance(module, containers) and len(parts) > 1:
-            unit = f"{parts[0]}.{parts[1]}"
-        if unit not in used:
-            used.append(unit)
-    return [u for u in used if any(p.numel() for p in body.get_submodule(u).parameters())]
+# ---------------------------------------------------------------------------------------------------------------
+# Phase 1: rebuild base + tap + head, and the image loaders of every split
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class FinetuneResult:
-    sidecar: dict[str, Any]
-    model_dir: Path
-    resumed: bool
+class Splits:
+    """The dataset's image files per split (checked against the caches), their labels and transforms."""
+
+    index: dict[str, SplitIndex]
+    labels: dict[str, np.ndarray]
+    eval_transform: Any
+    input_size: int
+    batch_size: int
+    seed: int
+    workers: int
+    alpha: str  # the background the caches composited transparent pixels onto: decode exactly as they did
+
+    def loader(self, split: str, transform: Any, *, shuffle: bool, epoch: int = 0) -> DataLoader:
+        data = ImageFiles(self.index[split], transform, input_size=self.input_size, rows=range(len(self.index[split])),
+                          alpha=self.alpha)  # fmt: skip
+        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.workers)  # fmt: skip
 
 
-def finetune(
-    *, dataset: str, base_tag: str, options: FinetuneOptions | None = None, paths: Paths | None = None
-) -> FinetuneResult:
-    """Fine-tune the best stage-2 head of ``dataset`` x ``base_tag`` together with the top of its base."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+@dataclass
+class Rebuilt:
+    """Everything phase 1 loads: the stage-2 head it starts from and the torch model that reproduces it."""
 
-    options = options or FinetuneOptions()
-    paths = paths or default_paths()
-    if options.augment not in AUGMENTATIONS:
-        raise FeaturecacheError(f"unknown --augment {options.augment!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    dataset: str
+    base_tag: str
+    head_dir: Path
+    head_sidecar: dict[str, Any]
+    estimator: Any
+    files: dict[str, Path]
+    loaded: LoadedBase
+    model: FinetunedModel
+    splits: Splits
+    device: torch.device
+
+    @property
+    def layer(self) -> str:
+        return self.head_sidecar["layer"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths) -> Rebuilt:
+    """Load the chosen stage-2 head and rebuild base + tap + head as one torch model on the target device."""
+    from featurecache.predict import _weights_for
+
     files = cache_files(dataset, base_tag, paths)
     head_dir = _pick_head(dataset, base_tag, options.head, paths, layer=options.layer)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
-    sidecar0 = persist.read_sidecar(head_dir)
-    layer = sidecar0["layer"]
+    layer = persist.read_sidecar(head_dir)["layer"]
     expect = {s: feature_fingerprint(metas[s], layer) for s in files}
     estimator, head_sidecar = persist.load_head(head_dir, expect_features=expect)
 
-    from featurecache.predict import _weights_for
-
     loaded = load_base(head_sidecar["base"], **_weights_for(head_sidecar, None), seed=options.seed)
     tap = TapSpec.from_attrs(head_sidecar["tap"])
-    extractor = build_extractor(loaded.model, [tap])
-    head = _head_module(estimator, head_sidecar)
-
-    device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if options.device == "auto" else options.device)  # fmt: skip
-
-    class Finetuned(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.base = extractor
-            self.head = head
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return self.head(self.base(images)[tap.key])
-
-    model = Finetuned().to(device)
+    device = resolve_device(options.device)
+    model = FinetunedModel(build_extractor(loaded.model, [tap]), head_module(estimator, head_sidecar), tap.key)
     root = Path(metas["train"]["dataset_root"])
     index = discover_splits(root, record_path=paths.split_record(dataset))
-    class_names = tuple(head_sidecar["class_names"])
+    _check_dataset_unchanged(root, index, files, tuple(head_sidecar["class_names"]))
+    splits = Splits(index=index, labels={s: np.asarray(index[s].labels) for s in index},
+                    eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,
+                    batch_size=options.batch_size, seed=options.seed, workers=options.workers,
+                    alpha=metas["train"].get("alpha", DEFAULT_ALPHA))  # fmt: skip
+    return Rebuilt(
+        dataset, base_tag, head_dir, head_sidecar, estimator, files, loaded, model.to(device), splits, device
+    )
+
+
+def _check_dataset_unchanged(
+    root: Path, index: dict[str, SplitIndex], files: dict[str, Path], class_names: tuple[str, ...]
+) -> None:
     for split, ix in index.items():
         if ix.paths != tuple(store.read_paths(files[split])):
             raise FeaturecacheError(f"{root} changed since {files[split]} was extracted; re-run extract first")
         if ix.class_names != class_names:
             raise FeaturecacheError(f"class names of {root} differ from the head's; re-run extract and train-heads")
 
-    eval_tf = loaded.spec.transforms()
-    size = loaded.spec.input_size
 
-    def loader(split: str, transform: Any, shuffle: bool, epoch: int = 0) -> DataLoader:
-        data = ImageFiles(index[split], transform, input_size=size, rows=range(len(index[split])))
-        generator = torch.Generator().manual_seed(options.seed * 1000 + epoch)
-        return DataLoader(data, batch_size=options.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=options.workers)  # fmt: skip
+def predict_split(model: nn.Module, splits: Splits, split: str, device: torch.device) -> np.ndarray:
+    """Predicted class of every image of ``split`` (eval transforms, dataset order)."""
+    model.eval()
+    preds = []
+    with torch.inference_mode():
+        for images, _rows, _errors in splits.loader(split, splits.eval_transform, shuffle=False):
+            preds.append(model(images.to(device)).argmax(1).cpu().numpy())
+    return np.concatenate(preds)
 
-    labels = {s: np.asarray(index[s].labels) for s in index}
 
-    def evaluate(split: str) -> np.ndarray:
-        model.eval()
-        preds = []
-        with torch.inference_mode():
-            for images, _rows, _errors in loader(split, eval_tf, shuffle=False):
-                preds.append(model(images.to(device)).argmax(1).cpu().numpy())
-        return np.concatenate(preds)
+# ---------------------------------------------------------------------------------------------------------------
+# Phase 2: the rebuilt model must reproduce the stage-2 head before any training step
+# ---------------------------------------------------------------------------------------------------------------
 
-    # 1. The rebuilt model must reproduce the stage-2 head before any training step.
-    X_val, y_val, _ = store.load_features(files["val"], layer, include_invalid=True)
-    head_pred = estimator.predict(X_val.astype(np.float32))
-    rebuilt_pred = evaluate("val")
+
+def verify_agreement(rebuilt: Rebuilt) -> tuple[float, float]:
+    """Agreement of the rebuilt model with the stage-2 head on val, and the frozen model's val accuracy."""
+    X_val, _, _ = store.load_features(rebuilt.files["val"], rebuilt.layer, include_invalid=True)
+    head_pred = rebuilt.estimator.predict(X_val.astype(np.float32))
+    rebuilt_pred = predict_split(rebuilt.model, rebuilt.splits, "val", rebuilt.device)
     agreement = float((head_pred == rebuilt_pred).mean())
     if agreement < CHECK_AGREEMENT:
         raise FeaturecacheError(
@@ -212,19 +247,87 @@ def finetune(
             f"(need {100 * CHECK_AGREEMENT:.0f}%); the cache may be stale: re-run extract and train-heads"
         )
     log.info("rebuilt model reproduces the head: %.1f%% agreement on val", 100 * agreement)
-    frozen_val = float((rebuilt_pred == labels["val"]).mean())
+    return agreement, float((rebuilt_pred == rebuilt.splits.labels["val"]).mean())
 
-    # 2. Unfreeze.
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phase 3: which units of the base to train
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def base_units(extractor: nn.Module, model: nn.Module) -> list[str]:
+    """Parameterised units of the truncated base in execution order: children of the root, with containers
+    (``_blocks``, ``features``, ``layer3``) expanded one level, so the 'last K' are the top blocks.
+
+    A unit is seen through its modules (``call_module``) or its parameters (``get_attr``: a conv the tracer
+    turned into a functional call, such as EfficientNet-Lite's static-padding ``_conv_head``). Container types
+    are read from the original ``model``: the traced graph module rebuilds its intermediate modules as plain
+    ``nn.Module`` (the parameters are the same objects)."""
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    body = extractor.body
+    used: list[str] = []
+    for node in body.graph.nodes:
+        if node.op == "call_module":
+            parts = str(node.target).split(".")
+        elif node.op == "get_attr":
+            parts = str(node.target).split(".")[:-1]  # drop the parameter name
+        else:
+            continue
+        if not parts or not parts[0]:
+            continue
+        unit = parts[0]
+        if isinstance(model.get_submodule(unit), containers) and len(parts) > 1:
+            unit = f"{parts[0]}.{parts[1]}"
+        if unit not in used:
+            used.append(unit)
+    return [u for u in used if any(p.numel() for p in body.get_submodule(u).parameters())]
+
+
+def holds_trainable_weights(module: nn.Module) -> bool:
+    """Whether ``module`` contains a convolution or a linear layer: a BatchNorm alone stays in eval mode."""
+    return any(isinstance(m, nn.modules.conv._ConvNd | nn.Linear) for m in module.modules())
+
+
+def choose_units(units: list[str], model: nn.Module, options: FinetuneOptions) -> list[str]:
+    """The units to unfreeze: those named by ``--unfreeze`` (prefixes), else the last ``unfreeze_last`` units
+    that hold conv/linear weights (the top of the base, skipping a trailing BatchNorm such as Lite0's ``_bn1``)."""
+    if options.unfreeze:
+        chosen = [u for u in units if any(u == q or u.startswith(q + ".") for q in options.unfreeze)]
+        if not chosen:
+            raise FeaturecacheError(
+                f"--unfreeze {','.join(options.unfreeze)} matches no block; blocks: {', '.join(units)}"
+            )
+        return chosen
+    if options.unfreeze_last <= 0:
+        return []
+    weighted = [u for u in units if holds_trainable_weights(model.get_submodule(u))]
+    return weighted[-options.unfreeze_last :]
+
+
+def unfreeze(model: FinetunedModel, chosen: list[str]) -> list[nn.Parameter]:
+    """Freeze everything, then let the head and the chosen units train; returns the base's trainable params."""
     for p in model.parameters():
         p.requires_grad_(False)
-    units = _blocks_before(extractor, loaded.model)
-    chosen = [u for u in units if any(u == q or u.startswith(q + ".") for q in options.unfreeze)] if options.unfreeze \
-        else units[-options.unfreeze_last:] if options.unfreeze_last > 0 else []  # fmt: skip
-    if options.unfreeze and not chosen:
-        raise FeaturecacheError(f"--unfreeze {','.join(options.unfreeze)} matches no block; blocks: {', '.join(units)}")
-    base_params = [p for u in chosen for p in extractor.body.get_submodule(u).parameters()]
-    for p in [*base_params, *head.parameters()]:
+    base_params = [p for u in chosen for p in model.base.body.get_submodule(u).parameters()]
+    for p in [*base_params, *model.head.parameters()]:
         p.requires_grad_(True)
+    return base_params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phase 4: optimizer and schedule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def steps_per_epoch(n_train: int, options: FinetuneOptions) -> int:
+    steps = math.ceil(n_train / options.batch_size)
+    return min(steps, options.max_batches) if options.max_batches else steps
+
+
+def make_optimizer(
+    head: nn.Module, base_params: list[nn.Parameter], options: FinetuneOptions, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW or SGD with two learning rates (head, base); linear warmup, then cosine to zero."""
     groups = [{"params": list(head.parameters()), "lr": options.lr_head}]
     if base_params:
         groups.append({"params": base_params, "lr": options.lr_base})
@@ -234,145 +337,266 @@ def finetune(
         opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=options.weight_decay)
     else:
         raise FeaturecacheError(f"unknown --optimizer {options.optimizer!r}; choose adamw or sgd")
-    n_train = len(index["train"])
-    steps_per_epoch = math.ceil(n_train / options.batch_size)
-    if options.max_batches:
-        steps_per_epoch = min(steps_per_epoch, options.max_batches)
-    total = steps_per_epoch * options.max_epochs
-    warmup = max(1, int(options.warmup_epochs * steps_per_epoch))
+    total = steps * options.max_epochs
+    warmup = max(1, int(options.warmup_epochs * steps))
 
-    def schedule(step: int) -> float:  # linear warmup, then cosine to zero
+    def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    config = {"head_dir": str(head_dir), "head_sha256": head_sidecar["files"][persist.HEAD_FILE],
-              "unfrozen": chosen, **{k: v for k, v in dataclasses.asdict(options).items()
-                                     if k not in ("progress", "stop_after_epochs", "workers", "device")}}  # fmt: skip
-    out_dir = paths.models / dataset / base_tag / layer / f"{FINETUNED_PREFIX}{head_sidecar['head']}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "checkpoint.pt"
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
-    state = {"epoch": 0, "best_val": frozen_val, "best_epoch": 0, "stale": 0, "history": []}
-    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    resumed = False
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["config"] == config:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            state, best_weights = ckpt["state"], ckpt["best_weights"]
-            resumed = True
-            log.info("resuming fine-tuning after epoch %d", state["epoch"])
-        else:
-            log.info("discarding %s: made with other settings", ckpt_path)
 
+# ---------------------------------------------------------------------------------------------------------------
+# Phase 5: epochs, with a checkpoint after each (loaded with weights_only=True: it holds no code)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Progress of the epochs; plain types only, so the checkpoint loads with ``weights_only=True``."""
+
+    epoch: int = 0
+    best_val: float = 0.0
+    best_epoch: int = 0  # 0: no epoch beat the frozen head on val
+    stale: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    """The objects the epochs update, and the checkpoint that lets a re-run resume them exactly."""
+
+    rebuilt: Rebuilt
+    chosen: list[str]
+    opt: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    config: dict[str, Any]  # what the run computes; a checkpoint made with another config is discarded
+    checkpoint: Path
+    options: FinetuneOptions
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.rebuilt.model.state_dict().items()}
+
+
+def load_checkpoint(trainer: Trainer) -> tuple[TrainState, dict[str, torch.Tensor]] | None:
+    """Resume state from ``trainer.checkpoint`` if it was made with the same config; refuse anything but tensors
+    and plain Python values (a planted pickle would run code)."""
+    path = trainer.checkpoint
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise FeaturecacheError(
+            f"{path} is not a checkpoint featurecache can load safely ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}); it was not loaded. Delete it to start fine-tuning afresh"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("config") != trainer.config:
+        log.info("discarding %s: made with other settings", path)
+        return None
+    trainer.rebuilt.model.load_state_dict(ckpt["model"])
+    trainer.opt.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    state = TrainState(**ckpt["state"])
+    log.info("resuming fine-tuning after epoch %d", state.epoch)
+    return state, ckpt["best_weights"]
+
+
+def save_checkpoint(trainer: Trainer, state: TrainState, best_weights: dict[str, torch.Tensor]) -> None:
+    checkpoint = {"config": trainer.config, "model": trainer.rebuilt.model.state_dict(),
+                  "optimizer": trainer.opt.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                  "state": dataclasses.asdict(state), "best_weights": best_weights}  # fmt: skip
+    atomic_write(trainer.checkpoint, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def run_epoch(trainer: Trainer, epoch: int, train_tf: Any) -> float:
+    """One pass over the train split (or ``max_batches`` of it); returns the train accuracy."""
+    from tqdm.auto import tqdm
+
+    model, splits, options, device = (
+        trainer.rebuilt.model,
+        trainer.rebuilt.splits,
+        trainer.options,
+        trainer.rebuilt.device,
+    )
+    # Every epoch's randomness derives from (seed, epoch): a resumed run repeats it exactly.
+    torch.manual_seed(options.seed * 1000 + epoch)
+    random.seed(options.seed * 1000 + epoch)
+    # model.train() leaves the base on its eval graph (see layers.build_extractor): the head sees the features
+    # it was fitted on; gradients flow through the eval graph all the same.
+    model.train()
+    if options.train_bn:
+        for unit in trainer.chosen:
+            for module in model.base.body.get_submodule(unit).modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
     use_amp = options.amp and device.type == "cuda"
-    t_start = time.perf_counter()
-    loss_fn = torch.nn.CrossEntropyLoss()
-    train_tf = train_transform(eval_tf, size, options.augment)
-    epochs_this_run = 0
-    while state["epoch"] < options.max_epochs and state["stale"] < options.patience:
-        epoch = state["epoch"]
-        # Every epoch's randomness derives from (seed, epoch): a resumed run repeats it exactly.
-        torch.manual_seed(options.seed * 1000 + epoch)
-        random.seed(options.seed * 1000 + epoch)
-        # model.train() leaves the base on its eval graph (see layers.build_extractor): the head sees the features
-        # it was fitted on; gradients flow through the eval graph all the same.
-        model.train()
-        if options.train_bn:
-            for unit in chosen:
-                for module in extractor.body.get_submodule(unit).modules():
-                    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                        module.train()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{options.max_epochs}", disable=not options.progress)
-        correct = seen = 0
-        for step, (images, rows, errors) in enumerate(loader("train", train_tf, shuffle=True, epoch=epoch)):
-            if options.max_batches and step >= options.max_batches:
-                break
-            y = torch.as_tensor(labels["train"][rows.numpy()], device=device)
-            keep = torch.as_tensor([not e for e in errors], device=device)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(images.to(device))
-                loss = loss_fn(logits[keep].float(), y[keep])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            scheduler.step()
-            correct += int((logits.argmax(1) == y)[keep].sum())
-            seen += int(keep.sum())
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
-            bar.update()
-        bar.close()
-        val_acc = float((evaluate("val") == labels["val"]).mean())
-        state["history"].append({"epoch": epoch + 1, "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc})
-        if val_acc > state["best_val"]:
-            state.update(best_val=val_acc, best_epoch=epoch + 1, stale=0)
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            state["stale"] += 1
-        state["epoch"] = epoch + 1
-        checkpoint = {"config": config, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "scheduler": scheduler.state_dict(), "state": state, "best_weights": best_weights}  # fmt: skip
-        atomic_write(ckpt_path, lambda tmp, checkpoint=checkpoint: torch.save(checkpoint, tmp))
-        epochs_this_run += 1
-        if options.stop_after_epochs is not None and epochs_this_run >= options.stop_after_epochs:
-            raise KeyboardInterrupt  # the simulated interruption; progress is in the checkpoint
+    loss_fn = nn.CrossEntropyLoss()
+    steps = steps_per_epoch(len(splits.index["train"]), options)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{options.max_epochs}", disable=not options.progress)
+    correct = seen = 0
+    for step, (images, rows, errors) in enumerate(splits.loader("train", train_tf, shuffle=True, epoch=epoch)):
+        if options.max_batches and step >= options.max_batches:
+            break
+        y = torch.as_tensor(splits.labels["train"][rows.numpy()], device=device)
+        keep = torch.as_tensor([not e for e in errors], device=device)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(images.to(device))
+            loss = loss_fn(logits[keep].float(), y[keep])
+        trainer.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.opt.step()
+        trainer.scheduler.step()
+        correct += int((logits.argmax(1) == y)[keep].sum())
+        seen += int(keep.sum())
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
+        bar.update()
+    bar.close()
+    return correct / max(seen, 1)
 
-    # 3. Best checkpoint, test once.
-    model.load_state_dict(best_weights)
-    test_pred = evaluate("test")
-    frozen_test = head_sidecar["test"]
-    n_classes = len(class_names)
-    test_scores = classification_scores(labels["test"], test_pred, n_classes=n_classes, seed=options.seed)
-    X_test, _, _ = store.load_features(files["test"], layer, include_invalid=True)
-    frozen_correct = estimator.predict(X_test.astype(np.float32)) == labels["test"]
-    gain = (test_pred == labels["test"]).astype(float) - frozen_correct.astype(float)
-    low, high = bootstrap_ci(gain, seed=options.seed)  # paired: the same test images resampled together
-    atomic_write(out_dir / "model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
-    sidecar = {
+
+def train_epochs(trainer: Trainer, frozen_val: float) -> tuple[TrainState, dict[str, torch.Tensor], bool]:
+    """Epochs until ``max_epochs`` or ``patience`` epochs without a val gain, a checkpoint after each; returns the
+    final state, the best weights (the frozen model's when no epoch beat it) and whether it resumed."""
+    rebuilt, options = trainer.rebuilt, trainer.options
+    resumed = load_checkpoint(trainer)
+    state, best_weights = resumed or (TrainState(best_val=frozen_val), trainer.snapshot())
+    train_tf = train_transform(rebuilt.splits.eval_transform, rebuilt.splits.input_size, options.augment)
+    while state.epoch < options.max_epochs and state.stale < options.patience:
+        train_acc = run_epoch(trainer, state.epoch, train_tf)
+        val_pred = predict_split(rebuilt.model, rebuilt.splits, "val", rebuilt.device)
+        val_acc = float((val_pred == rebuilt.splits.labels["val"]).mean())
+        state.history.append({"epoch": state.epoch + 1, "train_accuracy": train_acc, "val_accuracy": val_acc})
+        if val_acc > state.best_val:
+            state.best_val, state.best_epoch, state.stale = val_acc, state.epoch + 1, 0
+            best_weights = trainer.snapshot()
+        else:
+            state.stale += 1
+        state.epoch += 1
+        save_checkpoint(trainer, state, best_weights)
+    return state, best_weights, resumed is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phase 6: best weights, test once, record
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gain_verdict(state: TrainState, frozen_val: float, gain_points: float, ci: tuple[float, float]) -> str:
+    """One plain sentence: did fine-tuning help?"""
+    if state.best_epoch == 0:
+        return (
+            f"no gain: no epoch beat the frozen head's val accuracy ({100 * frozen_val:.1f}%), so the saved model "
+            f"is the frozen head rebuilt; try more epochs, --lr-base, or --unfreeze-last 2"
+        )
+    interval = f"{gain_points:+.1f} points, 95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+    if ci[0] <= 0 <= ci[1]:
+        return f"no clear gain on test: {interval} includes 0"
+    return f"{'gain' if gain_points > 0 else 'loss'} on test: {interval}"
+
+
+def paired_test_gain(rebuilt: Rebuilt, test_pred: np.ndarray, seed: int) -> tuple[float, tuple[float, float]]:
+    """Paired gain over the frozen head on test, in points, with its bootstrap interval (same images resampled)."""
+    y_test = rebuilt.splits.labels["test"]
+    X_test, _, _ = store.load_features(rebuilt.files["test"], rebuilt.layer, include_invalid=True)
+    frozen_correct = rebuilt.estimator.predict(X_test.astype(np.float32)) == y_test
+    gain = (test_pred == y_test).astype(float) - frozen_correct.astype(float)
+    low, high = bootstrap_ci(gain, seed=seed)
+    return 100 * float(gain.mean()), (100 * low, 100 * high)
+
+
+def score_and_record(
+    rebuilt: Rebuilt, trainer: Trainer, state: TrainState, *, out_dir: Path, agreement: float, frozen_val: float
+) -> dict[str, Any]:
+    """Score the model on test once and write ``model.pt``; returns the sidecar (the caller writes it last)."""
+    options, hs = trainer.options, rebuilt.head_sidecar
+    y_test = rebuilt.splits.labels["test"]
+    test_pred = predict_split(rebuilt.model, rebuilt.splits, "test", rebuilt.device)
+    test_scores = classification_scores(y_test, test_pred, n_classes=len(hs["class_names"]))
+    valid = store.read_rows(rebuilt.files["test"])[2]
+    test_scores["predictions"] = test_pred[valid]  # valid rows, as stage-2 heads record them (paired tests)
+    gain_points, ci = paired_test_gain(rebuilt, test_pred, options.seed)
+    atomic_write(out_dir / MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
+    return {
         "version": 1,
-        "dataset": dataset,
-        "base": head_sidecar["base"],
-        "base_tag": base_tag,
-        "weights": head_sidecar["weights"],
-        "layer": layer,
-        "tap": head_sidecar["tap"],
-        "head": f"{FINETUNED_PREFIX}{head_sidecar['head']}",
+        "dataset": rebuilt.dataset,
+        "base": hs["base"],
+        "base_tag": rebuilt.base_tag,
+        "weights": hs["weights"],
+        "layer": hs["layer"],
+        "tap": hs["tap"],
+        "head": out_dir.name,
         "dense": True,
-        "class_names": list(class_names),
-        "features": head_sidecar["features"],
-        "params": {"unfrozen": chosen, **{k: config[k] for k in ("lr_head", "lr_base", "optimizer", "augment")}},
-        "started_from": str(head_dir),
+        "class_names": list(hs["class_names"]),
+        "features": hs["features"],
+        "params": {
+            "unfrozen": trainer.chosen,
+            **{k: trainer.config[k] for k in ("lr_head", "lr_base", "optimizer", "augment")},
+        },
+        "started_from": str(rebuilt.head_dir),
         "rebuilt_agreement": agreement,
-        "selection_val_accuracy": state["best_val"],
-        "best_epoch": state["best_epoch"],
-        "history": state["history"],
+        "selection_val_accuracy": state.best_val,
+        "best_epoch": state.best_epoch,
+        "improved_on_val": state.best_epoch > 0,
+        "verdict": gain_verdict(state, frozen_val, gain_points, ci),
+        "history": state.history,
         "test": test_scores,
-        "frozen_test_accuracy": frozen_test["accuracy"],
-        "gain_over_frozen_points": 100 * float(gain.mean()),
-        "gain_ci95_points": [100 * low, 100 * high],
-        "n_train": n_train,
-        "timings": {"total_seconds": round(time.perf_counter() - t_start, 3)},
-        "files": {"model.pt": file_sha256(out_dir / "model.pt")},
+        "frozen_test_accuracy": hs["test"]["accuracy"],
+        "gain_over_frozen_points": gain_points,
+        "gain_ci95_points": list(ci),
+        "n_train": len(rebuilt.splits.index["train"]),
+        "files": {MODEL_FILE: file_sha256(out_dir / MODEL_FILE)},
     }
+
+
+def finetune(
+    *, dataset: str, base_tag: str, options: FinetuneOptions | None = None, paths: Paths | None = None
+) -> FinetuneResult:
+    """Fine-tune the best stage-2 head of ``dataset`` x ``base_tag`` together with the top of its base.
+
+    Interrupted runs (Ctrl-C, kill) resume from the checkpoint after the last finished epoch when the same
+    command is run again; the result is the same as an uninterrupted run's.
+    """
+    options = options or FinetuneOptions()
+    paths = paths or default_paths()
+    if options.augment not in AUGMENTATIONS:
+        raise FeaturecacheError(f"unknown --augment {options.augment!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    t_start = time.perf_counter()
+    rebuilt = rebuild(dataset, base_tag, options, paths)
+    agreement, frozen_val = verify_agreement(rebuilt)
+    chosen = choose_units(base_units(rebuilt.model.base, rebuilt.loaded.model), rebuilt.loaded.model, options)
+    base_params = unfreeze(rebuilt.model, chosen)
+    steps = steps_per_epoch(len(rebuilt.splits.index["train"]), options)
+    opt, scheduler = make_optimizer(rebuilt.model.head, base_params, options, steps)
+    out_dir = paths.head_dir(dataset, base_tag, rebuilt.layer, f"{FINETUNED_PREFIX}{rebuilt.head_sidecar['head']}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {"head_dir": str(rebuilt.head_dir),
+              "head_sha256": rebuilt.head_sidecar["files"][persist.HEAD_FILE], "unfrozen": chosen,
+              **{k: v for k, v in dataclasses.asdict(options).items() if k not in _EXECUTION_ONLY}}  # fmt: skip
+    trainer = Trainer(rebuilt, chosen, opt, scheduler, config, out_dir / CHECKPOINT_FILE, options)
+
+    state, best_weights, resumed = train_epochs(trainer, frozen_val)
+    rebuilt.model.load_state_dict(best_weights)
+    sidecar = score_and_record(rebuilt, trainer, state, out_dir=out_dir, agreement=agreement, frozen_val=frozen_val)
+    sidecar["timings"] = {"total_seconds": round(time.perf_counter() - t_start, 3)}
     atomic_write_text(out_dir / persist.SIDECAR_FILE, json.dumps(sidecar, indent=1, default=str))
-    ckpt_path.unlink(missing_ok=True)
-    return FinetuneResult(sidecar=sidecar, model_dir=out_dir, resumed=resumed)
+    trainer.checkpoint.unlink(missing_ok=True)
+    (log.warning if state.best_epoch == 0 else log.info)("fine-tuning %s: %s", out_dir, sidecar["verdict"])
+    return FinetuneResult(sidecar, out_dir, resumed, improved=state.best_epoch > 0, verdict=sidecar["verdict"])
 
 
 def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: str | None = None) -> Path:
-    """The stage-2 head to start from: the best (on val) of the requested kind for this base (and layer)."""
-    candidates = []
-    for sidecar_path in (paths.models / dataset / base_tag).glob(f"{layer or '*'}/{head}/{persist.SIDECAR_FILE}"):
-        s = json.loads(sidecar_path.read_text())
-        candidates.append((-s["selection_val_accuracy"], s["tap"]["relative_depth"], str(sidecar_path.parent)))
-    if not candidates:
+    """The stage-2 head to start from: the best of the requested kind for this base (and layer), under the one
+    selection rule (:mod:`featurecache.selection`)."""
+    sidecars = [s for d in paths.head_dirs(dataset, base_tag, layer=layer or "*", head=head)
+                if (s := persist.read_sidecar(d)) is not None]  # fmt: skip
+    if not sidecars:
         raise FeaturecacheError(
             f"no trained {head!r} head for {dataset} x {base_tag}{f' at layer {layer}' if layer else ''}; run "
             f"`featurecache train-heads --dataset {dataset} "
             f"--bases {base_tag} --heads {head}` first (fine-tuning never starts from a random head)"
         )
-    return Path(min(candidates)[2])  # ties: the shallower layer
+    best = pick_best(sidecars)
+    return paths.head_dir(dataset, base_tag, best["layer"], best["head"])

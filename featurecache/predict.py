@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from featurecache import store
 from featurecache.bases import WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
 from featurecache.config import Paths, default_paths
+from featurecache.data import bad_image_errors, load_image
 from featurecache.errors import FeaturecacheError
 from featurecache.layers import TapSpec
 from featurecache.persist import load_head
-from featurecache.store import read_metadata
 
 
 def _weights_for(sidecar: dict[str, Any], weights_file: str | os.PathLike | None) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def _runtime_for(sidecar: dict[str, Any], runtime: str | None) -> tuple[str, str
     if runtime is not None:
         return runtime, "f32"
     try:
-        meta = read_metadata(sidecar["features"]["train"]["file"])
+        meta = store.read_metadata(sidecar["features"]["train"]["file"])
     except (FeaturecacheError, KeyError, OSError):
         return "auto", "f32"  # the cache is gone (a head copied to another machine): the device's default
     return meta.get("runtime", "eager"), meta.get("precision", "f32")
@@ -72,6 +73,24 @@ def _extractor(loaded: LoadedBase, sidecar: dict[str, Any], tap: TapSpec, runtim
     return runner.extractor([tap])
 
 
+def _alpha_of(sidecar: dict[str, Any]) -> str:
+    """The background the head's training images were composited onto, so new images are decoded the same way.
+
+    Recorded in the sidecar; heads whose sidecar predates it read it from the training cache's attrs.
+    """
+    if sidecar.get("alpha"):
+        return sidecar["alpha"]
+    train_file = Path(sidecar["features"]["train"]["file"])
+    alpha = store.read_metadata(train_file).get("alpha") if train_file.is_file() else None
+    if alpha is None:
+        raise FeaturecacheError(
+            f"cannot tell how the training images of this head were decoded (no 'alpha' in its sidecar or in "
+            f"{train_file}): it predates --alpha; re-run `featurecache extract` and `featurecache train-heads "
+            f"--overwrite`"
+        )
+    return alpha
+
+
 def predict_images(
     head_dir: str | os.PathLike,
     images: Sequence[str | os.PathLike],
@@ -85,9 +104,9 @@ def predict_images(
     ``runtime``: ``featurecache.runtime.RUNTIMES``; by default the runtime the head's training cache records.
     """
     import torch
-    from torchvision.datasets.folder import default_loader
 
     estimator, sidecar = load_head(head_dir)
+    alpha = _alpha_of(sidecar)
     loaded = load_base(sidecar["base"], **_weights_for(sidecar, weights_file))
     if loaded.weights_id != sidecar["weights"]:
         raise FeaturecacheError(
@@ -104,8 +123,8 @@ def predict_images(
         tensors = []
         for p in batch_paths:
             try:
-                tensors.append(transform(default_loader(str(p))))
-            except (OSError, ValueError, SyntaxError) as exc:
+                tensors.append(transform(load_image(p, alpha=alpha)))
+            except bad_image_errors() as exc:
                 raise FeaturecacheError(f"cannot read image {p}: {exc}") from exc
         batch = torch.stack(tensors)
         extractor = extractor or _extractor(loaded, sidecar, tap, runtime, batch)

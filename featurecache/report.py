@@ -1,9 +1,9 @@
-"""The layer-depth comparison: which layer of which base transfers best, per dataset, and how much it matters.
+"""The layer comparison's reports: one per dataset (the answer first), plus a cross-dataset page.
 
-Reads what stages 1 and 2 wrote (caches and head sidecars) and writes ``reports/compare/``:
-``accuracy_vs_depth.png``, ``report.md``, ``report.html`` (figures inline), ``results.csv`` and ``summary.json``.
-At every layer the head is the one selected on val; the recommended layer is chosen on val too, and the
-oracle (best on test) is shown only to measure what that choice costs.
+``reports/compare/<dataset>/``: ``report.md``, ``report.html`` (figure inline, opens offline),
+``accuracy_vs_depth.png``, ``results.csv`` (every head) and ``summary.json`` (the answer as data).
+``reports/compare/``: the same for all datasets of the run, with one small-multiples figure. The numbers come
+from :mod:`featurecache.answer`, the words from :mod:`featurecache.advice`; this module only renders them.
 """
 
 from __future__ import annotations
@@ -14,85 +14,32 @@ import html
 import io
 import json
 import logging
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from featurecache import persist, store
+from featurecache import store
+from featurecache.advice import explain, gain_text, pts, transfer_sentence
+from featurecache.answer import Answer, HeadResult, LabelReader, compute_answer, is_control, result_of_sidecar
 from featurecache.config import Paths
-from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
-from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX, simplicity_rank
-from featurecache.transferability import logme
+from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
+from featurecache.layer_scores import SCORES, cross_dataset_summary, layer_tau_table
+from featurecache.metrics import mcnemar_worse_p, paired_difference
+from featurecache.persist import read_sidecar
+from featurecache.plots import plot_answers
+from featurecache.selection import pick_best
 
 log = logging.getLogger(__name__)
 
 REFERENCE_BASE = "efficientnet_lite0"  # its ImageNet classifier measures how far a dataset is from ImageNet
 REFERENCE_LOGITS = "_fc"
-RANDOM_SUFFIX = "-random"
+FIGURE = "accuracy_vs_depth.png"
 
-
-def _frozen_plain(head: str) -> bool:
-    """Heads on frozen features of the plain train split: what the accuracy-vs-depth curves compare."""
-    return not head.startswith(FINETUNED_PREFIX) and not head.endswith(AUGMENTED_SUFFIX)
-
-
-@dataclass
-class LayerPoint:
-    """One dataset x base x layer: the val-selected head and what it scores."""
-
-    dataset: str
-    base: str
-    layer: str
-    depth: float
-    head: str
-    val_accuracy: float
-    test_accuracy: float
-    ci_low: float
-    ci_high: float
-    logme: float | None
-    heads: dict[str, tuple[float, float]]  # every head at this layer: (val, test)
-
-
-def _sidecars(models: Path, dataset: str, base: str) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((models / dataset / base).glob(f"*/*/{persist.SIDECAR_FILE}"))]
-
-
-def layer_points(
-    dataset: str, base: str, paths: Paths, *, heads: Sequence[str] | None = None, with_logme: bool = True
-) -> list[LayerPoint]:
-    """The curve of one dataset x base: per layer, the head with the best val accuracy (ties: simpler head)."""
-    by_layer: dict[str, list[dict[str, Any]]] = {}
-    for s in _sidecars(paths.models, dataset, base):
-        if _frozen_plain(s["head"]) and (heads is None or s["head"] in heads):
-            by_layer.setdefault(s["layer"], []).append(s)
-    points = []
-    train_file = paths.feature_file(dataset, base, "train")
-    for layer, sidecars in by_layer.items():
-        best = min(sidecars, key=lambda s: (-s["selection_val_accuracy"], simplicity_rank(s["head"])))
-        score = None
-        if with_logme and train_file.is_file():
-            X, y, _ = store.load_features(train_file, layer)
-            score = logme(X.astype(np.float64), y)
-        points.append(
-            LayerPoint(
-                dataset=dataset,
-                base=base,
-                layer=layer,
-                depth=float(best["tap"]["relative_depth"]),
-                head=best["head"],
-                val_accuracy=float(best["selection_val_accuracy"]),
-                test_accuracy=float(best["test"]["accuracy"]),
-                ci_low=float(best["test"]["accuracy_ci95"][0]),
-                ci_high=float(best["test"]["accuracy_ci95"][1]),
-                logme=score,
-                heads={s["head"]: (s["selection_val_accuracy"], s["test"]["accuracy"]) for s in sidecars},
-            )
-        )
-    return sorted(points, key=lambda p: p.depth)
+Block = tuple[str, Any]  # ("h1"|"h2"|"h3"|"p"|"box"|"ul"|"img"|"table", content)
 
 
 def imagenet_distance(dataset: str, paths: Paths) -> dict[str, float] | None:
@@ -124,374 +71,422 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-@dataclass
-class CurveSummary:
-    dataset: str
-    base: str
-    recommended: LayerPoint  # best on val
-    oracle: LayerPoint  # best on test (for measuring the cost of choosing on val only)
-    worst: LayerPoint
-    logme_spearman: float
-    random_best: LayerPoint | None  # the random-init control at its own val-selected layer
-    top_depth: float  # depth of the curve's deepest layer
-
-    @property
-    def gap_points(self) -> float:
-        return 100 * (self.oracle.test_accuracy - self.recommended.test_accuracy)
-
-
-def summarize(points: list[LayerPoint], random_points: list[LayerPoint]) -> CurveSummary:
-    recommended = min(points, key=lambda p: (-p.val_accuracy, -p.depth))
-    oracle = max(points, key=lambda p: p.test_accuracy)
-    worst = min(points, key=lambda p: p.test_accuracy)
-    scores = [(p.logme, p.test_accuracy) for p in points if p.logme is not None]
-    rho = spearman([s[0] for s in scores], [s[1] for s in scores]) if scores else float("nan")
-    random_best = min(random_points, key=lambda p: -p.val_accuracy) if random_points else None
-    top = max(p.depth for p in points)
-    return CurveSummary(points[0].dataset, points[0].base, recommended, oracle, worst, rho, random_best, top)
-
-
 # ------------------------------------------------------------------------------------------- beyond frozen
 
 
-def beyond_frozen(dataset: str, base: str, paths: Paths, *, seed: int = 0) -> list[dict[str, Any]]:
-    """The routes past a frozen head on plain features, each against the frozen head it starts from.
-
-    * ``finetuned-<head>``: the fine-tune stage's model; its sidecar holds the paired gain and interval.
-    * ``<head>+aug``: the best head (on val) trained with the cached augmented views, against the same head at the
-      same layer without them; the gain and its paired 95% bootstrap interval are computed here on the test cache.
-    """
-    from featurecache.metrics import bootstrap_ci
-
-    rows = []
-    sidecars = _sidecars(paths.models, dataset, base)
-    for s in sidecars:
-        if s["head"].startswith(FINETUNED_PREFIX):
-            rows.append({
-                "route": "fine-tuned", "head": s["head"], "layer": s["layer"], "depth": s["tap"]["relative_depth"],
-                "detail": f"unfrozen {', '.join(s['params']['unfrozen'])}; augment {s['params']['augment']}; "
-                          f"best epoch {s['best_epoch']}",
-                "val_accuracy": s["selection_val_accuracy"], "test_accuracy": s["test"]["accuracy"],
-                "test_ci95": s["test"]["accuracy_ci95"], "frozen_test_accuracy": s["frozen_test_accuracy"],
-                "gain_points": s["gain_over_frozen_points"], "gain_ci95_points": s["gain_ci95_points"],
-            })  # fmt: skip
-    augmented = [
-        s for s in sidecars if s["head"].endswith(AUGMENTED_SUFFIX) and not s["head"].startswith(FINETUNED_PREFIX)
-    ]
-    if augmented:
-        best = min(augmented, key=lambda s: (-s["selection_val_accuracy"], simplicity_rank(s["head"])))
-        plain_dir = paths.models / dataset / base / best["layer"] / best["head_spec"]
-        if (plain_dir / persist.SIDECAR_FILE).is_file():
-            test_file = paths.feature_file(dataset, base, "test")
-            X, y, _ = store.load_features(test_file, best["layer"])
-            X = X.astype(np.float32)
-            aug_head, _ = persist.load_head(paths.models / dataset / base / best["layer"] / best["head"])
-            plain_head, plain = persist.load_head(plain_dir)
-            gain = (aug_head.predict(X) == y).astype(float) - (plain_head.predict(X) == y).astype(float)
-            low, high = bootstrap_ci(gain, seed=seed)
-            rows.append({
-                "route": "augmented views", "head": best["head"], "layer": best["layer"],
-                "depth": best["tap"]["relative_depth"],
-                "detail": f"{best['train_views']} cached views + the plain train split ({best['n_train']} rows)",
-                "val_accuracy": best["selection_val_accuracy"], "test_accuracy": best["test"]["accuracy"],
-                "test_ci95": best["test"]["accuracy_ci95"], "frozen_test_accuracy": plain["test"]["accuracy"],
-                "gain_points": 100 * float(gain.mean()), "gain_ci95_points": [100 * low, 100 * high],
-            })  # fmt: skip
+def beyond_frozen(answer: Answer, paths: Paths) -> list[dict[str, Any]]:
+    """Fine-tuned models, and the best head trained with augmented views, each against the frozen head it starts
+    from (same layer, same head kind) on the same test images: paired difference with a bootstrap 95% interval."""
+    labels, routes, plain = LabelReader(), [], {}
+    for directory in paths.head_dirs(answer.dataset, answer.recommended.base):
+        s = read_sidecar(directory)
+        if s is None:
+            continue
+        if s["head"].startswith(FINETUNED_PREFIX) or s["head"].endswith(AUGMENTED_SUFFIX):
+            routes.append(s)
         else:
-            log.warning("no plain %s head at %s to compare %s with", best["head_spec"], best["layer"], best["head"])
+            plain[(s["layer"], s["head"])] = s
+    augmented = [s for s in routes if not s["head"].startswith(FINETUNED_PREFIX)]
+    chosen = [s for s in routes if s["head"].startswith(FINETUNED_PREFIX)] + (
+        [pick_best(augmented)] if augmented else []
+    )
+    rows = []
+    for s in chosen:
+        start = plain.get((s["layer"], s["head"].removeprefix(FINETUNED_PREFIX).removesuffix(AUGMENTED_SUFFIX)))
+        if start is None or "predictions" not in s["test"]:
+            log.warning("cannot compare %s at %s with its frozen head (missing, or saved without predictions)",
+                        s["head"], s["layer"])  # fmt: skip
+            continue
+        result, frozen = result_of_sidecar(s, labels), result_of_sidecar(start, labels)
+        rows.append({"route": "fine-tuned" if s["head"].startswith(FINETUNED_PREFIX) else "augmented views",
+                     "result": result, "frozen": frozen,
+                     "gain": paired_difference(result.test_correct, frozen.test_correct)})  # fmt: skip
     return rows
 
 
-# ------------------------------------------------------------------------------------------- figure
+# ------------------------------------------------------------------------------------------- blocks
 
 
-def plot_accuracy_vs_depth(
-    curves: dict[tuple[str, str], list[LayerPoint]], distances: dict[str, dict | None], out: Path
-) -> None:
-    """One panel per base; a line per dataset (test accuracy of the val-selected head), 95% bands, and the
-    random-init control dashed in the same colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bases = sorted({b for _, b in curves if not b.endswith(RANDOM_SUFFIX)})
-    datasets = sorted({d for d, _ in curves}, key=lambda d: (distances.get(d) or {}).get("distance", 2.0))
-    colours = dict(zip(datasets, plt.get_cmap("tab10").colors, strict=False))
-    fig, axes = plt.subplots(1, len(bases), figsize=(6.5 * len(bases) + 3.2, 5.2), squeeze=False, sharey=True)
-    for ax, base in zip(axes[0], bases, strict=True):
-        for ds in datasets:
-            for tag, style in ((base, "-"), (base + RANDOM_SUFFIX, "--")):
-                pts = curves.get((ds, tag))
-                if not pts:
-                    continue
-                x = [p.depth for p in pts]
-                y = [100 * p.test_accuracy for p in pts]
-                dist = distances.get(ds)
-                label = f"{ds} (ImageNet conf. {dist['confidence']:.2f})" if dist and style == "-" else ds
-                ax.plot(x, y, style, marker="o" if style == "-" else None, ms=4, color=colours[ds],
-                        label=label if style == "-" else None, lw=1.8 if style == "-" else 1.1)  # fmt: skip
-                if style == "-":
-                    ax.fill_between(x, [100 * p.ci_low for p in pts], [100 * p.ci_high for p in pts],
-                                    color=colours[ds], alpha=0.10, lw=0)  # fmt: skip
-                    rec = max(pts, key=lambda p: (p.val_accuracy, p.depth))
-                    ax.plot([rec.depth], [100 * rec.test_accuracy], marker="*", ms=13, color=colours[ds], mec="k")
-        ax.set_title(f"{base}: test accuracy of the val-selected head per layer")
-        ax.set_xlabel("relative depth (share of the base's conv/linear ops)")
-        ax.set_xlim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (%), 95% bootstrap band")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    from matplotlib.lines import Line2D
-
-    handles += [Line2D([], [], color="grey", ls="--"), Line2D([], [], color="grey", marker="*", ls="", ms=11, mec="k")]
-    labels += ["random-init control", "layer recommended on val"]
-    # Outside the panels, nearest-to-ImageNet first, so no curve is hidden and nothing is clipped.
-    axes[0][-1].legend(handles, labels, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------- report
-
-
-def _reading(summaries: list[CurveSummary], distances: dict[str, dict | None]) -> str:
-    """A paragraph that reads the curves, computed from the numbers (no canned conclusions)."""
-    pretrained = [s for s in summaries if not s.base.endswith(RANDOM_SUFFIX)]
-    if not pretrained:
-        return "No pretrained curves yet."
-    parts = []
-    measured = [s for s in pretrained if distances.get(s.dataset)]
-    if len(measured) >= 3:
-        rho = spearman([distances[s.dataset]["confidence"] for s in measured], [s.recommended.depth for s in measured])
-        near = max(measured, key=lambda s: distances[s.dataset]["confidence"])
-        far = min(measured, key=lambda s: distances[s.dataset]["confidence"])
-        parts.append(
-            f"Across {len(measured)} dataset/base pairs, the depth recommended on val and the ImageNet classifier's "
-            f"confidence on the dataset have a rank correlation of {rho:+.2f}: {near.dataset} (confidence "
-            f"{distances[near.dataset]['confidence']:.2f}) peaks at depth {near.recommended.depth:.2f}, {far.dataset} "
-            f"(confidence {distances[far.dataset]['confidence']:.2f}) at depth {far.recommended.depth:.2f}."
-        )
-    top_wins = [s for s in pretrained if s.recommended.depth >= s.top_depth]
-    middle = [s for s in pretrained if s.recommended.depth < 0.85]
-    parts.append(
-        f"The deepest tap is recommended for {len(top_wins)} of {len(pretrained)} curves; a layer below depth 0.85 for "
-        f"{len(middle)} ({', '.join(f'{s.dataset} {s.recommended.depth:.2f}' for s in middle) or 'none'})."
-    )
-    spread = np.mean([100 * (s.oracle.test_accuracy - s.worst.test_accuracy) for s in pretrained])
-    gap = np.mean([s.gap_points for s in pretrained])
-    parts.append(
-        f"The choice matters: best minus worst layer is {spread:.1f} points of test accuracy on average, while picking "
-        f"the layer on val costs {gap:.1f} points against the test oracle."
-    )
-    gains = [
-        (s.dataset, 100 * (s.recommended.test_accuracy - s.random_best.test_accuracy))
-        for s in pretrained
-        if s.random_best is not None
-    ]
-    if gains:
-        parts.append(
-            "Pretraining against the random-init control at each side's val-selected layer: "
-            + ", ".join(f"{d} {g:+.1f}" for d, g in gains)
-            + " points."
-        )
-    rhos = [s.logme_spearman for s in pretrained if not np.isnan(s.logme_spearman)]
-    if rhos:
-        parts.append(
-            f"LogME, computed from the cached features without training, ranks layers with a median Spearman "
-            f"correlation of {np.median(rhos):+.2f} to the trained test accuracy (range {min(rhos):+.2f} to "
-            f"{max(rhos):+.2f}): a shortlist, not a verdict."
-        )
-    return " ".join(parts)
-
-
-def build_report(
-    datasets: Sequence[str],
-    bases: Sequence[str],
-    paths: Paths,
-    *,
-    heads: Sequence[str] | None = None,
-    licenses: dict[str, str] | None = None,
-    expected: dict[str, str] | None = None,
-    command: str = "",
-) -> dict[str, Any]:
-    """Write ``reports/compare/`` from trained heads of ``datasets`` x ``bases`` (plus their ``-random`` controls)."""
-    curves: dict[tuple[str, str], list[LayerPoint]] = {}
-    for ds in datasets:
-        for base in bases:
-            for tag in (base, base + RANDOM_SUFFIX):
-                pts = layer_points(ds, tag, paths, heads=heads, with_logme=not tag.endswith(RANDOM_SUFFIX))
-                if pts:
-                    curves[(ds, tag)] = pts
-    if not any(not b.endswith(RANDOM_SUFFIX) for _, b in curves):
-        raise FeaturecacheError(
-            f"no trained heads for {', '.join(datasets)} x {', '.join(bases)} under {paths.models}; run "
-            f"`make compare-layers` (it extracts and trains first)"
-        )
-    distances = {ds: imagenet_distance(ds, paths) for ds in datasets}
-    summaries = [
-        summarize(pts, curves.get((ds, tag + RANDOM_SUFFIX), []))
-        for (ds, tag), pts in curves.items()
-        if not tag.endswith(RANDOM_SUFFIX)
-    ]
-    out = paths.reports / "compare"
-    out.mkdir(parents=True, exist_ok=True)
-    png = out / "accuracy_vs_depth.png"
-    plot_accuracy_vs_depth(curves, distances, png)
-    beyond = {
-        (ds, tag): rows
-        for (ds, tag) in curves
-        if not tag.endswith(RANDOM_SUFFIX) and (rows := beyond_frozen(ds, tag, paths))
-    }
-    _write_tables(out, curves, summaries, distances, beyond)
-    blocks = _blocks(summaries, curves, distances, licenses or {}, expected or {}, command, beyond)
-    atomic_write_text(out / "report.md", _markdown(blocks))
-    atomic_write_text(out / "report.html", _html(blocks, {png.name: png}))
-    return json.loads((out / "summary.json").read_text())
-
-
-def _write_tables(out: Path, curves: dict, summaries: list[CurveSummary], distances: dict, beyond: dict) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["dataset", "base", "layer", "relative_depth", "head", "val_accuracy", "test_accuracy",
-                     "test_ci_low", "test_ci_high", "logme", "selected_head_at_layer"])  # fmt: skip
-    for pts in curves.values():
-        for p in pts:
-            for head, (val, test) in sorted(p.heads.items()):
-                writer.writerow([p.dataset, p.base, p.layer, p.depth, head, round(val, 4), round(test, 4),
-                                 round(p.ci_low, 4) if head == p.head else "", round(p.ci_high, 4) if head == p.head
-                                 else "", "" if p.logme is None else round(p.logme, 5), head == p.head])  # fmt: skip
-    atomic_write_text(out / "results.csv", buffer.getvalue())
-    summary = {
-        "datasets": {ds: {"imagenet": d} for ds, d in distances.items()},
-        "curves": [
-            {
-                "dataset": s.dataset,
-                "base": s.base,
-                "recommended": {
-                    "layer": s.recommended.layer,
-                    "depth": s.recommended.depth,
-                    "val_accuracy": s.recommended.val_accuracy,
-                    "test_accuracy": s.recommended.test_accuracy,
-                    "test_ci95": [s.recommended.ci_low, s.recommended.ci_high],
-                    "head": s.recommended.head,
-                },
-                "oracle": {"layer": s.oracle.layer, "depth": s.oracle.depth, "test_accuracy": s.oracle.test_accuracy},
-                "gap_points": s.gap_points,
-                "best_minus_worst_points": 100 * (s.oracle.test_accuracy - s.worst.test_accuracy),
-                "logme_spearman": None if np.isnan(s.logme_spearman) else s.logme_spearman,
-                "random_init": None
-                if s.random_best is None
-                else {
-                    "layer": s.random_best.layer,
-                    "depth": s.random_best.depth,
-                    "test_accuracy": s.random_best.test_accuracy,
-                },
-                "points": [p.__dict__ for p in curves[(s.dataset, s.base)]],
-            }  # fmt: skip
-            for s in summaries
-        ],
-        "beyond_frozen": [{"dataset": ds, "base": base, **row} for (ds, base), rows in beyond.items() for row in rows],
-    }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-
-
-def _blocks(summaries, curves, distances, licenses, expected, command, beyond) -> list[tuple[str, Any]]:
-    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    blocks: list[tuple[str, Any]] = [
-        ("h1", "Which layer transfers? Accuracy versus depth"),
-        ("p", f"Generated by `{command}`." if command else "Generated by featurecache."),
-        ("img", "accuracy_vs_depth.png"),
-        ("h2", "Reading the curves"),
-        ("p", _reading(summaries, distances)),
-        ("h2", "Datasets and their measured distance from ImageNet"),
-        ("p", "Confidence = mean max-softmax of EfficientNet-Lite0's ImageNet classifier on the train split; classes "
-              "used = exp(entropy) of its mean prediction. Folklore's placement is shown beside the measurement."),
+def answer_block(answer: Answer) -> list[str]:
+    """The answer as lines of markdown: the recommendation, the tie set, the sentence, transfer, the 2x2 rule."""
+    rec, q = answer.recommended, answer.quadrant
+    lo, hi = rec.test_interval
+    n_test = len(rec.test_correct)
+    lines = [
+        f"**Recommended: `{rec.name(with_base=True)}`**: test {pts(rec.test_accuracy)}% [{pts(lo)}, {pts(hi)}] "
+        f"(95% Wilson, {n_test} test images), chosen on val ({pts(rec.val_accuracy)}%).",
+        f"**Tied with it** ({len(answer.ties)} of {_candidates(answer)} other heads not significantly worse on the "
+        f"same test images; one-sided exact McNemar, α = 0.05): "
+        + (", ".join(f"`{r.name(with_base=answer.several_bases)}` {pts(r.test_accuracy)}%" for r in answer.ties[:8])
+           + (f" and {len(answer.ties) - 8} more" if len(answer.ties) > 8 else "") if answer.ties else "none."),
+        answer.sentence,
+        f"**Does transfer help?** {transfer_sentence(answer)}",
     ]  # fmt: skip
-    rows = []
-    for ds, d in sorted(distances.items(), key=lambda kv: -(kv[1] or {}).get("confidence", -1)):
-        rows.append([ds, expected.get(ds, ""), f"{d['confidence']:.3f}" if d else "n/a",
-                     f"{d['classes_used']:.0f}" if d else "n/a", licenses.get(ds, "")])  # fmt: skip
-    blocks.append(("table", (["dataset", "folklore", "ImageNet confidence", "classes used", "license"], rows)))
-    blocks.append(("h2", "Recommended layer (chosen on val) against the test oracle"))
-    rows = []
-    for s in sorted(summaries, key=lambda s: (s.base, -((distances.get(s.dataset) or {}).get("confidence", 0)))):
-        r, o = s.recommended, s.oracle
-        rows.append([s.dataset, s.base, f"{r.layer} ({r.depth:.2f})", r.head,
-                     f"{pct(r.test_accuracy)} [{pct(r.ci_low)}, {pct(r.ci_high)}]", f"{o.layer} ({o.depth:.2f})",
-                     pct(o.test_accuracy), f"{s.gap_points:.1f}",
-                     f"{100 * (o.test_accuracy - s.worst.test_accuracy):.1f}",
-                     "n/a" if s.random_best is None else pct(s.random_best.test_accuracy),
-                     "n/a" if np.isnan(s.logme_spearman) else f"{s.logme_spearman:+.2f}"])  # fmt: skip
-    blocks.append(("table", (["dataset", "base", "recommended (depth)", "head", "test % [95% CI]",
-                              "oracle (depth)", "oracle test %", "gap (pts)", "best-worst (pts)",
-                              "random-init test %", "LogME ρ"], rows)))  # fmt: skip
-    if beyond:
-        blocks.append(("h2", "Beyond frozen features: augmented views and fine-tuning"))
-        blocks.append(("p", "Each route against the frozen head it starts from, on the same test images: the gain is "
-                            "the mean paired difference in correctness, with a paired 95% bootstrap interval. An "
-                            "interval that straddles 0 means the route did not measurably pay."))  # fmt: skip
-        rows = []
-        for (ds, base), routes in sorted(beyond.items()):
-            for r in routes:
-                lo, hi = r["test_ci95"]
-                glo, ghi = r["gain_ci95_points"]
-                gain = f"{r['gain_points']:+.1f} [{glo:+.1f}, {ghi:+.1f}]"
-                rows.append([ds, base, r["route"], r["head"], f"{r['layer']} ({r['depth']:.2f})", r["detail"],
-                             pct(r["val_accuracy"]), f"{pct(r['test_accuracy'])} [{pct(lo)}, {pct(hi)}]",
-                             pct(r["frozen_test_accuracy"]), gain])  # fmt: skip
-        blocks.append(("table", (["dataset", "base", "route", "model", "layer (depth)", "how", "val %",
-                                  "test % [95% CI]", "frozen test %", "gain pts [95% CI]"], rows)))  # fmt: skip
-    blocks.append(("h2", "Every layer"))
-    blocks.append(("p", "Test accuracy of each head; ✓ marks the head selected on val at that layer. LogME from the "
-                        "cached train features, no training."))  # fmt: skip
-    for (ds, base), pts in sorted(curves.items()):
-        heads = sorted({h for p in pts for h in p.heads})
-        rows = [[p.layer, f"{p.depth:.2f}", "" if p.logme is None else f"{p.logme:.3f}"]
-                + [f"{pct(p.heads[h][1])}{' ✓' if h == p.head else ''}" if h in p.heads else "" for h in heads]
-                for p in pts]  # fmt: skip
-        blocks.append(("h3", f"{ds} × {base}"))
-        blocks.append(("table", (["layer", "depth", "LogME", *heads], rows)))
+    if q.get("confidence") is not None:
+        lines.append(
+            f"**The 2×2 rule:** {q['size']} ({q['images_per_class']} train images in the smallest class) and "
+            f"{'similar to' if q['similarity'] == 'similar' else 'different from'} ImageNet (classifier confidence "
+            f"{q['confidence']:.2f}) → {q['advice']}; the "
+            f"measurement {q['verdict']}."
+        )
+    if answer.finetune is not None:
+        f = answer.finetune
+        lines.append(
+            f"**Fine-tuning** (`{f['name']}`): test {pts(f['test_accuracy'])}%, {gain_text(f['gain'])} points over the "
+            f"recommendation (paired bootstrap 95%)."
+        )
+    return lines
+
+
+def _candidates(answer: Answer) -> int:
+    return sum(len(rs) for b, rs in answer.heads.items() if not is_control(b)) - 1
+
+
+def dataset_blocks(answer: Answer, paths: Paths, *, command: str = "") -> list[Block]:
+    """The per-dataset report: the answer first, then warnings, the figure, and every number behind them."""
+    blocks: list[Block] = [
+        ("h1", f"{answer.dataset}: which layer, which head, and how sure"),
+        ("p", f"Generated by `{command}`." if command else "Generated by featurecache."),
+        ("h2", "The answer"),
+        ("box", answer_block(answer)),
+    ]
+    if answer.warnings:
+        blocks += [("h2", "Warnings"), ("ul", answer.warnings)]
+    blocks += [("img", FIGURE), *_tie_table(answer), *_control_table(answer), *_multilayer_table(answer)]
+    blocks += _beyond_table(answer)
+    blocks += _score_blocks(answer)
+    blocks += _layer_tables(answer)
     return blocks
 
 
-def _markdown(blocks: list[tuple[str, Any]]) -> str:
+def _tie_table(answer: Answer) -> list[Block]:
+    rec = answer.recommended
+    rows = [[f"`{r.name(with_base=answer.several_bases)}`", f"{r.depth:.2f}", pts(r.val_accuracy),
+             f"{pts(r.test_accuracy)} [{pts(r.test_interval[0])}, {pts(r.test_interval[1])}]",
+             "–" if r is rec else f"{mcnemar_worse_p(rec.test_correct, r.test_correct):.3f}"]
+            for r in [rec, *answer.ties]]  # fmt: skip
+    return [("h2", "The recommendation and its tie set"),
+            ("p", "p = one-sided exact McNemar p-value that the head is worse than the recommendation on the same test "
+                  "images; every row has p ≥ 0.05."),
+            ("table", (["head", "depth", "val %", "test % [95% Wilson]", "p (worse)"], rows))]  # fmt: skip
+
+
+def _control_table(answer: Answer) -> list[Block]:
+    t = answer.transfer
+    rows = []
+    for label, r in (("random-init base", t.random_init), ("raw pixels", t.pixels)):
+        if r is not None:
+            rows.append([label, f"`{r.name()}`", pts(r.val_accuracy), pts(r.test_accuracy)])
+    rows.append(["chance (largest class)", "", "", pts(t.chance)])
+    return [("h2", "Does transfer help at all?"), ("p", transfer_sentence(answer)),
+            ("table", (["control", "best head (val)", "val %", "test %"], rows))]  # fmt: skip
+
+
+def _multilayer_table(answer: Answer) -> list[Block]:
+    rows = [[f"`{m['result'].name(with_base=True)}`", pts(m["result"].val_accuracy), pts(m["result"].test_accuracy),
+             f"`{m['best_single'].name()}`", pts(m["best_single"].test_accuracy), gain_text(m["gain"])]
+            for m in answer.multilayer]  # fmt: skip
+    if not rows:
+        return []
+    return [("h2", "A head on every layer at once"),
+            ("p", "The multilayer head (every stage tap, standardized per tap, features selected on train with the "
+                  "kept fraction swept on val, then logistic regression) against the best single-layer head chosen "
+                  "on val, on the same test images (paired bootstrap 95%)."),
+            ("table", (["multilayer", "val %", "test %", "best single layer (val)", "its test %",
+                        "difference pts [95% CI]"], rows))]  # fmt: skip
+
+
+def _beyond_table(answer: Answer) -> list[Block]:
+    rows = [[r["route"], f"`{r['result'].name()}`", pts(r["result"].val_accuracy), pts(r["result"].test_accuracy),
+             pts(r["frozen"].test_accuracy), gain_text(r["gain"])] for r in answer.beyond]  # fmt: skip
+    if not rows:
+        return []
+    return [("h2", "Beyond frozen features"),
+            ("p", "Each route against the frozen head it starts from (same layer and head) on the same test images, "
+                  "paired bootstrap 95%; an interval that straddles 0 means it did not measurably pay."),
+            ("table", (["route", "model", "val %", "test %", "frozen test %", "gain pts [95% CI]"], rows))]  # fmt: skip
+
+
+def _layer_tables(answer: Answer) -> list[Block]:
+    blocks: list[Block] = [("h2", "Every layer"),
+                           ("p", "Test accuracy of each head; ✓ = the head chosen on val at that layer, = = tied with "
+                                 "the recommendation, ★ = the recommendation.")]  # fmt: skip
+    tied = {(r.base, r.layer, r.head) for r in answer.ties}
+    for base, heads in answer.heads.items():
+        names = sorted({r.head for r in heads if not r.multi_tap})
+        rows = []
+        for chosen in answer.curves[base]:
+            at = {r.head: r for r in heads if r.layer == chosen.layer}
+            cells = [_cell(at.get(h), chosen, answer.recommended, tied) for h in names]
+            rows.append([f"`{chosen.layer}`", f"{chosen.depth:.2f}", *cells])
+        blocks += [("h3", base), ("table", (["layer", "depth", *names], rows))]
+    return blocks
+
+
+def _score_blocks(answer: Answer) -> list[Block]:
+    """Training-free scores per layer and how well each ranks the layers (Kendall tau against trained accuracy)."""
+    table = answer.layer_scores
+    if table is None:
+        return []
+    names = [s for s in SCORES if s in table.scores]
+    rows = [[f"`{k}`", f"{table.relative_depth[k]:.2f}", pts(table.test_accuracy[k]),
+             *[f"{table.scores[s].get(k, float('nan')):.3f}" for s in names]] for k in table.layers]  # fmt: skip
+    agree = [[s, f"{table.agreement[s].kendall_tau:+.2f}", f"{table.agreement[s].weighted_tau:+.2f}",
+              ", ".join(f"`{k}`" for k in table.agreement[s].top), "yes" if table.agreement[s].best_in_top else "no",
+              f"{table.scoring_seconds.get(s, float('nan')):.1f}"] for s in names]  # fmt: skip
+    return [("h2", "Which layer, before training anything"),
+            ("p", f"Scores computed from the cached train features of {table.base_tag} alone (no training), against "
+                  f"the test accuracy of each layer's val-selected head. The trained-best layer (chosen on val) is "
+                  f"`{table.best_layer}`; training the heads on these layers took {table.training_seconds:.0f} s."),
+            ("table", (["layer", "depth", "test %", *names], rows)),
+            ("table", (["score", "Kendall τ", "weighted τ", "top 3", "best layer in top 3", "seconds"],
+                       agree))]  # fmt: skip
+
+
+def _cell(r: HeadResult | None, chosen: HeadResult, rec: HeadResult, tied: set) -> str:
+    if r is None:
+        return ""
+    marks = ("✓" if r is chosen else "") + ("★" if r is rec else "=" if (r.base, r.layer, r.head) in tied else "")
+    return f"{pts(r.test_accuracy)} {marks}".strip()
+
+
+# ------------------------------------------------------------------------------------------- data files
+
+
+def answer_summary(answer: Answer) -> dict[str, Any]:
+    """The answer as JSON-able data (``summary.json``)."""
+
+    def head(r: HeadResult | None) -> dict[str, Any] | None:
+        if r is None:
+            return None
+        return {"base": r.base, "layer": r.layer, "head": r.head, "depth": r.depth, "val_accuracy": r.val_accuracy,
+                "test_accuracy": r.test_accuracy, "test_ci95": list(r.test_interval),
+                "n_test": len(r.test_correct)}  # fmt: skip
+
+    t = answer.transfer
+    return {
+        "dataset": answer.dataset,
+        "recommended": head(answer.recommended),
+        "ties": [head(r) for r in answer.ties],
+        "tie_test": "one-sided exact McNemar on the same test images, alpha 0.05",
+        "better_on_test": [head(r) for r in answer.better_on_test],
+        "val_ties": [head(r) for r in answer.val_ties],
+        "sentence": answer.sentence,
+        "warnings": answer.warnings,
+        "transfer": {
+            "random_init": head(t.random_init),
+            "pixels": head(t.pixels),
+            "chance": t.chance,
+            "control": head(t.control),
+            "gain": None if t.gain is None else list(t.gain),
+            "verdict": t.verdict,
+        },  # fmt: skip
+        "quadrant": answer.quadrant,
+        "finetune": None if answer.finetune is None else {k: v for k, v in answer.finetune.items() if k != "result"},
+        "class_counts_min": answer.class_counts,
+        "imagenet": answer.distance,
+        "curves": {b: [head(r) for r in c] for b, c in answer.curves.items()},
+        "multilayer": [
+            {**head(m["result"]), "best_single": head(m["best_single"]), "gain": list(m["gain"])}
+            for m in answer.multilayer
+        ],
+        "beyond_frozen": [
+            {"route": r["route"], **head(r["result"]), "frozen": head(r["frozen"]), "gain": list(r["gain"])}
+            for r in answer.beyond
+        ],
+        "seconds": answer.seconds,
+        "layer_scores": None if answer.layer_scores is None else _tau_summary(answer.layer_scores),
+    }
+
+
+def _tau_summary(table: Any) -> dict[str, Any]:
+    return {"base": table.base_tag, "layers": table.layers, "test_accuracy": table.test_accuracy,
+            "best_layer": table.best_layer, "scores": table.scores, "scoring_seconds": table.scoring_seconds,
+            "training_seconds": table.training_seconds,
+            "agreement": {s: {"kendall_tau": a.kendall_tau, "weighted_tau": a.weighted_tau, "top": a.top,
+                              "best_in_top": a.best_in_top} for s, a in table.agreement.items()}}  # fmt: skip
+
+
+def results_csv(answers: Sequence[Answer]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["dataset", "base", "layer", "relative_depth", "head", "val_accuracy", "test_accuracy",
+                     "test_ci_low", "test_ci_high", "selected_at_layer", "recommended", "tied"])  # fmt: skip
+    for a in answers:
+        tied = {id(r) for r in a.ties}
+        chosen = {id(r) for c in a.curves.values() for r in c}
+        for heads in a.heads.values():
+            for r in heads:
+                writer.writerow([a.dataset, r.base, r.layer, r.depth, r.head, round(r.val_accuracy, 4),
+                                 round(r.test_accuracy, 4), round(r.test_interval[0], 4), round(r.test_interval[1], 4),
+                                 id(r) in chosen, r is a.recommended, id(r) in tied])  # fmt: skip
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def build_report(datasets: Sequence[str], base_tags: Sequence[str], paths: Paths, *, command: str = "") -> list[Answer]:
+    """Answer and report ``datasets`` from what is already saved (no extraction, no training); returns the answers."""
+    answers = [explain(compute_answer(ds, base_tags, paths, distance=imagenet_distance(ds, paths))) for ds in datasets]
+    for answer in answers:
+        write_dataset_report(answer, paths, command=command)
+    if len(answers) > 1:
+        write_index(answers, paths, command=command)
+    return answers
+
+
+def write_dataset_report(answer: Answer, paths: Paths, *, command: str = "") -> Path:
+    """Write ``reports/compare/<dataset>/``; returns the folder."""
+    answer.beyond = beyond_frozen(answer, paths)
+    answer.layer_scores = layer_tau_table(answer.dataset, answer.recommended.base, paths)
+    out = paths.compare_dir(answer.dataset)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_answers([answer], out / FIGURE, columns=1)
+    blocks = dataset_blocks(answer, paths, command=command)
+    atomic_write_text(out / "report.md", render_markdown(blocks))
+    atomic_write_text(out / "report.html", render_html(blocks, {FIGURE: out / FIGURE}, title=answer.dataset))
+    atomic_write_text(out / "results.csv", results_csv([answer]))
+    atomic_write_text(out / "summary.json", json.dumps(answer_summary(answer), indent=1, default=float))
+    return out
+
+
+def write_index(answers: Sequence[Answer], paths: Paths, *, command: str = "") -> Path:
+    """Write the cross-dataset page ``reports/compare/`` (one row and one panel per dataset)."""
+    out = paths.compare_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    plot_answers(answers, out / FIGURE)
+    rows = []
+    for a in answers:
+        r, q = a.recommended, a.quadrant
+        rows.append([a.dataset, f"`{r.name(with_base=a.several_bases)}`", f"{r.depth:.2f}",
+                     f"{pts(r.test_accuracy)} [{pts(r.test_interval[0])}, {pts(r.test_interval[1])}]", str(len(a.ties)),
+                     gain_text(a.transfer.gain), f"{q.get('size')}/{q.get('similarity')}", str(len(a.warnings)),
+                     f"[report]({a.dataset}/report.html)"])  # fmt: skip
+    blocks: list[Block] = [
+        ("h1", "Which layer transfers? The answer per dataset"),
+        ("p", f"Generated by `{command}`." if command else "Generated by featurecache."),
+        ("table", (["dataset", "recommended (val)", "depth", "test % [95% Wilson]", "tied", "gain over best control",
+                    "2×2 cell", "warnings", "details"], rows)),
+        ("p", _reading(answers)),
+        ("img", FIGURE),
+    ]  # fmt: skip
+    for a in answers:
+        blocks += [("h2", a.dataset), ("box", [a.sentence, *[f"⚠ {w}" for w in a.warnings]])]
+    blocks += _score_summary_blocks(answers)
+    atomic_write_text(out / "report.md", render_markdown(blocks))
+    atomic_write_text(out / "report.html", render_html(blocks, {FIGURE: out / FIGURE}, title="compare-layers"))
+    atomic_write_text(out / "results.csv", results_csv(answers))
+    atomic_write_text(out / "summary.json", json.dumps({"datasets": [answer_summary(a) for a in answers]}, indent=1))
+    return out
+
+
+def _score_summary_blocks(answers: Sequence[Answer]) -> list[Block]:
+    """The per-layer tau table averaged over datasets: which training-free score ranks layers best."""
+    tables = [a.layer_scores for a in answers if a.layer_scores is not None]
+    if len(tables) < 2:
+        return []
+    rows = [[name, f"{s.mean_kendall_tau:+.2f}", f"{s.mean_weighted_tau:+.2f}", f"{s.top_hits} of {s.n_datasets}",
+             ", ".join(f"{d} {t:+.2f}" for d, t in s.per_dataset_tau.items())]
+            for name, s in cross_dataset_summary(tables).items()]  # fmt: skip
+    return [("h2", "Which layer before training: the training-free scores across datasets"),
+            ("p", "Kendall τ between each score and the test accuracy of every layer's val-selected head, averaged "
+                  "over datasets; top 3 = datasets whose trained-best layer is among the score's three best."),
+            ("table", (["score", "mean Kendall τ", "mean weighted τ", "best layer in top 3", "τ per dataset"],
+                       rows))]  # fmt: skip
+
+
+def _reading(answers: Sequence[Answer]) -> str:
+    """Across datasets: does the recommended depth follow the measured distance from ImageNet?"""
+    measured = [a for a in answers if a.distance]
+    if len(measured) < 3:
+        return "Fewer than three datasets with a measured ImageNet distance: no cross-dataset trend is computed."
+    rho = spearman([a.distance["confidence"] for a in measured], [a.recommended.depth for a in measured])
+    return (f"Across {len(measured)} datasets, the recommended depth and the ImageNet classifier's confidence on the "
+            f"data have a Spearman correlation of {rho:+.2f} (positive: nearer-to-ImageNet data prefers deeper "
+            f"layers).")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- rendering
+
+
+def render_markdown(blocks: Sequence[Block]) -> str:
     out = []
     for kind, content in blocks:
         if kind in ("h1", "h2", "h3"):
             out.append("#" * int(kind[1]) + " " + content)
         elif kind == "p":
             out.append(content)
+        elif kind == "box":
+            out.append("\n>\n".join(f"> {line}" for line in content))
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in content))
         elif kind == "img":
             out.append(f"![{content}]({content})")
         else:
             header, rows = content
             out.append("| " + " | ".join(header) + " |")
-            out.append("|" + "---|" * len(header))
+            out.append("|" + "|".join("---:" if numeric else "---" for numeric in _numeric_columns(header, rows)) + "|")
             out.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
         out.append("")
     return "\n".join(out)
 
 
-def _html(blocks: list[tuple[str, Any]], images: dict[str, Path]) -> str:
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>featurecache: which layer?</title>",
-           "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.45}"
-           "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px}"
-           "th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3}</style></head><body>"]  # fmt: skip
+NUMERIC = re.compile(r"^[+\-−]?\d[\d.]*( ?[✓★=]+| \[[^\]]*\])?$")
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1250px;margin:2em auto;line-height:1.45;color:#222}"
+       "table{border-collapse:collapse;margin:1em 0;font-size:0.88em}td,th{border:1px solid #ccc;padding:3px 8px}"
+       "th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}"
+       "code{background:#f3f3f3;padding:0 3px;border-radius:3px}.answer{border-left:5px solid #1f77b4;"
+       "background:#f5f9fd;padding:0.6em 1.2em;margin:1em 0}.answer p{margin:0.45em 0}li{margin:0.3em 0}")  # fmt: skip
+
+
+def _numeric(cell: Any) -> bool:
+    return bool(NUMERIC.match(str(cell).strip()))
+
+
+def _numeric_columns(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[bool]:
+    """Right-align a column when every filled cell of it is a number (blanks and dashes don't count)."""
+    filled = [[c for c in col if str(c).strip() not in ("", "–", "n/a")] for col in zip(*rows, strict=True)]
+    return [bool(cells) and all(_numeric(c) for c in cells) for cells in filled] if rows else [False] * len(header)
+
+
+def inline(text: str) -> str:
+    """Markdown inline markup (``code``, **bold**, [text](link)) as escaped HTML."""
+    text = html.escape(str(text), quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"<a href='\2'>\1</a>", text)
+
+
+def render_html(blocks: Sequence[Block], images: dict[str, Path], *, title: str) -> str:
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>featurecache: {html.escape(title)}</title>",
+           f"<style>{CSS}</style></head><body>"]  # fmt: skip
     for kind, content in blocks:
         if kind in ("h1", "h2", "h3"):
-            out.append(f"<{kind}>{html.escape(content)}</{kind}>")
+            out.append(f"<{kind}>{inline(content)}</{kind}>")
         elif kind == "p":
-            out.append(f"<p>{html.escape(content)}</p>")
+            out.append(f"<p>{inline(content)}</p>")
+        elif kind == "box":
+            out.append("<div class='answer'>" + "".join(f"<p>{inline(line)}</p>" for line in content) + "</div>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{inline(item)}</li>" for item in content) + "</ul>")
         elif kind == "img":
             data = base64.b64encode(images[content].read_bytes()).decode()
             out.append(f"<img alt='{html.escape(content)}' src='data:image/png;base64,{data}'>")
         else:
             header, rows = content
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
-            out.extend("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+            numeric = _numeric_columns(header, rows)
+            out.append("<table><tr>" + "".join(f"<th>{inline(h)}</th>" for h in header) + "</tr>")
+            for row in rows:
+                cells = (f"<td class='num'>{inline(c)}</td>" if num else f"<td>{inline(c)}</td>"
+                         for c, num in zip(row, numeric, strict=True))  # fmt: skip
+                out.append("<tr>" + "".join(cells) + "</tr>")
             out.append("</table>")
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def terminal_lines(answer: Answer) -> list[str]:
+    """The answer block for the terminal: plain text, backticks and bold markers removed."""
+    plain = [re.sub(r"\*\*|`", "", line) for line in answer_block(answer)]
+    return [f"== {answer.dataset} ==", *plain, *[f"WARNING: {re.sub('`', '', w)}" for w in answer.warnings]]

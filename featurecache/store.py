@@ -310,7 +310,7 @@ def assemble(
         with h5py.File(tmp, "x") as f:
             str_dt = h5py.string_dtype("utf-8")
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            f.create_dataset("paths", data=np.asarray(list(paths), dtype=object), dtype=str_dt)
+            f.create_dataset("paths", data=_encoded(paths), dtype=str_dt)
             group = f.create_group("features")
             itemsize = np.dtype(dtype).itemsize
             dsets = {}
@@ -341,16 +341,16 @@ def assemble(
                     skipped = list(
                         zip(
                             old["skipped/row"][:].tolist(),
-                            old["skipped/path"].asstr()[:],
-                            old["skipped/reason"].asstr()[:],
+                            old["skipped/path"].asstr(errors=PATH_ERRORS)[:],
+                            old["skipped/reason"].asstr(errors=PATH_ERRORS)[:],
                             strict=True,
                         )
                     )
             f.create_dataset("valid", data=valid)
             sk = f.create_group("skipped")
             sk.create_dataset("row", data=np.asarray([s[0] for s in skipped], dtype=np.int64))
-            sk.create_dataset("path", data=np.asarray([s[1] for s in skipped], dtype=object), dtype=str_dt)
-            sk.create_dataset("reason", data=np.asarray([s[2] for s in skipped], dtype=object), dtype=str_dt)
+            sk.create_dataset("path", data=_encoded([s[1] for s in skipped]), dtype=str_dt)
+            sk.create_dataset("reason", data=_encoded([s[2] for s in skipped]), dtype=str_dt)
             # Listed shallow to deep, the order in which every report wants them.
             all_taps = dict(sorted(((k, dict(group[k].attrs)) for k in group), key=lambda kv: kv[1]["relative_depth"]))
             f.attrs.update({k: _attr(v) for k, v in attrs.items()})
@@ -367,6 +367,15 @@ def assemble(
         raise _disk_error(exc, final_path.parent) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# File names that are not valid UTF-8 reach Python as lone surrogates (PEP 383); they are stored as the bytes
+# they have on disk and read back with the same error handler, so every path in a cache opens the file it names.
+PATH_ERRORS = "surrogateescape"
+
+
+def _encoded(texts: Sequence[str]) -> np.ndarray:
+    return np.asarray([t.encode("utf-8", PATH_ERRORS) for t in texts], dtype=object)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -396,9 +405,33 @@ def _plain(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------- reading
 
 
+def _unreadable(path: Path, what: str, exc: OSError) -> FeaturecacheError:
+    """One line for a read that failed: a checksum (fletcher32) mismatch is corruption, the rest an I/O error."""
+    if "filter returned failure" in str(exc) or "checksum" in str(exc).lower():
+        return FeaturecacheError(
+            f"the cache {path} is corrupt (checksum mismatch in {what}); delete it and re-run extract"
+        )
+    return FeaturecacheError(f"cannot read {what} of the cache {path} ({exc}); delete it and re-run extract")
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn an h5py read failure inside the block into one clear line naming the file and the dataset."""
+    try:
+        yield
+    except OSError as exc:
+        raise _unreadable(path, what, exc) from exc
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The root attrs of a cache file, JSON fields decoded. Raises if it is not a complete featurecache file."""
+    """The root attrs of a cache file, JSON fields decoded. Raises if it is not a complete featurecache file.
+
+    Tap keys become folder names under ``models/``, so a key that is not a plain name is refused here, before
+    any stage can use it.
+    """
     import h5py
+
+    from featurecache.config import check_path_name
 
     path = Path(path)
     if not path.is_file():
@@ -413,6 +446,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a complete featurecache v{SCHEMA_VERSION} cache (schema {meta.get('schema_version')}); "
             f"delete it and re-extract"
         )
+    if not isinstance(meta.get("taps"), dict):
+        raise FeaturecacheError(f"{path} has no readable list of layers (attrs 'taps'); delete it and re-extract")
+    for key in meta["taps"]:
+        check_path_name(key, what=f"layer key in {path}")
     return meta
 
 
@@ -444,6 +481,7 @@ def load_features(
         include_invalid: keep the zero rows of unreadable images (default: drop them).
 
     ``metadata`` is the file's attrs plus ``layer``, ``paths`` (of the returned rows) and ``tap`` info.
+    A checksum mismatch raises a FeaturecacheError naming the file and the layer.
     """
     import h5py
 
@@ -451,10 +489,12 @@ def load_features(
     meta = read_metadata(path)
     key = _pick_layer(meta, layer, path)
     with h5py.File(path, "r") as f:
-        X = f["features"][key][:]
-        y = f["labels"][:]
-        paths = f["paths"].asstr()[:]
-        valid = f["valid"][:]
+        with _reading(path, f"layer {key}"):
+            X = f["features"][key][:]
+        with _reading(path, "labels, paths and validity"):
+            y = f["labels"][:]
+            paths = f["paths"].asstr(errors=PATH_ERRORS)[:]
+            valid = f["valid"][:]
     if not include_invalid:
         X, y, paths = X[valid], y[valid], paths[valid]
     meta = {**meta, "layer": key, "tap": meta["taps"][key], "paths": paths}
@@ -466,8 +506,33 @@ def read_paths(path: str | os.PathLike) -> list[str]:
     import h5py
 
     read_metadata(path)
+    with h5py.File(path, "r") as f, _reading(Path(path), "paths"):
+        return list(f["paths"].asstr(errors=PATH_ERRORS)[:])
+
+
+def read_skipped(path: str | os.PathLike) -> list[tuple[int, str, str]]:
+    """``(row, path, reason)`` of every file the extraction could not decode."""
+    import h5py
+
+    read_metadata(path)
+    with h5py.File(path, "r") as f, _reading(Path(path), "the skipped-file list"):
+        return list(
+            zip(
+                f["skipped/row"][:].tolist(),
+                f["skipped/path"].asstr(errors=PATH_ERRORS)[:],
+                f["skipped/reason"].asstr(errors=PATH_ERRORS)[:],
+                strict=True,
+            )
+        )
+
+
+def read_rows(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``(labels, paths, valid)`` of every row of a cache, without reading features."""
+    import h5py
+
+    read_metadata(path)
     with h5py.File(path, "r") as f:
-        return list(f["paths"].asstr()[:])
+        return f["labels"][:], list(f["paths"].asstr()[:]), f["valid"][:].astype(bool)
 
 
 def iter_feature_chunks(
@@ -488,5 +553,72 @@ def iter_feature_chunks(
         step = max(dset.chunks[0], step - step % dset.chunks[0])
         for start in range(0, dset.shape[0], step):
             stop = min(start + step, dset.shape[0])
-            valid = f["valid"][start:stop]
-            yield dset[start:stop][valid], f["labels"][start:stop][valid]
+            with _reading(path, f"layer {key}"):
+                valid = f["valid"][start:stop]
+                chunk = dset[start:stop][valid], f["labels"][start:stop][valid]
+            yield chunk
+
+
+def identical_row_groups(path: str | os.PathLike, layer: str | None = None) -> tuple[int, list[list[int]]]:
+    """Valid rows of one layer (default: the narrowest, the cheapest to read) that hold exactly the same features.
+
+    Returns ``(valid rows, groups)``: each group lists the row numbers of one repeated feature vector, largest
+    group first. Identical features mean identical decoded inputs (a dataset collapsed by its decoding, or
+    duplicated files); a cheap check, one hash per row.
+    """
+    import hashlib
+
+    import h5py
+
+    path = Path(path)
+    meta = read_metadata(path)
+    key = layer if layer is not None else min(meta["taps"], key=lambda k: meta["taps"][k]["out_dim"])
+    by_digest: dict[bytes, list[int]] = {}
+    with h5py.File(path, "r") as f, _reading(path, f"layer {key}"):
+        dset, valid = f["features"][key], f["valid"][:]
+        step = max(1, (8 << 20) // max(1, dset.dtype.itemsize * dset.shape[1]))
+        for start in range(0, dset.shape[0], step):
+            block = np.ascontiguousarray(dset[start : start + step])
+            for i, row in enumerate(block, start):
+                if valid[i]:
+                    by_digest.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(i)
+    groups = sorted((rows for rows in by_digest.values() if len(rows) > 1), key=lambda g: (-len(g), g[0]))
+    return int(valid.sum()), groups
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    """The outcome of reading one HDF5 dataset of a cache through its checksums."""
+
+    name: str
+    ok: bool
+    error: str = ""
+
+
+def verify_cache(path: str | os.PathLike) -> list[DatasetCheck]:
+    """Read every dataset of a cache in full, block by block, so each fletcher32 checksum is checked.
+
+    Returns one :class:`DatasetCheck` per dataset (features, labels, paths, ...); a file that cannot be opened
+    as a complete cache raises a FeaturecacheError instead.
+    """
+    import h5py
+
+    path = Path(path)
+    read_metadata(path)
+    names: list[str] = []
+    checks = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in sorted(names):
+            dset = f[name]
+            try:
+                if dset.ndim == 0:
+                    dset[()]
+                step = 16 * (dset.chunks[0] if dset.chunks else 4096)  # whole chunks, a few MiB at a time
+                for start in range(0, dset.shape[0] if dset.ndim else 0, step):
+                    dset[start : start + step]
+            except OSError as exc:
+                checks.append(DatasetCheck(name, False, str(_unreadable(path, name, exc))))
+                continue
+            checks.append(DatasetCheck(name, True))
+    return checks

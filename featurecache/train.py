@@ -24,19 +24,20 @@ from typing import Any
 import numpy as np
 
 from featurecache import persist, store
-from featurecache.config import Paths, default_paths
+from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
-from featurecache.heads import get_head_spec, list_heads, saved_head_name, simplicity_rank
+from featurecache.heads import get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
+from featurecache.selection import ranked
 
 log = logging.getLogger(__name__)
 
 REFIT_MODES = ("train", "train+val")
 # joblib backends for the sweep; dask and ray are optional extras that run the same jobs on a cluster.
 BACKENDS = ("loky", "dask", "ray")
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2: val/test scores carry per-image predictions (paired tests in the report)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Job:
     out_dir: str
     options: TrainOptions
     threads: int
+    taps: tuple[str, ...] = ()  # a multi-tap head's cached taps, side by side; empty: just `layer`
 
     @property
     def name(self) -> str:
@@ -135,6 +137,8 @@ def train_heads(
         raise FeaturecacheError(f"unknown --refit {options.refit!r}; choose train or train+val")
     if options.backend not in BACKENDS:
         raise FeaturecacheError(f"unknown --backend {options.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_path_name(dataset, what="dataset name")  # both become folders under models/ and reports/
+    check_path_name(base_tag, what="base")
     files = cache_files(dataset, base_tag, paths, augmented=options.augmented)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
     if options.augmented and metas[AUGMENTED_TRAIN].get("source_rows") != metas["train"]["num_samples"]:
@@ -151,12 +155,7 @@ def train_heads(
         )
     cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
     layers = list(layers) if layers else cached
-    unknown = [k for k in layers if k not in cached]
-    if unknown:
-        raise FeaturecacheError(
-            f"layer(s) {', '.join(unknown)} are not cached in all splits of {dataset} x {base_tag}; cached: "
-            f"{', '.join(cached)}. Add them with `featurecache extract data/raw/{dataset} --layers ...`"
-        )
+    check_layers_in_every_split(layers, metas, files, dataset=dataset, base_tag=base_tag)
     heads = list(heads) if heads else list_heads()
     for h in heads:
         get_head_spec(h)
@@ -170,13 +169,15 @@ def train_heads(
             layer,
             head,
             {s: str(p) for s, p in files.items()},
-            str(paths.models / dataset / base_tag / layer / saved_head_name(head, augmented=options.augmented)),
+            str(paths.head_dir(dataset, base_tag, layer, saved_head_name(head, augmented=options.augmented))),
             options,
             threads,
         )  # fmt: skip
         for layer in layers
         for head in heads
+        if not get_head_spec(head).multi_tap
     ]
+    jobs += _multi_tap_jobs(dataset, base_tag, layers, heads, files, metas["train"], options, threads, paths)
     results = []
     bar = tqdm(total=len(jobs), unit="head", desc=f"{dataset}/{base_tag}", disable=not options.progress)
     try:
@@ -190,6 +191,75 @@ def train_heads(
         bar.close()
     order = {(j.layer, j.name): i for i, j in enumerate(jobs)}
     return sorted(results, key=lambda s: order[(s["layer"], s["head"])])
+
+
+def check_layers_in_every_split(
+    layers: Sequence[str], metas: dict[str, dict[str, Any]], files: dict[str, Path], *, dataset: str, base_tag: str
+) -> None:
+    """Refuse layers that some split's cache lacks (the splits were extracted with different --layers), naming
+    the files and the extract command that adds them; a head needs the same layer in train, val and test."""
+    for layer in layers:
+        lacking = [s for s, m in metas.items() if layer not in m["taps"]]
+        if not lacking:
+            continue
+        having = [s for s in metas if s not in lacking]
+        cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
+        raise FeaturecacheError(
+            f"layer {layer} is cached in {', '.join(having) or 'no split'} but not in {', '.join(lacking)} "
+            f"({files[lacking[0]]}); the splits of {dataset} x {base_tag} were extracted with different --layers. "
+            f"Add it with `featurecache extract data/raw/{dataset} --layers {layer} --splits "
+            f"{','.join(s for s in lacking if s != AUGMENTED_TRAIN) or 'train'}` (cached taps are kept), or use "
+            f"a layer every split has: {', '.join(cached) or 'none'}"
+        )
+
+
+# The pseudo layer of heads that read every stage tap: models/<ds>/<base>/all-stages/<head>. Its sidecar's `tap`
+# has relative_depth 1.0 and multi_tap true, and `taps` lists the cached taps in the order they are concatenated.
+MULTI_TAP_LAYER = "all-stages"
+
+
+def _multi_tap_jobs(dataset: str, base_tag: str, layers: Sequence[str], heads: Sequence[str], files: dict,
+                    meta: dict[str, Any], options: TrainOptions, threads: int, paths: Paths) -> list[Job]:  # fmt: skip
+    """One job per multi-tap head: every requested layer below depth 1.0 (the ImageNet logits are no stage)."""
+    # in cache order (shallow to deep), whatever order the layers were asked for in
+    taps = tuple(k for k, tap in meta["taps"].items() if k in layers and tap["relative_depth"] < 1.0)
+    return [
+        Job(
+            dataset,
+            base_tag,
+            MULTI_TAP_LAYER,
+            head,
+            {s: str(p) for s, p in files.items()},
+            str(paths.head_dir(dataset, base_tag, MULTI_TAP_LAYER, saved_head_name(head, augmented=options.augmented))),
+            options,
+            threads,
+            taps,
+        )  # fmt: skip
+        for head in heads
+        if get_head_spec(head).multi_tap and taps
+    ]
+
+
+def _load_taps(job: Job, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-tap job's rows: its taps side by side, the rows of every file one after another."""
+    rows = []
+    for f in files:
+        parts = [store.load_features(f, tap)[:2] for tap in job.taps]
+        rows.append((np.concatenate([p[0] for p in parts], axis=1).astype(np.float32), parts[0][1]))
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+
+
+def _job_tap(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar's `tap`: the cached tap, or for a multi-tap head the marker described at MULTI_TAP_LAYER."""
+    if not job.taps:
+        return meta["taps"][job.layer]
+    return {"key": MULTI_TAP_LAYER, "multi_tap": True, "relative_depth": 1.0,
+            "out_dim": sum(meta["taps"][t]["out_dim"] for t in job.taps)}  # fmt: skip
+
+
+def _job_fingerprint(job: Job, meta: dict[str, Any]) -> str:
+    taps = job.taps or (job.layer,)
+    return " + ".join(feature_fingerprint(meta, t) for t in taps)
 
 
 @contextlib.contextmanager
@@ -258,8 +328,13 @@ def run_job(job: Job) -> dict[str, Any]:
     spec = get_head_spec(job.head)
     opts = job.options
     metas = {s: store.read_metadata(p) for s, p in job.files.items()}
-    features = {s: {"file": job.files[s], "fingerprint": feature_fingerprint(metas[s], job.layer)} for s in job.files}
+    # Checked again here: a cache may have been re-extracted since train_heads looked (or on another worker).
+    check_layers_in_every_split(list(job.taps or (job.layer,)), metas, {s: Path(p) for s, p in job.files.items()},
+                                dataset=job.dataset, base_tag=job.base_tag)  # fmt: skip
+    features = {s: {"file": job.files[s], "fingerprint": _job_fingerprint(job, metas[s])} for s in job.files}
     grid = _grid_points(spec.grid)
+    if job.taps:  # the head needs to know where one tap's columns end and the next begin
+        grid = [{**p, "group_sizes": [metas["train"]["taps"][t]["out_dim"] for t in job.taps]} for p in grid]
     out_dir = Path(job.out_dir)
     previous = persist.read_sidecar(out_dir)
     if previous is not None and not opts.overwrite:
@@ -274,8 +349,13 @@ def run_job(job: Job) -> dict[str, Any]:
             return {**previous, "status": "reused"}
 
     train_files = [job.files["train"]] + ([job.files[AUGMENTED_TRAIN]] if AUGMENTED_TRAIN in job.files else [])
-    train = _load_split(train_files, job.layer, spec, opts)
-    X_val, y_val, _ = store.load_features(job.files["val"], job.layer)
+    if job.taps:
+        X_tr, y_tr = _load_taps(job, train_files)
+        train = (X_tr, y_tr, len(y_tr), None)
+        X_val, y_val = _load_taps(job, [job.files["val"]])
+    else:
+        train = _load_split(train_files, job.layer, spec, opts)
+        X_val, y_val, _ = store.load_features(job.files["val"], job.layer)
     X_val = X_val.astype(np.float32)
 
     if spec.sweep is not None and train[3] is None:
@@ -311,12 +391,16 @@ def run_job(job: Job) -> dict[str, Any]:
             handle.close()  # the HDF5 files the streaming loaders read from
 
     # The test split is opened here, after selection, exactly once.
-    X_test, y_test, _ = store.load_features(job.files["test"], job.layer)
+    if job.taps:
+        X_test, y_test = _load_taps(job, [job.files["test"]])
+    else:
+        X_test, y_test, _ = store.load_features(job.files["test"], job.layer)
     n_classes = len(metas["train"]["class_names"])
-    test_scores = classification_scores(y_test, final.predict(X_test.astype(np.float32)), n_classes=n_classes,
-                                        seed=opts.seed)  # fmt: skip
-    val_scores = classification_scores(y_val, final.predict(X_val), n_classes=n_classes, seed=opts.seed)
-    tap = metas["train"]["taps"][job.layer]
+    test_pred, val_pred = final.predict(X_test.astype(np.float32)), final.predict(X_val)
+    # Per-image predictions (valid rows, cache order) let the report compare heads on the same images (McNemar).
+    test_scores = {**classification_scores(y_test, test_pred, n_classes=n_classes), "predictions": test_pred}
+    val_scores = {**classification_scores(y_val, val_pred, n_classes=n_classes), "predictions": val_pred}
+    tap = _job_tap(job, metas["train"])
     sidecar = {
         "version": SIDECAR_VERSION,
         "dataset": job.dataset,
@@ -324,8 +408,10 @@ def run_job(job: Job) -> dict[str, Any]:
         "base_tag": job.base_tag,
         "weights": metas["train"]["weights"],
         "feature_dtype": metas["train"]["dtype"],
+        "alpha": metas["train"].get("alpha"),  # how transparent images were decoded; predict decodes the same way
         "layer": job.layer,
         "tap": tap,
+        **({"taps": list(job.taps)} if job.taps else {}),
         "head": job.name,
         "head_spec": job.head,
         "train_views": int(metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in metas else 0,
@@ -445,10 +531,11 @@ LEADERBOARD_COLUMNS = [
 
 
 def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
-    """One row per saved head of the dataset (every base), ranked by val accuracy (the selection score)."""
+    """One row per saved head of the dataset (every base), best first under the one selection rule
+    (:mod:`featurecache.selection`: val accuracy; ties to the simpler head, then the shallower layer)."""
+    sidecars = [s for d in paths.head_dirs(dataset) if (s := persist.read_sidecar(d)) is not None]
     rows = []
-    for sidecar_path in sorted((paths.models / dataset).glob(f"*/*/*/{persist.SIDECAR_FILE}")):
-        s = json.loads(sidecar_path.read_text())
+    for s in ranked(sidecars):
         rows.append(
             {
                 "base": s["base_tag"],
@@ -465,14 +552,10 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
                 "test_macro_f1": round(s["test"]["macro_f1"], 4),
                 "fit_seconds": s["timings"]["total_seconds"],
                 "n_train": s["n_train"],
-                "model_dir": str(sidecar_path.parent),
+                "model_dir": str(paths.head_dir(dataset, s["base_tag"], s["layer"], s["head"])),
             }
         )
-    # Ranked by val only; ties go to the simpler head, then the shallower layer. Test never decides anything.
-    return sorted(
-        rows,
-        key=lambda r: (-r["val_accuracy"], simplicity_rank(r["head"]), r["relative_depth"], r["base"], r["layer"]),
-    )
+    return rows
 
 
 def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any]:
@@ -481,7 +564,7 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
     rows = leaderboard_rows(dataset, paths)
     if not rows:
         raise FeaturecacheError(f"no trained heads under {paths.models / dataset}; run `make train-heads` first")
-    out = paths.reports / dataset
+    out = paths.leaderboard_dir(dataset)
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
@@ -492,7 +575,7 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
     dense = [r for r in rows if r["dense"]]
     best = {
         "dataset": dataset,
-        "selected_by": "val_accuracy",
+        "selected_by": "val_accuracy; ties: simpler head, then shallower layer (featurecache.selection)",
         "best": rows[0],
         "best_dense": dense[0] if dense else None,
     }
@@ -504,7 +587,8 @@ def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# {dataset}: heads on cached features",
         "",
-        "Selected on val; test scored once after selection, with a 95% bootstrap interval.",
+        "Selected on val (ties: the simpler head, then the shallower layer); test scored once after selection, "
+        "with a 95% Wilson interval.",
         "",
         "| rank | base | layer | depth | head | val acc | test acc (95% CI) | bal. acc | macro-F1 | s |",
         "|---:|---|---|---:|---|---:|---|---:|---:|---:|",

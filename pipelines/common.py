@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -29,9 +30,30 @@ def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace
     except FeaturecacheError as exc:
         print(f"featurecache: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        message = filesystem_error(exc)
+        if message is None:
+            raise  # not the user's environment: a bug, and its traceback is what a report needs
+        print(f"featurecache: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("featurecache: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def filesystem_error(exc: OSError) -> str | None:
+    """One line for the filesystem refusing a write (read-only, no permission, full), naming the path; else None."""
+    where = exc.filename or "FEATURECACHE_HOME"
+    if exc.errno == errno.EROFS:
+        return f"cannot write to {where} (read-only file system); set FEATURECACHE_HOME to a writable folder"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied on {where}; make it accessible, or set FEATURECACHE_HOME to a folder you own"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left writing {where}; free space there (or set FEATURECACHE_HOME to a larger disk) and re-run: "
+            f"finished work is kept"
+        )
+    return None
 
 
 def comma_list(text: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""featurecache compare-layers: accuracy versus layer depth across datasets near and far from ImageNet."""
+"""featurecache compare-layers: for your images, which layer of which base with which head, and how sure that is."""
 
 from __future__ import annotations
 
@@ -6,21 +6,34 @@ import argparse
 import sys
 import time
 
-from featurecache.compare import COMPARE_HEADS, run_comparison
+from featurecache.compare import COMPARE_HEADS, CompareOptions, run_comparison
 from featurecache.config import default_paths
 from featurecache.datasets import list_datasets
 from featurecache.extract import ExtractOptions
+from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
+from featurecache.report import terminal_lines
 from featurecache.train import TrainOptions
 from pipelines.common import comma_list, run_main
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("featurecache compare-layers", description=__doc__, add_help=add_help)
-    p.add_argument("--datasets", type=comma_list, default=list_datasets(default_only=True),
-                   help=f"comma-separated (default: {','.join(list_datasets(default_only=True))})")  # fmt: skip
+    p.add_argument("data", nargs="*", metavar="PATH",
+                   help="image folders (ROOT/<class>/<image> or ROOT/{train,val,test}/<class>/<image>), NAME=PATH, "
+                        "or built-in dataset names")  # fmt: skip
+    p.add_argument("--datasets", type=comma_list, default=[],
+                   help=f"comma-separated NAME=PATH, folders or built-in names (with no PATH and no --datasets: "
+                        f"{','.join(list_datasets(default_only=True))})")  # fmt: skip
     p.add_argument("--bases", type=comma_list, default=["efficientnet_lite0"], help="several bases compare bases too")
     p.add_argument("--heads", type=comma_list, default=list(COMPARE_HEADS), help="heads swept per layer")
-    p.add_argument("--no-controls", dest="controls", action="store_false", help="skip the random-init control")
+    p.add_argument("--no-controls", dest="controls", action="store_false",
+                   help="skip the random-init base and the raw-pixel baseline")  # fmt: skip
+    p.add_argument("--finetune", action="store_true", help="fine-tune from the recommended head and report its gain")
+    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--shortlist", type=int, metavar="K",
+                   help="score every stage tap without training (seconds), train heads only on the K best")  # fmt: skip
+    p.add_argument("--shortlist-score", default=DEFAULT_SHORTLIST_SCORE, choices=SCORES,
+                   help="training-free score that ranks the layers for --shortlist")  # fmt: skip
     p.add_argument("--n-jobs", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
@@ -31,26 +44,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    command = "featurecache compare-layers " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
-    summary = run_comparison(
-        datasets=args.datasets,
-        bases=args.bases,
+    datasets = [*args.data, *args.datasets] or list_datasets(default_only=True)
+    options = CompareOptions(
         heads=args.heads,
         controls=args.controls,
-        extract_options=ExtractOptions(device=args.device, batch_size=args.batch_size, progress=args.progress),
-        train_options=TrainOptions(n_jobs=args.n_jobs, progress=args.progress),
-        command=command.strip(),
+        finetune=args.finetune,
+        finetune_epochs=args.finetune_epochs,
+        shortlist=args.shortlist,
+        shortlist_score=args.shortlist_score,
+        extract=ExtractOptions(device=args.device, batch_size=args.batch_size, progress=args.progress),
+        train=TrainOptions(n_jobs=args.n_jobs, progress=args.progress),
     )
-    out = default_paths().reports / "compare"
-    print(f"{'dataset':14s} {'base':20s} {'recommended (val)':26s} {'test %':>7s} {'oracle (test)':26s} {'gap':>5s}")
-    for c in summary["curves"]:
-        r, o = c["recommended"], c["oracle"]
-        recommended = f"{r['layer']} ({r['depth']:.2f})"
-        oracle = f"{o['layer']} ({o['depth']:.2f})"
-        print(f"{c['dataset']:14s} {c['base']:20s} {recommended:26s} {100 * r['test_accuracy']:7.1f} {oracle:26s} "
-              f"{c['gap_points']:5.1f}")  # fmt: skip
-    print(f"wrote {out}/accuracy_vs_depth.png, report.md, report.html, results.csv, summary.json "
-          f"in {time.perf_counter() - t0:.0f}s")  # fmt: skip
+    command = "featurecache compare-layers " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    answers = run_comparison(datasets=datasets, bases=args.bases, options=options, command=command.strip())
+    paths = default_paths()
+    for answer in answers:
+        print("\n".join(terminal_lines(answer)))
+        print(f"-> {paths.compare_dir(answer.dataset)}/report.html (and report.md, {len(answer.curves)} curves)\n")
+    if len(answers) > 1:
+        print(f"cross-dataset page: {paths.compare_dir()}/report.html")
+    print(f"compare-layers took {time.perf_counter() - t0:.0f}s")
     return 0
 
 

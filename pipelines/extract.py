@@ -10,6 +10,9 @@ import argparse
 import sys
 
 from featurecache import distributed
+from featurecache.config import default_paths
+from featurecache.data import ALPHA_MODES, DEFAULT_ALPHA
+from featurecache.datasets import parse_dataset
 from featurecache.extract import ExtractOptions, extract
 from featurecache.runtime import PRECISIONS, RUNTIMES
 from pipelines.common import comma_list, run_main
@@ -17,7 +20,11 @@ from pipelines.common import comma_list, run_main
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("featurecache extract", description=__doc__, add_help=add_help)
-    p.add_argument("dataset_root", help="ImageFolder-style folder: ROOT/{train,val,test}/<class>/<image>")
+    p.add_argument(
+        "dataset_root",
+        help="a folder, ROOT/<class>/<image> or ROOT/{train,val,test}/<class>/<image>, "
+        "or a built-in dataset name (prepared on first use; see `featurecache data`)",
+    )
     p.add_argument("--base", default="efficientnet_lite0", help="base name (see list-bases)")
     p.add_argument(
         "--layers",
@@ -32,7 +39,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on a 2-core CPU, up to 8 on CUDA)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"],
+                   help="storage dtype (auto: float16, float32 for --weights none)")  # fmt: skip
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast on CUDA")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument(
@@ -47,6 +55,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--compression", default="none", choices=["gzip", "lzf", "none"],
                    help="none reads ~12x faster; gzip halves the file (see BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
+    p.add_argument(
+        "--alpha", default=DEFAULT_ALPHA, choices=list(ALPHA_MODES),
+        help="background for transparent pixels (RGBA, LA, palette): white, black or mean (ImageNet's mean colour)",
+    )  # fmt: skip
     p.add_argument("--fingerprint", default="content", choices=["content", "stat"], help="how input files are hashed")
     p.add_argument("--seed", type=int, default=0, help="seed of a missing val/test split, random init, and views")
     p.add_argument(
@@ -76,15 +88,18 @@ def main(args: argparse.Namespace) -> int:
         progress=args.progress,
         runtime=args.runtime,
         precision=args.precision,
+        alpha=args.alpha,
     )
+    source = parse_dataset(args.dataset_root)
+    paths = default_paths()
     world = distributed.init_from_environment(args.device)  # a world of one unless launched by torchrun
     try:
         results = extract(
-            args.dataset_root,
+            source.root(paths.raw, paths.external),
             base=args.base,
             layers=args.layers,
             pool=args.pool,
-            dataset=args.dataset,
+            dataset=args.dataset or source.name,
             splits=args.splits,
             weights=args.weights,
             weights_file=args.weights_file,

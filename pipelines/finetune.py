@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from featurecache.finetune import FinetuneOptions, finetune
-from featurecache.train import write_leaderboard
 from pipelines.common import comma_list, run_main
 
 
@@ -39,6 +37,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: featurecache.finetune imports torch, and the console script imports every
+    # entry point to build its help, so `featurecache --help` / `--version` stay fast.
+    from featurecache.finetune import FinetuneOptions, finetune
+    from featurecache.train import write_leaderboard
+
     options = FinetuneOptions(
         head=args.head,
         layer=args.layer,
@@ -69,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
           f"{100 * s['test']['accuracy']:.1f}% vs frozen {100 * s['frozen_test_accuracy']:.1f}%: gain "
           f"{s['gain_over_frozen_points']:+.1f} points, 95% CI [{s['gain_ci95_points'][0]:+.1f}, "
           f"{s['gain_ci95_points'][1]:+.1f}]")  # fmt: skip
+    print(f"verdict: {result.verdict}")
     print(f"saved {result.model_dir}; leaderboard updated: reports/{args.dataset}/results.md")
     return 0
 

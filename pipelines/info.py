@@ -6,21 +6,37 @@ import argparse
 import json
 import sys
 
-from featurecache.store import read_metadata
+from featurecache.config import default_paths
+from featurecache.data import SPLITS
+from featurecache.errors import FeaturecacheError
+from featurecache.store import read_metadata, read_skipped
 from pipelines.common import run_main
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("featurecache info", description=__doc__, add_help=add_help)
-    p.add_argument("files", nargs="+", help="cache files (data/features/<dataset>/<base>/<split>.h5)")
+    p.add_argument("files", nargs="*", help="cache files (data/features/<dataset>/<base>/<split>.h5)")
+    p.add_argument("--dataset", help="instead of files: every split cached for this dataset (with --base)")
+    p.add_argument("--base", default="efficientnet_lite0", help="the base (cache folder) of --dataset")
     p.add_argument("--json", action="store_true", help="print the attrs as JSON")
     return p
+
+
+def _shown(text: str) -> str:
+    """A file name for the terminal: bytes that are not valid UTF-8 shown as \\xNN instead of failing to print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def main(args: argparse.Namespace) -> int:
     import h5py
 
-    for path in args.files:
+    files = list(args.files)
+    if args.dataset:
+        files += [str(p) for s in SPLITS if (p := default_paths().feature_file(args.dataset, args.base, s)).is_file()]
+    if not files:
+        where = default_paths().features / (args.dataset or "<dataset>") / args.base
+        raise FeaturecacheError(f"no cache files given or found under {where}; run `featurecache extract` first")
+    for path in files:
         meta = read_metadata(path)
         if args.json:
             print(json.dumps({"file": path, **meta}, indent=1, default=str))
@@ -54,10 +70,8 @@ def main(args: argparse.Namespace) -> int:
                     f"  {key:28s} {tap['node']:28s} {tap['pool']:6s} {shape:>12s} {tap['out_dim']:6d} "
                     f"{tap['relative_depth']:6.2f} {stored / 1024:8.0f}KiB"
                 )
-            for row, p, reason in zip(
-                f["skipped/row"][:], f["skipped/path"].asstr()[:], f["skipped/reason"].asstr()[:], strict=True
-            ):
-                print(f"  skipped row {row}: {p} ({reason})")
+        for row, p, reason in read_skipped(path):
+            print(f"  skipped row {row}: {_shown(p)} ({_shown(reason)})")
     return 0
 
 

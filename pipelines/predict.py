@@ -13,7 +13,7 @@ from pipelines.common import run_main
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("featurecache predict", description=__doc__, add_help=add_help)
-    p.add_argument("--head", required=True, help="models/<dataset>/<base>/<layer>/<head> (or its head.joblib)")
+    p.add_argument("--head", required=True, help="models/<dataset>/<base>/<layer>/<head> (or its head.skops)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--weights-file", help="the weights file the base was extracted with, if it was")
     p.add_argument("--json", action="store_true", help="print JSON lines")

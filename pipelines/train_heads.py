@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
+from featurecache.answer import MIN_IMAGES_PER_CLASS, smallest_class_counts
 from featurecache.config import default_paths
 from featurecache.heads import list_heads
+from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
 from featurecache.train import TrainOptions, train_heads, write_leaderboard
 from pipelines.common import comma_list, run_main
 
@@ -21,6 +24,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="comma-separated base cache folders (e.g. efficientnet_lite0,efficientnet_lite0-random)",
     )
     p.add_argument("--layers", type=comma_list, help="layers to use (default: every cached layer)")
+    p.add_argument("--shortlist", type=int, metavar="K",
+                   help="score every cached layer without training (seconds), train only the K best")  # fmt: skip
+    p.add_argument("--shortlist-score", default=DEFAULT_SHORTLIST_SCORE, choices=SCORES,
+                   help="training-free score that ranks the layers for --shortlist")  # fmt: skip
     p.add_argument("--heads", type=comma_list, help=f"heads (default: all of {', '.join(list_heads())})")
     p.add_argument("--refit", default="train", choices=["train", "train+val"], help="data for the final fit")
     p.add_argument("--n-jobs", type=int, default=1, help="parallel jobs (joblib); -1 for all cores")
@@ -47,17 +54,31 @@ def main(args: argparse.Namespace) -> int:
                            max_memory_gb=args.max_memory_gb, device=args.device, progress=args.progress)  # fmt: skip
     counts = {"trained": 0, "reused": 0}
     for base in args.bases:
-        for sidecar in train_heads(dataset=args.dataset, base_tag=base, layers=args.layers, heads=args.heads,
+        layers = args.layers
+        if args.shortlist is not None:
+            from featurecache.layer_scores import shortlist_layers
+
+            t0 = time.perf_counter()
+            layers = shortlist_layers(args.dataset, base, args.shortlist, args.shortlist_score)
+            print(f"shortlist of {base} by {args.shortlist_score} ({time.perf_counter() - t0:.1f}s to score every "
+                  f"cached layer): {', '.join(layers)}")  # fmt: skip
+        for sidecar in train_heads(dataset=args.dataset, base_tag=base, layers=layers, heads=args.heads,
                                    options=options):  # fmt: skip
             counts[sidecar["status"]] += 1
     best = write_leaderboard(args.dataset)
-    report = default_paths().reports / args.dataset
+    report = default_paths().leaderboard_dir(args.dataset)
     print((report / "results.md").read_text())
     b = best["best"]
     print(f"{counts['trained']} heads trained, {counts['reused']} reused (--overwrite retrains)")
     print(f"best on val: {b['base']} / {b['layer']} / {b['head']}: val {b['val_accuracy']:.3f}, "
           f"test {b['test_accuracy']:.3f} ({b['test_ci_low']:.3f}–{b['test_ci_high']:.3f})")  # fmt: skip
     print(f"wrote {report}/results.csv, {report}/results.md, {report}/best.json")
+    counts = smallest_class_counts(args.dataset, args.bases[0], default_paths())
+    small = {s: n for s, n in counts.items() if s != "train" and n < MIN_IMAGES_PER_CLASS}
+    if small:
+        where = ", ".join(f"{s}: {n} image(s) in the smallest class" for s, n in small.items())
+        print(f"WARNING: small sample ({where}; fewer than {MIN_IMAGES_PER_CLASS}): the ranking above is within "
+              f"noise. `featurecache compare-layers` says which heads are statistically tied.")  # fmt: skip
     return 0
 
 

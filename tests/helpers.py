@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +61,22 @@ def add_bad_files(class_dir: Path) -> list[str]:
     jpeg.write_bytes(data[: len(data) // 2])
     (class_dir / "corrupt.png").write_bytes(good.read_bytes()[:40] + b"\x00garbage" * 20)
     return ["zero.jpg", "notes.txt", "truncated.jpg", "corrupt.png"]
+
+
+SAFETY_TIMEOUT_S = 600.0  # only a net under a hung subprocess: no outcome depends on it
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen, *, what: str) -> bool:
+    """Poll ``condition`` until it holds (True) or ``process`` exits (False); progress, not time, decides.
+
+    A subprocess that neither exits nor makes progress for :data:`SAFETY_TIMEOUT_S` fails the test loudly.
+    """
+    started = time.monotonic()
+    while process.poll() is None:
+        if condition():
+            return True
+        if time.monotonic() - started > SAFETY_TIMEOUT_S:
+            process.kill()
+            raise AssertionError(f"gave up waiting for {what}: no progress in {SAFETY_TIMEOUT_S:.0f} s")
+        time.sleep(0.005)  # a polling interval; the outcome never depends on it
+    return False

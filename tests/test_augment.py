@@ -16,6 +16,7 @@ from featurecache.config import Paths
 from featurecache.data import AUGMENTED_TRAIN, ImageFiles, augmented_views, discover_splits
 from featurecache.extract import ExtractOptions, extract
 from featurecache.report import build_report
+from featurecache.selection import pick_best
 from featurecache.train import TrainOptions, leaderboard_rows, train_heads
 from tests.helpers import make_image_folder
 
@@ -99,21 +100,21 @@ def test_heads_train_with_the_views_and_the_report_compares_them(with_views, tmp
         assert a["head"] == "logreg+aug" and a["head_spec"] == "logreg" and a["train_views"] == VIEWS
         assert a["n_train"] == (1 + VIEWS) * p["n_train"]
         assert AUGMENTED_TRAIN in a["features"] and AUGMENTED_TRAIN not in p["features"]
-        assert (paths.models / "shapes" / BASE / a["layer"] / "logreg+aug" / "head.joblib").is_file()
+        assert (paths.models / "shapes" / BASE / a["layer"] / "logreg+aug" / "head.skops").is_file()
     heads = {r["head"] for r in leaderboard_rows("shapes", paths)}
     assert heads == {"logreg", "logreg+aug"}
 
-    summary = build_report(["shapes"], [BASE], paths, heads=["logreg"])
-    assert {p["head"] for p in summary["curves"][0]["points"]} == {"logreg"}  # curves stay plain frozen heads
+    build_report(["shapes"], [BASE], paths)
+    summary = json.loads((paths.compare_dir("shapes") / "summary.json").read_text())
+    assert {p["head"] for p in summary["curves"][BASE]} == {"logreg"}  # curves stay plain frozen heads
     (row,) = summary["beyond_frozen"]
-    best = max(aug, key=lambda s: s["selection_val_accuracy"])
+    best = pick_best(aug)
     assert row["route"] == "augmented views" and row["head"] == "logreg+aug" and row["layer"] == best["layer"]
     frozen = next(p for p in plain if p["layer"] == row["layer"])
-    assert row["gain_points"] == pytest.approx(100 * (best["test"]["accuracy"] - frozen["test"]["accuracy"]))
-    low, high = row["gain_ci95_points"]
-    assert low <= row["gain_points"] <= high
-    assert "Beyond frozen features" in (paths.reports / "compare" / "report.md").read_text()
-    json.dumps(summary)
+    gain, low, high = row["gain"]
+    assert gain == pytest.approx(best["test"]["accuracy"] - frozen["test"]["accuracy"])
+    assert low <= gain <= high and row["frozen"]["head"] == "logreg"
+    assert "Beyond frozen features" in (paths.compare_dir("shapes") / "report.md").read_text()
 
 
 def test_augmented_heads_without_views_say_how_to_make_them(with_views, tmp_path):

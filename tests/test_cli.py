@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from pipelines.cli import run
+import featurecache
+from pipelines.cli import COMMANDS, run
 
 
 def test_list_layers_marks_defaults(capsys):
@@ -42,8 +49,28 @@ def test_extract_then_info(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_help_lists_subcommands(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         run(["--help"])
+    assert exited.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("extract", "list-layers", "list-bases", "info", "data"):
-        assert cmd in out
+    listed = re.findall(r"^ {4}(\S+)", out, flags=re.MULTILINE)  # one line per subcommand, in order
+    assert listed == list(COMMANDS)
+
+
+def test_a_closed_pipe_ends_quietly():
+    """``featurecache list-bases | head -1``: the reader goes away; no BrokenPipeError traceback, status 141."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "list-bases"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)  # fmt: skip
+    proc.stdout.close()  # before the first write: the child's writes fail with EPIPE, deterministically
+    err = proc.stderr.read()
+    assert proc.wait() == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        run(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"featurecache {featurecache.__version__}\n"

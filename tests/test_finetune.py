@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
 
 from featurecache import FeaturecacheError
+from featurecache import finetune as finetune_module
+from featurecache.bases import load_base
 from featurecache.config import Paths
 from featurecache.extract import ExtractOptions, extract
-from featurecache.finetune import FinetuneOptions, finetune
+from featurecache.finetune import FinetuneOptions, base_units, choose_units, finetune, holds_trainable_weights
+from featurecache.layers import build_extractor, parse_taps, trace_base
 from featurecache.report import build_report
 from featurecache.train import TrainOptions, leaderboard_rows, train_heads
 from tests.helpers import make_image_folder
@@ -47,14 +51,15 @@ def test_short_finetune_reproduces_head_then_trains(trained, tmp_path):
     assert (result.model_dir / "model.pt").is_file() and not (result.model_dir / "checkpoint.pt").exists()
     assert any(r["head"] == "finetuned-mlp" for r in leaderboard_rows("shapes", paths))
 
-    summary = build_report(["shapes"], [BASE], paths, heads=["mlp", "logreg"])
-    assert "finetuned-mlp" not in {p["head"] for p in summary["curves"][0]["points"]}  # the curves stay frozen
+    build_report(["shapes"], [BASE], paths)
+    summary = json.loads((paths.compare_dir("shapes") / "summary.json").read_text())
+    assert "finetuned-mlp" not in {p["head"] for p in summary["curves"][BASE]}  # the curves stay frozen
     (row,) = summary["beyond_frozen"]
     assert row["route"] == "fine-tuned" and row["head"] == "finetuned-mlp" and row["layer"] == LAYER
-    assert row["gain_points"] == s["gain_over_frozen_points"] and row["gain_ci95_points"] == s["gain_ci95_points"]
-    assert row["frozen_test_accuracy"] == s["frozen_test_accuracy"]
-    md = (paths.reports / "compare" / "report.md").read_text()
-    assert "| shapes | mobilenet_v2_offline | fine-tuned | finetuned-mlp |" in md
+    assert 100 * row["gain"][0] == pytest.approx(s["gain_over_frozen_points"])
+    assert row["frozen"]["test_accuracy"] == pytest.approx(s["frozen_test_accuracy"])
+    md = (paths.compare_dir("shapes") / "report.md").read_text()
+    assert f"| fine-tuned | `{LAYER} / finetuned-mlp` |" in md
 
 
 @pytest.mark.slow
@@ -62,9 +67,20 @@ def test_interrupt_and_resume_gives_the_same_weights(trained, tmp_path):
     straight = copy_of(trained, tmp_path / "a")
     finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**QUICK, patience=99), paths=straight)
     interrupted = copy_of(trained, tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):
-        finetune(dataset="shapes", base_tag=BASE, paths=interrupted,
-                 options=FinetuneOptions(**QUICK, patience=99, stop_after_epochs=1))  # fmt: skip
+    run_epoch = finetune_module.run_epoch
+    epochs_started = []
+
+    def interrupted_after_one_epoch(*args, **kwargs):  # Ctrl-C as the second epoch starts
+        epochs_started.append(1)
+        if len(epochs_started) == 2:
+            raise KeyboardInterrupt
+        return run_epoch(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(finetune_module, "run_epoch", interrupted_after_one_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(dataset="shapes", base_tag=BASE, paths=interrupted, options=FinetuneOptions(**QUICK, patience=99))
+    assert len(epochs_started) == 2
     resumed = finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**QUICK, patience=99),
                        paths=interrupted)  # fmt: skip
     assert resumed.resumed
@@ -114,3 +130,43 @@ def test_training_sees_the_features_the_head_was_fitted_on(tmp_path):
     X, y, _ = load_features(paths.feature_file("shapes", "efficientnet_lite0", "train"), "_blocks.14")
     expected = float((head.predict(X) == y).mean())
     assert s["history"][0]["train_accuracy"] == pytest.approx(expected, abs=1 / len(y) + 1e-9)
+
+
+def test_a_run_without_gain_says_so(trained, tmp_path):
+    """Learning rates of zero: no epoch can beat the frozen head, and the result says so in plain words."""
+    options = FinetuneOptions(**{**QUICK, "max_epochs": 1, "max_batches": 1, "lr_head": 0.0, "lr_base": 0.0})
+    result = finetune(dataset="shapes", base_tag=BASE, paths=copy_of(trained, tmp_path), options=options)
+    assert not result.improved and result.sidecar["improved_on_val"] is False
+    assert result.verdict.startswith("no gain: no epoch beat the frozen head") and result.sidecar["best_epoch"] == 0
+    assert result.sidecar["verdict"] == result.verdict
+
+
+def test_a_planted_checkpoint_is_refused_and_does_not_run(trained, tmp_path):
+    """The checkpoint is loaded with weights_only=True: a pickle that would run code is refused, unexecuted."""
+    paths = copy_of(trained, tmp_path)
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    checkpoint = paths.models / "shapes" / BASE / LAYER / "finetuned-mlp" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"config": {}, "state": Payload()}, checkpoint)
+    with pytest.raises(FeaturecacheError, match="checkpoint.pt is not a checkpoint featurecache can load safely"):
+        finetune(dataset="shapes", base_tag=BASE, paths=paths, options=FinetuneOptions(**QUICK))
+    assert not marker.exists()
+    assert checkpoint.is_file()  # the user's file is left for them to inspect
+
+
+def test_default_unit_holds_trainable_weights():
+    """EfficientNet-Lite0 ends in _conv_head -> _bn1 (a BatchNorm kept in eval mode): the default unit to unfreeze
+    is the last one with conv/linear weights before the tap, _conv_head, not _bn1."""
+    loaded = load_base("efficientnet_lite0")
+    (tap,) = parse_taps("view", trace_base(loaded.model, loaded.spec.input_size))
+    units = base_units(build_extractor(loaded.model, [tap]), loaded.model)
+    assert units[-3:] == ["_blocks.15", "_conv_head", "_bn1"]
+    assert choose_units(units, loaded.model, FinetuneOptions()) == ["_conv_head"]
+    assert choose_units(units, loaded.model, FinetuneOptions(unfreeze_last=2)) == ["_blocks.15", "_conv_head"]
+    assert choose_units(units, loaded.model, FinetuneOptions(unfreeze=("_bn1",))) == ["_bn1"]  # asked by name
+    assert not holds_trainable_weights(loaded.model.get_submodule("_bn1"))

@@ -64,7 +64,7 @@ def test_train_heads_writes_models_sidecars_and_leaderboard(cached, tmp_path):
     assert len(sidecars) == 2 * len(list_heads()) and {s["status"] for s in sidecars} == {"trained"}
     s = next(x for x in sidecars if x["head"] == "logreg" and x["layer"] == "flatten")
     model_dir = paths.models / "shapes" / BASE / "flatten" / "logreg"
-    assert (model_dir / "head.joblib").is_file() and (model_dir / "sidecar.json").is_file()
+    assert (model_dir / "head.skops").is_file() and (model_dir / "sidecar.json").is_file()
     assert len(s["sweep"]) == 7 and s["params"] in [p["params"] for p in s["sweep"]]
     assert s["selection_val_accuracy"] == max(p["val_accuracy"] for p in s["sweep"])
     assert set(s["test"]) >= {"accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1", "confusion_matrix"}
@@ -143,7 +143,7 @@ def test_foreign_or_stale_heads_are_refused(cached, tmp_path):
     model_dir = paths.models / "shapes" / BASE / "flatten" / "logreg"
     with pytest.raises(FeaturecacheError, match=r"trained on other features.*\(test changed\)"):
         load_head(model_dir, expect_features={"test": "something-else"})
-    (model_dir / "head.joblib").write_bytes(b"not ours")
+    (model_dir / "head.skops").write_bytes(b"not ours")
     with pytest.raises(FeaturecacheError, match="does not match the sha256"):
         load_head(model_dir)
     with pytest.raises(FeaturecacheError, match="not a head saved by featurecache"):

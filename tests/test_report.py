@@ -4,42 +4,23 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+from featurecache import store
+from featurecache.answer import head_results, layer_curve
+from featurecache.baselines import pixel_baseline
 from featurecache.config import Paths
 from featurecache.extract import ExtractOptions, extract
-from featurecache.report import build_report, imagenet_distance, layer_points, spearman
-from featurecache.train import TrainOptions, train_heads
-from featurecache.transferability import logme
+from featurecache.finetune import _pick_head
+from featurecache.metrics import mcnemar_worse_p
+from featurecache.plots import star_of
+from featurecache.report import build_report, imagenet_distance, spearman
+from featurecache.selection import pick_best
+from featurecache.train import TrainOptions, leaderboard_rows, train_heads, write_leaderboard
 from tests.helpers import make_image_folder
-
-
-def logme_example() -> tuple[dict[str, np.ndarray], np.ndarray]:
-    rng = np.random.default_rng(42)
-    y = rng.integers(0, 4, 120)
-    centers = rng.normal(size=(4, 16))
-    tall = centers[y] + rng.normal(scale=1.5, size=(120, 16))
-    wide = np.hstack([tall, rng.normal(size=(120, 200))])
-    noise = rng.normal(size=(120, 16))
-    return {"tall": tall, "wide": wide, "noise": noise}, y
-
-
-# LogME of the fixed example above as computed by the authors' reference implementation (thuml/LogME,
-# LogME.py, fixed-point solver), run once outside this repository.
-REFERENCE_LOGME = {"tall": -0.47443043669323565, "wide": 2.392593536125453, "noise": -0.7150287401825609}
-
-
-@pytest.mark.parametrize("case", ["tall", "wide", "noise"])
-def test_logme_agrees_with_the_reference_implementation(case):
-    features, y = logme_example()
-    assert logme(features[case], y) == pytest.approx(REFERENCE_LOGME[case], rel=1e-9)
-
-
-def test_logme_prefers_informative_features():
-    features, y = logme_example()
-    assert logme(features["tall"], y) > logme(features["noise"], y)
 
 
 def test_spearman():
@@ -49,57 +30,98 @@ def test_spearman():
 
 
 BASE = "mobilenet_v2_offline"
+HEADS = ["logreg", "knn"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class={"train": 10, "val": 4, "test": 4})
     paths = Paths(tmp_path_factory.mktemp("project"))
-    opts = ExtractOptions(workers=0, progress=False, dtype="float32")
+    opts = ExtractOptions(workers=0, progress=False)
     layers = "features.3,features.10,flatten"
     extract(root, base=BASE, layers=layers, paths=paths, options=opts)
-    extract(root, base=BASE, layers=layers, paths=paths, options=opts, weights="none")
+    extract(root, base=BASE, layers=layers, paths=paths, options=opts, weights="none")  # dtype auto: float32
     extract(root, base="efficientnet_lite0", layers="logits", paths=paths, options=opts)
     quiet = TrainOptions(progress=False)
     for tag in (BASE, f"{BASE}-random"):
-        train_heads(dataset="shapes", base_tag=tag, heads=["logreg", "knn"], options=quiet, paths=paths)
+        train_heads(dataset="shapes", base_tag=tag, heads=HEADS, options=quiet, paths=paths)
+    pixel_baseline("shapes", BASE, paths)
     return paths
 
 
-def test_report_files_and_numbers_match_the_sidecars(trained):
+def sidecars_of(paths: Paths, base: str = BASE) -> list[dict]:
+    return [json.loads(p.read_text()) for p in (paths.models / "shapes" / base).glob("*/*/sidecar.json")]
+
+
+def test_report_files_and_the_answer_match_the_sidecars(trained):
     paths = trained
-    summary = build_report(["shapes"], [BASE], paths, heads=["logreg", "knn"], licenses={"shapes": "CC0"})
-    out = paths.reports / "compare"
+    (answer,) = build_report(["shapes"], [BASE], paths, command="featurecache compare-layers shapes")
+    out = paths.compare_dir("shapes")
     png = (out / "accuracy_vs_depth.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64," in html and "<table>" in html
+    assert "data:image/png;base64," in html and "<table>" in html and "<code>" in html
+    assert "`" not in html.replace("`featurecache", "")  # no raw markdown: code spans are rendered
+    assert "<td class='num'>" in html  # numbers right-aligned
     md = (out / "report.md").read_text()
-    assert "Recommended layer (chosen on val)" in md and "Reading the curves" in md and "shapes × " in md
+    assert md.index("## The answer") < md.index("## Warnings") < md.index("accuracy_vs_depth.png")
 
-    (curve,) = summary["curves"]
-    assert curve["base"] == BASE
-    points = {p["layer"]: p for p in curve["points"]}
-    assert set(points) == {"features.3", "features.10", "flatten"}
-    for layer, point in points.items():
-        sidecars = {
-            h: json.loads((paths.models / "shapes" / BASE / layer / h / "sidecar.json").read_text())
-            for h in ("logreg", "knn")
-        }
-        chosen = max(sidecars.values(), key=lambda s: s["selection_val_accuracy"])
-        assert point["val_accuracy"] == chosen["selection_val_accuracy"]
-        assert point["test_accuracy"] == sidecars[point["head"]]["test"]["accuracy"]
-        assert [point["ci_low"], point["ci_high"]] == sidecars[point["head"]]["test"]["accuracy_ci95"]
-        assert point["logme"] is not None
-    rec = curve["recommended"]
-    assert rec["val_accuracy"] == max(p["val_accuracy"] for p in points.values())
-    assert curve["oracle"]["test_accuracy"] == max(p["test_accuracy"] for p in points.values())
-    assert curve["gap_points"] == pytest.approx(100 * (curve["oracle"]["test_accuracy"] - rec["test_accuracy"]))
-    assert curve["random_init"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    sidecars = sidecars_of(paths)
+    best = pick_best(sidecars)
+    assert (summary["recommended"]["layer"], summary["recommended"]["head"]) == (best["layer"], best["head"])
+    assert summary["recommended"]["test_accuracy"] == best["test"]["accuracy"]
+    low, high = summary["recommended"]["test_ci95"]
+    assert low < best["test"]["accuracy"] <= high or best["test"]["accuracy"] == high == 1.0
+    assert low < high  # Wilson: never a point, even at 100%
 
+    # The tie set is exactly the heads a one-sided exact McNemar test does not call worse.
+    _, y_test, _ = store.load_features(paths.feature_file("shapes", BASE, "test"), "flatten")
+    correct = {(s["layer"], s["head"]): np.asarray(s["test"]["predictions"]) == y_test for s in sidecars}
+    ref = correct[(best["layer"], best["head"])]
+    expected = {k for k, c in correct.items() if k != (best["layer"], best["head"]) and mcnemar_worse_p(ref, c) >= 0.05}
+    assert {(t["layer"], t["head"]) for t in summary["ties"]} == expected
+    assert len(answer.ties) == len(expected)
+
+    transfer = summary["transfer"]
+    assert transfer["random_init"]["base"] == f"{BASE}-random" and transfer["pixels"]["base"] == "raw-pixels"
+    assert 0 < transfer["chance"] <= 0.5 and transfer["verdict"] in ("helps", "hurts", "no measurable gain")
+    assert any("Small sample" in w for w in summary["warnings"])  # 4 val / 4 test images per class
+    assert summary["quadrant"]["size"] == "small" and summary["quadrant"]["similarity"] in ("similar", "different")
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 2 * 3 * 2  # (pretrained + control) x layers x heads
-    assert sum(r["selected_head_at_layer"] == "True" for r in rows) == 6
+    assert len(rows) == 2 * 3 * 2 + 1  # (pretrained + control) x layers x heads + raw pixels
+    assert sum(r["recommended"] == "True" for r in rows) == 1
+
+
+def test_layer_curve_chooses_by_val_not_test(trained):
+    results = head_results("shapes", BASE, trained)
+    curve = layer_curve(results)
+    assert [p.layer for p in curve] == ["features.3", "features.10", "flatten"]  # shallow to deep
+    for point in curve:
+        at_layer = [r for r in results if r.layer == point.layer]
+        assert len(at_layer) == len(HEADS)
+        assert point.val_accuracy == max(r.val_accuracy for r in at_layer)
+
+
+def test_one_selection_rule_everywhere_on_an_exact_tie(trained, tmp_path):
+    """An exact val tie across two layers and two heads: leaderboard, best.json, the report's recommendation, the
+    plot's star and fine-tuning's starting head all name the same head (simpler head, then shallower layer)."""
+    shutil.copytree(trained.root, tmp_path / "p")
+    paths = Paths(tmp_path / "p")
+    for layer, head in [("features.10", "logreg"), ("flatten", "logreg"), ("features.10", "knn"), ("flatten", "knn")]:
+        path = paths.head_dir("shapes", BASE, layer, head) / "sidecar.json"
+        s = json.loads(path.read_text())
+        s["selection_val_accuracy"] = 1.5  # above every real head: an exact four-way tie at the top
+        path.write_text(json.dumps(s))
+    expected = ("features.10", "logreg")
+    rows = leaderboard_rows("shapes", paths)
+    assert (rows[0]["layer"], rows[0]["head"]) == expected
+    best = write_leaderboard("shapes", paths)["best"]
+    assert (best["layer"], best["head"]) == expected
+    (answer,) = build_report(["shapes"], [BASE], paths)
+    assert (answer.recommended.layer, answer.recommended.head) == expected
+    assert star_of(answer, BASE) == answer.recommended
+    assert _pick_head("shapes", BASE, "logreg", paths) == paths.head_dir("shapes", BASE, *expected)
 
 
 def test_imagenet_distance_from_cached_logits(trained):
@@ -107,9 +129,3 @@ def test_imagenet_distance_from_cached_logits(trained):
     assert 0 < d["confidence"] < 1 and d["distance"] == pytest.approx(1 - d["confidence"])
     assert 1 <= d["classes_used"] <= 1000
     assert imagenet_distance("nothing-here", trained) is None
-
-
-def test_layer_points_choose_by_val_not_test(trained):
-    pts = layer_points("shapes", BASE, trained, heads=["logreg", "knn"], with_logme=False)
-    for p in pts:
-        assert p.val_accuracy == max(v for v, _ in p.heads.values())

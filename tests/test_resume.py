@@ -7,7 +7,7 @@ import random
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import pytest
 
 from featurecache import load_features
 from featurecache.config import Paths
-from tests.helpers import make_image_folder
+from tests.helpers import make_image_folder, wait_until
 
 BASE = "mobilenet_v2_offline"
 LAYERS = "features.3,features.10:grid2,flatten"
@@ -32,39 +32,46 @@ def env_for(home: Path) -> dict[str, str]:
     return {**os.environ, "FEATURECACHE_HOME": str(home), "PYTHONPATH": str(repo)}
 
 
+def committed_shards(partial: Path) -> int:
+    return len(list(partial.glob("rows-*.npz"))) if partial.is_dir() else 0
+
+
+def kill_points(rng: random.Random) -> list[tuple[str, Callable[[Path, Path], bool]]]:
+    """Where each attempt is killed, by observed progress only: journal opened but nothing committed, after a
+    random number of committed batches (twice, mid-way through the next batch), and while the HDF5 file is
+    being assembled under its temporary name (a short phase: if the run finishes first, it simply completes)."""
+    first = rng.randint(1, 4)
+    second = first + rng.randint(2, 5)
+    return [
+        ("journal opened", lambda partial, final: (partial / "manifest.json").is_file()),
+        (f"{first} batches committed", lambda partial, final: committed_shards(partial) >= first),
+        (f"{second} batches committed", lambda partial, final: committed_shards(partial) >= second),
+        ("assembling", lambda partial, final: any(final.parent.glob(f".{final.name}.tmp-*"))),
+    ]
+
+
 @pytest.mark.slow
 def test_kill_minus_9_at_random_points_then_resume_is_bit_identical(tmp_path):
-    root = make_image_folder(tmp_path / "kill", per_class={"train": 16, "val": 2, "test": 2})
+    root = make_image_folder(tmp_path / "kill", per_class={"train": 16, "val": 2, "test": 2})  # 12 batches of 4
     reference_home, victim_home = tmp_path / "ref", tmp_path / "victim"
     subprocess.run(extract_cmd(root), env=env_for(reference_home), check=True, capture_output=True)
     reference = Paths(reference_home).feature_file("kill", BASE, "train")
 
     final = Paths(victim_home).feature_file("kill", BASE, "train")
     partial = final.with_name("train.h5.partial")
-    rng = random.Random(1234)
-    kills = 0
-    logs = []
-    for attempt in range(4):
+    killed_at, logs = [], []
+    for attempt, (point, reached) in enumerate(kill_points(random.Random(1234))):
         log_path = tmp_path / f"attempt{attempt}.log"
         logs.append(log_path)
         with open(log_path, "w") as log:
             proc = subprocess.Popen(extract_cmd(root), env=env_for(victim_home), stdout=log, stderr=log)
-        # Kill either after a random number of committed batches or after a random delay (start-up,
-        # tracing, mid-batch, or while the HDF5 file is being assembled).
-        target = rng.randint(1, 11)
-        deadline = time.monotonic() + rng.uniform(0.5, 12.0)
-        while proc.poll() is None and time.monotonic() < deadline:
-            if partial.is_dir() and len(list(partial.glob("rows-*.npz"))) >= target:
-                break
-            time.sleep(0.01)
-        if proc.poll() is None:
+        if wait_until(lambda reached=reached: reached(partial, final), proc, what=f"extraction to reach {point}"):
             os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
+            killed_at.append(point)
         proc.wait()
-        assert not final.exists() or proc.returncode == 0, "a killed run left a file under the final name"
-        if final.exists():
-            break
-    assert kills >= 2
+        assert not final.exists() or proc.returncode == 0, f"a run killed at {point} left a file under the final name"
+    # The first three points are reached long before a 12-batch run can finish, so they are always killed.
+    assert killed_at[:3] == [point for point, _ in kill_points(random.Random(1234))[:3]], killed_at
     done = subprocess.run(extract_cmd(root), env=env_for(victim_home), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     for layer in ("features.3", "features.10@grid2", "flatten"):

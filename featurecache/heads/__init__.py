@@ -19,6 +19,7 @@ LINEAR_SVM_C_GRID = [float(c) for c in np.logspace(-5, 0, 6)]
 RBF_SVM_C_GRID = [0.3, 1.0, 3.0, 10.0, 30.0]
 KNN_NEIGHBORS_GRID = [1, 3, 7, 15]
 MLP_GRID = {"hidden_units": [(256,), (512, 256)], "dropout": [0.2, 0.5]}
+MULTILAYER_KEEP_FRACTION_GRID = [0.05, 0.1, 0.2, 0.4, 0.7, 1.0]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class HeadSpec:
     # Optional faster sweep over the whole grid at once: (X_tr, y_tr, X_val, y_val, grid, seed=) ->
     # [(params, fitted estimator, val accuracy, seconds)] in grid order. Must give the same selections.
     sweep: Callable[..., list] | None = None
+    # Reads every stage tap of the base at once (taps side by side); trained once per base, not per layer, and
+    # saved under the pseudo-layer folder models/<ds>/<base>/all-stages/<head> (see featurecache.train).
+    multi_tap: bool = False
 
 
 _HEADS: Registry[HeadSpec] = Registry("head")
@@ -103,6 +107,18 @@ def _mlp(seed: int) -> Any:
     return DenseClassifier(random_state=seed)
 
 
+def _multilayer(seed: int) -> Any:
+    from featurecache.heads.multilayer import MultiLayerHead
+
+    return MultiLayerHead(random_state=seed)
+
+
+def _multilayer_sweep(*args: Any, **kwargs: Any) -> list:
+    from featurecache.heads.multilayer import multilayer_sweep
+
+    return multilayer_sweep(*args, **kwargs)
+
+
 def _logreg_path(*args: Any, **kwargs: Any) -> list:
     from featurecache.heads.classic import logreg_warm_path
 
@@ -118,3 +134,30 @@ register_head(HeadSpec("knn", "cosine k-nearest neighbours on standardized featu
                        {"n_neighbors": KNN_NEIGHBORS_GRID}))  # fmt: skip
 register_head(HeadSpec("mlp", "dense net in torch, early stopping on val, best-epoch restore", _mlp, MLP_GRID,
                        streams=True, dense=True))  # fmt: skip
+register_head(HeadSpec("multilayer", "every stage tap: standardize, keep the most relevant features, logreg",
+                       _multilayer, {"keep_fraction": MULTILAYER_KEEP_FRACTION_GRID}, sweep=_multilayer_sweep,
+                       multi_tap=True))  # fmt: skip
+
+
+# The head classes, importable from here (``from featurecache.heads import DenseClassifier``). They load on first
+# use (PEP 562 module __getattr__), so importing the registry stays cheap: no scikit-learn estimators until then.
+_HEAD_CLASSES = {
+    "LogisticRegressionHead": "featurecache.heads.classic",
+    "LinearSVMHead": "featurecache.heads.classic",
+    "RBFSVMClassifier": "featurecache.heads.classic",
+    "KNNHead": "featurecache.heads.classic",
+    "DenseClassifier": "featurecache.heads.dense",
+    "MultiLayerHead": "featurecache.heads.multilayer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HEAD_CLASSES:
+        import importlib
+
+        return getattr(importlib.import_module(_HEAD_CLASSES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HEAD_CLASSES])

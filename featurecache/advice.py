@@ -1,0 +1,187 @@
+"""The answer in words: the plain sentence, the warnings, and the classic 2x2 rule held against the measurement.
+
+The 2x2 rule of thumb (cs231n "Transfer Learning"; Yosinski et al. 2014): a *small* dataset *similar* to ImageNet
+wants a linear classifier on top-layer features; small and *different* wants features from earlier layers; a
+*large* dataset can afford fine-tuning. Size is the smallest class's train images; similarity is measured, not
+assumed: the mean max-softmax confidence of EfficientNet-Lite0's ImageNet classifier on the train images
+(:func:`featurecache.report.imagenet_distance`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from featurecache.answer import MIN_IMAGES_PER_CLASS, Answer, HeadResult
+
+# "Large" is where fine-tuning a CNN stops overfitting quickly; cs231n gives no number, ~1000 per class is ImageNet's
+# own scale per class and the usual reading of the rule.
+LARGE_IMAGES_PER_CLASS = 1000
+# ImageNet-classifier confidence at or above which a dataset counts as similar to ImageNet. Measured on the six
+# offline datasets (BENCHMARKS.md, "Layer comparison"): digits/MNIST-like sets score 0.2-0.35, real photos above 0.5.
+SIMILAR_CONFIDENCE = 0.45
+EARLY_DEPTH = 0.4  # relative depth below which a layer is called "early"; from there to the top tap, "middle"
+MAX_NAMES = 4  # names listed in a sentence before "and N more"
+
+RULE = {
+    ("small", "similar"): ("a linear classifier on top-layer features", "top"),
+    ("small", "different"): ("a classifier on features from earlier layers", "earlier"),
+    ("large", "similar"): ("fine-tune the top of the base", "finetune"),
+    ("large", "different"): ("fine-tune more of the base", "finetune"),
+}
+
+
+def pts(fraction: float) -> str:
+    return f"{100 * fraction:.1f}"
+
+
+def names(results: Sequence[HeadResult], *, with_base: bool = False) -> str:
+    shown = [f"`{r.name(with_base=with_base)}`" for r in results[:MAX_NAMES]]
+    more = len(results) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def top_layer(answer: Answer) -> HeadResult:
+    """The val-selected head at the deepest tap of the recommended base."""
+    return answer.curves[answer.recommended.base][-1]
+
+
+def region(answer: Answer, result: HeadResult) -> str:
+    if result.layer == top_layer(answer).layer:
+        return "top"
+    return "early" if result.depth < EARLY_DEPTH else "middle"
+
+
+def sentence(answer: Answer) -> str:
+    """One plain sentence: where the best layer sits, by how much, and what is tied with it."""
+    rec, top = answer.recommended, top_layer(answer)
+    where = region(answer, rec)
+    if rec.multi_tap:
+        single = max(answer.curves[rec.base], key=lambda r: r.test_accuracy)
+        gap = 100 * (rec.test_accuracy - single.test_accuracy)
+        side = "above" if gap >= 0 else "below"
+        text = (f"For this data a head on every stage tap at once (`{rec.name()}`) is chosen; on test it is "
+                f"{abs(gap):.1f} points {side} the best single layer (`{single.layer}`)")  # fmt: skip
+    elif where == "top":
+        lower = [r for r in answer.curves[rec.base] if r.layer != rec.layer]
+        runner = max(lower, key=lambda r: r.test_accuracy, default=None)
+        text = "For this data the top layer is best"
+        if runner is not None:
+            gap = 100 * (rec.test_accuracy - runner.test_accuracy)
+            side = "below" if gap >= 0 else "above"
+            text += f"; the best lower layer (`{runner.layer}`) is {abs(gap):.1f} points {side} it on test"
+    else:
+        gap = 100 * (rec.test_accuracy - top.test_accuracy)
+        versus = f"(`{rec.layer}` vs `{top.layer}`)"
+        if abs(gap) < 0.05:
+            text = f"For this data {where} layers match the top on test {versus}, and val chose the {where} one"
+        else:
+            verb = "beat" if gap > 0 else "trail"
+            text = f"For this data the {where} layers {verb} the top by {abs(gap):.1f} points on test {versus}"
+    if answer.ties:
+        verb = "is" if len(answer.ties) == 1 else "are"
+        text += f"; {names(answer.ties, with_base=answer.several_bases)} {verb} tied with it."
+    else:
+        text += "; nothing else is statistically tied with it."
+    return text
+
+
+def quadrant(answer: Answer) -> dict[str, str | float | None]:
+    """The 2x2 cell of the dataset, what the rule advises there, and whether the measured curve agrees."""
+    per_class = answer.class_counts["train"]
+    size = "large" if per_class >= LARGE_IMAGES_PER_CLASS else "small"
+    confidence = None if answer.distance is None else answer.distance["confidence"]
+    similarity = None if confidence is None else "similar" if confidence >= SIMILAR_CONFIDENCE else "different"
+    if similarity is None:
+        return {"size": size, "images_per_class": per_class, "similarity": "unknown", "confidence": None,
+                "advice": "unknown: no ImageNet-classifier logits cached to measure similarity",
+                "verdict": "n/a"}  # fmt: skip
+    advice, kind = RULE[(size, similarity)]
+    return {"size": size, "images_per_class": per_class, "similarity": similarity, "confidence": confidence,
+            "advice": advice, "verdict": _verdict(answer, kind)}  # fmt: skip
+
+
+def _verdict(answer: Answer, kind: str) -> str:
+    rec = answer.recommended
+    if rec.multi_tap and kind != "finetune":
+        return "cannot say: the recommendation reads every stage tap at once (multilayer)"
+    top = top_layer(answer).layer
+    tied_layers = {r.layer for r in answer.ties if r.base == rec.base}
+    if kind == "top":
+        if rec.layer == top:
+            return "agrees: the top layer is recommended"
+        return (
+            "consistent: the top layer is statistically tied"
+            if top in tied_layers
+            else (f"disagrees: `{rec.layer}` beats the top layer significantly")
+        )
+    if kind == "earlier":
+        if rec.layer != top:
+            return f"agrees: an earlier layer (`{rec.layer}`) is recommended"
+        return (
+            "consistent: an earlier layer is statistically tied"
+            if tied_layers - {top}
+            else ("disagrees: the top layer beats every earlier layer significantly")
+        )
+    if answer.finetune is None:
+        return "not measured: run `featurecache compare-layers --finetune`"
+    low = answer.finetune["gain"][1]
+    return "agrees: fine-tuning gains significantly" if low > 0 else "disagrees: fine-tuning shows no measurable gain"
+
+
+def warnings(answer: Answer) -> list[str]:
+    """What a careful reader must know before trusting the recommendation."""
+    out = []
+    small = {s: n for s, n in answer.class_counts.items() if s != "train" and n < MIN_IMAGES_PER_CLASS}
+    if small:
+        worst = min(small.values())
+        out.append(
+            f"Small sample: {' and '.join(f'{s} has as few as {n} image(s) in a class' for s, n in small.items())} "
+            f"(fewer than {MIN_IMAGES_PER_CLASS}); one image moves that class's accuracy by {100 / max(worst, 1):.0f} "
+            f"points, so close rankings are noise. Add images to val/test."
+        )
+    if answer.val_ties:
+        out.append(
+            f"The val choice is within noise: {len(answer.val_ties)} other layer(s) ({names(answer.val_ties)}) are "
+            f"not significantly worse than `{answer.recommended.layer}` on val (exact McNemar, α = 0.05)."
+        )
+    if answer.better_on_test:
+        out.append(
+            f"{names(answer.better_on_test, with_base=answer.several_bases)} beat the recommendation significantly on "
+            f"test: val chose badly here (a larger val split would help)."
+        )
+    transfer = answer.transfer
+    if transfer.verdict in ("hurts", "no measurable gain") and transfer.control is not None:
+        control = f"the best control ({transfer.control.base}, `{transfer.control.name()}`)"
+        out.append(
+            f"Pretraining does not measurably help here: the recommendation's gain over {control} is "
+            f"{gain_text(transfer.gain)} points, an interval that includes 0."
+            if transfer.verdict != "hurts"
+            else f"Pretraining hurts here: {control} beats the recommendation ({gain_text(transfer.gain)} points)."
+        )
+    return out
+
+
+def gain_text(gain: tuple[float, float, float] | None) -> str:
+    """A paired gain in points: ``+1.2 [-0.5, +3.0]``."""
+    if gain is None:
+        return "n/a"
+    diff, low, high = gain
+    return f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def transfer_sentence(answer: Answer) -> str:
+    t = answer.transfer
+    if t.control is None:
+        return f"Chance (the largest class) is {pts(t.chance)}%; no control was trained."
+    head = f"Against the best control ({t.control.base}, `{t.control.name()}`, test {pts(t.control.test_accuracy)}%)"
+    verdict = {"helps": "pretrained features gain", "hurts": "pretrained features lose",
+               "no measurable gain": "pretrained features show no measurable gain"}[t.verdict]  # fmt: skip
+    return f"{head} {verdict}: {gain_text(t.gain)} points (paired bootstrap 95%); chance is {pts(t.chance)}%."
+
+
+def explain(answer: Answer) -> Answer:
+    """Fill the answer's words (sentence, quadrant, warnings) from its numbers; returns it."""
+    answer.sentence = sentence(answer)
+    answer.quadrant = quadrant(answer)
+    answer.warnings = warnings(answer)
+    return answer

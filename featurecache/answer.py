@@ -1,0 +1,280 @@
+"""The answer for one dataset: which base, layer and head; how sure that is; whether transfer helps at all.
+
+Read from what stages 1 and 2 saved (each head's sidecar keeps its per-image val and test predictions; the caches
+keep the labels); nothing is trained here. The statistics:
+
+* the recommendation is chosen on val by the one selection rule (:mod:`featurecache.selection`);
+* its test accuracy carries a 95% Wilson interval (it does not collapse to a point at 0% or 100%);
+* the **tie set** is every other (base, layer, head) that is not significantly worse than the recommendation on the
+  same test images: one-sided exact McNemar test on the discordant images, alpha = 0.05, no multiplicity
+  correction (which can only make the tie set larger, never hide a tie);
+* gains (pretrained over the best control, fine-tuned over the recommendation) are paired differences on the
+  same test images with a paired bootstrap 95% interval.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featurecache import persist, store
+from featurecache.config import Paths
+from featurecache.errors import FeaturecacheError
+from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
+from featurecache.metrics import mcnemar_worse_p, paired_difference, wilson_interval
+from featurecache.selection import Candidate, pick_best, ranked
+
+log = logging.getLogger(__name__)
+
+ALPHA = 0.05
+MIN_IMAGES_PER_CLASS = 20  # below this in val or test, one image moves a class's accuracy by 5 points or more
+RANDOM_SUFFIX = "-random"  # the random-init control of a base is cached and trained under "<base>-random"
+PIXELS_TAG = "raw-pixels"  # the raw-pixel baseline (featurecache.baselines) is saved under this base tag
+
+
+@dataclass(frozen=True, eq=False)
+class HeadResult:
+    """One saved frozen head as the answer sees it: its selection fields and per-image correctness."""
+
+    dataset: str
+    base: str  # base tag (cache folder): efficientnet_lite0, efficientnet_lite0-random, raw-pixels
+    layer: str
+    head: str
+    depth: float
+    val_accuracy: float  # the selection score
+    test_accuracy: float
+    test_interval: tuple[float, float]  # Wilson 95%
+    val_correct: np.ndarray
+    test_correct: np.ndarray
+    multi_tap: bool = False  # a head on every stage tap at once (``multilayer``): a candidate, not a curve point
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate(self.base, self.layer, self.head, self.depth, self.val_accuracy)
+
+    def name(self, *, with_base: bool = False) -> str:
+        return f"{self.base} / {self.layer} / {self.head}" if with_base else f"{self.layer} / {self.head}"
+
+
+def _candidate(result: HeadResult) -> Candidate:
+    return result.candidate
+
+
+def is_frozen_plain(head: str) -> bool:
+    """Heads on frozen features of the plain train split: what the curves and the answer compare."""
+    return not head.startswith(FINETUNED_PREFIX) and not head.endswith(AUGMENTED_SUFFIX)
+
+
+class LabelReader:
+    """Labels of the valid rows of cache files, read once per file."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, file: str) -> np.ndarray:
+        if file not in self._cache:
+            labels, _, valid = store.read_rows(file)
+            self._cache[file] = labels[valid]
+        return self._cache[file]
+
+
+def result_of_sidecar(sidecar: dict[str, Any], labels: LabelReader) -> HeadResult:
+    """A :class:`HeadResult` from a sidecar (predictions) and its caches (labels)."""
+    correct = {}
+    for split in ("val", "test"):
+        predictions = sidecar[split].get("predictions")
+        if predictions is None:
+            raise FeaturecacheError(
+                f"the {sidecar['head']} head at {sidecar['dataset']}/{sidecar['base_tag']}/{sidecar['layer']} was "
+                f"saved by an older featurecache without per-image predictions; retrain it with "
+                f"`featurecache train-heads --dataset {sidecar['dataset']} --bases {sidecar['base_tag']} --overwrite`"
+            )
+        correct[split] = np.asarray(predictions) == labels(sidecar["features"][split]["file"])
+    n_test = len(correct["test"])
+    return HeadResult(
+        dataset=sidecar["dataset"],
+        base=sidecar["base_tag"],
+        layer=sidecar["layer"],
+        head=sidecar["head"],
+        depth=float(sidecar["tap"]["relative_depth"]),
+        val_accuracy=float(sidecar["selection_val_accuracy"]),
+        test_accuracy=float(correct["test"].mean()),
+        test_interval=wilson_interval(int(correct["test"].sum()), n_test),
+        val_correct=correct["val"],
+        test_correct=correct["test"],
+        multi_tap=bool(sidecar["tap"].get("multi_tap", False)),
+    )
+
+
+def head_results(dataset: str, base_tag: str, paths: Paths, labels: LabelReader | None = None) -> list[HeadResult]:
+    """Every frozen plain head saved for ``dataset`` x ``base_tag``."""
+    labels = labels or LabelReader()
+    out = []
+    for directory in paths.head_dirs(dataset, base_tag):
+        sidecar = persist.read_sidecar(directory)
+        if sidecar is not None and is_frozen_plain(sidecar["head"]):
+            out.append(result_of_sidecar(sidecar, labels))
+    return out
+
+
+def layer_curve(results: Sequence[HeadResult]) -> list[HeadResult]:
+    """Per layer, the head chosen on val (the one rule), shallow to deep; multi-tap heads are no layer's point."""
+    by_layer: dict[str, list[HeadResult]] = {}
+    for r in results:
+        if not r.multi_tap:
+            by_layer.setdefault(r.layer, []).append(r)
+    return sorted((pick_best(rs, _candidate) for rs in by_layer.values()), key=lambda r: (r.depth, r.layer))
+
+
+def tie_set(recommended: HeadResult, others: Sequence[HeadResult], *, split: str = "test") -> list[HeadResult]:
+    """The ``others`` not significantly worse than ``recommended`` on the same ``split`` images (exact McNemar)."""
+    ref = getattr(recommended, f"{split}_correct")
+    tied = [r for r in others if r is not recommended and mcnemar_worse_p(ref, getattr(r, f"{split}_correct")) >= ALPHA]
+    return ranked(tied, _candidate)  # best first under the selection rule
+
+
+def significantly_better(recommended: HeadResult, others: Sequence[HeadResult]) -> list[HeadResult]:
+    """The ``others`` significantly *more* accurate on test than the recommendation: the val choice missed them."""
+    return [
+        r for r in others if r is not recommended and mcnemar_worse_p(r.test_correct, recommended.test_correct) < ALPHA
+    ]
+
+
+@dataclass
+class TransferCheck:
+    """Does pretraining help at all? The recommendation against controls on the same test images."""
+
+    random_init: HeadResult | None  # the random-init base's best head (chosen on val)
+    pixels: HeadResult | None  # logistic regression on downsampled pixels
+    chance: float  # the majority class's share of test
+    control: HeadResult | None = None  # the better control on val
+    gain: tuple[float, float, float] | None = None  # recommended minus control: difference, 95% low, high
+
+    @property
+    def verdict(self) -> str:
+        if self.gain is None:
+            return "unmeasured"
+        _, low, high = self.gain
+        return "helps" if low > 0 else "hurts" if high < 0 else "no measurable gain"
+
+
+def transfer_check(
+    heads: dict[str, list[HeadResult]], recommended: HeadResult, paths: Paths, labels: LabelReader, *, seed: int = 0
+) -> TransferCheck:
+    """The recommendation against the best random-init head and the raw-pixel baseline (``heads`` by base tag)."""
+    randoms = [r for tag, rs in heads.items() if tag.endswith(RANDOM_SUFFIX) for r in rs]
+    pixels = heads.get(PIXELS_TAG, [])
+    check = TransferCheck(
+        random_init=pick_best(randoms, _candidate) if randoms else None,
+        pixels=pick_best(pixels, _candidate) if pixels else None,
+        chance=majority_share(labels, recommended, paths),
+    )
+    controls = [c for c in (check.random_init, check.pixels) if c is not None]
+    if controls:
+        check.control = pick_best(controls, _candidate)
+        check.gain = paired_difference(recommended.test_correct, check.control.test_correct, seed=seed)
+    return check
+
+
+def majority_share(labels: LabelReader, recommended: HeadResult, paths: Paths) -> float:
+    """The largest class's share of the test images: the accuracy of always answering it."""
+    y = labels(str(paths.feature_file(recommended.dataset, recommended.base, "test")))
+    return float(np.bincount(y).max() / len(y)) if len(y) else float("nan")
+
+
+def smallest_class_counts(dataset: str, base_tag: str, paths: Paths) -> dict[str, int]:
+    """Per split, the number of images of its smallest class (valid rows)."""
+    out = {}
+    for split in ("train", "val", "test"):
+        labels, _, valid = store.read_rows(paths.feature_file(dataset, base_tag, split))
+        n_classes = len(store.read_metadata(paths.feature_file(dataset, base_tag, split))["class_names"])
+        out[split] = int(np.bincount(labels[valid], minlength=n_classes).min())
+    return out
+
+
+@dataclass
+class Answer:
+    """Everything the report and the terminal say about one dataset."""
+
+    dataset: str
+    recommended: HeadResult
+    ties: list[HeadResult]  # not significantly worse on test (the recommendation excluded)
+    better_on_test: list[HeadResult]  # significantly better on test: the val choice missed them
+    val_ties: list[HeadResult]  # other layers' val-selected heads not significantly worse on val
+    curves: dict[str, list[HeadResult]]  # base tag (controls included) -> val-selected head per layer
+    heads: dict[str, list[HeadResult]]  # base tag (controls included) -> every frozen head (the same objects)
+    transfer: TransferCheck
+    class_counts: dict[str, int]  # smallest class per split
+    n_classes: int
+    distance: dict[str, float] | None  # ImageNet confidence of the reference classifier (featurecache.report)
+    quadrant: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] | None = None
+    beyond: list[dict[str, Any]] = field(default_factory=list)  # fine-tuned / +aug routes (featurecache.report)
+    multilayer: list[dict[str, Any]] = field(default_factory=list)  # multi-tap heads vs the best single layer
+    layer_scores: Any = None  # featurecache.layer_scores.LayerTauTable of the recommended base (the report adds it)
+    sentence: str = ""
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the comparison that produced it (extraction and training included)
+
+    @property
+    def several_bases(self) -> bool:
+        """More than one pretrained base was compared (names then carry the base)."""
+        return sum(not is_control(b) for b in self.curves) > 1
+
+
+def is_control(base_tag: str) -> bool:
+    """A control's base tag: a random-init base or the raw-pixel baseline."""
+    return base_tag.endswith(RANDOM_SUFFIX) or base_tag == PIXELS_TAG
+
+
+def compute_answer(
+    dataset: str, bases: Sequence[str], paths: Paths, *, distance: dict[str, float] | None = None, seed: int = 0
+) -> Answer:
+    """The answer for ``dataset`` over the pretrained ``bases`` (base tags), read from the saved heads."""
+    labels = LabelReader()
+    results = [r for b in bases for r in head_results(dataset, b, paths, labels)]
+    if not results:
+        raise FeaturecacheError(
+            f"no trained heads for {dataset} x {', '.join(bases)} under {paths.models / dataset}; run "
+            f"`featurecache compare-layers {dataset}` (it extracts and trains first)"
+        )
+    recommended = pick_best(results, _candidate)
+    heads = {b: [r for r in results if r.base == b] for b in bases}
+    for tag in [b + RANDOM_SUFFIX for b in bases] + [PIXELS_TAG]:
+        if control := head_results(dataset, tag, paths, labels):
+            heads[tag] = control
+    curves = {b: layer_curve(rs) for b, rs in heads.items() if rs}
+    same_base_curve = curves[recommended.base]
+    answer = Answer(
+        dataset=dataset,
+        recommended=recommended,
+        ties=tie_set(recommended, results),
+        better_on_test=significantly_better(recommended, results),
+        val_ties=[r for r in tie_set(recommended, same_base_curve, split="val") if r.layer != recommended.layer],
+        curves=curves,
+        heads=heads,
+        transfer=transfer_check(heads, recommended, paths, labels, seed=seed),
+        class_counts=smallest_class_counts(dataset, recommended.base, paths),
+        n_classes=len(store.read_metadata(paths.feature_file(dataset, recommended.base, "test"))["class_names"]),
+        distance=distance,
+    )
+    answer.multilayer = multilayer_comparisons(heads, bases, seed=seed)
+    return answer
+
+
+def multilayer_comparisons(heads: dict[str, list[HeadResult]], bases: Sequence[str], *, seed: int = 0) -> list[dict]:
+    """Each multi-tap head against the best single-layer head of its base (chosen on val), on the same test
+    images: paired difference with a bootstrap 95% interval."""
+    out = []
+    for base in bases:
+        single = [r for r in heads.get(base, []) if not r.multi_tap]
+        for multi in (r for r in heads.get(base, []) if r.multi_tap):
+            if single:
+                best = pick_best(single, _candidate)
+                gain = paired_difference(multi.test_correct, best.test_correct, seed=seed)
+                out.append({"result": multi, "best_single": best, "gain": gain})
+    return out

@@ -1,0 +1,83 @@
+"""The raw-pixel baseline: logistic regression on downsampled pixels, the floor any pretrained feature must beat.
+
+It reads the same rows as a base's caches (their paths, labels and valid masks), so its per-image predictions pair
+with every head of that dataset. Saved like any head (``models/<dataset>/raw-pixels/pixels<S>x<S>/logreg/``), so it
+appears in the leaderboard and is reused while the caches' data fingerprints are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurecache import persist, store
+from featurecache.answer import PIXELS_TAG
+from featurecache.config import Paths
+from featurecache.heads import get_head_spec
+from featurecache.metrics import classification_scores
+
+log = logging.getLogger(__name__)
+
+PIXELS_SIDE = 16  # 16 x 16 x RGB = 768 numbers: enough for digits and silhouettes, far below any CNN layer's power
+
+
+def pixel_layer(side: int = PIXELS_SIDE) -> str:
+    return f"pixels{side}x{side}"
+
+
+def pixel_rows(cache_file: Path, *, side: int = PIXELS_SIDE) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)``: the valid rows of a cache as flattened ``side`` x ``side`` RGB pixels in [0, 1]."""
+    from featurecache.data import DEFAULT_ALPHA, load_image
+
+    meta = store.read_metadata(cache_file)
+    labels, rel_paths, valid = store.read_rows(cache_file)
+    root = Path(meta["dataset_root"])
+    rows = []
+    for rel in np.asarray(rel_paths, dtype=object)[valid]:
+        image = load_image(root / rel, alpha=meta.get("alpha", DEFAULT_ALPHA)).resize((side, side))
+        rows.append(np.asarray(image, dtype=np.float32).reshape(-1) / 255.0)
+    return np.stack(rows), labels[valid]
+
+
+def pixel_baseline(
+    dataset: str, base_tag: str, paths: Paths, *, seed: int = 0, side: int = PIXELS_SIDE
+) -> dict[str, Any]:
+    """Train (or reuse) the raw-pixel logistic regression on the rows of ``base_tag``'s caches; returns its sidecar."""
+    files = {s: paths.feature_file(dataset, base_tag, s) for s in ("train", "val", "test")}
+    metas = {s: store.read_metadata(f) for s, f in files.items()}
+    features = {s: {"file": str(files[s]), "fingerprint": f"{metas[s]['data_fingerprint']}:{pixel_layer(side)}"}
+                for s in files}  # fmt: skip
+    out_dir = paths.head_dir(dataset, PIXELS_TAG, pixel_layer(side), "logreg")
+    previous = persist.read_sidecar(out_dir)
+    if previous is not None and previous.get("features") == features and previous.get("seed") == seed:
+        return previous
+    t0 = time.perf_counter()
+    data = {s: pixel_rows(f, side=side) for s, f in files.items()}
+    spec = get_head_spec("logreg")
+    grid = [{"C": c} for c in spec.grid["C"]]
+    (X_tr, y_tr), (X_val, y_val), (X_te, y_te) = data["train"], data["val"], data["test"]
+    fitted = spec.sweep(X_tr, y_tr, X_val, y_val, grid, seed=seed)
+    params, final, val_accuracy, _ = max(fitted, key=lambda f: f[2])  # max keeps the first of equal scores
+    n_classes = len(metas["train"]["class_names"])
+    sidecar = {
+        "version": 2, "dataset": dataset, "base": PIXELS_TAG, "base_tag": PIXELS_TAG, "weights": "none",
+        "feature_dtype": "float32", "layer": pixel_layer(side),
+        "tap": {"node": "pixels", "pool": "resize", "relative_depth": 0.0, "out_dim": 3 * side * side},
+        "head": "logreg", "head_spec": "logreg", "train_views": 0, "dense": False,
+        "class_names": metas["train"]["class_names"], "features": features, "grid": grid,
+        "sweep": [{"params": p, "val_accuracy": v, "fit_seconds": round(t, 4)} for p, _, v, t in fitted],
+        "params": params, "refit": "train", "seed": seed, "selection_val_accuracy": val_accuracy,
+        "val": {**classification_scores(y_val, final.predict(X_val), n_classes=n_classes),
+                "predictions": final.predict(X_val)},
+        "test": {**classification_scores(y_te, final.predict(X_te), n_classes=n_classes),
+                 "predictions": final.predict(X_te)},
+        "n_train": len(y_tr), "streamed": False,
+        "timings": {"total_seconds": round(time.perf_counter() - t0, 3)},
+    }  # fmt: skip
+    persist.save_head(out_dir, final, sidecar)
+    log.info("%s: raw-pixel baseline test %.3f (val %.3f)", dataset, sidecar["test"]["accuracy"], val_accuracy)
+    return persist.read_sidecar(out_dir)

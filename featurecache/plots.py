@@ -1,0 +1,109 @@
+"""The accuracy-versus-layer figure: small multiples, one panel per dataset x pretrained base.
+
+Each panel reads at a glance: the layers by name on the x axis (relative depth under each name), the pretrained
+curve (test accuracy of the head chosen on val at each layer) with its 95% Wilson band, the controls in grey
+(random-init base dashed, raw pixels dotted), chance as a thin black line, the tie set ringed in green and the
+recommendation starred.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from featurecache.answer import PIXELS_TAG, RANDOM_SUFFIX, Answer, HeadResult, is_control
+
+PRETRAINED_COLOUR = "#1f77b4"
+CONTROL_COLOUR = "0.55"
+TIE_COLOUR = "#2ca02c"
+MULTI_COLOUR = "#9467bd"
+PANEL_SIZE = (5.6, 4.3)  # inches per panel; layer names under the axis need the height
+
+
+def panels(answers: Sequence[Answer]) -> list[tuple[Answer, str]]:
+    return [(a, base) for a in answers for base in a.curves if not is_control(base)]
+
+
+def plot_answers(answers: Sequence[Answer], out: Path, *, columns: int = 3) -> None:
+    """Write the small-multiples PNG for ``answers`` to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = panels(answers)
+    cols = min(columns, len(cells))
+    rows = math.ceil(len(cells) / cols)
+    legend_rows = 3 if cols == 1 else 2 if cols == 2 else 1
+    legend_inches = 0.28 * legend_rows + 0.2
+    height = PANEL_SIZE[1] * rows + legend_inches
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_SIZE[0] * cols, height), squeeze=False)
+    for ax, (answer, base) in zip(axes.flat, cells, strict=False):
+        _panel(ax, answer, base)
+    for ax in list(axes.flat)[len(cells) :]:
+        ax.set_visible(False)
+    handles = _legend_handles()
+    fig.legend(handles=handles, loc="lower center", ncol=-(-len(handles) // legend_rows), frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _panel(ax, answer: Answer, base: str) -> None:  # noqa: ANN001 (a matplotlib Axes)
+    curve = answer.curves[base]
+    x = list(range(len(curve)))
+    position = {r.layer: i for i, r in enumerate(curve)}
+    ax.fill_between(x, [100 * r.test_interval[0] for r in curve], [100 * r.test_interval[1] for r in curve],
+                    color=PRETRAINED_COLOUR, alpha=0.15, lw=0)  # fmt: skip
+    ax.plot(x, [100 * r.test_accuracy for r in curve], "-o", color=PRETRAINED_COLOUR, ms=4, lw=1.8)
+    _controls(ax, answer, base, position)
+    ax.axhline(100 * answer.transfer.chance, color="k", lw=0.8)
+    tied = [r for r in curve if any(t.base == base and t.layer == r.layer and t.head == r.head for t in answer.ties)]
+    ax.scatter([position[r.layer] for r in tied], [100 * r.test_accuracy for r in tied], s=110, facecolors="none",
+               edgecolors=TIE_COLOUR, linewidths=1.8, zorder=3)  # fmt: skip
+    for m in (r for r in answer.heads.get(base, []) if r.multi_tap):
+        ax.axhline(100 * m.test_accuracy, color=MULTI_COLOUR, ls="-.", lw=1.3)
+    star = star_of(answer, base)
+    if star is not None:
+        x_star = len(curve) - 0.6 if star.multi_tap else position[star.layer]  # a multi-tap head: at the right edge
+        ax.plot([x_star], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=4)
+    ax.set_xticks(x, [f"{r.layer}\n{r.depth:.2f}" for r in curve], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("test accuracy (%)")
+    conf = "" if answer.distance is None else f", ImageNet conf. {answer.distance['confidence']:.2f}"
+    ax.set_title(f"{answer.dataset} — {base}{conf}", fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def star_of(answer: Answer, base: str) -> HeadResult | None:
+    """The starred point of a panel: the recommendation, on its own base's panel (the one selection rule)."""
+    rec = answer.recommended
+    return rec if rec.base == base else None
+
+
+def _controls(ax, answer: Answer, base: str, position: dict[str, int]) -> None:  # noqa: ANN001
+    random_curve: list[HeadResult] = answer.curves.get(base + RANDOM_SUFFIX, [])
+    shared = [r for r in random_curve if r.layer in position]
+    if shared:
+        ax.plot([position[r.layer] for r in shared], [100 * r.test_accuracy for r in shared], "--x",
+                color=CONTROL_COLOUR, ms=4, lw=1.2)  # fmt: skip
+    pixels = answer.curves.get(PIXELS_TAG)
+    if pixels:
+        ax.axhline(100 * pixels[0].test_accuracy, color=CONTROL_COLOUR, ls=":", lw=1.5)
+
+
+def _legend_handles() -> list:
+    from matplotlib.lines import Line2D
+
+    return [
+        Line2D([], [], color=PRETRAINED_COLOUR, marker="o", ms=4, label="pretrained (val-selected head), 95% band"),
+        Line2D([], [], color=CONTROL_COLOUR, ls="--", marker="x", label="random-init control"),
+        Line2D([], [], color=CONTROL_COLOUR, ls=":", lw=1.5, label="raw pixels (logreg)"),
+        Line2D([], [], color="k", lw=0.8, label="chance (largest class)"),
+        Line2D([], [], color=MULTI_COLOUR, ls="-.", lw=1.3, label="multilayer head (every tap)"),
+        Line2D(
+            [], [], ls="", marker="o", mfc="none", mec=TIE_COLOUR, ms=10, mew=1.8, label="tied with the recommendation"
+        ),
+        Line2D([], [], ls="", marker="*", color="gold", mec="k", ms=14, label="recommended (chosen on val)"),
+    ]

@@ -1,0 +1,71 @@
+"""The one rule that decides "best", used everywhere a single head is named.
+
+The leaderboard's order and ``best.json``, the comparison's recommendation and its plot star, and fine-tuning's
+starting head all call :func:`pick_best` / :func:`ranked` on the same :class:`Candidate` fields, so they can
+never disagree.
+
+The rule: the highest **val** accuracy (test never decides anything). Exact ties go, in this order, to
+
+1. the simpler head (:data:`featurecache.heads.SIMPLICITY_ORDER`: logreg < linear_svm < knn < rbf_svm < mlp;
+   a ``+aug`` variant just after its plain head, fine-tuned models last): cheaper to train and to trust;
+2. the shallower layer: a shallower tap is cheaper to extract (the graph is cut after the deepest tap), and
+   with equal val accuracy nothing favours the deeper one;
+3. base, layer and head names, so the order is total and the same on every machine and backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from featurecache.heads import simplicity_rank
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the selection rule looks at: nothing else about a head can change which one is best."""
+
+    base: str
+    layer: str
+    head: str
+    relative_depth: float
+    val_accuracy: float
+
+
+def selection_key(candidate: Candidate) -> tuple:
+    """Sort key of the rule (smaller is better); see the module docstring."""
+    return (
+        -candidate.val_accuracy,
+        simplicity_rank(candidate.head),
+        candidate.relative_depth,
+        candidate.base,
+        candidate.layer,
+        candidate.head,
+    )
+
+
+def candidate_of_sidecar(sidecar: Mapping[str, Any]) -> Candidate:
+    """The selection fields of a saved head's sidecar."""
+    return Candidate(
+        base=sidecar.get("base_tag", sidecar.get("base", "")),
+        layer=sidecar["layer"],
+        head=sidecar["head"],
+        relative_depth=float(sidecar["tap"]["relative_depth"]),
+        val_accuracy=float(sidecar["selection_val_accuracy"]),
+    )
+
+
+def ranked(items: Iterable[T], candidate: Callable[[T], Candidate] = candidate_of_sidecar) -> list[T]:
+    """``items`` best first under the rule."""
+    return sorted(items, key=lambda item: selection_key(candidate(item)))
+
+
+def pick_best(items: Iterable[T], candidate: Callable[[T], Candidate] = candidate_of_sidecar) -> T:
+    """The best of ``items`` under the rule; ``ValueError`` when there are none."""
+    best = min(items, key=lambda item: selection_key(candidate(item)), default=None)
+    if best is None:
+        raise ValueError("pick_best() of no candidates")
+    return best

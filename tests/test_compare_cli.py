@@ -1,0 +1,103 @@
+"""compare-layers on the user's own folders, through the CLI: the answer, its files, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import run
+from tests.helpers import make_image_folder
+
+BASE = "mobilenet_v2_offline"
+FAST = ["--bases", BASE, "--heads", "logreg,knn", "--n-jobs", "1", "--no-progress"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FEATURECACHE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def final_files(home: Path) -> list[Path]:
+    """Everything under a final name: caches, heads, reports (temporary and journal names excluded)."""
+    return [p for p in home.rglob("*") if p.is_file() and ".partial" not in str(p) and ".tmp" not in p.name]
+
+
+@pytest.mark.slow
+def test_compare_layers_on_folders_without_and_with_splits(tmp_path, home, capsys):
+    flat = make_image_folder(tmp_path / "my_shapes", per_class={"all": 10}, splits=False, seed=1)
+    split = make_image_folder(tmp_path / "elsewhere", per_class={"train": 6, "val": 3, "test": 3}, seed=2)
+    assert run(["compare-layers", str(flat), "--datasets", f"second={split}", *FAST]) == 0
+    out = capsys.readouterr().out
+
+    for name in ("my_shapes", "second"):
+        folder = home / "reports" / "compare" / name
+        assert {p.name for p in folder.iterdir()} >= {"report.md", "report.html", "accuracy_vs_depth.png",
+                                                       "results.csv", "summary.json"}  # fmt: skip
+        summary = json.loads((folder / "summary.json").read_text())
+        rec = summary["recommended"]
+        assert rec["base"] == BASE and rec["head"] in ("logreg", "knn")
+        assert f"== {name} ==" in out and f"Recommended: {BASE} / {rec['layer']} / {rec['head']}" in out
+        assert all(t["base"] == BASE for t in summary["ties"])  # controls are never candidates
+        assert summary["transfer"]["random_init"] is not None and summary["transfer"]["pixels"] is not None
+        assert any("Small sample" in w for w in summary["warnings"]), summary["warnings"]
+        md = (folder / "report.md").read_text()
+        assert "## The answer" in md and "Tied with it" in md and "one-sided exact McNemar" in md
+    assert (home / "data" / "features" / "my_shapes" / "splits.json").is_file()  # the seeded split of a flat folder
+    assert not (flat / "train").exists()  # the user's folder is never touched
+    index = home / "reports" / "compare"
+    assert (index / "report.html").is_file() and len(json.loads((index / "summary.json").read_text())["datasets"]) == 2
+    assert "WARNING: Small sample" in out and "cross-dataset page" in out
+
+
+def one_class(root: Path) -> Path:
+    make_image_folder(root, per_class={"all": 6}, splits=False)
+    for extra in ("square", "stripes"):
+        for f in (root / extra).iterdir():
+            f.unlink()
+        (root / extra).rmdir()
+    return root
+
+
+def tiny_class(root: Path) -> Path:
+    make_image_folder(root, per_class={"all": 6}, splits=False)
+    for f in sorted((root / "square").iterdir())[2:]:
+        f.unlink()
+    return root
+
+
+def no_images(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "README.txt").write_text("nothing here")
+    return root
+
+
+def empty_class(root: Path) -> Path:
+    make_image_folder(root, per_class={"all": 6}, splits=False)
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (one_class, "only one class"),
+        (tiny_class, "needs at least 3"),
+        (no_images, "no class folders with images"),
+        (empty_class, "has no files"),
+    ],
+)
+def test_bad_folders_get_one_clear_line_and_nothing_under_a_final_name(make, message, tmp_path, home, capsys):
+    folder = make(tmp_path / "bad")
+    assert run(["compare-layers", str(folder), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("featurecache: error:") and message in err[0], err
+    assert final_files(home) == []
+
+
+def test_unknown_name_says_what_is_accepted(home, capsys):
+    assert run(["compare-layers", "no_such_dataset_or_folder", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "neither a folder nor a built-in dataset" in err and "NAME=PATH" in err and "digits" in err

@@ -1,0 +1,118 @@
+"""The multilayer head: a scikit-learn estimator that selects features across taps; trained by train-heads on
+every stage tap of a base and saved under the all-stages pseudo layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from featurecache.config import Paths
+from featurecache.extract import ExtractOptions, extract
+from featurecache.heads import get_head_spec
+from featurecache.heads.multilayer import MultiLayerHead, multilayer_sweep
+from featurecache.layer_scores import multilayer_vs_best_single, selected_heads
+from featurecache.persist import load_head
+from featurecache.store import load_features, read_metadata
+from featurecache.train import MULTI_TAP_LAYER, TrainOptions, leaderboard_rows, train_heads
+from tests.helpers import make_image_folder
+
+BASE = "mobilenet_v2_offline"
+
+
+@parametrize_with_checks([MultiLayerHead(), MultiLayerHead(selection="group", keep_fraction=0.5)])
+def test_multilayer_passes_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def taps_with_signal_in(group: int, *, n: int = 240, sizes: tuple[int, ...] = (6, 10, 8), seed: int = 0) -> tuple:
+    """Three taps of noise; the labels are a linear function of two columns of tap ``group``."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, sum(sizes)))
+    start = sum(sizes[:group])
+    y = (X[:, start] + X[:, start + 1] > 0).astype(int)
+    return X, y, sizes, start
+
+
+def test_feature_selection_keeps_the_informative_columns():
+    X, y, sizes, start = taps_with_signal_in(1)
+    head = MultiLayerHead(group_sizes=sizes, keep_fraction=2 / 24).fit(X, y)
+    assert list(head.selected_) == [start, start + 1]
+    assert list(head.selected_per_group_) == [0, 2, 0]
+    assert int(np.argmax(head.group_relevance_)) == 1
+    assert head.score(X, y) > 0.95
+
+
+def test_group_selection_keeps_whole_taps():
+    X, y, sizes, start = taps_with_signal_in(2)
+    head = MultiLayerHead(group_sizes=sizes, selection="group", keep_fraction=0.1).fit(X, y)
+    assert list(head.selected_) == list(range(16, 24))  # the whole third tap, nothing else
+
+
+def test_group_sizes_must_cover_the_input():
+    X, y, _, _ = taps_with_signal_in(0)
+    with pytest.raises(ValueError, match="do not add up"):
+        MultiLayerHead(group_sizes=(5, 5)).fit(X, y)
+
+
+def test_sweep_gives_the_heads_of_separate_fits():
+    X, y, sizes, _ = taps_with_signal_in(0, n=300)
+    grid = [{"keep_fraction": f, "group_sizes": list(sizes)} for f in (0.1, 0.5, 1.0)]
+    swept = multilayer_sweep(X[:200], y[:200], X[200:], y[200:], grid, seed=0)
+    for (params, head, val_accuracy, _), point in zip(swept, grid, strict=True):
+        alone = MultiLayerHead(random_state=0, **point).fit(X[:200], y[:200])
+        assert params == point
+        np.testing.assert_array_equal(head.selected_, alone.selected_)
+        np.testing.assert_allclose(head.predict_proba(X[200:]), alone.predict_proba(X[200:]), rtol=1e-6)
+        assert val_accuracy == pytest.approx(float((alone.predict(X[200:]) == y[200:]).mean()))
+
+
+# ------------------------------------------------------------------------------------- through train-heads
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Paths:
+    root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class={"train": 12, "val": 5, "test": 5})
+    paths = Paths(tmp_path_factory.mktemp("project"))
+    extract(root, base=BASE, layers="all-stages", paths=paths, options=ExtractOptions(workers=0, progress=False))
+    train_heads(dataset="shapes", base_tag=BASE, heads=["logreg", "multilayer"], options=TrainOptions(progress=False),
+                paths=paths)  # fmt: skip
+    return paths
+
+
+@pytest.mark.slow
+def test_train_heads_saves_multilayer_under_the_all_stages_folder(trained):
+    paths = trained
+    folder = paths.models / "shapes" / BASE / MULTI_TAP_LAYER / "multilayer"
+    head, sidecar = load_head(folder)
+    test_file = paths.feature_file("shapes", BASE, "test")
+    taps = sidecar["taps"]
+    cached = read_metadata(paths.feature_file("shapes", BASE, "train"))["taps"]
+    assert taps == [k for k, t in cached.items() if t["relative_depth"] < 1.0] and len(taps) > 1
+    assert (
+        sidecar["layer"] == MULTI_TAP_LAYER and sidecar["tap"]["relative_depth"] == 1.0 and sidecar["tap"]["multi_tap"]
+    )
+    assert sidecar["params"]["group_sizes"] == [load_features(test_file, t)[0].shape[1] for t in taps]
+    assert [s["params"]["keep_fraction"] for s in sidecar["sweep"]] == get_head_spec("multilayer").grid["keep_fraction"]
+    X = np.concatenate([load_features(test_file, t)[0] for t in taps], axis=1).astype(np.float32)
+    y = load_features(test_file, taps[0])[1]
+    assert float((head.predict(X) == y).mean()) == pytest.approx(sidecar["test"]["accuracy"])
+    rows = [r for r in leaderboard_rows("shapes", paths) if r["head"] == "multilayer"]
+    assert [(r["layer"], r["relative_depth"]) for r in rows] == [(MULTI_TAP_LAYER, 1.0)]
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_multilayer_head(trained):
+    again = train_heads(dataset="shapes", base_tag=BASE, heads=["multilayer"], options=TrainOptions(progress=False),
+                        paths=trained)  # fmt: skip
+    assert [s["status"] for s in again] == ["reused"]
+
+
+@pytest.mark.slow
+def test_multilayer_vs_best_single_is_a_paired_difference(trained):
+    result = multilayer_vs_best_single("shapes", BASE, trained)
+    best = selected_heads("shapes", BASE, trained)[result.single_layer]
+    assert result.single_accuracy == pytest.approx(best.test_accuracy)
+    assert result.difference == pytest.approx(result.multilayer_accuracy - result.single_accuracy)
+    assert result.ci95[0] <= result.difference <= result.ci95[1]
+    assert result.n_test == 15
