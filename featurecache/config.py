@@ -45,6 +45,10 @@ class Paths:
         """The cache of one dataset x base x split: ``data/features/<dataset>/<base_tag>/<split>.h5``."""
         return self.features / dataset / base_tag / f"{split}.h5"
 
+    def export_file(self, dataset: str, base_tag: str, digest: str) -> Path:
+        """An exported extractor graph (``featurecache.runtime``), beside the features it computes."""
+        return self.features / dataset / base_tag / "exports" / f"{digest}.onnx"
+
     def split_record(self, dataset: str) -> Path:
         """Where a split made by featurecache (for a folder without val/test) is recorded."""
         return self.features / dataset / "splits.json"

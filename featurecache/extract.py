@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from featurecache import runtime as runtimes
 from featurecache import store
 from featurecache.augment import AUGMENTATIONS, SeededPerRow, train_transform
 from featurecache.bases import WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
@@ -63,6 +64,8 @@ class ExtractOptions:
     on_bad_image: str = "skip"
     fingerprint: str = "content"
     progress: bool = True
+    runtime: str = "auto"  # featurecache.runtime.RUNTIMES; a non-eager runtime enters the cache fingerprint
+    precision: str = "f32"  # "bf16": OpenVINO's bf16 hint, only when asked for (in the fingerprint)
     alpha: str = DEFAULT_ALPHA  # background of transparent pixels (featurecache.data.ALPHA_MODES)
 
 
@@ -179,7 +182,10 @@ def extract(
     device = resolve_device(options.device)
     if device == "cuda" and world.distributed:
         device = f"cuda:{world.local_rank}"
-    runner = _Runner(loaded, device, options)
+    identity = runtimes.export_identity(base=base, weights=loaded.weights_id, input_size=loaded.spec.input_size,
+                                        taps=taps)  # fmt: skip
+    export_file = paths.export_file(dataset, loaded.tag, runtimes.export_digest(identity))
+    runner = _Runner(loaded, device, options, taps=taps, export_file=export_file)
     results = []
     for split in splits:
         final = paths.feature_file(dataset, loaded.tag, split)
@@ -224,6 +230,7 @@ def _check_options(options: ExtractOptions) -> None:
         raise FeaturecacheError(f"unknown --amp {options.amp!r}; choose one of: {', '.join(AMP_MODES)}")
     if options.batch_size < 1:
         raise FeaturecacheError("--batch-size must be at least 1")
+    runtimes.check_choice(options.runtime, options.precision)
     if options.workers is not None and options.workers < 0:
         raise FeaturecacheError(
             f"--workers {options.workers}: must be 0 (decode in the main process) or a positive number of "
@@ -248,9 +255,18 @@ def _warn_raw_size(taps: Sequence[TapSpec], indexes: dict[str, SplitIndex], opti
 
 
 class _Runner:
-    """The base on its device with the autocast/memory-format choices, built once per tap set."""
+    """The base on its device and runtime with the autocast/memory-format choices, built once per tap set.
 
-    def __init__(self, loaded: LoadedBase, device: str, options: ExtractOptions) -> None:
+    The runtime (``featurecache.runtime``) is resolved here once; an exported one is loaded and checked against
+    eager PyTorch on the first batch by :meth:`prepare` (rank 0) or taken over by :meth:`adopt` (other ranks).
+    That state is shared with the copies :meth:`with_transform` makes, so the augmented views run on the same
+    runtime as the splits.
+    """
+
+    def __init__(
+        self, loaded: LoadedBase, device: str, options: ExtractOptions, *, taps: Sequence[TapSpec] = (),
+        export_file: Path | None = None,
+    ) -> None:  # fmt: skip
         import torch
 
         self.loaded = loaded
@@ -266,8 +282,19 @@ class _Runner:
             raise FeaturecacheError("--amp bf16/fp16 needs CUDA; on the CPU use --amp off (the default there)")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.amp = amp
+        self.precision = options.precision
         self._extractors: dict[tuple[str, ...], Any] = {}
         self._extra_config: dict[str, Any] = {}
+        chosen = runtimes.resolve_runtime(options.runtime, device, options.precision)
+        if chosen != "eager" and (export_file is None or not taps):
+            raise FeaturecacheError(f"--runtime {chosen} needs the tap set and an export file")
+        self._shared: dict[str, Any] = {
+            "runtime": chosen, "taps": list(taps), "export_file": export_file, "graph": None, "checked": False,
+        }  # fmt: skip
+
+    @property
+    def runtime(self) -> str:
+        return self._shared["runtime"]
 
     def with_transform(self, transform: Any, **config: Any) -> _Runner:
         """The same base and built extractors with another preprocessing (augmented views), recorded in the config."""
@@ -277,47 +304,126 @@ class _Runner:
         other._extra_config = {**self._extra_config, **config}
         return other
 
-    def extractor(self, taps: Sequence[TapSpec]) -> Any:
+    def _load_graph(self, *, rebuild: bool) -> runtimes.ExportedGraph:
+        taps = self._shared["taps"]
+        identity = runtimes.export_identity(
+            base=self.loaded.spec.name, weights=self.loaded.weights_id, input_size=self.loaded.spec.input_size,
+            taps=taps,
+        )  # fmt: skip
+        return runtimes.exported_graph(
+            self.runtime, self._shared["export_file"], runtimes.export_fingerprint(identity),
+            lambda: build_extractor(self.loaded, taps), keys=[t.key for t in taps], precision=self.precision,
+            rebuild=rebuild,
+        )  # fmt: skip
+
+    def prepare(self, index: SplitIndex) -> bool:
+        """Load the exported runtime and check it against eager on the first batch of ``index`` (once, first rows).
+
+        Returns True when the runtime was refused and the runner fell back to eager (the caller re-plans, as the
+        cache config records the runtime).
+        """
         import torch
 
+        shared = self._shared
+        if shared["checked"] or self.runtime == "eager" or len(index) == 0:
+            return False
+        rows = range(min(len(index), self.options.batch_size, PROBE_ROWS))
+        data = ImageFiles(index, self.transform, input_size=self.loaded.spec.input_size, rows=rows,
+                          alpha=self.options.alpha)  # fmt: skip
+        return self.check(torch.stack([data[i][0] for i in range(len(rows))]))
+
+    def check(self, images: Any) -> bool:
+        """Load the exported runtime and compare it with eager on ``images``; True when it fell back to eager."""
+        shared = self._shared
+        shared["checked"] = True
+        if self.runtime == "eager":
+            return False
+        graph = self._load_graph(rebuild=True)
+        reference = self._eager(shared["taps"])(images[:PROBE_ROWS])
+        if runtimes.agrees_with_eager(self.runtime, graph(images[:PROBE_ROWS]), reference, self.precision):
+            shared["graph"] = graph
+            return False
+        shared["runtime"] = "eager"
+        return True
+
+    def adopt(self, runtime: str) -> None:
+        """Take over rank 0's decision (after :meth:`prepare` there): the same runtime, from the export it wrote."""
+        shared = self._shared
+        shared["runtime"], shared["checked"] = runtime, True
+        if runtime != "eager" and shared["graph"] is None:
+            shared["graph"] = self._load_graph(rebuild=False)
+
+    def extractor(self, taps: Sequence[TapSpec]) -> Any:
+        """A callable ``images -> {tap.key: (B, D) float32 array}`` on this runner's runtime."""
         key = tuple(sorted(t.key for t in taps))
+        cache_key = (self.runtime, *key)
+        if cache_key not in self._extractors:
+            if self.runtime == "eager":
+                self._extractors[cache_key] = self._eager(taps)
+            else:
+                if self._shared["graph"] is None:
+                    self._shared["graph"] = self._load_graph(rebuild=True)
+                graph, keys = self._shared["graph"], [t.key for t in taps]
+                self._extractors[cache_key] = lambda images: {k: v for k, v in graph(images).items() if k in keys}
+        return self._extractors[cache_key]
+
+    def _eager(self, taps: Sequence[TapSpec]) -> Any:
+        import torch
+
+        key = ("eager-module", *sorted(t.key for t in taps))
         if key not in self._extractors:
             module = build_extractor(self.loaded, taps).to(self.device)
             if self.options.channels_last:
                 module = module.to(memory_format=torch.channels_last)
             self._extractors[key] = module
-        return self._extractors[key]
+        module = self._extractors[key]
+
+        def run(images: Any) -> dict[str, np.ndarray]:
+            images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
+            if self.options.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                if self.amp_dtype is not None:
+                    with torch.autocast(device_type="cuda", dtype=self.amp_dtype):
+                        out = module(images)
+                else:
+                    out = module(images)
+            return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+        return run
 
     def run_config(self) -> dict[str, Any]:
-        """What about the forward pass changes the numbers (part of the cache fingerprint)."""
+        """What about the forward pass changes the numbers (part of the cache fingerprint).
+
+        A non-eager runtime or a reduced precision is part of it: their features differ from eager PyTorch's (by
+        ~1e-6 in f32), so a cache made by one is not passed off as another's. Eager f32 adds no key, so caches
+        written before runtimes existed (all eager) stay valid.
+        """
+        choice = {} if (self.runtime, self.precision) == ("eager", "f32") else {
+            "runtime": self.runtime, "precision": self.precision,
+        }  # fmt: skip
         return {
             "base": self.loaded.spec.name,
             "weights": self.loaded.weights_id,
             "transforms": self.transforms_repr,
             "input_size": self.loaded.spec.input_size,
             "amp": self.amp,
+            **choice,
             **self._extra_config,
         }
 
     def forward(self, module: Any, images: Any) -> dict[str, np.ndarray]:
-        import torch
-
-        images = images.to(self.device, non_blocking=True)
-        if self.options.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.amp_dtype is not None:
-                with torch.autocast(device_type="cuda", dtype=self.amp_dtype):
-                    out = module(images)
-            else:
-                out = module(images)
-        rows = {k: v.float().cpu().numpy() for k, v in out.items()}
+        """Run ``module`` (from :meth:`extractor`) on a batch; rows in the storage dtype."""
+        rows = module(images)
         if self.options.dtype == "float16":
             for key, value in rows.items():
                 _check_float16_range(key, value)
         return {k: v.astype(self.options.dtype, copy=False) for k, v in rows.items()}
 
 
+# The first-batch check runs eager PyTorch on this many rows of the first batch: every tap is checked, and on a CPU
+# where eager is ~6x slower than the exported runtime a whole batch would cost several batches' time per run.
+PROBE_ROWS = 8
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 # float16 subnormals step by 2**-24 (6e-8): below ~50 steps a value keeps less than 2% relative precision.
 FLOAT16_LOSSY_BELOW = 50 * 2.0**-24
@@ -431,9 +537,13 @@ def _extract_split(
         journal = None
         if world.is_main:
             plan = _plan_split(index, final, runner=runner, taps=taps, options=options, files_of=files_of)
+            if plan.todo and runner.prepare(index):  # refused: the config must record the runtime actually used
+                plan = _plan_split(index, final, runner=runner, taps=taps, options=options, files_of=files_of)
             if plan.todo:
                 journal = store.Journal.open(final, plan.manifest)
-        plan = world.broadcast(plan)
+        plan, chosen = world.broadcast((plan, runner.runtime))
+        if plan.todo and not world.is_main:
+            runner.adopt(chosen)  # every rank runs the runtime rank 0 checked
         if not plan.todo:
             meta = plan.cached_meta
             return SplitResult(
@@ -460,6 +570,8 @@ def _extract_split(
                 "extraction_seconds": round(seconds, 3),
                 "dataset_root": str(index.root),
                 "world_size": world.size,
+                "runtime": runner.runtime,
+                "precision": runner.precision,
             }
             columns = [store.TapColumn(t.key, t.out_dim, {**t.as_attrs(), "channels": t.map_shape[0]}) for t in todo]
             store.assemble(
@@ -558,7 +670,6 @@ def _run_batches(
     )
     module = runner.extractor(taps)
     t0 = time.perf_counter()
-    done = 0
     mine_rows = sum(stop - start for start, stop in mine)
     todo_rows = sum(stop - start for start, stop in todo)
     bar = tqdm(
@@ -569,30 +680,66 @@ def _run_batches(
         disable=not options.progress or not world.is_main,
         dynamic_ncols=True,
     )
+    # Journal commits run on a writer thread behind a bounded queue, so the forward pass never waits for the disk;
+    # a batch still counts only once its shard is renamed into place, and a failed commit raises here.
     try:
-        for images, batch_rows, errors in loader:
-            errors = list(errors)
-            bad = [i for i, e in enumerate(errors) if e]
-            for i in bad:
-                log.warning("skipping unreadable %s: %s", index.paths[int(batch_rows[i])], errors[i])
-            if bad and options.on_bad_image == "fail":
-                first = bad[0]
-                raise FeaturecacheError(
-                    f"unreadable image {index.root / index.paths[int(batch_rows[first])]}: {errors[first]} "
-                    f"(remove it, or pass --on-bad-image skip to skip and list such files)"
-                )
-            arrays = runner.forward(module, images)
-            for i in bad:
-                for a in arrays.values():
-                    a[i] = 0
-            journal.commit(int(batch_rows[0]), arrays, errors)
-            done += len(errors)
-            bar.update(len(errors))
+        with store.BackgroundCommits(journal) as commits:
+            done, spent = _forward_loop(loader, index, runner=runner, module=module, commits=commits, bar=bar)
     finally:
         bar.close()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    return time.perf_counter() - t0, done
+    seconds = time.perf_counter() - t0
+    log.debug(
+        "%s: %.1fs loop = %.1fs waiting for decoded batches + %.1fs forward + %.1fs waiting for the journal writer",
+        index.split, seconds, spent["decode"], spent["forward"], spent["writer"],
+    )  # fmt: skip
+    return seconds, done
+
+
+def _forward_loop(
+    loader: Any, index: SplitIndex, *, runner: _Runner, module: Any, commits: store.BackgroundCommits, bar: Any
+) -> tuple[int, dict[str, float]]:
+    """Forward every batch the loader decodes and queue its rows; returns (images, seconds spent per stage)."""
+    spent = dict.fromkeys(("decode", "forward", "writer"), 0.0)
+    done = 0
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        t1 = time.perf_counter()
+        if batch is None:
+            break
+        images, batch_rows, errors = batch
+        errors = list(errors)
+        bad = _bad_rows(index, batch_rows, errors, runner.options)
+        arrays = runner.forward(module, images)
+        for i in bad:
+            for a in arrays.values():
+                a[i] = 0
+        t2 = time.perf_counter()
+        commits.submit(int(batch_rows[0]), arrays, errors)
+        spent["decode"] += t1 - t0
+        spent["forward"] += t2 - t1
+        spent["writer"] += time.perf_counter() - t2
+        done += len(errors)
+        bar.update(len(errors))
+    spent["decode"] += time.perf_counter() - t0
+    return done, spent
+
+
+def _bad_rows(index: SplitIndex, batch_rows: Any, errors: Sequence[str], options: ExtractOptions) -> list[int]:
+    """Positions of the undecodable images of a batch (logged); raises under ``--on-bad-image fail``."""
+    bad = [i for i, e in enumerate(errors) if e]
+    for i in bad:
+        log.warning("skipping unreadable %s: %s", index.paths[int(batch_rows[i])], errors[i])
+    if bad and options.on_bad_image == "fail":
+        first = bad[0]
+        raise FeaturecacheError(
+            f"unreadable image {index.root / index.paths[int(batch_rows[first])]}: {errors[first]} "
+            f"(remove it, or pass --on-bad-image skip to skip and list such files)"
+        )
+    return bad
 
 
 def _fmt_bytes(n: int) -> str:

@@ -28,7 +28,9 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +182,57 @@ class Journal:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class BackgroundCommits:
+    """:meth:`Journal.commit` on a writer thread behind a bounded queue, so the forward pass never waits for disk.
+
+    Crash safety is the journal's: a batch counts only once its shard is renamed into place, so a ``kill -9``
+    loses at most the batches still queued (``max_pending`` + the one being written) and a re-run redoes them.
+    An error on the writer thread (disk full) is raised on the caller's thread by the next :meth:`submit` or by
+    leaving the ``with`` block; after one, later batches are not written. Leaving the block waits for the queue.
+    """
+
+    def __init__(self, journal: Journal, max_pending: int = 2) -> None:
+        self.journal = journal
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, name="featurecache-journal", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # keep draining after a failure, so submit() never blocks on a full queue
+                try:
+                    self.journal.commit(*item)
+                except BaseException as exc:  # handed to the main thread, which raises it
+                    self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, start: int, arrays: dict[str, np.ndarray], errors: Sequence[str]) -> None:
+        """Queue one batch (blocks while ``max_pending`` are queued); the arrays must not be modified after."""
+        self._raise_if_failed()
+        self._queue.put((start, arrays, errors))
+
+    def close(self) -> None:
+        """Wait until every queued batch is committed; raise the writer's error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def __enter__(self) -> BackgroundCommits:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller's own error wins; the queued batches are still committed
+            with contextlib.suppress(BaseException):
+                self.close()
 
 
 def _disk_error(exc: OSError, where: Path) -> Exception:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from featurecache.predict import predict_images
+from featurecache.runtime import RUNTIMES
 from pipelines.common import run_main
 
 
@@ -16,11 +17,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--weights-file", help="the weights file the base was extracted with, if it was")
     p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.add_argument("--runtime", choices=RUNTIMES, help="default: the runtime the head's training features were made on")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    for row in predict_images(args.head, args.images, weights_file=args.weights_file):
+    for row in predict_images(args.head, args.images, weights_file=args.weights_file, runtime=args.runtime):
         if args.json:
             print(json.dumps(row))
         else:
