@@ -103,14 +103,14 @@ def quadrant(answer: Answer) -> dict[str, str | float | None]:
 def _verdict(answer: Answer, kind: str) -> str:
     rec = answer.recommended
     if rec.multi_tap and kind != "finetune":
-        return "cannot say: the recommendation reads every stage tap at once (multilayer)"
+        return "cannot tell: the recommendation reads every stage tap at once (multilayer)"
     top = top_layer(answer).layer
     tied_layers = {r.layer for r in answer.ties if r.base == rec.base}
     if kind == "top":
         if rec.layer == top:
             return "agrees: the top layer is recommended"
         return (
-            "consistent: the top layer is statistically tied"
+            "is consistent with it: the top layer is statistically tied"
             if top in tied_layers
             else (f"disagrees: `{rec.layer}` beats the top layer significantly")
         )
@@ -118,12 +118,12 @@ def _verdict(answer: Answer, kind: str) -> str:
         if rec.layer != top:
             return f"agrees: an earlier layer (`{rec.layer}`) is recommended"
         return (
-            "consistent: an earlier layer is statistically tied"
+            "is consistent with it: an earlier layer is statistically tied"
             if tied_layers - {top}
             else ("disagrees: the top layer beats every earlier layer significantly")
         )
     if answer.finetune is None:
-        return "not measured: run `featurecache compare-layers --finetune`"
+        return "was not taken: run `featurecache compare-layers --finetune`"
     low = answer.finetune["gain"][1]
     return "agrees: fine-tuning gains significantly" if low > 0 else "disagrees: fine-tuning shows no measurable gain"
 

@@ -35,16 +35,17 @@ def plot_answers(answers: Sequence[Answer], out: Path, *, columns: int = 3) -> N
     cells = panels(answers)
     cols = min(columns, len(cells))
     rows = math.ceil(len(cells) / cols)
-    legend_rows = 3 if cols == 1 else 2 if cols == 2 else 1
-    legend_inches = 0.28 * legend_rows + 0.2
+    handles = _legend_handles()
+    legend_columns = {1: 2, 2: 3}.get(cols, 4)  # what fits the figure's width at fontsize 9
+    legend_rows = math.ceil(len(handles) / legend_columns)
+    legend_inches = 0.26 * legend_rows + 0.25
     height = PANEL_SIZE[1] * rows + legend_inches
     fig, axes = plt.subplots(rows, cols, figsize=(PANEL_SIZE[0] * cols, height), squeeze=False)
     for ax, (answer, base) in zip(axes.flat, cells, strict=False):
         _panel(ax, answer, base)
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
-    handles = _legend_handles()
-    fig.legend(handles=handles, loc="lower center", ncol=-(-len(handles) // legend_rows), frameon=False, fontsize=9)
+    fig.legend(handles=handles, loc="lower center", ncol=legend_columns, frameon=False, fontsize=9)
     fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -59,7 +60,8 @@ def _panel(ax, answer: Answer, base: str) -> None:  # noqa: ANN001 (a matplotlib
                     color=PRETRAINED_COLOUR, alpha=0.15, lw=0)  # fmt: skip
     ax.plot(x, [100 * r.test_accuracy for r in curve], "-o", color=PRETRAINED_COLOUR, ms=4, lw=1.8)
     _controls(ax, answer, base, position)
-    ax.axhline(100 * answer.transfer.chance, color="k", lw=0.8)
+    plotted = [r.test_interval[0] for r in curve] + [r.test_accuracy for r in _control_points(answer, base)]
+    _chance(ax, 100 * answer.transfer.chance, [100 * v for v in plotted])
     tied = [r for r in curve if any(t.base == base and t.layer == r.layer and t.head == r.head for t in answer.ties)]
     ax.scatter([position[r.layer] for r in tied], [100 * r.test_accuracy for r in tied], s=110, facecolors="none",
                edgecolors=TIE_COLOUR, linewidths=1.8, zorder=3)  # fmt: skip
@@ -80,6 +82,20 @@ def star_of(answer: Answer, base: str) -> HeadResult | None:
     """The starred point of a panel: the recommendation, on its own base's panel (the one selection rule)."""
     rec = answer.recommended
     return rec if rec.base == base else None
+
+
+def _control_points(answer: Answer, base: str) -> list[HeadResult]:
+    return answer.curves.get(base + RANDOM_SUFFIX, []) + answer.curves.get(PIXELS_TAG, [])[:1]
+
+
+def _chance(ax, chance: float, lows: list[float]) -> None:  # noqa: ANN001
+    """Chance as a line when it is near the data; far below it, a note, so the curves keep the panel's height."""
+    bottom = min(lows) - 5
+    if chance >= bottom - 10:
+        ax.axhline(chance, color="k", lw=0.8)
+        return
+    ax.set_ylim(bottom=max(0.0, bottom))
+    ax.annotate(f"chance {chance:.1f}% (below)", xy=(0.01, 0.02), xycoords="axes fraction", fontsize=8)
 
 
 def _controls(ax, answer: Answer, base: str, position: dict[str, int]) -> None:  # noqa: ANN001
