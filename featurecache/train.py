@@ -367,7 +367,7 @@ def run_job(job: Job) -> dict[str, Any]:
             final.set_params(max_epochs=best[1].best_epoch_, validation_fraction=0.0)
         X_tr, y_tr = _materialize(train)
         _fit(final, (np.concatenate([X_tr, X_val]), np.concatenate([y_tr, y_val])), eval_set=None,
-             spec_dense=False, device=opts.device)  # fmt: skip
+             spec_dense=spec.dense, device=opts.device)  # fmt: skip
     refit_seconds = time.perf_counter() - t_refit
 
     if train[3] is not None:

@@ -263,3 +263,21 @@ def test_dense_head_fits_on_its_own_thread_count_and_restores_the_process_settin
     # Fitted on one thread whatever the process allows, so the numbers do not depend on the job layout.
     assert fits[0].history_ == fits[1].history_
     np.testing.assert_array_equal(fits[0].predict_proba(X), fits[1].predict_proba(X))
+
+
+def test_refit_on_train_plus_val_keeps_the_dense_heads_device(cached, tmp_path, monkeypatch):
+    """The train+val refit of the dense head runs on --device like the sweep (it used to drop it)."""
+    from featurecache.heads.dense import DenseClassifier
+
+    devices = []
+    fit = DenseClassifier.fit
+
+    def recording_fit(self, X, y, **kwargs):
+        devices.append(self.device)
+        return fit(self, X, y, **kwargs)
+
+    monkeypatch.setattr(DenseClassifier, "fit", recording_fit)
+    options = TrainOptions(progress=False, refit="train+val", device="cpu:0")
+    train_heads(dataset="shapes", base_tag=BASE, heads=["mlp"], layers=["flatten"], options=options,
+                paths=fresh_copy(cached, tmp_path))  # fmt: skip
+    assert devices and set(devices) == {"cpu:0"}  # every fit, the refit included, got the requested device
