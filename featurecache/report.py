@@ -139,6 +139,10 @@ def answer_block(answer: Answer) -> list[str]:
     return lines
 
 
+def _depth(r: HeadResult) -> str:
+    return "all taps" if r.multi_tap else f"{r.depth:.2f}"
+
+
 def _candidates(answer: Answer) -> int:
     return sum(len(rs) for b, rs in answer.heads.items() if not is_control(b)) - 1
 
@@ -162,7 +166,7 @@ def dataset_blocks(answer: Answer, paths: Paths, *, command: str = "") -> list[B
 
 def _tie_table(answer: Answer) -> list[Block]:
     rec = answer.recommended
-    rows = [[f"`{r.name(with_base=answer.several_bases)}`", f"{r.depth:.2f}", pts(r.val_accuracy),
+    rows = [[f"`{r.name(with_base=answer.several_bases)}`", _depth(r), pts(r.val_accuracy),
              f"{pts(r.test_accuracy)} [{pts(r.test_interval[0])}, {pts(r.test_interval[1])}]",
              "–" if r is rec else f"{mcnemar_worse_p(rec.test_correct, r.test_correct):.3f}"]
             for r in [rec, *answer.ties]]  # fmt: skip
@@ -360,7 +364,7 @@ def write_index(answers: Sequence[Answer], paths: Paths, *, command: str = "") -
     rows = []
     for a in answers:
         r, q = a.recommended, a.quadrant
-        rows.append([a.dataset, f"`{r.name(with_base=a.several_bases)}`", f"{r.depth:.2f}",
+        rows.append([a.dataset, f"`{r.name(with_base=a.several_bases)}`", _depth(r),
                      f"{pts(r.test_accuracy)} [{pts(r.test_interval[0])}, {pts(r.test_interval[1])}]", str(len(a.ties)),
                      gain_text(a.transfer.gain), f"{q.get('size')}/{q.get('similarity')}", str(len(a.warnings)),
                      f"[report]({a.dataset}/report.html)"])  # fmt: skip
@@ -399,7 +403,7 @@ def _score_summary_blocks(answers: Sequence[Answer]) -> list[Block]:
 
 def _reading(answers: Sequence[Answer]) -> str:
     """Across datasets: does the recommended depth follow the measured distance from ImageNet?"""
-    measured = [a for a in answers if a.distance]
+    measured = [a for a in answers if a.distance and not a.recommended.multi_tap]  # a multi-tap head has no depth
     if len(measured) < 3:
         return "Fewer than three datasets with a measured ImageNet distance: no cross-dataset trend is computed."
     rho = spearman([a.distance["confidence"] for a in measured], [a.recommended.depth for a in measured])
