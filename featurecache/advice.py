@@ -19,7 +19,8 @@ LARGE_IMAGES_PER_CLASS = 1000
 # ImageNet-classifier confidence at or above which a dataset counts as similar to ImageNet. Measured on the six
 # offline datasets (BENCHMARKS.md, "Layer comparison"): digits/MNIST-like sets score 0.2-0.35, real photos above 0.5.
 SIMILAR_CONFIDENCE = 0.45
-EARLY_DEPTH = 0.4  # relative depth below which a layer is called "early"; from there to the top tap, "middle"
+EARLY_DEPTH = 0.4  # relative depth below which a layer is called "early"
+UPPER_DEPTH = 0.85  # from here to just below the top tap, "upper"; between the two, "middle"
 MAX_NAMES = 4  # names listed in a sentence before "and N more"
 
 RULE = {
@@ -48,7 +49,7 @@ def top_layer(answer: Answer) -> HeadResult:
 def region(answer: Answer, result: HeadResult) -> str:
     if result.layer == top_layer(answer).layer:
         return "top"
-    return "early" if result.depth < EARLY_DEPTH else "middle"
+    return "early" if result.depth < EARLY_DEPTH else "middle" if result.depth < UPPER_DEPTH else "upper"
 
 
 def sentence(answer: Answer) -> str:
