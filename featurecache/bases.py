@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DEFAULT = "default"  # the base's pretrained ImageNet weights
 WEIGHTS_NONE = "none"  # random init: for tests, and the "is pretraining worth it?" control
+RANDOM_INIT_PREFIX = "random-init"  # weights_id of random-init weights: "random-init(seed=0)"
 # In a spec's default taps: the pooled penultimate (the classifier's input), found in the traced graph.
 PENULTIMATE = "penultimate"
 
@@ -196,7 +197,7 @@ def load_base(
         weights_id = _load_state_dict_file(model, Path(weights_file), name)
         tag = name
     elif weights == WEIGHTS_NONE:
-        weights_id = f"random-init(seed={seed})"
+        weights_id = f"{RANDOM_INIT_PREFIX}(seed={seed})"
         tag = f"{name}-random"
     else:
         variant = spec.weight_variants[0] if weights == WEIGHTS_DEFAULT else weights

@@ -23,7 +23,7 @@ import numpy as np
 from featurecache import runtime as runtimes
 from featurecache import store
 from featurecache.augment import AUGMENTATIONS, SeededPerRow, train_transform
-from featurecache.bases import WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
+from featurecache.bases import RANDOM_INIT_PREFIX, WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import (
     AUGMENTED_TRAIN,
@@ -162,7 +162,7 @@ def extract(
     options = options or ExtractOptions()
     paths = paths or default_paths()
     _check_options(options)
-    options = dataclasses.replace(options, dtype=storage_dtype(options.dtype, weights))
+    options = dataclasses.replace(options, dtype=storage_dtype(options.dtype, random_init=weights == WEIGHTS_NONE))
     dataset = check_path_name(dataset or Path(dataset_root).resolve().name, what="dataset name")
     if train_views < 0:
         raise FeaturecacheError("--train-views must be 0 (none) or a positive number of augmented views")
@@ -209,12 +209,12 @@ def extract(
     return results
 
 
-def storage_dtype(requested: str, weights: str) -> str:
+def storage_dtype(requested: str, *, random_init: bool) -> str:
     """``auto`` stores float16 (half the disk, the same head accuracy), except for random-init weights, whose deep
     activations shrink below float16's range; an explicit dtype is kept (float16 is still range-checked)."""
     if requested != "auto":
         return requested
-    return "float32" if weights == WEIGHTS_NONE else "float16"
+    return "float32" if random_init else "float16"
 
 
 def _check_options(options: ExtractOptions) -> None:
@@ -271,7 +271,9 @@ class _Runner:
 
         self.loaded = loaded
         self.device = device
-        self.options = options
+        # Callers that build a runner directly (predict, the benchmark) may leave dtype "auto": decide it here too.
+        dtype = storage_dtype(options.dtype, random_init=loaded.weights_id.startswith(RANDOM_INIT_PREFIX))
+        self.options = options = dataclasses.replace(options, dtype=dtype)
         self.transform = loaded.spec.transforms()
         self.transforms_repr = repr(self.transform)
         on_cuda = device.startswith("cuda")
