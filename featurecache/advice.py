@@ -35,8 +35,12 @@ def pts(fraction: float) -> str:
     return f"{100 * fraction:.1f}"
 
 
-def names(results: Sequence[HeadResult], *, with_base: bool = False) -> str:
-    shown = [f"`{r.name(with_base=with_base)}`" for r in results[:MAX_NAMES]]
+def names(
+    results: Sequence[HeadResult], *, with_base: bool = False, accuracy: bool = False, limit: int = MAX_NAMES
+) -> str:
+    """```a / h`, `b / h` and 3 more``, optionally each with its test accuracy."""
+    shown = [f"`{r.name(with_base=with_base)}`" + (f" {pts(r.test_accuracy)}%" if accuracy else "")
+             for r in results[:limit]]  # fmt: skip
     more = len(results) - len(shown)
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 

@@ -19,6 +19,7 @@ from featurecache.answer import PIXELS_TAG
 from featurecache.config import Paths
 from featurecache.heads import get_head_spec
 from featurecache.metrics import classification_scores
+from featurecache.train import SIDECAR_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def pixel_baseline(
     params, final, val_accuracy, _ = max(fitted, key=lambda f: f[2])  # max keeps the first of equal scores
     n_classes = len(metas["train"]["class_names"])
     sidecar = {
-        "version": 2, "dataset": dataset, "base": PIXELS_TAG, "base_tag": PIXELS_TAG, "weights": "none",
+        "version": SIDECAR_VERSION, "dataset": dataset, "base": PIXELS_TAG, "base_tag": PIXELS_TAG, "weights": "none",
         "feature_dtype": "float32", "layer": pixel_layer(side),
         "tap": {"node": "pixels", "pool": "resize", "relative_depth": 0.0, "out_dim": 3 * side * side},
         "head": "logreg", "head_spec": "logreg", "train_views": 0, "dense": False,

@@ -40,7 +40,7 @@ from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
 from featurecache.selection import pick_best
-from featurecache.train import cache_files, feature_fingerprint
+from featurecache.train import SIDECAR_VERSION, cache_files, feature_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +520,7 @@ def score_and_record(
     gain_points, ci = paired_test_gain(rebuilt, test_pred, options.seed)
     atomic_write(out_dir / MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
     return {
-        "version": 1,
+        "version": SIDECAR_VERSION,
         "dataset": rebuilt.dataset,
         "base": hs["base"],
         "base_tag": rebuilt.base_tag,

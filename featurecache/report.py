@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from featurecache import store
-from featurecache.advice import explain, gain_text, pts, transfer_sentence
+from featurecache.advice import explain, gain_text, names, pts, transfer_sentence
 from featurecache.answer import Answer, HeadResult, LabelReader, compute_answer, is_control, result_of_sidecar
 from featurecache.bases import get_base_spec
 from featurecache.config import Paths
@@ -118,8 +118,7 @@ def answer_block(answer: Answer) -> list[str]:
         f"(95% Wilson, {n_test} test images), chosen on val ({pts(rec.val_accuracy)}%).",
         f"**Tied with it** ({len(answer.ties)} of {_candidates(answer)} other heads not significantly worse on the "
         f"same test images; one-sided exact McNemar, α = 0.05): "
-        + (", ".join(f"`{r.name(with_base=answer.several_bases)}` {pts(r.test_accuracy)}%" for r in answer.ties[:8])
-           + (f" and {len(answer.ties) - 8} more" if len(answer.ties) > 8 else "") if answer.ties else "none."),
+        + (names(answer.ties, with_base=answer.several_bases, accuracy=True, limit=8) if answer.ties else "none."),
         answer.sentence,
         f"**Does transfer help?** {transfer_sentence(answer)}",
     ]  # fmt: skip
@@ -218,13 +217,13 @@ def _layer_tables(answer: Answer) -> list[Block]:
                                  "the recommendation, ★ = the recommendation.")]  # fmt: skip
     tied = {(r.base, r.layer, r.head) for r in answer.ties}
     for base, heads in answer.heads.items():
-        names = sorted({r.head for r in heads if not r.multi_tap})
+        head_names = sorted({r.head for r in heads if not r.multi_tap})
         rows = []
         for chosen in answer.curves[base]:
             at = {r.head: r for r in heads if r.layer == chosen.layer}
-            cells = [_cell(at.get(h), chosen, answer.recommended, tied) for h in names]
+            cells = [_cell(at.get(h), chosen, answer.recommended, tied) for h in head_names]
             rows.append([f"`{chosen.layer}`", f"{chosen.depth:.2f}", *cells])
-        blocks += [("h3", base), ("table", (["layer", "depth", *names], rows))]
+        blocks += [("h3", base), ("table", (["layer", "depth", *head_names], rows))]
     return blocks
 
 
@@ -233,17 +232,17 @@ def _score_blocks(answer: Answer) -> list[Block]:
     table = answer.layer_scores
     if table is None:
         return []
-    names = [s for s in SCORES if s in table.scores]
+    score_names = [s for s in SCORES if s in table.scores]
     rows = [[f"`{k}`", f"{table.relative_depth[k]:.2f}", pts(table.test_accuracy[k]),
-             *[f"{table.scores[s].get(k, float('nan')):.3f}" for s in names]] for k in table.layers]  # fmt: skip
+             *[f"{table.scores[s].get(k, float('nan')):.3f}" for s in score_names]] for k in table.layers]  # fmt: skip
     agree = [[s, f"{table.agreement[s].kendall_tau:+.2f}", f"{table.agreement[s].weighted_tau:+.2f}",
               ", ".join(f"`{k}`" for k in table.agreement[s].top), "yes" if table.agreement[s].best_in_top else "no",
-              f"{table.scoring_seconds.get(s, float('nan')):.1f}"] for s in names]  # fmt: skip
+              f"{table.scoring_seconds.get(s, float('nan')):.1f}"] for s in score_names]  # fmt: skip
     return [("h2", "Which layer, before training anything"),
             ("p", f"Scores computed from the cached train features of {table.base_tag} alone (no training), against "
                   f"the test accuracy of each layer's val-selected head. The trained-best layer (chosen on val) is "
                   f"`{table.best_layer}`; training the heads on these layers took {table.training_seconds:.0f} s."),
-            ("table", (["layer", "depth", "test %", *names], rows)),
+            ("table", (["layer", "depth", "test %", *score_names], rows)),
             ("table", (["score", "Kendall τ", "weighted τ", "top 3", "best layer in top 3", "seconds"],
                        agree))]  # fmt: skip
 
