@@ -81,8 +81,15 @@ class TapSpec:
     relative_depth: float
     reduction: int  # input size / spatial size (1 for vectors)
 
+    @property
+    def channels(self) -> int:
+        """Channels of the tapped activation, wherever its layout keeps them (last axis for hwc and tokens)."""
+        return channels(self.map_shape, self.layout)
+
     def as_attrs(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The tap as stored beside its rows in a cache (and in a head's sidecar): its fields plus ``channels``."""
+        fields_ = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {**fields_, "channels": self.channels}
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> TapSpec:

@@ -55,6 +55,16 @@ def test_parse_taps_resolves_modules_pools_and_duplicates(toy):
     assert TapSpec.from_attrs(json.loads(json.dumps(block.as_attrs()))) == block  # survives HDF5 attrs / JSON
 
 
+@pytest.mark.parametrize(
+    ("shape", "layout", "channels"),
+    [((8, 16, 16), "chw", 8), ((7, 7, 768), "hwc", 768), ((197, 384), "tokens", 384), ((1280,), "vector", 1280)],
+)
+def test_a_tap_knows_its_channels_in_every_layout(shape, layout, channels):
+    tap = TapSpec("k", "k", "k", "avg", shape, layout, channels, 0.5, 1)
+    assert tap.channels == channels
+    assert tap.as_attrs()["channels"] == channels  # what a cache stores beside the tap's rows
+
+
 def test_bad_layer_and_pool_name_the_fix(toy):
     _, traced = toy
     with pytest.raises(FeaturecacheError, match=r"'blok' is not a node .*`featurecache list-layers toy`"):
