@@ -304,60 +304,17 @@ def assemble(
         )
     tmp = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)  # a temporary from an earlier crash of this same pid number
-    valid = np.ones(n, dtype=bool)
-    skipped: list[tuple[int, str, str]] = []
     try:
         with h5py.File(tmp, "x") as f:
-            str_dt = h5py.string_dtype("utf-8")
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            f.create_dataset("paths", data=_encoded(paths), dtype=str_dt)
+            f.create_dataset("paths", data=_encoded(paths), dtype=h5py.string_dtype("utf-8"))
             group = f.create_group("features")
-            itemsize = np.dtype(dtype).itemsize
-            dsets = {}
-            for tap in taps:
-                dsets[tap.key] = group.create_dataset(
-                    tap.key,
-                    shape=(n, tap.out_dim),
-                    dtype=dtype,
-                    chunks=(chunk_rows(tap.out_dim * itemsize, n), tap.out_dim),
-                    fletcher32=True,
-                    **_compression_kwargs(compression),
-                )
-                dsets[tap.key].attrs.update({k: _attr(v) for k, v in tap.attrs.items()})
-            for start, stop, shard in journal.shards():
-                arrays, errors = journal.read(shard)
-                for key, dset in dsets.items():
-                    dset[start:stop] = arrays[key]
-                for i, err in enumerate(errors):
-                    if err:
-                        valid[start + i] = False
-                        skipped.append((start + i, paths[start + i], err))
-            if keep_from is not None:
-                with h5py.File(keep_from, "r") as old:
-                    kept = [k for k in old["features"] if k not in dsets]
-                    for key in kept:
-                        old.copy(old["features"][key], group, name=key)
-                    valid = old["valid"][:]
-                    skipped = list(
-                        zip(
-                            old["skipped/row"][:].tolist(),
-                            old["skipped/path"].asstr(errors=PATH_ERRORS)[:],
-                            old["skipped/reason"].asstr(errors=PATH_ERRORS)[:],
-                            strict=True,
-                        )
-                    )
-            f.create_dataset("valid", data=valid)
-            sk = f.create_group("skipped")
-            sk.create_dataset("row", data=np.asarray([s[0] for s in skipped], dtype=np.int64))
-            sk.create_dataset("path", data=_encoded([s[1] for s in skipped]), dtype=str_dt)
-            sk.create_dataset("reason", data=_encoded([s[2] for s in skipped]), dtype=str_dt)
-            # Listed shallow to deep, the order in which every report wants them.
-            all_taps = dict(sorted(((k, dict(group[k].attrs)) for k in group), key=lambda kv: kv[1]["relative_depth"]))
-            f.attrs.update({k: _attr(v) for k, v in attrs.items()})
-            f.attrs["taps"] = json.dumps({k: {a: _plain(v) for a, v in t.items()} for k, t in all_taps.items()})
-            f.attrs["num_samples"] = n
-            f.attrs["num_valid"] = int(valid.sum())
-            f.attrs["complete"] = True
+            valid, skipped = _write_shards(group, journal, taps, paths, dtype=dtype, compression=compression)
+            tap_attrs = {t.key: t.attrs for t in taps}
+            if keep_from is not None:  # the rows' validity and skip list are the old file's: same images, same run
+                valid, skipped, kept = _copy_kept_taps(keep_from, group)
+                tap_attrs.update(kept)
+            _write_index(f, valid, skipped, tap_attrs, attrs)
             f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -367,6 +324,80 @@ def assemble(
         raise _disk_error(exc, final_path.parent) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+Skipped = list[tuple[int, str, str]]  # (row, path, reason) of every image that could not be decoded
+
+
+def _write_shards(
+    group: Any, journal: Journal, taps: Sequence[TapColumn], paths: Sequence[str], *, dtype: str, compression: str
+) -> tuple[np.ndarray, Skipped]:
+    """One dataset per tap, filled from the journal's shards; returns the rows' validity and the skipped list."""
+    n = len(paths)
+    itemsize = np.dtype(dtype).itemsize
+    dsets = {}
+    for tap in taps:
+        dsets[tap.key] = group.create_dataset(
+            tap.key,
+            shape=(n, tap.out_dim),
+            dtype=dtype,
+            chunks=(chunk_rows(tap.out_dim * itemsize, n), tap.out_dim),
+            fletcher32=True,
+            **_compression_kwargs(compression),
+        )
+        dsets[tap.key].attrs.update({k: _attr(v) for k, v in tap.attrs.items()})
+    valid = np.ones(n, dtype=bool)
+    skipped: Skipped = []
+    for start, stop, shard in journal.shards():
+        arrays, errors = journal.read(shard)
+        for key, dset in dsets.items():
+            dset[start:stop] = arrays[key]
+        for i, err in enumerate(errors):
+            if err:
+                valid[start + i] = False
+                skipped.append((start + i, paths[start + i], err))
+    return valid, skipped
+
+
+def _copy_kept_taps(keep_from: Path, group: Any) -> tuple[np.ndarray, Skipped, dict[str, dict[str, Any]]]:
+    """Copy the taps of the file being added to that this run did not extract; its validity, skips and tap attrs."""
+    import h5py
+
+    with h5py.File(keep_from, "r") as old:
+        old_taps = json.loads(old.attrs["taps"])
+        kept = [k for k in old["features"] if k not in group]
+        for key in kept:
+            old.copy(old["features"][key], group, name=key)
+        skipped = list(
+            zip(
+                old["skipped/row"][:].tolist(),
+                old["skipped/path"].asstr(errors=PATH_ERRORS)[:],
+                old["skipped/reason"].asstr(errors=PATH_ERRORS)[:],
+                strict=True,
+            )
+        )
+        return old["valid"][:], skipped, {k: old_taps[k] for k in kept}
+
+
+def _write_index(
+    f: Any, valid: np.ndarray, skipped: Skipped, tap_attrs: dict[str, dict[str, Any]], attrs: dict[str, Any]
+) -> None:
+    """The rows' validity, the skip list and the file's attrs, with the taps listed shallow to deep."""
+    import h5py
+
+    str_dt = h5py.string_dtype("utf-8")
+    f.create_dataset("valid", data=valid)
+    sk = f.create_group("skipped")
+    sk.create_dataset("row", data=np.asarray([s[0] for s in skipped], dtype=np.int64))
+    sk.create_dataset("path", data=_encoded([s[1] for s in skipped]), dtype=str_dt)
+    sk.create_dataset("reason", data=_encoded([s[2] for s in skipped]), dtype=str_dt)
+    # Listed shallow to deep, the order in which every report wants them.
+    ordered = sorted(tap_attrs.items(), key=lambda kv: kv[1]["relative_depth"])
+    f.attrs.update({k: _attr(v) for k, v in attrs.items()})
+    f.attrs["taps"] = json.dumps({k: {a: _plain(v) for a, v in t.items()} for k, t in ordered})
+    f.attrs["num_samples"] = len(valid)
+    f.attrs["num_valid"] = int(valid.sum())
+    f.attrs["complete"] = True
 
 
 # File names that are not valid UTF-8 reach Python as lone surrogates (PEP 383); they are stored as the bytes
