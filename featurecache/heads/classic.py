@@ -8,6 +8,7 @@ pipeline into ``pipeline_``.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -150,6 +151,9 @@ class RBFSVMClassifier(_Decision, ScaledClassifier):
 TORCH_PATH_MIN_FEATURES = 128
 
 
+PathPoint = tuple[dict, LogisticRegressionHead, float, float]  # (params, fitted head, val accuracy, seconds)
+
+
 def logreg_warm_path(
     X_train: np.ndarray,
     y_train: np.ndarray,
@@ -159,7 +163,7 @@ def logreg_warm_path(
     *,
     seed: int,
     device: str = "auto",
-) -> list[tuple[dict, LogisticRegressionHead, float, float]]:
+) -> list[PathPoint]:
     """Sweep ``C`` of :class:`LogisticRegressionHead` as a warm-started regularization path.
 
     Minimizes scikit-learn's own objective, ``C * sum(log-loss) + 0.5 * ||W||^2`` with an unpenalized
@@ -171,70 +175,92 @@ def logreg_warm_path(
     overhead dominates, so the grid is fitted point by point as usual.
     Returns ``(params, fitted head, val accuracy, seconds)`` in the grid's order.
     """
-    import time
-
     if np.shape(X_train)[1] < TORCH_PATH_MIN_FEATURES:
-        out = []
-        for params in grid:
-            t0 = time.perf_counter()
-            head = LogisticRegressionHead(random_state=seed, **params).fit(X_train, y_train)
-            out.append((params, head, float((head.predict(X_val) == y_val).mean()), time.perf_counter() - t0))
-        return out
-
-    import torch
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+        return [_sklearn_point(X_train, y_train, X_val, y_val, params, seed=seed) for params in grid]
     t0 = time.perf_counter()
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
-    scaler = StandardScaler().fit(np.asarray(X_train, dtype=np.float32))
-    classes, y_idx = np.unique(y_train, return_inverse=True)
-    X = torch.as_tensor(scaler.transform(np.asarray(X_train, dtype=np.float32)), device=dev)
-    Xv = torch.as_tensor(scaler.transform(np.asarray(X_val, dtype=np.float32)), device=dev)
-    binary = len(classes) == 2
-    outputs = 1 if binary else len(classes)
-    y = torch.as_tensor(y_idx, device=dev)
-    W = torch.zeros(X.shape[1], outputs, device=dev, requires_grad=True)
-    b = torch.zeros(outputs, device=dev, requires_grad=True)
+    path = _TorchLogregPath(X_train, y_train, X_val, device=device)
     shared_seconds = time.perf_counter() - t0
-
-    def loss_sum(logits: torch.Tensor) -> torch.Tensor:
-        if binary:
-            return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.float(), reduction="sum")
-        return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-
-    results: dict[int, tuple[dict, LogisticRegressionHead, float, float]] = {}
+    results: dict[int, PathPoint] = {}
     for i in sorted(range(len(grid)), key=lambda i: grid[i]["C"]):
         t0 = time.perf_counter()
-        C = float(grid[i]["C"])
+        val_pred = path.fit(float(grid[i]["C"]))  # warm: starts from the previous (smaller) C's optimum
+        head = path.head(float(grid[i]["C"]), seed=seed)
+        seconds = time.perf_counter() - t0 + shared_seconds / len(grid)
+        results[i] = (grid[i], head, float((val_pred == y_val).mean()), seconds)
+    return [results[i] for i in range(len(grid))]
+
+
+def _sklearn_point(
+    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, params: dict, *, seed: int
+) -> PathPoint:
+    """One grid point fitted cold by scikit-learn (narrow layers)."""
+    t0 = time.perf_counter()
+    head = LogisticRegressionHead(random_state=seed, **params).fit(X_train, y_train)
+    return params, head, float((head.predict(X_val) == y_val).mean()), time.perf_counter() - t0
+
+
+class _TorchLogregPath:
+    """The standardized problem on the device and the current optimum (W, b), carried from one C to the next."""
+
+    def __init__(self, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, *, device: str) -> None:
+        import torch
+        from sklearn.preprocessing import StandardScaler
+
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(auto if device == "auto" else device)
+        self.scaler = StandardScaler().fit(np.asarray(X_train, dtype=np.float32))
+        self.classes, y_idx = np.unique(y_train, return_inverse=True)
+        self.X = torch.as_tensor(self.scaler.transform(np.asarray(X_train, dtype=np.float32)), device=dev)
+        self.Xv = torch.as_tensor(self.scaler.transform(np.asarray(X_val, dtype=np.float32)), device=dev)
+        self.binary = len(self.classes) == 2
+        outputs = 1 if self.binary else len(self.classes)
+        self.y = torch.as_tensor(y_idx, device=dev)
+        self.W = torch.zeros(self.X.shape[1], outputs, device=dev, requires_grad=True)
+        self.b = torch.zeros(outputs, device=dev, requires_grad=True)
+        self.n_iter = 0
+
+    def _loss_sum(self, logits: Any) -> Any:
+        import torch.nn.functional as F
+
+        if self.binary:
+            return F.binary_cross_entropy_with_logits(logits[:, 0], self.y.float(), reduction="sum")
+        return F.cross_entropy(logits, self.y, reduction="sum")
+
+    def fit(self, C: float) -> np.ndarray:
+        """Minimize the objective at ``C`` from the current optimum; returns the val predictions (class labels)."""
+        import torch
+
         # scikit-learn stops lbfgs when the max |gradient| of the mean-scaled objective falls below tol=1e-4;
         # this objective is C * N times that one, so the same stopping rule is 1e-4 * C * N.
-        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=LogisticRegressionHead().max_iter, history_size=10,
-                                tolerance_grad=1e-4 * C * len(y), tolerance_change=1e-9,
+        opt = torch.optim.LBFGS([self.W, self.b], lr=1, max_iter=LogisticRegressionHead().max_iter, history_size=10,
+                                tolerance_grad=1e-4 * C * len(self.y), tolerance_change=1e-9,
                                 line_search_fn="strong_wolfe")  # fmt: skip
 
-        def closure(C: float = C, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
+        def closure() -> torch.Tensor:
             opt.zero_grad()
-            loss = C * loss_sum(X @ W + b) + 0.5 * (W * W).sum()
+            loss = C * self._loss_sum(self.X @ self.W + self.b) + 0.5 * (self.W * self.W).sum()
             loss.backward()
             return loss
 
         opt.step(closure)
+        self.n_iter = opt.state[opt._params[0]].get("n_iter", 0)
         with torch.no_grad():
-            val_logits = Xv @ W + b
-            val_pred = (val_logits[:, 0] > 0).long() if binary else val_logits.argmax(1)
-            val_accuracy = float((classes[val_pred.cpu().numpy()] == y_val).mean())
+            val_logits = self.Xv @ self.W + self.b
+            val_pred = (val_logits[:, 0] > 0).long() if self.binary else val_logits.argmax(1)
+        return self.classes[val_pred.cpu().numpy()]
+
+    def head(self, C: float, *, seed: int) -> LogisticRegressionHead:
+        """The current optimum as a fitted :class:`LogisticRegressionHead` (scaler + scikit-learn model)."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
         lr = LogisticRegression(C=C, max_iter=LogisticRegressionHead().max_iter, random_state=seed)
-        lr.coef_ = W.detach().T.cpu().numpy().astype(np.float64).copy()
-        lr.intercept_ = b.detach().cpu().numpy().astype(np.float64).copy()
-        lr.classes_ = classes
-        lr.n_features_in_ = X.shape[1]
-        lr.n_iter_ = np.array([opt.state[opt._params[0]].get("n_iter", 0)])
+        lr.coef_ = self.W.detach().T.cpu().numpy().astype(np.float64).copy()
+        lr.intercept_ = self.b.detach().cpu().numpy().astype(np.float64).copy()
+        lr.classes_ = self.classes
+        lr.n_features_in_ = self.X.shape[1]
+        lr.n_iter_ = np.array([self.n_iter])
         head = LogisticRegressionHead(C=C, random_state=seed)
-        head.n_features_in_, head.classes_, head.n_iter_ = X.shape[1], classes, lr.n_iter_
-        head.pipeline_ = make_pipeline(scaler, lr)
-        results[i] = (grid[i], head, val_accuracy, time.perf_counter() - t0 + shared_seconds / len(grid))
-    return [results[i] for i in range(len(grid))]
+        head.n_features_in_, head.classes_, head.n_iter_ = self.X.shape[1], self.classes, lr.n_iter_
+        head.pipeline_ = make_pipeline(self.scaler, lr)
+        return head
