@@ -62,7 +62,7 @@ def make_icon_folder(root: Path, *, glyph_colour: str, per_class: dict[str, int]
 def main() -> None:
     from featurecache.config import Paths
     from featurecache.data import ALPHA_MODES
-    from featurecache.extract import ExtractOptions, extract
+    from featurecache.extract import ExtractOptions, ExtractRequest, extract
     from featurecache.train import TrainOptions, train_heads
 
     p = argparse.ArgumentParser(description=__doc__)
@@ -79,7 +79,9 @@ def main() -> None:
             for alpha in ALPHA_MODES:
                 paths = Paths(Path(tmp) / f"home-{colour}-{alpha}")
                 options = ExtractOptions(alpha=alpha, workers=0, progress=False, device="cpu")
-                results = extract(data, base=args.base, layers=args.layers, options=options, paths=paths)
+                results = extract(
+                    ExtractRequest(data, base=args.base, layers=args.layers), options=options, paths=paths
+                )
                 train = next(r for r in results if r.split == "train")
                 distinct = train.num_samples - train.num_skipped - train.identical_rows
                 (side,) = train_heads(dataset=data.name, base_tag=args.base, heads=["logreg"],

@@ -102,11 +102,13 @@ def _extract_seconds(root: Path, home: Path, layers: str, name: str) -> float:
     The home keeps its exported graph, so the one-off export is not timed here (it is its own figure).
     """
     from featurecache.config import Paths
-    from featurecache.extract import ExtractOptions, extract
+    from featurecache.extract import ExtractOptions, ExtractRequest, extract
 
     (Paths(home).features / "photos" / BASE / "train.h5").unlink(missing_ok=True)
     options = ExtractOptions(progress=False, runtime=name)
-    (result,) = extract(root, base=BASE, layers=layers, splits=["train"], paths=Paths(home), options=options)
+    (result,) = extract(
+        ExtractRequest(root, base=BASE, layers=layers, splits=["train"]), paths=Paths(home), options=options
+    )
     return result.seconds
 
 
@@ -314,9 +316,9 @@ def bench_io(home: Path, work: Path) -> None:
 EXTRACT_RSS = """
 import json, resource, sys
 from featurecache.config import Paths
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 options = ExtractOptions(progress=False)
-extract(sys.argv[1], base=sys.argv[2], splits=["train"], paths=Paths(sys.argv[3]), options=options)
+extract(ExtractRequest(sys.argv[1], base=sys.argv[2], splits=["train"]), paths=Paths(sys.argv[3]), options=options)
 print(peak_rss_kib())
 """
 

@@ -22,7 +22,7 @@ from featurecache.baselines import pixel_baseline
 from featurecache.bases import WEIGHTS_NONE, get_base_spec
 from featurecache.config import Paths, default_paths
 from featurecache.datasets import DatasetSource, parse_dataset
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, shortlist_layers
 from featurecache.metrics import paired_difference
 from featurecache.report import REFERENCE_BASE, imagenet_distance, write_dataset_report, write_index
@@ -83,7 +83,11 @@ def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: Com
         if options.controls:
             _random_init(source.name, root, base, options=options, paths=paths)
     if REFERENCE_BASE not in bases:  # the ImageNet classifier's logits measure the distance from ImageNet
-        extract(root, base=REFERENCE_BASE, layers="logits", dataset=source.name, options=options.extract, paths=paths)
+        extract(
+            ExtractRequest(root, base=REFERENCE_BASE, layers="logits", dataset=source.name),
+            options=options.extract,
+            paths=paths,
+        )
     if options.controls:
         pixel_baseline(source.name, tags[0], paths, seed=options.seed)
     answer = compute_answer(source.name, tags, paths, distance=imagenet_distance(source.name, paths))
@@ -95,7 +99,9 @@ def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: Com
 def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> str:
     spec = get_base_spec(base)
     layers = "all-stages,logits" if base == REFERENCE_BASE and spec.has_imagenet_classifier else "all-stages"
-    results = extract(root, base=base, layers=layers, dataset=dataset, options=options.extract, paths=paths)
+    results = extract(
+        ExtractRequest(root, base=base, layers=layers, dataset=dataset), options=options.extract, paths=paths
+    )
     tag = results[0].path.parent.name
     stages = [k for k in results[0].taps if k != spec.logits_node]  # the ImageNet logits are no stage
     if options.shortlist is not None:
@@ -108,8 +114,11 @@ def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, 
 
 
 def _random_init(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> None:
-    results = extract(root, base=base, layers="all-stages", dataset=dataset, weights=WEIGHTS_NONE,
-                      options=options.extract, paths=paths)  # fmt: skip
+    results = extract(
+        ExtractRequest(root, base=base, layers="all-stages", dataset=dataset, weights=WEIGHTS_NONE),
+        options=options.extract,
+        paths=paths,
+    )
     train_heads(
         dataset=dataset, base_tag=results[0].path.parent.name, heads=options.heads, options=options.train, paths=paths
     )

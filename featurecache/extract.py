@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -118,29 +119,11 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def extract(
-    dataset_root: str | os.PathLike,
-    *,
-    base: str,
-    layers: str | Sequence[str] = "all-stages",
-    pool: str = "avg",
-    dataset: str | None = None,
-    splits: Sequence[str] = SPLITS,
-    weights: str = WEIGHTS_DEFAULT,
-    weights_file: str | os.PathLike | None = None,
-    options: ExtractOptions | None = None,
-    paths: Paths | None = None,
-    seed: int = 0,
-    train_views: int = 0,
-    augment: str = "light",
-    world: World | None = None,
-) -> list[SplitResult]:
-    """Extract the requested taps of ``base`` for every split of a dataset into ``data/features``.
+@dataclass(frozen=True)
+class ExtractRequest:
+    """What to extract: which images, from which base and weights, at which taps, for which splits.
 
-    A complete cache with the same fingerprint is reused as is; new taps are added to it without
-    re-writing the old ones; a changed dataset, base, weights or preprocessing re-extracts from scratch.
-
-    Args:
+    Attributes:
         dataset_root: ImageFolder-style folder (see ``featurecache.data``).
         base: registered base name (``featurecache list-bases``).
         layers: ``all-stages`` or comma-separated node/module names, each optionally ``:pool``.
@@ -148,65 +131,106 @@ def extract(
         dataset: name of the dataset in the cache layout (default: the folder's name).
         splits: which splits to extract.
         weights, weights_file: see ``featurecache.bases.load_base``.
-        options: batching, device, storage dtype, compression, bad-image policy.
-        paths: project folders (default: below ``$FEATURECACHE_HOME`` or the current directory).
         seed: seed of the val/test split made when the dataset lacks one, of random-init weights, and of the
             augmented views.
         train_views: also cache this many augmented views of every train image (``train-aug.h5``, view-major),
             so heads can train with augmentation without running the base every epoch.
         augment: the augmentation of those views (``featurecache.augment.AUGMENTATIONS``).
+    """
+
+    dataset_root: str | os.PathLike
+    base: str
+    layers: str | Sequence[str] = "all-stages"
+    pool: str = "avg"
+    dataset: str | None = None
+    splits: Sequence[str] = SPLITS
+    weights: str = WEIGHTS_DEFAULT
+    weights_file: str | os.PathLike | None = None
+    seed: int = 0
+    train_views: int = 0
+    augment: str = "light"
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset's folder name under ``data/features`` (checked: it becomes a path)."""
+        return check_path_name(self.dataset or Path(self.dataset_root).resolve().name, what="dataset name")
+
+    def check(self) -> None:
+        """Refuse what no extraction can do, before any file is read."""
+        if self.train_views < 0:
+            raise FeaturecacheError("--train-views must be 0 (none) or a positive number of augmented views")
+        if self.augment not in AUGMENTATIONS or self.augment == "none" and self.train_views:
+            raise FeaturecacheError(
+                f"--augment must be one of: light, standard for augmented views (got {self.augment!r})"
+            )
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown:
+            raise FeaturecacheError(f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
+
+
+def extract(
+    request: ExtractRequest,
+    *,
+    options: ExtractOptions | None = None,
+    paths: Paths | None = None,
+    world: World | None = None,
+) -> list[SplitResult]:
+    """Extract the requested taps of a base for every requested split of a dataset into ``data/features``.
+
+    A complete cache with the same fingerprint is reused as is; new taps are added to it without
+    re-writing the old ones; a changed dataset, base, weights or preprocessing re-extracts from scratch.
+
+    Args:
+        request: the images, base, weights, taps and splits (:class:`ExtractRequest`).
+        options: batching, device, runtime, storage dtype, compression, bad-image policy.
+        paths: project folders (default: below ``$FEATURECACHE_HOME`` or the current directory).
         world: the ranks of a torchrun launch (``featurecache.distributed.init_from_environment``); each rank
             extracts every ``size``-th batch and rank 0 writes the file, identical to a single-process run.
     """
     world = world or World()
-    options = options or ExtractOptions()
     paths = paths or default_paths()
+    options = options or ExtractOptions()
     _check_options(options)
-    options = dataclasses.replace(options, dtype=storage_dtype(options.dtype, random_init=weights == WEIGHTS_NONE))
-    dataset = check_path_name(dataset or Path(dataset_root).resolve().name, what="dataset name")
-    if train_views < 0:
-        raise FeaturecacheError("--train-views must be 0 (none) or a positive number of augmented views")
-    if augment not in AUGMENTATIONS or augment == "none" and train_views:
-        raise FeaturecacheError(f"--augment must be one of: light, standard for augmented views (got {augment!r})")
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown:
-        raise FeaturecacheError(f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
-    # Rank 0 alone may write the split record of a dataset without val/test; the others get its result.
-    indexes = world.broadcast(
-        discover_splits(dataset_root, record_path=paths.split_record(dataset), seed=seed) if world.is_main else None
+    request.check()
+    options = dataclasses.replace(
+        options, dtype=storage_dtype(options.dtype, random_init=request.weights == WEIGHTS_NONE)
     )
-    loaded = load_base(base, weights=weights, weights_file=weights_file, seed=seed)
-    traced = trace_base(loaded)
-    taps = parse_taps(layers, traced, default_pool=pool)
+    dataset = request.dataset_name
+    # Rank 0 alone may write the split record of a dataset without val/test; the others get its result.
+    record = paths.split_record(dataset)
+    indexes = world.broadcast(
+        discover_splits(request.dataset_root, record_path=record, seed=request.seed) if world.is_main else None
+    )
+    loaded = load_base(request.base, weights=request.weights, weights_file=request.weights_file, seed=request.seed)
+    taps = parse_taps(request.layers, trace_base(loaded), default_pool=request.pool)
     _warn_raw_size(taps, indexes, options)
-    device = resolve_device(options.device)
-    if device == "cuda" and world.distributed:
-        device = f"cuda:{world.local_rank}"
-    identity = runtimes.export_identity(base=base, weights=loaded.weights_id, input_size=loaded.spec.input_size,
-                                        taps=taps)  # fmt: skip
-    export_file = paths.export_file(dataset, loaded.tag, runtimes.export_digest(identity))
-    runner = _Runner(loaded, device, options, taps=taps, export_file=export_file)
-    results = []
-    for split in splits:
-        final = paths.feature_file(dataset, loaded.tag, split)
-        results.append(
-            _extract_split(
-                indexes[split], final, runner=runner, taps=taps, dataset=dataset, options=options, world=world
-            )
-        )
-    if train_views:
+    runner = _Runner(loaded, _rank_device(options.device, world), options, taps=taps,
+                     export_file=_export_file(loaded, taps, dataset, paths))  # fmt: skip
+    split = functools.partial(_extract_split, runner=runner, taps=taps, dataset=dataset, options=options, world=world)
+    results = [split(indexes[s], paths.feature_file(dataset, loaded.tag, s)) for s in request.splits]
+    if request.train_views:
         train = indexes["train"]
-        views = SeededPerRow(train_transform(runner.transform, loaded.spec.input_size, augment), seed)
-        view_runner = runner.with_transform(
-            views, views=train_views, augment=augment, source_split="train", source_rows=len(train)
-        )
-        results.append(
-            _extract_split(
-                augmented_views(train, train_views), paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN),
-                runner=view_runner, taps=taps, dataset=dataset, options=options, world=world, files_of=train,
-            )
-        )  # fmt: skip
+        views = SeededPerRow(train_transform(runner.transform, loaded.spec.input_size, request.augment), request.seed)
+        view_runner = runner.with_transform(views, views=request.train_views, augment=request.augment,
+                                            source_split="train", source_rows=len(train))  # fmt: skip
+        final = paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN)
+        results.append(split(augmented_views(train, request.train_views), final, runner=view_runner, files_of=train))
     return results
+
+
+def _rank_device(requested: str, world: World) -> str:
+    """The device this rank runs on: ``auto`` resolved, and one GPU per rank under torchrun."""
+    device = resolve_device(requested)
+    if device == "cuda" and world.distributed:
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def _export_file(loaded: LoadedBase, taps: Sequence[TapSpec], dataset: str, paths: Paths) -> Path:
+    """Where the exported graph of this base x weights x taps lives (beside the dataset's caches)."""
+    identity = runtimes.export_identity(base=loaded.spec.name, weights=loaded.weights_id,
+                                        input_size=loaded.spec.input_size, taps=taps)  # fmt: skip
+    return paths.export_file(dataset, loaded.tag, runtimes.export_digest(identity))
 
 
 def storage_dtype(requested: str, *, random_init: bool) -> str:
@@ -459,7 +483,7 @@ class _Plan:
 
     config: dict[str, Any]
     config_fp: str
-    todo: list[str]  # tap keys to extract; empty when the cache is complete
+    todo: tuple[TapSpec, ...]  # the taps to extract; empty when the cache is complete
     keep_from: Path | None
     manifest: dict[str, Any] | None
     cached_meta: dict[str, Any] | None = None
@@ -490,34 +514,38 @@ def _plan_split(
         "split": index.split,
     }
     config_fp = _digest(config)
-    todo = [t.key for t in taps]
+    todo = tuple(taps)
     keep_from = None
-    if final.is_file():
-        try:
-            meta = store.read_metadata(final)
-        except FeaturecacheError as exc:
-            log.warning("%s; re-extracting", exc)
-            meta = {}
-        if meta.get("config_fingerprint") == config_fp:
-            have = set(meta["taps"])
-            todo = [t.key for t in taps if t.key not in have]
-            if not todo:
-                log.info("%s: cached (%d rows, taps %s)", final, meta["num_samples"], ", ".join(have))
-                return _Plan(config, config_fp, [], None, None, cached_meta=meta)
-            keep_from = final
-            log.info("%s: adding taps %s (cached taps are kept)", final, ", ".join(todo))
-        elif meta:
-            changed = sorted(k for k in config if meta.get(k) != config[k] and k != "class_names") or ["inputs"]
-            log.info("%s is stale (%s changed); re-extracting", final, ", ".join(changed))
-    by_key = {t.key: t for t in taps}
+    meta = _cached_meta(final)
+    if meta.get("config_fingerprint") == config_fp:
+        todo = tuple(t for t in taps if t.key not in meta["taps"])
+        if not todo:
+            log.info("%s: cached (%d rows, taps %s)", final, meta["num_samples"], ", ".join(meta["taps"]))
+            return _Plan(config, config_fp, (), None, None, cached_meta=meta)
+        keep_from = final
+        log.info("%s: adding taps %s (cached taps are kept)", final, ", ".join(t.key for t in todo))
+    elif meta:
+        changed = sorted(k for k in config if meta.get(k) != config[k] and k != "class_names") or ["inputs"]
+        log.info("%s is stale (%s changed); re-extracting", final, ", ".join(changed))
     manifest = {
         "config_fingerprint": config_fp,
-        "taps": [by_key[k].as_attrs() for k in todo],
+        "taps": [t.as_attrs() for t in todo],
         "batch_size": options.batch_size,
         "channels_last": options.channels_last,
         "num_samples": len(index),
     }
     return _Plan(config, config_fp, todo, keep_from, manifest)
+
+
+def _cached_meta(final: Path) -> dict[str, Any]:
+    """The metadata of the cache already at ``final``; empty when there is none or it cannot be read."""
+    if not final.is_file():
+        return {}
+    try:
+        return store.read_metadata(final)
+    except FeaturecacheError as exc:
+        log.warning("%s; re-extracting", exc)
+        return {}
 
 
 def _extract_split(
@@ -535,56 +563,86 @@ def _extract_split(
     # Rank 0 holds the writer lock for the whole split (a foreign job is refused) and alone decides, opens the
     # journal (which may discard stale progress) and assembles; the other ranks only commit their batches.
     with store.writer_lock(final) if world.is_main else contextlib.nullcontext():
-        plan = None
-        journal = None
-        if world.is_main:
-            plan = _plan_split(index, final, runner=runner, taps=taps, options=options, files_of=files_of)
-            if plan.todo and runner.prepare(index):  # refused: the config must record the runtime actually used
-                plan = _plan_split(index, final, runner=runner, taps=taps, options=options, files_of=files_of)
-            if plan.todo:
-                journal = store.Journal.open(final, plan.manifest)
-        plan, chosen = world.broadcast((plan, runner.runtime))
-        if plan.todo and not world.is_main:
-            runner.adopt(chosen)  # every rank runs the runtime rank 0 checked
+        plan, journal = _decide(index, final, runner=runner, taps=taps, options=options, world=world,
+                                files_of=files_of)  # fmt: skip
         if not plan.todo:
             meta = plan.cached_meta
             return SplitResult(
                 index.split, final, "cached", meta["num_samples"], meta["num_samples"] - meta["num_valid"],
                 list(meta["taps"]), file_bytes=final.stat().st_size,
             )  # fmt: skip
-        if journal is None:
-            journal = store.Journal.attach(final, plan.manifest)
-        todo = [t for t in taps if t.key in plan.todo]
-        seconds, processed = _run_batches(index, journal, runner=runner, taps=todo, options=options, world=world)
+        seconds, processed = _run_batches(index, journal, runner=runner, taps=plan.todo, options=options, world=world)
         # The split's speed is all ranks' images over the slowest rank's forward loop.
         counts = world.gather((seconds, processed))
         seconds, processed = max(c[0] for c in counts), sum(c[1] for c in counts)
         world.barrier()  # every rank's batches are committed
-
         if world.is_main:
-            attrs = {
-                **plan.config,
-                "dataset": dataset,
-                "config_fingerprint": plan.config_fp,
-                "compression": options.compression,
-                "library_versions": _library_versions(),
-                "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-                "extraction_seconds": round(seconds, 3),
-                "dataset_root": str(index.root),
-                "world_size": world.size,
-                "runtime": runner.runtime,
-                "precision": runner.precision,
-            }
-            columns = [store.TapColumn(t.key, t.out_dim, {**t.as_attrs(), "channels": t.map_shape[0]}) for t in todo]
-            store.assemble(
-                final, journal=journal, taps=columns, labels=index.labels, paths=index.paths, attrs=attrs,
-                dtype=options.dtype, compression=options.compression, keep_from=plan.keep_from,
-            )  # fmt: skip
-            journal.remove()
+            _assemble(index, final, plan, journal, runner=runner, dataset=dataset, seconds=seconds, world=world)
         world.barrier()  # the file is in place
+    result = _split_result(index, final, plan, seconds=seconds, processed=processed, elapsed=time.perf_counter() - t0)
+    if world.is_main:
+        log.info(
+            "%s: %s %d images (%d skipped) in %.1fs, %s", final, result.status, result.num_samples,
+            result.num_skipped, result.seconds, _fmt_bytes(result.file_bytes),
+        )  # fmt: skip
+        result.identical_rows = _warn_identical_rows(final, alpha=options.alpha)
+    return result
+
+
+def _decide(
+    index: SplitIndex, final: Path, *, runner: _Runner, taps: Sequence[TapSpec], options: ExtractOptions,
+    world: World, files_of: SplitIndex | None,
+) -> tuple[_Plan, store.Journal | None]:  # fmt: skip
+    """Rank 0 plans the split and checks the runtime; every rank gets the plan and the journal to commit into."""
+    plan = journal = None
+    plan_split = functools.partial(_plan_split, index, final, runner=runner, taps=taps, options=options,
+                                   files_of=files_of)  # fmt: skip
+    if world.is_main:
+        plan = plan_split()
+        if plan.todo and runner.prepare(index):  # refused: the config must record the runtime actually used
+            plan = plan_split()
+        if plan.todo:
+            journal = store.Journal.open(final, plan.manifest)
+    plan, chosen = world.broadcast((plan, runner.runtime))
+    if plan.todo and not world.is_main:
+        runner.adopt(chosen)  # every rank runs the runtime rank 0 checked
+        journal = store.Journal.attach(final, plan.manifest)
+    return plan, journal
+
+
+def _assemble(
+    index: SplitIndex, final: Path, plan: _Plan, journal: store.Journal, *, runner: _Runner, dataset: str,
+    seconds: float, world: World,
+) -> None:  # fmt: skip
+    """Write the split's cache from the journal (keeping the taps of the file it adds to) and drop the journal."""
+    options = runner.options
+    attrs = {
+        **plan.config,
+        "dataset": dataset,
+        "config_fingerprint": plan.config_fp,
+        "compression": options.compression,
+        "library_versions": _library_versions(),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "extraction_seconds": round(seconds, 3),
+        "dataset_root": str(index.root),
+        "world_size": world.size,
+        "runtime": runner.runtime,
+        "precision": runner.precision,
+    }
+    columns = [store.TapColumn(t.key, t.out_dim, t.as_attrs()) for t in plan.todo]
+    store.assemble(
+        final, journal=journal, taps=columns, labels=index.labels, paths=index.paths, attrs=attrs,
+        dtype=options.dtype, compression=options.compression, keep_from=plan.keep_from,
+    )  # fmt: skip
+    journal.remove()
+
+
+def _split_result(
+    index: SplitIndex, final: Path, plan: _Plan, *, seconds: float, processed: int, elapsed: float
+) -> SplitResult:
+    """What the split's extraction did, read back from the file every rank now sees."""
     meta = store.read_metadata(final)
-    elapsed = time.perf_counter() - t0
-    result = SplitResult(
+    return SplitResult(
         split=index.split,
         path=final,
         status="added-taps" if plan.keep_from else "extracted",
@@ -595,13 +653,6 @@ def _extract_split(
         images_per_second=processed / seconds if seconds > 0 else math.nan,
         file_bytes=final.stat().st_size,
     )
-    if world.is_main:
-        log.info(
-            "%s: %s %d images (%d skipped) in %.1fs, %s", final, result.status, result.num_samples,
-            result.num_skipped, elapsed, _fmt_bytes(result.file_bytes),
-        )  # fmt: skip
-        result.identical_rows = _warn_identical_rows(final, alpha=options.alpha)
-    return result
 
 
 def _warn_identical_rows(path: Path, *, alpha: str) -> int:

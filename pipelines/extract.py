@@ -13,7 +13,7 @@ from featurecache import distributed
 from featurecache.config import default_paths
 from featurecache.data import ALPHA_MODES, DEFAULT_ALPHA
 from featurecache.datasets import parse_dataset
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.runtime import PRECISIONS, RUNTIMES
 from pipelines.common import comma_list, run_main
 
@@ -95,18 +95,20 @@ def main(args: argparse.Namespace) -> int:
     world = distributed.init_from_environment(args.device)  # a world of one unless launched by torchrun
     try:
         results = extract(
-            source.root(paths.raw, paths.external),
-            base=args.base,
-            layers=args.layers,
-            pool=args.pool,
-            dataset=args.dataset or source.name,
-            splits=args.splits,
-            weights=args.weights,
-            weights_file=args.weights_file,
+            ExtractRequest(
+                source.root(paths.raw, paths.external),
+                base=args.base,
+                layers=args.layers,
+                pool=args.pool,
+                dataset=args.dataset or source.name,
+                splits=args.splits,
+                weights=args.weights,
+                weights_file=args.weights_file,
+                seed=args.seed,
+                train_views=args.train_views,
+                augment=args.augment,
+            ),
             options=options,
-            seed=args.seed,
-            train_views=args.train_views,
-            augment=args.augment,
             world=world,
         )
     finally:

@@ -14,7 +14,7 @@ from featurecache.augment import SeededPerRow, train_transform
 from featurecache.bases import get_base_spec
 from featurecache.config import Paths
 from featurecache.data import AUGMENTED_TRAIN, ImageFiles, augmented_views, discover_splits
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.report import build_report
 from featurecache.selection import pick_best
 from featurecache.train import TrainOptions, leaderboard_rows, train_heads
@@ -30,7 +30,7 @@ def with_views(tmp_path_factory):
     root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class={"train": 6, "val": 3, "test": 3})
     paths = Paths(tmp_path_factory.mktemp("project"))
     opts = ExtractOptions(workers=0, progress=False, dtype="float32", batch_size=8)
-    results = extract(root, base=BASE, layers=LAYERS, paths=paths, options=opts, train_views=VIEWS)
+    results = extract(ExtractRequest(root, base=BASE, layers=LAYERS, train_views=VIEWS), paths=paths, options=opts)
     return root, paths, results
 
 
@@ -57,7 +57,11 @@ def test_views_do_not_depend_on_batching_workers_or_order(with_views, tmp_path):
     root, paths, _ = with_views
     other = Paths(tmp_path)
     opts = ExtractOptions(workers=1, progress=False, dtype="float32", batch_size=3)
-    extract(root, base=BASE, layers="flatten", paths=other, options=opts, train_views=VIEWS, splits=["train"])
+    extract(
+        ExtractRequest(root, base=BASE, layers="flatten", train_views=VIEWS, splits=["train"]),
+        paths=other,
+        options=opts,
+    )
     a = load_features(paths.feature_file("shapes", BASE, AUGMENTED_TRAIN), "flatten")[0]
     b = load_features(other.feature_file("shapes", BASE, AUGMENTED_TRAIN), "flatten")[0]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # same pixels; batch size moves float32 by ulps only
@@ -76,13 +80,15 @@ def test_views_do_not_depend_on_batching_workers_or_order(with_views, tmp_path):
 def test_views_are_a_cache_hit_and_change_with_their_recipe(with_views):
     root, paths, _ = with_views
     opts = ExtractOptions(workers=0, progress=False, dtype="float32", batch_size=8)
-    again = extract(root, base=BASE, layers=LAYERS, paths=paths, options=opts, train_views=VIEWS)
+    again = extract(ExtractRequest(root, base=BASE, layers=LAYERS, train_views=VIEWS), paths=paths, options=opts)
     assert {r.status for r in again} == {"cached"}
     views_file = paths.feature_file("shapes", BASE, AUGMENTED_TRAIN)
     with pytest.raises(FeaturecacheError, match="--augment must be one of"):
-        extract(root, base=BASE, layers=LAYERS, paths=paths, options=opts, train_views=VIEWS, augment="none")
+        extract(
+            ExtractRequest(root, base=BASE, layers=LAYERS, train_views=VIEWS, augment="none"), paths=paths, options=opts
+        )
     with pytest.raises(FeaturecacheError, match="--train-views must be 0"):
-        extract(root, base=BASE, layers=LAYERS, paths=paths, options=opts, train_views=-1)
+        extract(ExtractRequest(root, base=BASE, layers=LAYERS, train_views=-1), paths=paths, options=opts)
     assert read_metadata(views_file)["views"] == VIEWS
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from featurecache import FeaturecacheError, iter_feature_chunks, load_features, read_metadata, store
 from featurecache.data import discover_splits
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from tests.helpers import add_bad_files, make_image_folder
 
 BASE = "mobilenet_v2_offline"  # real ImageNet weights from a pip package, and the fastest offline base
@@ -21,10 +21,10 @@ SHALLOW = "features.3,features.6,flatten"  # a 56x56 map, a 28x28 map and the po
 F32 = ExtractOptions(dtype="float32", workers=0, progress=False)
 
 
-def run(root: Path, paths, **kw):
-    kw.setdefault("options", F32)
+def run(root: Path, paths, *, options=F32, world=None, **kw):
     kw.setdefault("layers", SHALLOW)
-    return {r.split: r for r in extract(root, base=kw.pop("base", BASE), paths=paths, **kw)}
+    request = ExtractRequest(root, base=kw.pop("base", BASE), **kw)
+    return {r.split: r for r in extract(request, paths=paths, options=options, world=world)}
 
 
 def test_schema_round_trip(tiny, paths):

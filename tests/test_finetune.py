@@ -12,7 +12,7 @@ from featurecache import FeaturecacheError
 from featurecache import finetune as finetune_module
 from featurecache.bases import load_base
 from featurecache.config import Paths
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.finetune import FinetuneOptions, base_units, choose_units, finetune, holds_trainable_weights
 from featurecache.layers import build_extractor, parse_taps, trace_base
 from featurecache.report import build_report
@@ -28,7 +28,9 @@ QUICK = dict(max_epochs=2, max_batches=2, batch_size=8, progress=False, lr_base=
 def trained(tmp_path_factory):
     root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class={"train": 8, "val": 4, "test": 4})
     paths = Paths(tmp_path_factory.mktemp("project"))
-    extract(root, base=BASE, layers=LAYER, paths=paths, options=ExtractOptions(workers=0, progress=False))
+    extract(
+        ExtractRequest(root, base=BASE, layers=LAYER), paths=paths, options=ExtractOptions(workers=0, progress=False)
+    )
     train_heads(dataset="shapes", base_tag=BASE, heads=["mlp", "logreg"], options=TrainOptions(progress=False),
                 paths=paths)  # fmt: skip
     return paths
@@ -116,8 +118,11 @@ def test_training_sees_the_features_the_head_was_fitted_on(tmp_path):
     """
     root = make_image_folder(tmp_path / "shapes", per_class={"train": 8, "val": 3, "test": 3})
     paths = Paths(tmp_path / "project")
-    extract(root, base="efficientnet_lite0", layers="_blocks.14", paths=paths,
-            options=ExtractOptions(workers=0, progress=False, dtype="float32"))  # fmt: skip
+    extract(
+        ExtractRequest(root, base="efficientnet_lite0", layers="_blocks.14"),
+        paths=paths,
+        options=ExtractOptions(workers=0, progress=False, dtype="float32"),
+    )
     train_heads(dataset="shapes", base_tag="efficientnet_lite0", heads=["logreg"], options=TrainOptions(progress=False),
                 paths=paths)  # fmt: skip
     options = FinetuneOptions(max_epochs=1, batch_size=8, progress=False, unfreeze_last=0, lr_head=0.0,

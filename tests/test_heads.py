@@ -13,7 +13,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featurecache import FeaturecacheError, load_features, read_metadata
 from featurecache.config import Paths
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.heads import get_head_spec, list_heads
 from featurecache.heads.classic import RBFSVMClassifier
 from featurecache.heads.dense import DenseClassifier
@@ -48,7 +48,9 @@ def cached(tmp_path_factory) -> tuple[Paths, Path]:
     root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes",
                              per_class={"train": 14, "val": 5, "test": 5})  # fmt: skip
     paths = Paths(tmp_path_factory.mktemp("project"))
-    extract(root, base=BASE, layers=LAYERS, paths=paths, options=ExtractOptions(workers=0, progress=False))
+    extract(
+        ExtractRequest(root, base=BASE, layers=LAYERS), paths=paths, options=ExtractOptions(workers=0, progress=False)
+    )
     return paths, root
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.layer_scores import (
     SCORES,
     SelectedHead,
@@ -83,7 +83,11 @@ def shapes_home(tmp_path_factory: pytest.TempPathFactory, heads: list[str]) -> P
     """A tiny generated dataset with every stage tap of a real offline base cached and ``heads`` trained."""
     root = make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class={"train": 12, "val": 5, "test": 5})
     paths = Paths(tmp_path_factory.mktemp("project"))
-    extract(root, base=BASE, layers="all-stages", paths=paths, options=ExtractOptions(workers=0, progress=False))
+    extract(
+        ExtractRequest(root, base=BASE, layers="all-stages"),
+        paths=paths,
+        options=ExtractOptions(workers=0, progress=False),
+    )
     train_heads(dataset="shapes", base_tag=BASE, heads=heads, options=TrainOptions(progress=False), paths=paths)
     return paths
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from featurecache.config import Paths
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from tests.helpers import make_image_folder
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -28,8 +28,11 @@ def readme_project(tmp_path_factory) -> Path:
     """A project folder holding the digits x efficientnet_lite0 cache the README's examples read (tiny images)."""
     home = tmp_path_factory.mktemp("readme")
     root = make_image_folder(home / "images", per_class={"train": 4, "val": 2, "test": 2})
-    extract(root, base="efficientnet_lite0", layers="all-stages", dataset="digits", splits=("train",),
-            options=ExtractOptions(workers=0, progress=False), paths=Paths(home))  # fmt: skip
+    extract(
+        ExtractRequest(root, base="efficientnet_lite0", layers="all-stages", dataset="digits", splits=("train",)),
+        options=ExtractOptions(workers=0, progress=False),
+        paths=Paths(home),
+    )
     return home
 
 

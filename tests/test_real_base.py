@@ -17,7 +17,7 @@ from PIL import Image
 
 from featurecache import load_features
 from featurecache.bases import load_base
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 
 JEEPS = ("imagenet_06_609.jpg", "imagenet_07_609.jpg")
 
@@ -57,8 +57,11 @@ def test_pretrained_features_put_the_two_jeeps_together(imagenet_photos, tmp_pat
         from featurecache.config import Paths
 
         opts = ExtractOptions(workers=0, progress=False, dtype="float32")
-        result = extract(root, base=base, layers=layer, splits=["train"], weights=weights, options=opts,
-                         paths=Paths(tmp_path / weights))  # fmt: skip
+        result = extract(
+            ExtractRequest(root, base=base, layers=layer, splits=["train"], weights=weights),
+            options=opts,
+            paths=Paths(tmp_path / weights),
+        )
         X, _, meta = load_features(result[0].path, layer)
         e = X.astype(np.float32) / np.linalg.norm(X.astype(np.float32), axis=1, keepdims=True)
         sim = e @ e.T

@@ -13,7 +13,7 @@ from featurecache import store
 from featurecache.answer import head_results, layer_curve
 from featurecache.baselines import pixel_baseline
 from featurecache.config import Paths
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.finetune import _pick_head
 from featurecache.metrics import mcnemar_worse_p
 from featurecache.plots import star_of
@@ -39,9 +39,11 @@ def trained(tmp_path_factory):
     paths = Paths(tmp_path_factory.mktemp("project"))
     opts = ExtractOptions(workers=0, progress=False)
     layers = "features.3,features.10,flatten"
-    extract(root, base=BASE, layers=layers, paths=paths, options=opts)
-    extract(root, base=BASE, layers=layers, paths=paths, options=opts, weights="none")  # dtype auto: float32
-    extract(root, base="efficientnet_lite0", layers="logits", paths=paths, options=opts)
+    extract(ExtractRequest(root, base=BASE, layers=layers), paths=paths, options=opts)
+    extract(
+        ExtractRequest(root, base=BASE, layers=layers, weights="none"), paths=paths, options=opts
+    )  # dtype auto: float32
+    extract(ExtractRequest(root, base="efficientnet_lite0", layers="logits"), paths=paths, options=opts)
     quiet = TrainOptions(progress=False)
     for tag in (BASE, f"{BASE}-random"):
         train_heads(dataset="shapes", base_tag=tag, heads=HEADS, options=quiet, paths=paths)

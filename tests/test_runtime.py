@@ -12,7 +12,7 @@ import torch
 
 from featurecache import FeaturecacheError, load_features, read_metadata, runtime, store
 from featurecache.config import Paths
-from featurecache.extract import ExtractOptions, extract
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from tests.helpers import make_image_folder
 
 F32 = {"dtype": "float32", "workers": 0, "progress": False}
@@ -34,7 +34,7 @@ def test_every_runtime_equals_eager_within_tolerance_on_the_offline_bases(tmp_pa
     outputs, metas = {}, {}
     for name in ("eager", "onnxruntime", "openvino"):
         options = ExtractOptions(runtime=name, **F32)
-        (result,) = extract(root, base=base, splits=["train"], paths=paths, options=options)
+        (result,) = extract(ExtractRequest(root, base=base, splits=["train"]), paths=paths, options=options)
         assert result.status == "extracted"  # a cache of another runtime is not reused
         outputs[name], metas[name] = features(result.path), read_metadata(result.path)
         assert metas[name]["runtime"] == name and metas[name]["precision"] == "f32"
@@ -51,12 +51,12 @@ def test_every_runtime_equals_eager_within_tolerance_on_the_offline_bases(tmp_pa
 def test_auto_is_onnxruntime_on_the_cpu_and_is_reused_then_eager_cache_stays_eager(tmp_path):
     root = few_images(tmp_path)
     paths = Paths(tmp_path / "home")
-    kw = {"base": "mobilenet_v2_offline", "layers": "features.3", "splits": ["train"], "paths": paths}
-    (auto,) = extract(root, options=ExtractOptions(**F32), **kw)
+    request = ExtractRequest(root, base="mobilenet_v2_offline", layers="features.3", splits=["train"])
+    (auto,) = extract(request, options=ExtractOptions(**F32), paths=paths)
     assert read_metadata(auto.path)["runtime"] == "onnxruntime"
-    (again,) = extract(root, options=ExtractOptions(runtime="onnxruntime", **F32), **kw)
+    (again,) = extract(request, options=ExtractOptions(runtime="onnxruntime", **F32), paths=paths)
     assert again.status == "cached"
-    (eager,) = extract(root, options=ExtractOptions(runtime="eager", **F32), **kw)
+    (eager,) = extract(request, options=ExtractOptions(runtime="eager", **F32), paths=paths)
     assert eager.status == "extracted"
     assert read_metadata(eager.path)["runtime"] == "eager"
 
@@ -76,8 +76,8 @@ def test_eager_f32_keeps_the_fingerprint_of_caches_made_before_runtimes_existed(
 @pytest.mark.slow
 def test_a_runtime_that_disagrees_with_eager_is_refused_with_a_warning_and_eager_is_used(tmp_path, monkeypatch, caplog):
     root = few_images(tmp_path)
-    kw = {"base": "mobilenet_v2_offline", "layers": "features.3,features.6", "splits": ["train"]}
-    (reference,) = extract(root, paths=Paths(tmp_path / "ref"), options=ExtractOptions(runtime="eager", **F32), **kw)
+    request = ExtractRequest(root, base="mobilenet_v2_offline", layers="features.3,features.6", splits=["train"])
+    (reference,) = extract(request, paths=Paths(tmp_path / "ref"), options=ExtractOptions(runtime="eager", **F32))
 
     honest = runtime.ExportedGraph.__call__
 
@@ -87,7 +87,7 @@ def test_a_runtime_that_disagrees_with_eager_is_refused_with_a_warning_and_eager
     monkeypatch.setattr(runtime.ExportedGraph, "__call__", off_by_a_percent)
     with caplog.at_level(logging.WARNING, logger="featurecache.runtime"):
         (result,) = extract(
-            root, paths=Paths(tmp_path / "home"), options=ExtractOptions(runtime="onnxruntime", **F32), **kw
+            request, paths=Paths(tmp_path / "home"), options=ExtractOptions(runtime="onnxruntime", **F32)
         )
     assert any("refusing --runtime onnxruntime" in r.getMessage() for r in caplog.records)
     assert read_metadata(result.path)["runtime"] == "eager"
@@ -221,8 +221,11 @@ def test_predict_uses_the_runtime_and_home_of_the_heads_training_cache(tmp_path)
 
     paths = Paths(tmp_path / "home")
     options = ExtractOptions(runtime="eager", **F32)
-    (result,) = extract(few_images(tmp_path), base="mobilenet_v2_offline", layers="features.3", splits=["train"],
-                        paths=paths, options=options)  # fmt: skip
+    (result,) = extract(
+        ExtractRequest(few_images(tmp_path), base="mobilenet_v2_offline", layers="features.3", splits=["train"]),
+        paths=paths,
+        options=options,
+    )
     sidecar = {"dataset": "few", "base_tag": "mobilenet_v2_offline", "features": {"train": {"file": str(result.path)}}}
     assert _runtime_for(sidecar, None) == ("eager", "f32")
     assert _runtime_for(sidecar, "openvino") == ("openvino", "f32")

@@ -178,14 +178,16 @@ def test_reduction_is_the_declared_stride_when_the_input_is_not_a_multiple():
 
 def test_extract_caches_timm_stage_taps_with_their_channels_and_reduction(tmp_path):
     from featurecache.config import Paths
-    from featurecache.extract import ExtractOptions, extract
+    from featurecache.extract import ExtractOptions, ExtractRequest, extract
     from featurecache.store import load_features, read_metadata
     from tests.helpers import make_image_folder
 
     root = make_image_folder(tmp_path / "tiny", per_class={"train": 2, "val": 1, "test": 1})
     paths = Paths(tmp_path / "project")
     options = ExtractOptions(dtype="float32", workers=0, progress=False)
-    results = extract(root, base="timm:regnetx_002", weights="none", splits=("train",), options=options, paths=paths)
+    results = extract(
+        ExtractRequest(root, base="timm:regnetx_002", weights="none", splits=("train",)), options=options, paths=paths
+    )
     assert results[0].path == paths.features / "tiny" / "timm:regnetx_002-random" / "train.h5"
     taps = read_metadata(results[0].path)["taps"]
     info = load_base("timm:regnetx_002", weights="none").model.feature_info

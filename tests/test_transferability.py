@@ -355,7 +355,7 @@ def digits_layers(tmp_path_factory) -> tuple[dict[str, np.ndarray], np.ndarray]:
     from sklearn.datasets import load_digits
 
     from featurecache.config import Paths
-    from featurecache.extract import ExtractOptions, extract
+    from featurecache.extract import ExtractOptions, ExtractRequest, extract
     from featurecache.store import load_features
 
     root = tmp_path_factory.mktemp("digits")
@@ -371,8 +371,11 @@ def digits_layers(tmp_path_factory) -> tuple[dict[str, np.ndarray], np.ndarray]:
         counts[label] += 1
     paths = Paths(root / "home")
     options = ExtractOptions(progress=False, device="cpu", dtype="float32")
-    result = extract(root / "raw", base="efficientnet_lite0", dataset="digits", splits=("train",), paths=paths,
-                     options=options)  # fmt: skip
+    result = extract(
+        ExtractRequest(root / "raw", base="efficientnet_lite0", dataset="digits", splits=("train",)),
+        paths=paths,
+        options=options,
+    )
     layers = {}
     for tap in result[0].taps:
         X, y, _ = load_features(result[0].path, tap)
