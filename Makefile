@@ -126,9 +126,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-## Remove feature caches, models and reports (data/raw is kept)
+## Remove feature caches, models and reports under FEATURECACHE_HOME (default: here; data/raw is kept)
 clean:
-	rm -rf data/features models reports .pytest_cache
+	rm -rf "$(or $(FEATURECACHE_HOME),.)"/{data/features,models,reports} .pytest_cache
 
 ## Show this help
 help:
