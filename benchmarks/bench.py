@@ -4,7 +4,8 @@ Sections (``--only NAME[,NAME]``): answer (make-demo pipeline wall time, and the
 extraction (end-to-end vs the eager and the same-runtime bare forward, every runtime's bare forward and error
 vs eager, the naive per-layer peer, all stage taps vs one), sweep (logreg C path vs naive loop), io (HDF5 vs
 np.load; dtype x compression), memory (peak RSS at 1x and 10x), scaleout (torchrun with 2 gloo ranks vs 1
-process), stage2 (the default head sweep, from benchmarks/stage2.py when present). Prints each figure with its
+process), stage2 (the default head sweep, from benchmarks/stage2.py when present), int8 (ONNX Runtime's int8
+graphs of the extractor vs f32: speed and error). Prints each figure with its
 goal and writes results.json under $FEATURECACHE_HOME/reports/bench (else a temporary folder it prints), never
 into the repository.
 """
@@ -423,9 +424,67 @@ def bench_stage2() -> None:
            f"old {old['cpu_s']:.0f} s, new {new['cpu_s']:.0f} s, 1 torch thread")  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------- int8
+
+
+def bench_int8(work: Path, rounds: int = 3) -> None:
+    """Why featurecache offers no int8 mode: ONNX Runtime's int8 graphs of the extractor, side by side with f32.
+
+    Static QDQ quantization (int8 weights per channel, uint8 activations, calibrated on the bench's own images) and
+    dynamic quantization (weights only), against the f32 export, on the same 32 preprocessed images; the error is
+    max |int8 - f32| / max |f32| over the stage taps, as the first-batch check measures it.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    from featurecache import runtime
+    from featurecache.bases import load_base
+    from featurecache.data import ImageFiles, discover_splits
+    from featurecache.layers import parse_taps, trace_base
+
+    root = make_photos(work / "int8-photos", 32)
+    taps = parse_taps("all-stages", trace_base(load_base(BASE)))
+    runner = _runner_for("onnxruntime", work / "int8", taps)
+    index = discover_splits(root)["train"]
+    data = ImageFiles(index, runner.transform, input_size=224, rows=range(32))
+    images = np.stack([data[i][0].numpy() for i in range(32)]).astype(np.float32)
+    runner.prepare(index)  # writes and checks the f32 export
+    f32 = runner._shared["export_file"]
+    batches = iter([{runtime.INPUT_NAME: images[i : i + 8]} for i in range(0, 32, 8)])
+
+    class Calibration(CalibrationDataReader):
+        def get_next(self) -> dict | None:
+            return next(batches, None)
+
+    static, dynamic = work / "int8-static.onnx", work / "int8-dynamic.onnx"
+    quantize_static(str(f32), str(static), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    quantize_dynamic(str(f32), str(dynamic), weight_type=QuantType.QUInt8)
+    keys = [t.key for t in taps]
+    graphs = {name: runtime.load_export("onnxruntime", path, keys) for name, path in
+              (("f32", f32), ("static", static), ("dynamic", dynamic))}  # fmt: skip
+    reference = graphs["f32"](images)
+    seconds = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            t0 = time.perf_counter()
+            graph(images)
+            seconds[name].append(time.perf_counter() - t0)
+    for name in ("static", "dynamic"):
+        speed = float(np.median(seconds["f32"]) / np.median(seconds[name]))
+        error = max(runtime.relative_errors(graphs[name](images), reference).values())
+        report("int8", f"onnxruntime int8 ({name}) / f32 bare forward", speed, "report", None,
+               f"max relative error vs f32 {error:.2g}")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser("make bench", description=__doc__)
-    parser.add_argument("--only", default="answer,extraction,sweep,io,memory,scaleout,stage2")
+    parser.add_argument("--only", default="answer,extraction,sweep,io,memory,scaleout,stage2,int8")
     args = parser.parse_args()
     only = set(args.only.split(","))
     machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
@@ -448,6 +507,8 @@ def main() -> int:
             bench_scaleout(work)
         if "stage2" in only:
             bench_stage2()
+        if "int8" in only:
+            bench_int8(work)
     home = os.environ.get("FEATURECACHE_HOME")
     out = Path(home) / "reports" / "bench" if home else Path(tempfile.mkdtemp(prefix="fc-bench-results-"))
     out.mkdir(parents=True, exist_ok=True)
