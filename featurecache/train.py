@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,15 @@ from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
 from featurecache.heads import get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
-from featurecache.selection import ranked
+from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
+from featurecache.selection import candidate_of_record, ranked
+from featurecache.weights import base_of_tag, is_random_tag
 
 log = logging.getLogger(__name__)
 
 REFIT_MODES = ("train", "train+val")
 # joblib backends for the sweep; dask and ray are optional extras that run the same jobs on a cluster.
 BACKENDS = ("loky", "dask", "ray")
-SIDECAR_VERSION = 2  # 2: val/test scores carry per-image predictions (paired tests in the report)
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ def cache_files(dataset: str, base_tag: str, paths: Paths, *, augmented: bool = 
         files[AUGMENTED_TRAIN] = views
     missing = [s for s, p in files.items() if not p.is_file()]
     if missing:
-        base = base_tag.removesuffix("-random")
-        weights = " --weights none --dtype float32" if base_tag.endswith("-random") else ""
+        base = base_of_tag(base_tag)
+        weights = " --weights none --dtype float32" if is_random_tag(base_tag) else ""
         raise FeaturecacheError(
             f"no feature cache for {dataset} x {base_tag} ({', '.join(missing)} missing under "
             f"{files[missing[0]].parent}); run make extract first: `make extract DATASET={dataset} BASE={base}` "
@@ -320,17 +321,19 @@ def run_job(job: Job) -> dict[str, Any]:
     if job.taps:  # the head needs to know where one tap's columns end and the next begin
         grid = [{**p, "group_sizes": [metas["train"]["taps"][t]["out_dim"] for t in job.taps]} for p in grid]
     out_dir = Path(job.out_dir)
-    previous = persist.read_sidecar(out_dir)
+    try:
+        previous = persist.read_record(out_dir)
+    except SidecarVersionError:
+        previous = None  # written by another version: retrained over
     if previous is not None and not opts.overwrite:
         same = (
-            previous.get("version") == SIDECAR_VERSION
-            and previous["features"] == features
-            and previous["grid"] == json.loads(json.dumps(grid, default=list))
-            and previous["refit"] == opts.refit
-            and previous["seed"] == opts.seed
+            previous.features == features
+            and previous.grid == json.loads(json.dumps(grid, default=list))
+            and previous.refit == opts.refit
+            and previous.seed == opts.seed
         )
         if same and (out_dir / persist.HEAD_FILE).is_file():
-            return {**previous, "status": "reused"}
+            return {**previous.to_json(), "status": "reused"}
 
     train_files = [job.files["train"]] + ([job.files[AUGMENTED_TRAIN]] if AUGMENTED_TRAIN in job.files else [])
     if job.taps:
@@ -385,42 +388,43 @@ def run_job(job: Job) -> dict[str, Any]:
     test_scores = {**classification_scores(y_test, test_pred, n_classes=n_classes), "predictions": test_pred}
     val_scores = {**classification_scores(y_val, val_pred, n_classes=n_classes), "predictions": val_pred}
     tap = _job_tap(job, metas["train"])
-    sidecar = {
-        "version": SIDECAR_VERSION,
-        "dataset": job.dataset,
-        "base": metas["train"]["base"],
-        "base_tag": job.base_tag,
-        "weights": metas["train"]["weights"],
-        "feature_dtype": metas["train"]["dtype"],
-        "alpha": metas["train"].get("alpha"),  # how transparent images were decoded; predict decodes the same way
-        "layer": job.layer,
-        "tap": tap,
-        **({"taps": list(job.taps)} if job.taps else {}),
-        "head": job.name,
-        "head_spec": job.head,
-        "train_views": int(metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in metas else 0,
-        "dense": spec.dense,
-        "class_names": metas["train"]["class_names"],
-        "features": features,
-        "grid": grid,
-        "sweep": sweep,
-        "params": best_params,
-        "refit": opts.refit,
-        "seed": opts.seed,
-        "selection_val_accuracy": selection_val_accuracy,
-        "val": val_scores,
-        "test": test_scores,
-        "n_train": int(train[2]),
-        "streamed": bool(train[3]),
-        "timings": {
+    meta = metas["train"]
+    record = HeadRecord(
+        kind=HEAD_KIND,
+        dataset=job.dataset,
+        base=meta["base"],
+        base_tag=job.base_tag,
+        weights=meta["weights"],
+        feature_dtype=meta["dtype"],
+        alpha=meta.get("alpha"),  # how transparent images were decoded; predict decodes the same way
+        layer=job.layer,
+        tap=tap,
+        taps=job.taps or None,
+        head=job.name,
+        head_spec=job.head,
+        train_views=int(metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in metas else 0,
+        dense=spec.dense,
+        class_names=tuple(meta["class_names"]),
+        features=features,
+        grid=grid,
+        sweep=sweep,
+        params=best_params,
+        refit=opts.refit,
+        seed=opts.seed,
+        selection_val_accuracy=selection_val_accuracy,
+        val=val_scores,
+        test=test_scores,
+        n_train=int(train[2]),
+        streamed=bool(train[3]),
+        timings={
             "sweep_seconds": round(sum(s["fit_seconds"] for s in sweep), 3),
             "refit_seconds": round(refit_seconds, 3),
             "total_seconds": round(time.perf_counter() - t_start, 3),
         },
-        "library_versions": _library_versions(),
-    }
-    persist.save_head(out_dir, final, sidecar)
-    return {**persist.read_sidecar(out_dir), "status": "trained"}
+        library_versions=_library_versions(),
+    )
+    record = persist.save_head(out_dir, final, record)
+    return {**record.to_json(), "status": "trained"}
 
 
 def _library_versions() -> dict[str, str]:
@@ -517,29 +521,41 @@ LEADERBOARD_COLUMNS = [
 def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
     """One row per saved head of the dataset (every base), best first under the one selection rule
     (:mod:`featurecache.selection`: val accuracy; ties to the simpler head, then the shallower layer)."""
-    sidecars = [s for d in paths.head_dirs(dataset) if (s := persist.read_sidecar(d)) is not None]
     rows = []
-    for s in ranked(sidecars):
+    for r in ranked(_records(paths.head_dirs(dataset)), candidate_of_record):
         rows.append(
             {
-                "base": s["base_tag"],
-                "layer": s["layer"],
-                "relative_depth": s["tap"]["relative_depth"],
-                "head": s["head"],
-                "dense": s["dense"],
-                "params": json.dumps(s["params"], sort_keys=True),
-                "val_accuracy": round(s["selection_val_accuracy"], 4),
-                "test_accuracy": round(s["test"]["accuracy"], 4),
-                "test_ci_low": round(s["test"]["accuracy_ci95"][0], 4),
-                "test_ci_high": round(s["test"]["accuracy_ci95"][1], 4),
-                "test_balanced_accuracy": round(s["test"]["balanced_accuracy"], 4),
-                "test_macro_f1": round(s["test"]["macro_f1"], 4),
-                "fit_seconds": s["timings"]["total_seconds"],
-                "n_train": s["n_train"],
-                "model_dir": str(paths.head_dir(dataset, s["base_tag"], s["layer"], s["head"])),
+                "base": r.base_tag,
+                "layer": r.layer,
+                "relative_depth": r.tap["relative_depth"],
+                "head": r.head,
+                "dense": r.dense,
+                "params": json.dumps(r.params, sort_keys=True),
+                "val_accuracy": round(r.selection_val_accuracy, 4),
+                "test_accuracy": round(r.test["accuracy"], 4),
+                "test_ci_low": round(r.test["accuracy_ci95"][0], 4),
+                "test_ci_high": round(r.test["accuracy_ci95"][1], 4),
+                "test_balanced_accuracy": round(r.test["balanced_accuracy"], 4),
+                "test_macro_f1": round(r.test["macro_f1"], 4),
+                "fit_seconds": (r.timings or {}).get("total_seconds", 0.0),
+                "n_train": r.n_train,
+                "model_dir": str(paths.head_dir(dataset, r.base_tag, r.layer, r.head)),
             }
         )
     return rows
+
+
+def _records(directories: Iterable[Path]) -> Iterator[HeadRecord]:
+    """The records of the saved heads in ``directories``; one from another featurecache version is left out with
+    a warning naming its retrain command (the rest of the leaderboard stands)."""
+    for directory in directories:
+        try:
+            record = persist.read_record(directory)
+        except SidecarVersionError as exc:
+            log.warning("left out of the leaderboard: %s", exc)
+            continue
+        if record is not None:
+            yield record
 
 
 def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any]:

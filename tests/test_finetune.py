@@ -170,3 +170,35 @@ def test_default_unit_holds_trainable_weights():
     assert choose_units(units, loaded.model, FinetuneOptions(unfreeze_last=2)) == ["_blocks.15", "_conv_head"]
     assert choose_units(units, loaded.model, FinetuneOptions(unfreeze=("_bn1",))) == ["_bn1"]  # asked by name
     assert not holds_trainable_weights(loaded.model.get_submodule("_bn1"))
+
+
+@pytest.mark.slow
+def test_predict_classifies_with_a_finetuned_model(trained, tmp_path):
+    """`featurecache predict --head .../finetuned-mlp` runs the whole fine-tuned model: its labels are the ones
+    the model itself recorded for the test images; a changed, missing or unrebuildable model is refused truly."""
+    from featurecache import read_metadata
+    from featurecache.predict import predict_images
+    from featurecache.store import read_paths, read_rows
+
+    paths = copy_of(trained, tmp_path)
+    result = finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**{**QUICK, "max_epochs": 1}),
+                      paths=paths)  # fmt: skip
+    test_file = paths.feature_file("shapes", BASE, "test")
+    root = read_metadata(test_file)["dataset_root"]
+    images = [f"{root}/{p}" for p, ok in zip(read_paths(test_file), read_rows(test_file)[2], strict=True) if ok]
+    rows = predict_images(result.model_dir, images, batch_size=5)
+    classes = result.record.class_names
+    assert [r["label"] for r in rows] == [classes[i] for i in result.record.test["predictions"]]
+    assert all(0 < r["probability"] <= 1 for r in rows)
+    assert predict_images(result.model_dir / "model.pt", images[:2]) == rows[:2]
+
+    model = result.model_dir / "model.pt"
+    model.write_bytes(model.read_bytes() + b"x")
+    with pytest.raises(FeaturecacheError, match="does not match the sha256 in its sidecar; it was modified"):
+        predict_images(result.model_dir, images[:1])
+    model.unlink()
+    with pytest.raises(FeaturecacheError, match=r"model\.pt is missing .*featurecache finetune --dataset shapes"):
+        predict_images(result.model_dir, images[:1])
+    shutil.rmtree(result.model_dir.parent / "mlp")
+    with pytest.raises(FeaturecacheError, match=r"the stage-2 head it started from \(.*/mlp\) is gone"):
+        predict_images(result.model_dir, images[:1])

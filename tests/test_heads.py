@@ -128,13 +128,13 @@ def test_saved_head_reloads_and_predicts_the_same(cached, tmp_path):
     _, root = cached
     (s,) = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["mlp"], options=QUIET, paths=paths)
     model_dir = paths.models / "shapes" / BASE / "flatten" / "mlp"
-    head, sidecar = load_head(model_dir)
+    head, record = load_head(model_dir)
     X, y, meta = load_features(paths.feature_file("shapes", BASE, "test"), "flatten")
     cached_pred = head.predict(X.astype(np.float32))
     assert float((cached_pred == y).mean()) == s["test"]["accuracy"]
     # End to end: base + tap + head on the image files agrees with the head on the cached features.
     rows = predict_images(model_dir, [root / p for p in meta["paths"]])
-    assert [r["label"] for r in rows] == [sidecar["class_names"][i] for i in cached_pred]
+    assert [r["label"] for r in rows] == [record.class_names[i] for i in cached_pred]
     assert all(0 < r["probability"] <= 1 for r in rows)
 
 

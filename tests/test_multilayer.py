@@ -76,7 +76,8 @@ def trained(tmp_path_factory) -> Paths:
 def test_train_heads_saves_multilayer_under_the_all_stages_folder(trained):
     paths = trained
     folder = paths.models / "shapes" / BASE / MULTI_TAP_LAYER / "multilayer"
-    head, sidecar = load_head(folder)
+    head, record = load_head(folder)
+    sidecar = record.to_json()
     test_file = paths.feature_file("shapes", BASE, "test")
     taps = sidecar["taps"]
     cached = read_metadata(paths.feature_file("shapes", BASE, "train"))["taps"]
