@@ -15,8 +15,9 @@ from featurecache.config import Paths
 from featurecache.extract import ExtractOptions, extract
 from featurecache.finetune import FinetuneOptions, base_units, choose_units, finetune, holds_trainable_weights
 from featurecache.layers import build_extractor, parse_taps, trace_base
+from featurecache.leaderboard import leaderboard_rows
 from featurecache.report import build_report
-from featurecache.train import TrainOptions, leaderboard_rows, train_heads
+from featurecache.train import TrainOptions, train_heads
 from tests.helpers import make_image_folder
 
 BASE = "mobilenet_v2_offline"

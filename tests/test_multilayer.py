@@ -11,9 +11,10 @@ from featurecache.config import Paths
 from featurecache.heads import get_head_spec
 from featurecache.heads.multilayer import MultiLayerHead, multilayer_sweep
 from featurecache.layer_scores import multilayer_vs_best_single, selected_heads
+from featurecache.leaderboard import leaderboard_rows
 from featurecache.persist import load_head
 from featurecache.store import load_features, read_metadata
-from featurecache.train import MULTI_TAP_LAYER, TrainOptions, leaderboard_rows, train_heads
+from featurecache.train import MULTI_TAP_LAYER, TrainOptions, train_heads
 from tests.test_layer_scores import BASE, shapes_home
 
 
