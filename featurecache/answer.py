@@ -27,12 +27,12 @@ from featurecache.errors import FeaturecacheError
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.metrics import mcnemar_worse_p, paired_difference, wilson_interval
 from featurecache.selection import Candidate, pick_best, ranked
+from featurecache.weights import is_random_tag, random_tag
 
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
 MIN_IMAGES_PER_CLASS = 20  # below this in val or test, one image moves a class's accuracy by 5 points or more
-RANDOM_SUFFIX = "-random"  # the random-init control of a base is cached and trained under "<base>-random"
 PIXELS_TAG = "raw-pixels"  # the raw-pixel baseline (featurecache.baselines) is saved under this base tag
 
 
@@ -166,7 +166,7 @@ def transfer_check(
     heads: dict[str, list[HeadResult]], recommended: HeadResult, paths: Paths, labels: LabelReader, *, seed: int = 0
 ) -> TransferCheck:
     """The recommendation against the best random-init head and the raw-pixel baseline (``heads`` by base tag)."""
-    randoms = [r for tag, rs in heads.items() if tag.endswith(RANDOM_SUFFIX) for r in rs]
+    randoms = [r for tag, rs in heads.items() if is_random_tag(tag) for r in rs]
     pixels = heads.get(PIXELS_TAG, [])
     check = TransferCheck(
         random_init=pick_best(randoms, _candidate) if randoms else None,
@@ -228,7 +228,7 @@ class Answer:
 
 def is_control(base_tag: str) -> bool:
     """A control's base tag: a random-init base or the raw-pixel baseline."""
-    return base_tag.endswith(RANDOM_SUFFIX) or base_tag == PIXELS_TAG
+    return is_random_tag(base_tag) or base_tag == PIXELS_TAG
 
 
 def compute_answer(
@@ -244,7 +244,7 @@ def compute_answer(
         )
     recommended = pick_best(results, _candidate)
     heads = {b: [r for r in results if r.base == b] for b in bases}
-    for tag in [b + RANDOM_SUFFIX for b in bases] + [PIXELS_TAG]:
+    for tag in [random_tag(b) for b in bases] + [PIXELS_TAG]:
         if control := head_results(dataset, tag, paths, labels):
             heads[tag] = control
     curves = {b: layer_curve(rs) for b, rs in heads.items() if rs}

@@ -19,7 +19,7 @@ from featurecache.answer import PIXELS_TAG
 from featurecache.config import Paths
 from featurecache.heads import get_head_spec
 from featurecache.metrics import classification_scores
-from featurecache.train import SIDECAR_VERSION
+from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,12 @@ def pixel_baseline(
     features = {s: {"file": str(files[s]), "fingerprint": f"{metas[s]['data_fingerprint']}:{pixel_layer(side)}"}
                 for s in files}  # fmt: skip
     out_dir = paths.head_dir(dataset, PIXELS_TAG, pixel_layer(side), "logreg")
-    previous = persist.read_sidecar(out_dir)
-    if previous is not None and previous.get("features") == features and previous.get("seed") == seed:
-        return previous
+    try:
+        previous = persist.read_record(out_dir)
+    except SidecarVersionError:
+        previous = None  # written by another version: retrained over
+    if previous is not None and previous.features == features and previous.seed == seed:
+        return previous.to_json()
     t0 = time.perf_counter()
     data = {s: pixel_rows(f, side=side) for s, f in files.items()}
     spec = get_head_spec("logreg")
@@ -64,21 +67,21 @@ def pixel_baseline(
     fitted = spec.sweep(X_tr, y_tr, X_val, y_val, grid, seed=seed)
     params, final, val_accuracy, _ = max(fitted, key=lambda f: f[2])  # max keeps the first of equal scores
     n_classes = len(metas["train"]["class_names"])
-    sidecar = {
-        "version": SIDECAR_VERSION, "dataset": dataset, "base": PIXELS_TAG, "base_tag": PIXELS_TAG, "weights": "none",
-        "feature_dtype": "float32", "layer": pixel_layer(side),
-        "tap": {"node": "pixels", "pool": "resize", "relative_depth": 0.0, "out_dim": 3 * side * side},
-        "head": "logreg", "head_spec": "logreg", "train_views": 0, "dense": False,
-        "class_names": metas["train"]["class_names"], "features": features, "grid": grid,
-        "sweep": [{"params": p, "val_accuracy": v, "fit_seconds": round(t, 4)} for p, _, v, t in fitted],
-        "params": params, "refit": "train", "seed": seed, "selection_val_accuracy": val_accuracy,
-        "val": {**classification_scores(y_val, final.predict(X_val), n_classes=n_classes),
-                "predictions": final.predict(X_val)},
-        "test": {**classification_scores(y_te, final.predict(X_te), n_classes=n_classes),
-                 "predictions": final.predict(X_te)},
-        "n_train": len(y_tr), "streamed": False,
-        "timings": {"total_seconds": round(time.perf_counter() - t0, 3)},
-    }  # fmt: skip
-    persist.save_head(out_dir, final, sidecar)
-    log.info("%s: raw-pixel baseline test %.3f (val %.3f)", dataset, sidecar["test"]["accuracy"], val_accuracy)
-    return persist.read_sidecar(out_dir)
+    record = HeadRecord(
+        kind=HEAD_KIND, dataset=dataset, base=PIXELS_TAG, base_tag=PIXELS_TAG, weights="none",
+        feature_dtype="float32", layer=pixel_layer(side),
+        tap={"node": "pixels", "pool": "resize", "relative_depth": 0.0, "out_dim": 3 * side * side},
+        head="logreg", head_spec="logreg", train_views=0, dense=False,
+        class_names=tuple(metas["train"]["class_names"]), features=features, grid=grid,
+        sweep=[{"params": p, "val_accuracy": v, "fit_seconds": round(t, 4)} for p, _, v, t in fitted],
+        params=params, refit="train", seed=seed, selection_val_accuracy=val_accuracy,
+        val={**classification_scores(y_val, final.predict(X_val), n_classes=n_classes),
+             "predictions": final.predict(X_val)},
+        test={**classification_scores(y_te, final.predict(X_te), n_classes=n_classes),
+              "predictions": final.predict(X_te)},
+        n_train=len(y_tr), streamed=False,
+        timings={"total_seconds": round(time.perf_counter() - t0, 3)},
+    )  # fmt: skip
+    record = persist.save_head(out_dir, final, record)
+    log.info("%s: raw-pixel baseline test %.3f (val %.3f)", dataset, record.test["accuracy"], val_accuracy)
+    return record.to_json()

@@ -30,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from featurecache.errors import FeaturecacheError
-from featurecache.fileio import file_sha256
 from featurecache.registry import Registry
+from featurecache.weights import RANDOM_INIT_PREFIX as RANDOM_INIT_PREFIX  # re-exported: extract reads it here
+from featurecache.weights import WEIGHTS_DEFAULT, WEIGHTS_NONE, WeightsRef
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DEFAULT = "default"  # the base's pretrained ImageNet weights
-WEIGHTS_NONE = "none"  # random init: for tests, and the "is pretraining worth it?" control
-RANDOM_INIT_PREFIX = "random-init"  # weights_id of random-init weights: "random-init(seed=0)"
 # In a spec's default taps: the pooled penultimate (the classifier's input), found in the traced graph.
 PENULTIMATE = "penultimate"
 
@@ -194,11 +192,11 @@ def load_base(
     if weights_file is not None:
         if weights == WEIGHTS_NONE:
             raise FeaturecacheError("--weights none and --weights-file contradict each other; pass only one")
-        weights_id = _load_state_dict_file(model, Path(weights_file), name)
-        tag = name
+        ref = _load_state_dict_file(model, Path(weights_file), name)
+        weights_id, tag = str(ref), ref.base_tag(name)
     elif weights == WEIGHTS_NONE:
-        weights_id = f"{RANDOM_INIT_PREFIX}(seed={seed})"
-        tag = f"{name}-random"
+        ref = WeightsRef.random_init(seed)
+        weights_id, tag = str(ref), ref.base_tag(name)
     else:
         variant = spec.weight_variants[0] if weights == WEIGHTS_DEFAULT else weights
         if variant not in spec.weight_variants:
@@ -206,15 +204,15 @@ def load_base(
                 f"base {name!r} has no weights {weights!r}; choose one of: "
                 f"{', '.join((WEIGHTS_DEFAULT, WEIGHTS_NONE, *spec.weight_variants))}"
             )
-        weights_id = spec.load_weights(model, variant)
-        tag = name if variant == spec.weight_variants[0] else f"{name}-{variant}"
+        ref = WeightsRef.pretrained(spec.load_weights(model, variant))
+        weights_id, tag = str(ref), ref.base_tag(name, None if variant == spec.weight_variants[0] else variant)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedBase(spec=spec, model=model, weights_id=weights_id, tag=tag)
 
 
-def _load_state_dict_file(model: Any, path: Path, name: str) -> str:
+def _load_state_dict_file(model: Any, path: Path, name: str) -> WeightsRef:
     import torch
 
     if not path.is_file():
@@ -231,7 +229,7 @@ def _load_state_dict_file(model: Any, path: Path, name: str) -> str:
             f"weights file {path} does not fit base {name!r}: missing keys {result.missing_keys[:5]}, "
             f"unexpected keys {result.unexpected_keys[:5]}. Pass the state_dict saved from this architecture."
         )
-    return f"file:{path.name}:sha256={file_sha256(path, length=12)}"
+    return WeightsRef.from_file(path)
 
 
 def _package_file(package: str, relative: str, pip_hint: str) -> Path:

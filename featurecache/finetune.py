@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import pickle
@@ -31,22 +30,23 @@ from torch.utils.data import DataLoader
 
 from featurecache import persist, store
 from featurecache.augment import AUGMENTATIONS, train_transform
-from featurecache.bases import LoadedBase, load_base
+from featurecache.bases import LoadedBase
 from featurecache.config import Paths, default_paths
 from featurecache.data import DEFAULT_ALPHA, ImageFiles, SplitIndex, discover_splits
 from featurecache.errors import FeaturecacheError
-from featurecache.fileio import atomic_write, atomic_write_text, file_sha256
+from featurecache.fileio import atomic_write, file_sha256
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
-from featurecache.selection import pick_best
-from featurecache.train import SIDECAR_VERSION, cache_files, feature_fingerprint
+from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord
+from featurecache.selection import candidate_of_record, pick_best
+from featurecache.train import cache_files, feature_fingerprint
 
 log = logging.getLogger(__name__)
 
 CHECK_AGREEMENT = 0.98  # rebuilt model vs stage-2 head on val (float16 cache rounding flips a few near-ties)
 CHECKPOINT_FILE = "checkpoint.pt"
-MODEL_FILE = "model.pt"
+MODEL_FILE = FINETUNED_MODEL_FILE
 # Options that change how a run executes but not what it computes: a checkpoint made with other values resumes.
 _EXECUTION_ONLY = ("progress", "workers", "device")
 
@@ -77,11 +77,16 @@ class FinetuneOptions:
 
 @dataclass
 class FinetuneResult:
-    sidecar: dict[str, Any]
+    record: HeadRecord
     model_dir: Path
     resumed: bool
     improved: bool  # some epoch beat the frozen head on val; False: the saved model is the frozen head rebuilt
     verdict: str  # one plain sentence on the gain, also in the sidecar and the log
+
+    @property
+    def sidecar(self) -> dict[str, Any]:
+        """The record as written to ``sidecar.json``."""
+        return self.record.to_json()
 
 
 class StandardizedHead(nn.Module):
@@ -110,15 +115,15 @@ class FinetunedModel(nn.Module):
         return self.head(self.base(images)[self.tap_key])
 
 
-def head_module(estimator: Any, sidecar: dict[str, Any]) -> StandardizedHead:
+def head_module(estimator: Any, record: HeadRecord) -> StandardizedHead:
     """The stage-2 head as a torch module mapping pooled features to logits (standardization folded in)."""
-    if sidecar["dense"]:
+    if record.dense:
         return StandardizedHead(estimator.mean_, estimator.scale_, copy.deepcopy(estimator.module_))
     pipeline = getattr(estimator, "pipeline_", None)
     clf = pipeline[-1] if pipeline is not None else None
     if clf is None or not hasattr(clf, "coef_") or not hasattr(clf, "intercept_") or len(estimator.classes_) == 2:
         raise FeaturecacheError(
-            f"head {sidecar['head']!r} cannot be turned into a linear layer; fine-tune from --head mlp or logreg"
+            f"head {record.head!r} cannot be turned into a linear layer; fine-tune from --head mlp or logreg"
         )
     scaler = pipeline[0]
     linear = nn.Linear(clf.coef_.shape[1], clf.coef_.shape[0])
@@ -164,7 +169,7 @@ class Rebuilt:
     dataset: str
     base_tag: str
     head_dir: Path
-    head_sidecar: dict[str, Any]
+    head_record: HeadRecord
     estimator: Any
     files: dict[str, Path]
     loaded: LoadedBase
@@ -174,7 +179,7 @@ class Rebuilt:
 
     @property
     def layer(self) -> str:
-        return self.head_sidecar["layer"]
+        return self.head_record.layer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -183,31 +188,59 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_model(
+    record: HeadRecord, estimator: Any, *, seed: int = 0, weights_file: Any = None
+) -> tuple[FinetunedModel, LoadedBase]:
+    """Base (cut after the head's tap) + the stage-2 head as one torch model, on the CPU, from the head's record."""
+    from featurecache.predict import load_base_of
+
+    loaded = load_base_of(record, weights_file=weights_file, seed=seed)
+    tap = TapSpec.from_attrs(record.tap)
+    return FinetunedModel(build_extractor(loaded, [tap]), head_module(estimator, record), tap.key), loaded
+
+
 def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths) -> Rebuilt:
     """Load the chosen stage-2 head and rebuild base + tap + head as one torch model on the target device."""
-    from featurecache.predict import _weights_for
-
     files = cache_files(dataset, base_tag, paths)
     head_dir = _pick_head(dataset, base_tag, options.head, paths, layer=options.layer)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
-    layer = persist.read_sidecar(head_dir)["layer"]
+    layer = persist.require_record(head_dir).layer
     expect = {s: feature_fingerprint(metas[s], layer) for s in files}
-    estimator, head_sidecar = persist.load_head(head_dir, expect_features=expect)
-
-    loaded = load_base(head_sidecar["base"], **_weights_for(head_sidecar, None), seed=options.seed)
-    tap = TapSpec.from_attrs(head_sidecar["tap"])
+    estimator, head_record = persist.load_head(head_dir, expect_features=expect)
+    model, loaded = build_model(head_record, estimator, seed=options.seed)
     device = resolve_device(options.device)
-    model = FinetunedModel(build_extractor(loaded, [tap]), head_module(estimator, head_sidecar), tap.key)
     root = Path(metas["train"]["dataset_root"])
     index = discover_splits(root, record_path=paths.split_record(dataset))
-    _check_dataset_unchanged(root, index, files, tuple(head_sidecar["class_names"]))
+    _check_dataset_unchanged(root, index, files, head_record.class_names)
     splits = Splits(index=index, labels={s: np.asarray(index[s].labels) for s in index},
                     eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,
                     batch_size=options.batch_size, seed=options.seed, workers=options.workers,
                     alpha=metas["train"].get("alpha", DEFAULT_ALPHA))  # fmt: skip
-    return Rebuilt(
-        dataset, base_tag, head_dir, head_sidecar, estimator, files, loaded, model.to(device), splits, device
-    )
+    return Rebuilt(dataset, base_tag, head_dir, head_record, estimator, files, loaded, model.to(device), splits, device)
+
+
+def load_finetuned(directory: Path, *, weights_file: Any = None) -> tuple[FinetunedModel, HeadRecord, LoadedBase]:
+    """A saved fine-tuned model, ready to classify images on the CPU: rebuilt as :func:`rebuild` does (from the
+    stage-2 head it started from, which gives the head's architecture), then its ``model.pt`` state dict, checked
+    against the sha256 in its sidecar and read with ``weights_only=True`` (no code runs)."""
+    record = persist.require_record(directory)
+    start = directory.parent / Path(record.started_from or "").name  # a sibling folder: same layer, the head kind
+    if not record.started_from or persist.read_sidecar(start) is None:
+        raise FeaturecacheError(
+            f"{directory} cannot be rebuilt: the stage-2 head it started from ({start}) is gone, and the model's "
+            f"architecture comes from it. Retrain that head, then fine-tune again"
+        )
+    model_path = persist.verified_file(directory, record, MODEL_FILE)
+    estimator, head_record = persist.load_head(start)
+    model, loaded = build_model(head_record, estimator, weights_file=weights_file)
+    try:
+        model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise FeaturecacheError(
+            f"{model_path} does not fit the model rebuilt from {start} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}); the head was retrained since. Fine-tune again"
+        ) from None
+    return model.eval(), record, loaded
 
 
 def _check_dataset_unchanged(
@@ -505,12 +538,12 @@ def paired_test_gain(rebuilt: Rebuilt, test_pred: np.ndarray, seed: int) -> tupl
 
 def score_and_record(
     rebuilt: Rebuilt, trainer: Trainer, state: TrainState, *, out_dir: Path, agreement: float, frozen_val: float
-) -> dict[str, Any]:
-    """Score the model on test once and write ``model.pt``; returns the sidecar (the caller writes it last)."""
-    options, hs = trainer.options, rebuilt.head_sidecar
+) -> HeadRecord:
+    """Score the model on test once and write ``model.pt``; returns its record (the caller writes it last)."""
+    options, hr = trainer.options, rebuilt.head_record
     y_test = rebuilt.splits.labels["test"]
     test_pred = predict_split(rebuilt.model, rebuilt.splits, "test", rebuilt.device)
-    n_classes = len(hs["class_names"])
+    n_classes = len(hr.class_names)
     test_scores = classification_scores(y_test, test_pred, n_classes=n_classes)
     val_pred = predict_split(rebuilt.model, rebuilt.splits, "val", rebuilt.device)
     val_scores = classification_scores(rebuilt.splits.labels["val"], val_pred, n_classes=n_classes)
@@ -519,37 +552,38 @@ def score_and_record(
     val_scores["predictions"] = val_pred[store.read_rows(rebuilt.files["val"])[2]].tolist()
     gain_points, ci = paired_test_gain(rebuilt, test_pred, options.seed)
     atomic_write(out_dir / MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
-    return {
-        "version": SIDECAR_VERSION,
-        "dataset": rebuilt.dataset,
-        "base": hs["base"],
-        "base_tag": rebuilt.base_tag,
-        "weights": hs["weights"],
-        "layer": hs["layer"],
-        "tap": hs["tap"],
-        "head": out_dir.name,
-        "dense": True,
-        "class_names": list(hs["class_names"]),
-        "features": hs["features"],
-        "params": {
+    return HeadRecord(
+        kind=FINETUNED_KIND,
+        dataset=rebuilt.dataset,
+        base=hr.base,
+        base_tag=rebuilt.base_tag,
+        weights=hr.weights,
+        alpha=rebuilt.splits.alpha,  # predict decodes new images as the training images were
+        layer=hr.layer,
+        tap=hr.tap,
+        head=out_dir.name,
+        dense=True,
+        class_names=hr.class_names,
+        features=hr.features,
+        params={
             "unfrozen": trainer.chosen,
             **{k: trainer.config[k] for k in ("lr_head", "lr_base", "optimizer", "augment")},
         },
-        "started_from": str(rebuilt.head_dir),
-        "rebuilt_agreement": agreement,
-        "selection_val_accuracy": state.best_val,
-        "best_epoch": state.best_epoch,
-        "improved_on_val": state.best_epoch > 0,
-        "verdict": gain_verdict(state, frozen_val, gain_points, ci),
-        "history": state.history,
-        "val": val_scores,
-        "test": test_scores,
-        "frozen_test_accuracy": hs["test"]["accuracy"],
-        "gain_over_frozen_points": gain_points,
-        "gain_ci95_points": list(ci),
-        "n_train": len(rebuilt.splits.index["train"]),
-        "files": {MODEL_FILE: file_sha256(out_dir / MODEL_FILE)},
-    }
+        started_from=str(rebuilt.head_dir),
+        rebuilt_agreement=agreement,
+        selection_val_accuracy=state.best_val,
+        best_epoch=state.best_epoch,
+        improved_on_val=state.best_epoch > 0,
+        verdict=gain_verdict(state, frozen_val, gain_points, ci),
+        history=state.history,
+        val=val_scores,
+        test=test_scores,
+        frozen_test_accuracy=hr.test["accuracy"],
+        gain_over_frozen_points=gain_points,
+        gain_ci95_points=ci,
+        n_train=len(rebuilt.splits.index["train"]),
+        files={MODEL_FILE: file_sha256(out_dir / MODEL_FILE)},
+    )
 
 
 def finetune(
@@ -571,33 +605,33 @@ def finetune(
     base_params = unfreeze(rebuilt.model, chosen)
     steps = steps_per_epoch(len(rebuilt.splits.index["train"]), options)
     opt, scheduler = make_optimizer(rebuilt.model.head, base_params, options, steps)
-    out_dir = paths.head_dir(dataset, base_tag, rebuilt.layer, f"{FINETUNED_PREFIX}{rebuilt.head_sidecar['head']}")
+    out_dir = paths.head_dir(dataset, base_tag, rebuilt.layer, f"{FINETUNED_PREFIX}{rebuilt.head_record.head}")
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"head_dir": str(rebuilt.head_dir),
-              "head_sha256": rebuilt.head_sidecar["files"][persist.HEAD_FILE], "unfrozen": chosen,
+              "head_sha256": rebuilt.head_record.files[persist.HEAD_FILE], "unfrozen": chosen,
               **{k: v for k, v in dataclasses.asdict(options).items() if k not in _EXECUTION_ONLY}}  # fmt: skip
     trainer = Trainer(rebuilt, chosen, opt, scheduler, config, out_dir / CHECKPOINT_FILE, options)
 
     state, best_weights, resumed = train_epochs(trainer, frozen_val)
     rebuilt.model.load_state_dict(best_weights)
-    sidecar = score_and_record(rebuilt, trainer, state, out_dir=out_dir, agreement=agreement, frozen_val=frozen_val)
-    sidecar["timings"] = {"total_seconds": round(time.perf_counter() - t_start, 3)}
-    atomic_write_text(out_dir / persist.SIDECAR_FILE, json.dumps(sidecar, indent=1, default=str))
+    record = score_and_record(rebuilt, trainer, state, out_dir=out_dir, agreement=agreement, frozen_val=frozen_val)
+    record = dataclasses.replace(record, timings={"total_seconds": round(time.perf_counter() - t_start, 3)})
+    persist.write_record(out_dir, record)
     trainer.checkpoint.unlink(missing_ok=True)
-    (log.warning if state.best_epoch == 0 else log.info)("fine-tuning %s: %s", out_dir, sidecar["verdict"])
-    return FinetuneResult(sidecar, out_dir, resumed, improved=state.best_epoch > 0, verdict=sidecar["verdict"])
+    (log.warning if state.best_epoch == 0 else log.info)("fine-tuning %s: %s", out_dir, record.verdict)
+    return FinetuneResult(record, out_dir, resumed, improved=state.best_epoch > 0, verdict=record.verdict)
 
 
 def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: str | None = None) -> Path:
     """The stage-2 head to start from: the best of the requested kind for this base (and layer), under the one
     selection rule (:mod:`featurecache.selection`)."""
-    sidecars = [s for d in paths.head_dirs(dataset, base_tag, layer=layer or "*", head=head)
-                if (s := persist.read_sidecar(d)) is not None]  # fmt: skip
-    if not sidecars:
+    records = [r for d in paths.head_dirs(dataset, base_tag, layer=layer or "*", head=head)
+               if (r := persist.read_record(d)) is not None]  # fmt: skip
+    if not records:
         raise FeaturecacheError(
             f"no trained {head!r} head for {dataset} x {base_tag}{f' at layer {layer}' if layer else ''}; run "
             f"`featurecache train-heads --dataset {dataset} "
             f"--bases {base_tag} --heads {head}` first (fine-tuning never starts from a random head)"
         )
-    best = pick_best(sidecars)
-    return paths.head_dir(dataset, base_tag, best["layer"], best["head"])
+    best = pick_best(records, candidate_of_record)
+    return paths.head_dir(dataset, base_tag, best.layer, best.head)

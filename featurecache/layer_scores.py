@@ -28,6 +28,7 @@ from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
 from featurecache.selection import Candidate, pick_best
 from featurecache.transferability import knn_loo_accuracy, logme, ncti, ncti_components, sfda
+from featurecache.weights import base_of_tag
 
 # name -> (features, labels) -> score, for the scores that judge one layer on its own. NCTI is relative to the
 # layers ranked together (min-max normalized over them), so it is computed over the set in score_layers.
@@ -86,7 +87,7 @@ def score_layers(
     if not train.is_file():
         raise FeaturecacheError(
             f"no train cache for {dataset} x {base_tag} at {train}; run `featurecache extract data/raw/{dataset} "
-            f"--base {base_tag.removesuffix('-random')} --layers all-stages` first"
+            f"--base {base_of_tag(base_tag)} --layers all-stages` first"
         )
     meta = store.read_metadata(train)
     taps = meta["taps"]

@@ -9,6 +9,7 @@ head) is refused before anything is built. The dense head's torch weights travel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from featurecache.errors import FeaturecacheError
-from featurecache.fileio import atomic_write, file_sha256
+from featurecache.fileio import atomic_write, atomic_write_text, file_sha256
+from featurecache.records import HEAD_KIND, HeadRecord, retrain_command
 
 HEAD_FILE = "head.skops"
 STATE_DICT_FILE = "state_dict.pt"
@@ -35,8 +37,9 @@ TRUSTED_TYPES = (
 )
 
 
-def save_head(directory: Path, estimator: Any, sidecar: dict[str, Any]) -> None:
-    """Write ``head.skops`` (and ``state_dict.pt`` for torch heads), then the sidecar last.
+def save_head(directory: Path, estimator: Any, record: HeadRecord) -> HeadRecord:
+    """Write ``head.skops`` (and ``state_dict.pt`` for torch heads), then the sidecar last; returns the record
+    as written (with the files' sha256).
 
     A directory with a sidecar is complete: the sidecar is renamed into place only after the model files.
     """
@@ -59,24 +62,18 @@ def save_head(directory: Path, estimator: Any, sidecar: dict[str, Any]) -> None:
 
         atomic_write(directory / STATE_DICT_FILE, lambda p: torch.save(module.state_dict(), p))
         files[STATE_DICT_FILE] = file_sha256(directory / STATE_DICT_FILE)
-    payload = {**sidecar, "files": files}
-    atomic_write(directory / SIDECAR_FILE, lambda p: p.write_text(json.dumps(payload, indent=1, default=_json_default)))
+    return write_record(directory, dataclasses.replace(record, kind=HEAD_KIND, files=files))
 
 
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+def write_record(directory: Path, record: HeadRecord) -> HeadRecord:
+    """Write ``sidecar.json`` atomically (after the model files it lists); returns ``record``."""
+    atomic_write_text(Path(directory) / SIDECAR_FILE, json.dumps(record.to_json(), indent=1))
+    return record
 
 
 def read_sidecar(directory: Path) -> dict[str, Any] | None:
-    """The sidecar of a saved head, or None when the folder has none; a damaged one is a one-line error."""
+    """The sidecar of a saved head as raw JSON (any version), or None when the folder has none; a damaged one is
+    a one-line error. Code that needs the fields reads :func:`read_record`."""
     path = Path(directory) / SIDECAR_FILE
     if not path.is_file():
         return None
@@ -91,19 +88,45 @@ def read_sidecar(directory: Path) -> dict[str, Any] | None:
     return sidecar
 
 
-def _retrain_command(sidecar: dict[str, Any]) -> str:
-    """The train-heads command that rewrites the head a sidecar describes."""
-    if not all(isinstance(sidecar.get(k), str) for k in ("dataset", "base_tag", "layer", "head_spec")):
-        return "featurecache train-heads --dataset ... --bases ... --layers ... --heads ... --overwrite"
-    augmented = " --augmented" if sidecar.get("train_views") else ""
-    return (
-        f"featurecache train-heads --dataset {sidecar['dataset']} --bases {sidecar['base_tag']} --layers "
-        f"{sidecar['layer']} --heads {sidecar['head_spec']}{augmented} --overwrite"
-    )
+def read_record(directory: Path) -> HeadRecord | None:
+    """The :class:`HeadRecord` of a saved head or fine-tuned model, or None when the folder has no sidecar;
+    another sidecar version is a :class:`SidecarVersionError` naming the retrain command."""
+    sidecar = read_sidecar(directory)
+    if sidecar is None:
+        return None
+    return HeadRecord.from_json(sidecar, source=str(Path(directory) / SIDECAR_FILE))
 
 
-def load_head(directory: str | os.PathLike, *, expect_features: dict[str, str] | None = None) -> tuple[Any, dict]:
-    """Load a head saved by :func:`save_head` and its sidecar; nothing in the files can run code.
+def require_record(directory: Path) -> HeadRecord:
+    """:func:`read_record`, refusing a folder without a sidecar."""
+    record = read_record(directory)
+    if record is None:
+        raise FeaturecacheError(
+            f"{directory} has no {SIDECAR_FILE}: not a head saved by featurecache; train one with "
+            f"`featurecache train-heads`"
+        )
+    return record
+
+
+def verified_file(directory: Path, record: HeadRecord, name: str) -> Path:
+    """``directory/name`` after checking it against the sha256 its sidecar lists: a missing file and a changed
+    one are different one-line errors, both naming the retrain command."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise FeaturecacheError(
+            f"{path} is missing (its sidecar lists it), so there is nothing to load. Retrain it: "
+            f"`{retrain_command(record.to_json())}`"
+        )
+    if file_sha256(path) != record.files.get(name):
+        raise FeaturecacheError(
+            f"{path} does not match the sha256 in its sidecar; it was modified or replaced, so it is not "
+            f"loaded. Retrain it: `{retrain_command(record.to_json())}`"
+        )
+    return path
+
+
+def load_head(directory: str | os.PathLike, *, expect_features: dict[str, str] | None = None) -> tuple[Any, HeadRecord]:
+    """Load a stage-2 head saved by :func:`save_head` and its record; nothing in the files can run code.
 
     Args:
         directory: ``models/<dataset>/<base>/<layer>/<head>`` (or the ``head.skops`` inside it).
@@ -114,32 +137,27 @@ def load_head(directory: str | os.PathLike, *, expect_features: dict[str, str] |
     if directory.name in (HEAD_FILE, LEGACY_HEAD_FILE):
         directory = directory.parent
     sidecar = read_sidecar(directory)
-    if sidecar is None:
-        raise FeaturecacheError(
-            f"{directory} has no {SIDECAR_FILE}: not a head saved by featurecache; train one with "
-            f"`featurecache train-heads`"
-        )
-    head_path = directory / HEAD_FILE
-    if not head_path.is_file() and (directory / LEGACY_HEAD_FILE).is_file():
+    if sidecar is not None and not (directory / HEAD_FILE).is_file() and (directory / LEGACY_HEAD_FILE).is_file():
         raise FeaturecacheError(
             f"{directory / LEGACY_HEAD_FILE} is a pickled head from an older featurecache; pickles run code when "
-            f"loaded, so it is not loaded. Retrain it: `{_retrain_command(sidecar)}`"
+            f"loaded, so it is not loaded. Retrain it: `{retrain_command(sidecar)}`"
         )
-    expected_sha = (sidecar.get("files") or {}).get(HEAD_FILE)
-    if not head_path.is_file() or file_sha256(head_path) != expected_sha:
+    record = require_record(directory)
+    if record.kind != HEAD_KIND:
         raise FeaturecacheError(
-            f"{head_path} does not match the sha256 in its sidecar; it was modified or replaced, so it is not "
-            f"loaded. Retrain it: `{_retrain_command(sidecar)}`"
+            f"{directory} is a fine-tuned model ({record.model_file}), not a head on cached features; classify "
+            f"images with it through `featurecache predict --head {directory}`"
         )
+    head_path = verified_file(directory, record, HEAD_FILE)
     if expect_features is not None:
-        trained_on = sidecar["features"]
+        trained_on = record.features
         stale = sorted(s for s, fp in expect_features.items() if trained_on.get(s, {}).get("fingerprint") != fp)
         if stale:
             raise FeaturecacheError(
                 f"head {directory} was trained on other features than the current cache ({', '.join(stale)} "
                 f"changed); retrain it with `featurecache train-heads --overwrite`"
             )
-    return _load_trusted(head_path, sidecar), sidecar
+    return _load_trusted(head_path, record.to_json()), record
 
 
 def _load_trusted(head_path: Path, sidecar: dict[str, Any]) -> Any:
@@ -151,7 +169,7 @@ def _load_trusted(head_path: Path, sidecar: dict[str, Any]) -> Any:
         if untrusted:
             raise FeaturecacheError(
                 f"{head_path} names types featurecache does not trust ({', '.join(untrusted[:5])}); it was not "
-                f"written by featurecache, so it is not loaded. Retrain it: `{_retrain_command(sidecar)}`"
+                f"written by featurecache, so it is not loaded. Retrain it: `{retrain_command(sidecar)}`"
             )
         return skops.io.load(head_path, trusted=list(TRUSTED_TYPES))
     except FeaturecacheError:
@@ -159,5 +177,5 @@ def _load_trusted(head_path: Path, sidecar: dict[str, Any]) -> Any:
     except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, RuntimeError) as exc:
         raise FeaturecacheError(
             f"{head_path} is not a readable skops head ({type(exc).__name__}: {exc}); retrain it: "
-            f"`{_retrain_command(sidecar)}`"
+            f"`{retrain_command(sidecar)}`"
         ) from exc

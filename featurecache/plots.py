@@ -12,7 +12,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from featurecache.answer import PIXELS_TAG, RANDOM_SUFFIX, Answer, HeadResult, is_control
+from featurecache.answer import PIXELS_TAG, Answer, HeadResult, is_control
+from featurecache.weights import random_tag
 
 PRETRAINED_COLOUR = "#1f77b4"
 CONTROL_COLOUR = "0.55"
@@ -85,7 +86,7 @@ def star_of(answer: Answer, base: str) -> HeadResult | None:
 
 
 def _control_points(answer: Answer, base: str) -> list[HeadResult]:
-    return answer.curves.get(base + RANDOM_SUFFIX, []) + answer.curves.get(PIXELS_TAG, [])[:1]
+    return answer.curves.get(random_tag(base), []) + answer.curves.get(PIXELS_TAG, [])[:1]
 
 
 def _chance(ax, chance: float, lows: list[float]) -> None:  # noqa: ANN001
@@ -99,7 +100,7 @@ def _chance(ax, chance: float, lows: list[float]) -> None:  # noqa: ANN001
 
 
 def _controls(ax, answer: Answer, base: str, position: dict[str, int]) -> None:  # noqa: ANN001
-    random_curve: list[HeadResult] = answer.curves.get(base + RANDOM_SUFFIX, [])
+    random_curve: list[HeadResult] = answer.curves.get(random_tag(base), [])
     shared = [r for r in random_curve if r.layer in position]
     if shared:
         ax.plot([position[r.layer] for r in shared], [100 * r.test_accuracy for r in shared], "--x",

@@ -4,83 +4,110 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featurecache import store
-from featurecache.bases import WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
+from featurecache.bases import LoadedBase, load_base
 from featurecache.config import Paths, default_paths
 from featurecache.data import bad_image_errors, load_image
 from featurecache.errors import FeaturecacheError
 from featurecache.layers import TapSpec
-from featurecache.persist import load_head
+from featurecache.persist import HEAD_FILE, LEGACY_HEAD_FILE, load_head, read_sidecar
+from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord, kind_of
 
 
-def _weights_for(sidecar: dict[str, Any], weights_file: str | os.PathLike | None) -> dict[str, Any]:
-    """How to rebuild the exact weights the head's features came from (checked against the sidecar after)."""
-    weights_id = sidecar["weights"]
-    if match := re.fullmatch(r"random-init\(seed=(\d+)\)", weights_id):
-        return {"weights": WEIGHTS_NONE, "seed": int(match.group(1))}
-    if weights_id.startswith("file:"):
-        if weights_file is None:
-            raise FeaturecacheError(
-                f"this head's base was loaded from a weights file ({weights_id}); pass the same --weights-file"
-            )
-        return {"weights_file": weights_file}
-    tag, base = sidecar["base_tag"], sidecar["base"]
-    return {"weights": tag[len(base) + 1 :] if tag != base else WEIGHTS_DEFAULT}
+def load_base_of(record: HeadRecord, *, weights_file: str | os.PathLike | None = None, seed: int = 0) -> LoadedBase:
+    """Rebuild the base with exactly the weights the head's features came from; other weights are refused."""
+    ref = record.weights_ref
+    kwargs = ref.load_kwargs(base=record.base, base_tag=record.base_tag, weights_file=weights_file)
+    loaded = load_base(record.base, **{"seed": seed, **kwargs})  # a random-init base keeps its recorded seed
+    if loaded.weights_id != str(ref):
+        raise FeaturecacheError(
+            f"the base rebuilt here has weights {loaded.weights_id}, but the head was trained on features of "
+            f"{ref}; use the same weights (or retrain the head)"
+        )
+    return loaded
 
 
-def _runtime_for(sidecar: dict[str, Any], runtime: str | None) -> tuple[str, str]:
+def _runtime_for(record: HeadRecord, runtime: str | None) -> tuple[str, str]:
     """The runtime and precision the head's training features were extracted with (``auto``/f32 if unknown)."""
     if runtime is not None:
         return runtime, "f32"
     try:
-        meta = store.read_metadata(sidecar["features"]["train"]["file"])
+        meta = store.read_metadata(record.features["train"]["file"])
     except (FeaturecacheError, KeyError, OSError):
         return "auto", "f32"  # the cache is gone (a head copied to another machine): the device's default
     return meta.get("runtime", "eager"), meta.get("precision", "f32")
 
 
-def _home_of(sidecar: dict[str, Any]) -> Paths:
+def _home_of(record: HeadRecord) -> Paths:
     """The project home of the head's training cache (its exports live beside it), else ``default_paths()``."""
-    dataset, tag = sidecar["dataset"], sidecar["base_tag"]
+    dataset, tag = record.dataset, record.base_tag
     with contextlib.suppress(KeyError, TypeError, IndexError):
-        train_file = Path(sidecar["features"]["train"]["file"]).resolve()
+        train_file = Path(record.features["train"]["file"]).resolve()
         home = Paths(train_file.parents[4])  # <home>/data/features/<dataset>/<base_tag>/train.h5
         if home.feature_file(dataset, tag, "train") == train_file:
             return home
     return default_paths()
 
 
-def _extractor(loaded: LoadedBase, sidecar: dict[str, Any], tap: TapSpec, runtime: str | None, first: Any) -> Any:
-    """``images -> {tap.key: rows}`` on the runtime the head's features came from, checked on the first batch."""
-    from featurecache import runtime as runtimes
-    from featurecache.extract import ExtractOptions, _Runner
+class _HeadOnFeatures:
+    """``images -> (labels, probabilities or None)`` for a stage-2 head: base + tap on the runtime the head's
+    features came from (built and checked on the first batch), rows rounded to the cache's dtype, then the head."""
 
-    name, precision = _runtime_for(sidecar, runtime)
-    identity = runtimes.export_identity(base=loaded.spec.name, weights=loaded.weights_id,
-                                        input_size=loaded.spec.input_size, taps=[tap])  # fmt: skip
-    digest = runtimes.export_digest(identity)
-    export_file = _home_of(sidecar).export_file(sidecar["dataset"], sidecar["base_tag"], digest)
-    options = ExtractOptions(device="cpu", runtime=name, precision=precision)
-    runner = _Runner(loaded, "cpu", options, taps=[tap], export_file=export_file)
-    runner.check(first)
-    return runner.extractor([tap])
+    def __init__(self, estimator: Any, loaded: LoadedBase, record: HeadRecord, runtime: str | None) -> None:
+        self.estimator, self.loaded, self.record, self.runtime = estimator, loaded, record, runtime
+        self.tap = TapSpec.from_attrs(record.tap)
+        self.extractor: Any = None
+
+    def __call__(self, batch: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        self.extractor = self.extractor or self._build_extractor(batch)
+        rows = self.extractor(batch)[self.tap.key]
+        # Round-trip through the cache's storage dtype: the head saw exactly such numbers in training.
+        rows = rows.astype(self.record.feature_dtype or "float32").astype(np.float32)
+        proba = self.estimator.predict_proba(rows).max(axis=1) if hasattr(self.estimator, "predict_proba") else None
+        return np.asarray(self.estimator.predict(rows)), proba
+
+    def _build_extractor(self, first: Any) -> Any:
+        from featurecache import runtime as runtimes
+        from featurecache.extract import ExtractOptions, _Runner
+
+        loaded, record, tap = self.loaded, self.record, self.tap
+        name, precision = _runtime_for(record, self.runtime)
+        identity = runtimes.export_identity(base=loaded.spec.name, weights=loaded.weights_id,
+                                            input_size=loaded.spec.input_size, taps=[tap])  # fmt: skip
+        export_file = _home_of(record).export_file(record.dataset, record.base_tag, runtimes.export_digest(identity))
+        options = ExtractOptions(device="cpu", runtime=name, precision=precision)
+        runner = _Runner(loaded, "cpu", options, taps=[tap], export_file=export_file)
+        runner.check(first)
+        return runner.extractor([tap])
 
 
-def _alpha_of(sidecar: dict[str, Any]) -> str:
+def _finetuned_classifier(model: Any) -> Any:
+    """``images -> (labels, probabilities)`` through a whole fine-tuned model (eager torch on the CPU)."""
+    import torch
+
+    def classify(batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            proba = torch.softmax(model(batch).float(), dim=1)
+        top, labels = proba.max(dim=1)
+        return labels.numpy(), top.numpy()
+
+    return classify
+
+
+def _alpha_of(record: HeadRecord) -> str:
     """The background the head's training images were composited onto, so new images are decoded the same way.
 
     Recorded in the sidecar; heads whose sidecar predates it read it from the training cache's attrs.
     """
-    if sidecar.get("alpha"):
-        return sidecar["alpha"]
-    train_file = Path(sidecar["features"]["train"]["file"])
+    if record.alpha:
+        return record.alpha
+    train_file = Path(record.features["train"]["file"])
     alpha = store.read_metadata(train_file).get("alpha") if train_file.is_file() else None
     if alpha is None:
         raise FeaturecacheError(
@@ -91,33 +118,12 @@ def _alpha_of(sidecar: dict[str, Any]) -> str:
     return alpha
 
 
-def predict_images(
-    head_dir: str | os.PathLike,
-    images: Sequence[str | os.PathLike],
-    *,
-    weights_file: str | os.PathLike | None = None,
-    batch_size: int = 32,
-    runtime: str | None = None,
-) -> list[dict[str, Any]]:
-    """Classify image files with a saved head; returns ``[{path, label, probability}]`` in input order.
-
-    ``runtime``: ``featurecache.runtime.RUNTIMES``; by default the runtime the head's training cache records.
-    """
+def _image_batches(
+    images: Sequence[str | os.PathLike], transform: Any, *, alpha: str, batch_size: int
+) -> Iterator[tuple[list[Path], Any]]:
+    """``(paths, stacked tensors)`` per batch, decoded as the training images were; a bad file is an error."""
     import torch
 
-    estimator, sidecar = load_head(head_dir)
-    alpha = _alpha_of(sidecar)
-    loaded = load_base(sidecar["base"], **_weights_for(sidecar, weights_file))
-    if loaded.weights_id != sidecar["weights"]:
-        raise FeaturecacheError(
-            f"the base rebuilt here has weights {loaded.weights_id}, but the head was trained on features of "
-            f"{sidecar['weights']}; use the same weights (or retrain the head)"
-        )
-    tap = TapSpec.from_attrs(sidecar["tap"])
-    transform = loaded.spec.transforms()
-    extractor = None
-    classes = sidecar["class_names"]
-    out = []
     for start in range(0, len(images), batch_size):
         batch_paths = [Path(p) for p in images[start : start + batch_size]]
         tensors = []
@@ -126,15 +132,42 @@ def predict_images(
                 tensors.append(transform(load_image(p, alpha=alpha)))
             except bad_image_errors() as exc:
                 raise FeaturecacheError(f"cannot read image {p}: {exc}") from exc
-        batch = torch.stack(tensors)
-        extractor = extractor or _extractor(loaded, sidecar, tap, runtime, batch)
-        rows = extractor(batch)[tap.key]
-        # Round-trip through the cache's storage dtype: the head saw exactly such numbers in training.
-        rows = rows.astype(sidecar.get("feature_dtype", "float32")).astype(np.float32)
-        labels = estimator.predict(rows)
-        proba = estimator.predict_proba(rows).max(axis=1) if hasattr(estimator, "predict_proba") else None
+        yield batch_paths, torch.stack(tensors)
+
+
+def predict_images(
+    head_dir: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    *,
+    weights_file: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    runtime: str | None = None,
+) -> list[dict[str, Any]]:
+    """Classify image files with a saved head or fine-tuned model; returns ``[{path, label, probability}]`` in
+    input order.
+
+    ``runtime`` (stage-2 heads): ``featurecache.runtime.RUNTIMES``; by default the runtime the head's training
+    cache records. A fine-tuned model runs whole, in eager torch on the CPU.
+    """
+    directory = Path(head_dir)
+    if directory.name in (HEAD_FILE, LEGACY_HEAD_FILE, FINETUNED_MODEL_FILE):
+        directory = directory.parent
+    sidecar = read_sidecar(directory)
+    if sidecar is not None and kind_of(sidecar) == FINETUNED_KIND:
+        from featurecache.finetune import load_finetuned
+
+        model, record, loaded = load_finetuned(directory, weights_file=weights_file)
+        classify = _finetuned_classifier(model)
+    else:
+        estimator, record = load_head(directory)
+        loaded = load_base_of(record, weights_file=weights_file)
+        classify = _HeadOnFeatures(estimator, loaded, record, runtime)
+    batches = _image_batches(images, loaded.spec.transforms(), alpha=_alpha_of(record), batch_size=batch_size)
+    out = []
+    for batch_paths, batch in batches:
+        labels, proba = classify(batch)
         for i, p in enumerate(batch_paths):
-            entry = {"path": str(p), "label": classes[int(labels[i])]}
+            entry = {"path": str(p), "label": record.class_names[int(labels[i])]}
             if proba is not None:
                 entry["probability"] = float(proba[i])
             out.append(entry)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from featurecache.heads import simplicity_rank
+from featurecache.records import HeadRecord
 
 T = TypeVar("T")
 
@@ -56,6 +57,13 @@ def candidate_of_sidecar(sidecar: Mapping[str, Any]) -> Candidate:
         relative_depth=float(sidecar["tap"]["relative_depth"]),
         val_accuracy=float(sidecar["selection_val_accuracy"]),
     )
+
+
+def candidate_of_record(record: HeadRecord) -> Candidate:
+    """The selection fields of a :class:`~featurecache.records.HeadRecord`."""
+    return Candidate(base=record.base_tag, layer=record.layer, head=record.head,
+                     relative_depth=float(record.tap["relative_depth"]),
+                     val_accuracy=float(record.selection_val_accuracy))  # fmt: skip
 
 
 def ranked(items: Iterable[T], candidate: Callable[[T], Candidate] = candidate_of_sidecar) -> list[T]:

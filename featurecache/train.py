@@ -5,19 +5,21 @@ never cross-validation, and test is not opened); the best is refitted on train (
 the test split read, once, for accuracy with a bootstrap 95% interval, balanced accuracy, macro-F1 and the
 confusion matrix. Grid points are plain ``ParameterGrid`` fits rather than ``GridSearchCV`` because the refit
 must be on train alone and the dense head early-stops on the val split.
+
+This module makes the jobs and runs each in phases (:func:`run_job`: reuse check, load, sweep and refit, test
+and record). Where the jobs run is :mod:`featurecache.backends`; how training rows are held in memory or
+streamed from the cache is :mod:`featurecache.trainrows`; the ranking of saved heads is
+:mod:`featurecache.leaderboard`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
-import io
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,27 +27,26 @@ from typing import Any
 import numpy as np
 
 from featurecache import persist, store
+from featurecache.backends import check_backend, joblib_backend
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN
 from featurecache.errors import FeaturecacheError
-from featurecache.fileio import atomic_write_text
-from featurecache.heads import get_head_spec, list_heads, saved_head_name
+from featurecache.heads import HeadSpec, get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
-from featurecache.selection import ranked
+from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
+from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
+from featurecache.weights import base_of_tag, is_random_tag
 
 log = logging.getLogger(__name__)
 
 REFIT_MODES = ("train", "train+val")
-# joblib backends for the sweep; dask and ray are optional extras that run the same jobs on a cluster.
-BACKENDS = ("loky", "dask", "ray")
-SIDECAR_VERSION = 2  # 2: val/test scores carry per-image predictions (paired tests in the report)
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     refit: str = "train"  # refit the selected head on train, or on train+val
     n_jobs: int = 1
-    backend: str = "loky"  # where the layer x head jobs run (see BACKENDS); never changes the results
+    backend: str = "loky"  # where the jobs run (featurecache.backends.BACKENDS); never changes the results
     cluster_address: str | None = None  # dask scheduler / ray head; None: a local cluster (or the env's)
     augmented: bool = False  # also train on the cached augmented views (extract --train-views K); heads "<name>+aug"
     overwrite: bool = False
@@ -87,8 +88,8 @@ def cache_files(dataset: str, base_tag: str, paths: Paths, *, augmented: bool = 
         files[AUGMENTED_TRAIN] = views
     missing = [s for s, p in files.items() if not p.is_file()]
     if missing:
-        base = base_tag.removesuffix("-random")
-        weights = " --weights none --dtype float32" if base_tag.endswith("-random") else ""
+        base = base_of_tag(base_tag)
+        weights = " --weights none --dtype float32" if is_random_tag(base_tag) else ""
         raise FeaturecacheError(
             f"no feature cache for {dataset} x {base_tag} ({', '.join(missing)} missing under "
             f"{files[missing[0]].parent}); run make extract first: `make extract DATASET={dataset} BASE={base}` "
@@ -99,17 +100,6 @@ def cache_files(dataset: str, base_tag: str, paths: Paths, *, augmented: bool = 
 
 def feature_fingerprint(meta: dict[str, Any], layer: str) -> str:
     return f"{meta['config_fingerprint']}:{layer}:{json.dumps(meta['taps'][layer], sort_keys=True)}"
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def train_heads(
@@ -129,31 +119,16 @@ def train_heads(
         layers: tap keys (default: every layer cached in all three splits).
         heads: head names (default: all registered heads).
     """
-    from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
-
     options = options or TrainOptions()
     paths = paths or default_paths()
     if options.refit not in REFIT_MODES:
         raise FeaturecacheError(f"unknown --refit {options.refit!r}; choose train or train+val")
-    if options.backend not in BACKENDS:
-        raise FeaturecacheError(f"unknown --backend {options.backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_backend(options.backend)
     check_path_name(dataset, what="dataset name")  # both become folders under models/ and reports/
     check_path_name(base_tag, what="base")
     files = cache_files(dataset, base_tag, paths, augmented=options.augmented)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
-    if options.augmented and metas[AUGMENTED_TRAIN].get("source_rows") != metas["train"]["num_samples"]:
-        raise FeaturecacheError(
-            f"{files[AUGMENTED_TRAIN]} was made from another train split than {files['train']}; re-extract with "
-            f"--train-views"
-        )
-    if (
-        len({json.dumps(m["class_names"]) for m in metas.values()}) != 1
-        or len({m["base"] for m in metas.values()}) != 1
-    ):
-        raise FeaturecacheError(
-            f"the split caches under {files['train'].parent} disagree on classes or base; re-extract"
-        )
+    _check_splits_agree(files, metas, augmented=options.augmented)
     cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
     layers = list(layers) if layers else cached
     check_layers_in_every_split(layers, metas, files, dataset=dataset, base_tag=base_tag)
@@ -167,8 +142,32 @@ def train_heads(
                              paths=paths)  # fmt: skip
     jobs = [make(layer, head) for layer in layers for head in heads if not get_head_spec(head).multi_tap]
     jobs += _multi_tap_jobs(layers, heads, metas["train"], make)
+    return run_jobs(jobs, options, desc=f"{dataset}/{base_tag}")
+
+
+def _check_splits_agree(files: dict[str, Path], metas: dict[str, dict[str, Any]], *, augmented: bool) -> None:
+    """The split caches (and the augmented views) must come from one extraction: same classes, base, train rows."""
+    if augmented and metas[AUGMENTED_TRAIN].get("source_rows") != metas["train"]["num_samples"]:
+        raise FeaturecacheError(
+            f"{files[AUGMENTED_TRAIN]} was made from another train split than {files['train']}; re-extract with "
+            f"--train-views"
+        )
+    if (
+        len({json.dumps(m["class_names"]) for m in metas.values()}) != 1
+        or len({m["base"] for m in metas.values()}) != 1
+    ):
+        raise FeaturecacheError(
+            f"the split caches under {files['train'].parent} disagree on classes or base; re-extract"
+        )
+
+
+def run_jobs(jobs: Sequence[Job], options: TrainOptions, *, desc: str) -> list[dict[str, Any]]:
+    """Run ``jobs`` on the chosen joblib backend with a progress bar; their sidecars, in ``jobs`` order."""
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
     results = []
-    bar = tqdm(total=len(jobs), unit="head", desc=f"{dataset}/{base_tag}", disable=not options.progress)
+    bar = tqdm(total=len(jobs), unit="head", desc=desc, disable=not options.progress)
     try:
         with joblib_backend(options.backend, n_jobs=options.n_jobs, address=options.cluster_address):
             runner = Parallel(n_jobs=options.n_jobs, return_as="generator_unordered")
@@ -224,15 +223,6 @@ def _multi_tap_jobs(
     return [make(MULTI_TAP_LAYER, head, taps) for head in heads if get_head_spec(head).multi_tap and taps]
 
 
-def _load_taps(job: Job, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """A multi-tap job's rows: its taps side by side, the rows of every file one after another."""
-    rows = []
-    for f in files:
-        parts = [store.load_features(f, tap)[:2] for tap in job.taps]
-        rows.append((np.concatenate([p[0] for p in parts], axis=1).astype(np.float32), parts[0][1]))
-    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
-
-
 def _job_tap(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
     """The sidecar's `tap`: the cached tap, or for a multi-tap head the marker described at MULTI_TAP_LAYER."""
     if not job.taps:
@@ -246,61 +236,41 @@ def _job_fingerprint(job: Job, meta: dict[str, Any]) -> str:
     return " + ".join(feature_fingerprint(meta, t) for t in taps)
 
 
-@contextlib.contextmanager
-def joblib_backend(backend: str, *, n_jobs: int, address: str | None = None) -> Iterator[None]:
-    """Run the enclosed joblib calls on loky (local processes), a Dask cluster or a Ray cluster.
-
-    Dask: ``address`` is a scheduler (``tcp://host:8786``); without one, ``$DASK_SCHEDULER_ADDRESS`` or else a
-    local cluster of ``n_jobs`` single-threaded worker processes. Ray: ``address`` or ``$RAY_ADDRESS``, else a
-    local Ray. Cluster workers read the caches and write the models by path, so they need the same filesystem.
-    """
-    from joblib import parallel_config
-
-    if backend == "loky":
-        with parallel_config(backend="loky"):
-            yield
-        return
-    if backend == "dask":
-        try:
-            from dask.distributed import Client, LocalCluster
-        except ImportError:
-            raise FeaturecacheError("--backend dask needs dask.distributed: pip install 'featurecache[dask]'") from None
-        address = address or os.environ.get("DASK_SCHEDULER_ADDRESS")
-        cluster = None
-        if address is None:
-            workers = n_jobs if n_jobs > 0 else os.cpu_count() or 1
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(address or cluster)
-        log.info("dask backend: %s", client)
-        try:
-            with parallel_config(backend="dask"):
-                yield
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-        return
-    try:
-        import ray
-        from ray.util.joblib import register_ray
-    except ImportError:
-        raise FeaturecacheError("--backend ray needs ray: pip install 'featurecache[ray]'") from None
-    register_ray()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address)  # None: $RAY_ADDRESS if set, else a local Ray
-    try:
-        with parallel_config(backend="ray"):
-            yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
 def _grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
     from sklearn.model_selection import ParameterGrid
 
     return list(ParameterGrid(grid))
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a job fits, decided before any fit: the head, the caches' metadata and fingerprints, the grid."""
+
+    job: Job
+    spec: HeadSpec
+    metas: dict[str, dict[str, Any]]  # split -> cache metadata
+    features: dict[str, dict[str, str]]  # split -> {file, fingerprint}: what the saved head records
+    grid: list[dict[str, Any]]
+
+
+@dataclass
+class JobRows:
+    """What a job fits on: the train rows (in memory or streamed) and the val split in memory."""
+
+    train: TrainRows
+    X_val: np.ndarray
+    y_val: np.ndarray
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """The sweep on val and the head chosen from it, refitted."""
+
+    sweep: list[dict[str, Any]]  # per grid point: params, val_accuracy, fit_seconds
+    params: dict[str, Any]  # the selected grid point
+    val_accuracy: float  # its val accuracy in the sweep (what selected it)
+    final: Any  # the selected head, refitted on train or train+val
+    refit_seconds: float
 
 
 def run_job(job: Job) -> dict[str, Any]:
@@ -309,118 +279,123 @@ def run_job(job: Job) -> dict[str, Any]:
 
     torch.set_num_threads(job.threads)
     t_start = time.perf_counter()
+    plan = _plan(job)
+    previous = _reusable(plan)
+    if previous is not None:
+        return {**previous.to_json(), "status": "reused"}
+    rows = _load_job_rows(plan)
+    try:
+        fitted = _sweep_and_refit(plan, rows)
+    finally:
+        rows.train.close()  # the HDF5 files a streamed split reads from
+    record = persist.save_head(Path(job.out_dir), fitted.final, _test_and_record(plan, rows, fitted, t_start))
+    return {**record.to_json(), "status": "trained"}
+
+
+def _plan(job: Job) -> JobPlan:
+    """Read the caches' metadata (checked again here: a cache may have been re-extracted since train_heads looked,
+    or on another worker), fingerprint the features, and lay out the grid."""
     spec = get_head_spec(job.head)
-    opts = job.options
     metas = {s: store.read_metadata(p) for s, p in job.files.items()}
-    # Checked again here: a cache may have been re-extracted since train_heads looked (or on another worker).
     check_layers_in_every_split(list(job.taps or (job.layer,)), metas, {s: Path(p) for s, p in job.files.items()},
                                 dataset=job.dataset, base_tag=job.base_tag)  # fmt: skip
     features = {s: {"file": job.files[s], "fingerprint": _job_fingerprint(job, metas[s])} for s in job.files}
     grid = _grid_points(spec.grid)
     if job.taps:  # the head needs to know where one tap's columns end and the next begin
         grid = [{**p, "group_sizes": [metas["train"]["taps"][t]["out_dim"] for t in job.taps]} for p in grid]
-    out_dir = Path(job.out_dir)
-    previous = persist.read_sidecar(out_dir)
-    if previous is not None and not opts.overwrite:
-        same = (
-            previous.get("version") == SIDECAR_VERSION
-            and previous["features"] == features
-            and previous["grid"] == json.loads(json.dumps(grid, default=list))
-            and previous["refit"] == opts.refit
-            and previous["seed"] == opts.seed
-        )
-        if same and (out_dir / persist.HEAD_FILE).is_file():
-            return {**previous, "status": "reused"}
+    return JobPlan(job, spec, metas, features, grid)
 
+
+def _reusable(plan: JobPlan) -> HeadRecord | None:
+    """The saved head of this job when it was trained on the same features, grid, refit and seed."""
+    opts, out_dir = plan.job.options, Path(plan.job.out_dir)
+    try:
+        previous = persist.read_record(out_dir)
+    except SidecarVersionError:
+        return None  # written by another version: retrained over
+    if previous is None or opts.overwrite or not (out_dir / persist.HEAD_FILE).is_file():
+        return None
+    same = (
+        previous.features == plan.features
+        and previous.grid == json.loads(json.dumps(plan.grid, default=list))
+        and previous.refit == opts.refit
+        and previous.seed == opts.seed
+    )
+    return previous if same else None
+
+
+def _load_job_rows(plan: JobPlan) -> JobRows:
+    """Train rows (plus the augmented views) and val rows; a multi-tap job's taps side by side."""
+    job = plan.job
     train_files = [job.files["train"]] + ([job.files[AUGMENTED_TRAIN]] if AUGMENTED_TRAIN in job.files else [])
     if job.taps:
-        X_tr, y_tr = _load_taps(job, train_files)
-        train = (X_tr, y_tr, len(y_tr), None)
-        X_val, y_val = _load_taps(job, [job.files["val"]])
+        train = TrainRows.in_memory(*load_tap_rows(train_files, job.taps))
+        X_val, y_val = load_tap_rows([job.files["val"]], job.taps)
     else:
-        train = _load_split(train_files, job.layer, spec, opts)
+        train = load_train_rows(train_files, job.layer, plan.spec, max_memory_gb=job.options.max_memory_gb)
         X_val, y_val, _ = store.load_features(job.files["val"], job.layer)
-    X_val = X_val.astype(np.float32)
+    return JobRows(train, X_val.astype(np.float32), y_val)
 
-    if spec.sweep is not None and train[3] is None:
-        fitted = spec.sweep(train[0], train[1], X_val, y_val, grid, seed=opts.seed)
+
+def _sweep_and_refit(plan: JobPlan, rows: JobRows) -> Fitted:
+    """Fit every grid point on train and score it on val; keep the best (ties: the earlier grid point) and refit
+    it on train+val when asked (the dense head for the epoch count it early-stopped at, on the same device)."""
+    opts, spec = plan.job.options, plan.spec
+    if spec.sweep is not None and not rows.train.streamed:
+        fitted = spec.sweep(rows.train.X, rows.train.y, rows.X_val, rows.y_val, plan.grid, seed=opts.seed)
     else:
-        fitted = []
-        for params in grid:
-            estimator = spec.build(opts.seed).set_params(**params)
-            t0 = time.perf_counter()
-            _fit(estimator, train, eval_set=(X_val, y_val), spec_dense=spec.dense, device=opts.device)
-            fit_seconds = time.perf_counter() - t0
-            fitted.append((params, estimator, float((estimator.predict(X_val) == y_val).mean()), fit_seconds))
-    sweep = []
-    best = None
-    for params, estimator, val_accuracy, fit_seconds in fitted:
-        sweep.append({"params": params, "val_accuracy": val_accuracy, "fit_seconds": round(fit_seconds, 4)})
-        if best is None or val_accuracy > best[2]:  # ties keep the earlier (grid order) point
-            best = (params, estimator, val_accuracy)
-    best_params, final, selection_val_accuracy = best
-
+        fitted = [_fit_point(plan, params, rows) for params in plan.grid]
+    sweep = [{"params": p, "val_accuracy": acc, "fit_seconds": round(t, 4)} for p, _, acc, t in fitted]
+    params, final, val_accuracy, _ = max(fitted, key=lambda f: f[2])  # max keeps the first of equal scores
     t_refit = time.perf_counter()
     if opts.refit == "train+val":
-        final = spec.build(opts.seed).set_params(**best_params)
+        selected = final
+        final = spec.build(opts.seed).set_params(**params)
         if spec.dense:  # no early stopping without a held-out split: train for the selected epoch count
-            final.set_params(max_epochs=best[1].best_epoch_, validation_fraction=0.0)
-        X_tr, y_tr = _materialize(train)
-        _fit(final, (np.concatenate([X_tr, X_val]), np.concatenate([y_tr, y_val])), eval_set=None,
-             spec_dense=spec.dense, device=opts.device)  # fmt: skip
-    refit_seconds = time.perf_counter() - t_refit
+            final.set_params(max_epochs=selected.best_epoch_, validation_fraction=0.0)
+        X_tr, y_tr = rows.train.materialize()
+        both = TrainRows.in_memory(np.concatenate([X_tr, rows.X_val]), np.concatenate([y_tr, rows.y_val]))
+        fit_head(final, both, eval_set=None, dense=spec.dense, device=opts.device)
+    return Fitted(sweep, params, val_accuracy, final, time.perf_counter() - t_refit)
 
-    if train[3] is not None:
-        for handle in train[3][3]:
-            handle.close()  # the HDF5 files the streaming loaders read from
 
-    # The test split is opened here, after selection, exactly once.
+def _fit_point(plan: JobPlan, params: dict[str, Any], rows: JobRows) -> tuple[dict[str, Any], Any, float, float]:
+    """One grid point fitted on train (in memory or streamed): ``(params, estimator, val accuracy, seconds)``."""
+    estimator = plan.spec.build(plan.job.options.seed).set_params(**params)
+    t0 = time.perf_counter()
+    fit_head(estimator, rows.train, eval_set=(rows.X_val, rows.y_val), dense=plan.spec.dense,
+             device=plan.job.options.device)  # fmt: skip
+    fit_seconds = time.perf_counter() - t0
+    return params, estimator, float((estimator.predict(rows.X_val) == rows.y_val).mean()), fit_seconds
+
+
+def _test_and_record(plan: JobPlan, rows: JobRows, fitted: Fitted, t_start: float) -> HeadRecord:
+    """Score the refitted head on val and, opened here after selection exactly once, on test; its record."""
+    job, meta, final = plan.job, plan.metas["train"], fitted.final
     if job.taps:
-        X_test, y_test = _load_taps(job, [job.files["test"]])
+        X_test, y_test = load_tap_rows([job.files["test"]], job.taps)
     else:
         X_test, y_test, _ = store.load_features(job.files["test"], job.layer)
-    n_classes = len(metas["train"]["class_names"])
-    test_pred, val_pred = final.predict(X_test.astype(np.float32)), final.predict(X_val)
+    n_classes = len(meta["class_names"])
+    test_pred, val_pred = final.predict(X_test.astype(np.float32)), final.predict(rows.X_val)
     # Per-image predictions (valid rows, cache order) let the report compare heads on the same images (McNemar).
     test_scores = {**classification_scores(y_test, test_pred, n_classes=n_classes), "predictions": test_pred}
-    val_scores = {**classification_scores(y_val, val_pred, n_classes=n_classes), "predictions": val_pred}
-    tap = _job_tap(job, metas["train"])
-    sidecar = {
-        "version": SIDECAR_VERSION,
-        "dataset": job.dataset,
-        "base": metas["train"]["base"],
-        "base_tag": job.base_tag,
-        "weights": metas["train"]["weights"],
-        "feature_dtype": metas["train"]["dtype"],
-        "alpha": metas["train"].get("alpha"),  # how transparent images were decoded; predict decodes the same way
-        "layer": job.layer,
-        "tap": tap,
-        **({"taps": list(job.taps)} if job.taps else {}),
-        "head": job.name,
-        "head_spec": job.head,
-        "train_views": int(metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in metas else 0,
-        "dense": spec.dense,
-        "class_names": metas["train"]["class_names"],
-        "features": features,
-        "grid": grid,
-        "sweep": sweep,
-        "params": best_params,
-        "refit": opts.refit,
-        "seed": opts.seed,
-        "selection_val_accuracy": selection_val_accuracy,
-        "val": val_scores,
-        "test": test_scores,
-        "n_train": int(train[2]),
-        "streamed": bool(train[3]),
-        "timings": {
-            "sweep_seconds": round(sum(s["fit_seconds"] for s in sweep), 3),
-            "refit_seconds": round(refit_seconds, 3),
-            "total_seconds": round(time.perf_counter() - t_start, 3),
-        },
-        "library_versions": _library_versions(),
-    }
-    persist.save_head(out_dir, final, sidecar)
-    return {**persist.read_sidecar(out_dir), "status": "trained"}
+    val_scores = {**classification_scores(rows.y_val, val_pred, n_classes=n_classes), "predictions": val_pred}
+    sweep_seconds = sum(s["fit_seconds"] for s in fitted.sweep)
+    return HeadRecord(
+        kind=HEAD_KIND, dataset=job.dataset, base=meta["base"], base_tag=job.base_tag, weights=meta["weights"],
+        feature_dtype=meta["dtype"],
+        alpha=meta.get("alpha"),  # how transparent images were decoded; predict decodes the same way
+        layer=job.layer, tap=_job_tap(job, meta), taps=job.taps or None, head=job.name, head_spec=job.head,
+        train_views=int(plan.metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in plan.metas else 0,
+        dense=plan.spec.dense, class_names=tuple(meta["class_names"]), features=plan.features, grid=plan.grid,
+        sweep=fitted.sweep, params=fitted.params, refit=job.options.refit, seed=job.options.seed,
+        selection_val_accuracy=fitted.val_accuracy, val=val_scores, test=test_scores, n_train=int(rows.train.n),
+        streamed=rows.train.streamed,
+        timings={"sweep_seconds": round(sweep_seconds, 3), "refit_seconds": round(fitted.refit_seconds, 3),
+                 "total_seconds": round(time.perf_counter() - t_start, 3)},
+        library_versions=_library_versions(),
+    )  # fmt: skip
 
 
 def _library_versions() -> dict[str, str]:
@@ -434,153 +409,3 @@ def _library_versions() -> dict[str, str]:
 
     return {"featurecache": __version__, "scikit-learn": sklearn.__version__, "torch": torch.__version__,
             "joblib": joblib.__version__, "numpy": np.__version__, "python": platform.python_version()}  # fmt: skip
-
-
-# train split as (X, y, n, loaders): in memory (loaders None) or as lazy HDF5 chunks for streaming heads
-TrainData = tuple[Any, Any, int, Any]
-
-
-def _load_split(files: Sequence[str], layer: str, spec: Any, opts: TrainOptions) -> TrainData:
-    """The training rows of ``layer`` from one or more caches (train, plus its augmented views), in memory when
-    they fit the budget, else as chunk loaders for the heads that stream."""
-    import h5py
-
-    metas = [store.read_metadata(f) for f in files]
-    n, dim = sum(m["num_valid"] for m in metas), metas[0]["taps"][layer]["out_dim"]
-    need = n * dim * 4 * 3  # float32 copy + standardized copy + solver workspace
-    budget = int((opts.max_memory_gb * 2**30) if opts.max_memory_gb is not None else _available_memory() // 2)
-    shown = " + ".join(str(f) for f in files)
-    if need <= budget:
-        parts = [store.load_features(f, layer)[:2] for f in files]
-        X = np.concatenate([p[0] for p in parts]).astype(np.float32, copy=False)
-        return X, np.concatenate([p[1] for p in parts]), n, None
-    if not spec.streams:
-        raise FeaturecacheError(
-            f"layer {layer} of {shown} needs about {need / 2**30:.1f} GiB in memory for head {spec.name!r}, over the "
-            f"budget of {budget / 2**30:.1f} GiB. Use a head that streams from the cache (--heads mlp), a pooled "
-            f"layer (avg/grid2 instead of raw maps), or raise --max-memory-gb"
-        )
-    log.info("%s of %s does not fit in %.1f GiB: streaming it in chunks", layer, shown, budget / 2**30)
-
-    def loader(
-        dset: Any, labels: Any, valid: Any, start: int, stop: int
-    ) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
-        def read() -> tuple[np.ndarray, np.ndarray]:
-            keep = valid[start:stop]
-            return dset[start:stop][keep].astype(np.float32), labels[start:stop][keep]
-
-        return read
-
-    handles, loaders = [], []
-    for f in files:
-        handle = h5py.File(f, "r")
-        handles.append(handle)
-        dset, labels, valid = handle["features"][layer], handle["labels"], handle["valid"]
-        step = max(dset.chunks[0], (64 << 20) // max(1, 4 * dim))
-        step -= step % dset.chunks[0]
-        loaders += [loader(dset, labels, valid, s, min(s + step, dset.shape[0])) for s in range(0, dset.shape[0], step)]
-    return None, None, n, (loaders, np.arange(len(metas[0]["class_names"])), dim, handles)
-
-
-def _materialize(train: TrainData) -> tuple[np.ndarray, np.ndarray]:
-    X, y, _, stream = train
-    if stream is None:
-        return X, y
-    parts = [load() for load in stream[0]]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def _fit(estimator: Any, train: Any, *, eval_set: Any, spec_dense: bool, device: str) -> None:
-    if spec_dense:
-        estimator.set_params(device=device)
-    if len(train) == 2:
-        estimator.fit(*train)
-        return
-    X, y, _, stream = train
-    if stream is not None:
-        loaders, classes, dim, _ = stream
-        estimator.fit_stream(loaders, classes=classes, n_features=dim, eval_set=eval_set)
-    elif spec_dense:
-        estimator.fit(X, y, eval_set=eval_set)
-    else:
-        estimator.fit(X, y)
-
-
-# ------------------------------------------------------------------------------------------- leaderboard
-
-LEADERBOARD_COLUMNS = [
-    "base", "layer", "relative_depth", "head", "params", "val_accuracy", "test_accuracy", "test_ci_low",
-    "test_ci_high", "test_balanced_accuracy", "test_macro_f1", "fit_seconds", "n_train", "model_dir",
-]  # fmt: skip
-
-
-def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
-    """One row per saved head of the dataset (every base), best first under the one selection rule
-    (:mod:`featurecache.selection`: val accuracy; ties to the simpler head, then the shallower layer)."""
-    sidecars = [s for d in paths.head_dirs(dataset) if (s := persist.read_sidecar(d)) is not None]
-    rows = []
-    for s in ranked(sidecars):
-        rows.append(
-            {
-                "base": s["base_tag"],
-                "layer": s["layer"],
-                "relative_depth": s["tap"]["relative_depth"],
-                "head": s["head"],
-                "dense": s["dense"],
-                "params": json.dumps(s["params"], sort_keys=True),
-                "val_accuracy": round(s["selection_val_accuracy"], 4),
-                "test_accuracy": round(s["test"]["accuracy"], 4),
-                "test_ci_low": round(s["test"]["accuracy_ci95"][0], 4),
-                "test_ci_high": round(s["test"]["accuracy_ci95"][1], 4),
-                "test_balanced_accuracy": round(s["test"]["balanced_accuracy"], 4),
-                "test_macro_f1": round(s["test"]["macro_f1"], 4),
-                "fit_seconds": s["timings"]["total_seconds"],
-                "n_train": s["n_train"],
-                "model_dir": str(paths.head_dir(dataset, s["base_tag"], s["layer"], s["head"])),
-            }
-        )
-    return rows
-
-
-def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any]:
-    """Write ``reports/<dataset>/results.{csv,md}`` and ``best.json``; returns the best.json content."""
-    paths = paths or default_paths()
-    rows = leaderboard_rows(dataset, paths)
-    if not rows:
-        raise FeaturecacheError(f"no trained heads under {paths.models / dataset}; run `make train-heads` first")
-    out = paths.leaderboard_dir(dataset)
-    out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buffer.getvalue())
-    atomic_write_text(out / "results.md", format_leaderboard(dataset, rows))
-    dense = [r for r in rows if r["dense"]]
-    best = {
-        "dataset": dataset,
-        "selected_by": "val_accuracy; ties: simpler head, then shallower layer (featurecache.selection)",
-        "best": rows[0],
-        "best_dense": dense[0] if dense else None,
-    }
-    atomic_write_text(out / "best.json", json.dumps(best, indent=1))
-    return best
-
-
-def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
-    lines = [
-        f"# {dataset}: heads on cached features",
-        "",
-        "Selected on val (ties: the simpler head, then the shallower layer); test scored once after selection, "
-        "with a 95% Wilson interval.",
-        "",
-        "| rank | base | layer | depth | head | val acc | test acc (95% CI) | bal. acc | macro-F1 | s |",
-        "|---:|---|---|---:|---|---:|---|---:|---:|---:|",
-    ]
-    for i, r in enumerate(rows, 1):
-        lines.append(
-            f"| {i} | {r['base']} | {r['layer']} | {r['relative_depth']:.2f} | {r['head']} | {r['val_accuracy']:.3f} "
-            f"| {r['test_accuracy']:.3f} ({r['test_ci_low']:.3f}–{r['test_ci_high']:.3f}) "
-            f"| {r['test_balanced_accuracy']:.3f} | {r['test_macro_f1']:.3f} | {r['fit_seconds']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"

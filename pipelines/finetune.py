@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     # Imported here, not at the top: featurecache.finetune imports torch, and the console script imports every
     # entry point to build its help, so `featurecache --help` / `--version` stay fast.
     from featurecache.finetune import FinetuneOptions, finetune
-    from featurecache.train import write_leaderboard
+    from featurecache.leaderboard import write_leaderboard
 
     options = FinetuneOptions(
         head=args.head,

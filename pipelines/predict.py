@@ -13,11 +13,15 @@ from pipelines.common import run_main
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("featurecache predict", description=__doc__, add_help=add_help)
-    p.add_argument("--head", required=True, help="models/<dataset>/<base>/<layer>/<head> (or its head.skops)")
+    p.add_argument("--head", required=True,
+                   help="models/<dataset>/<base>/<layer>/<head> (or its head.skops), or a fine-tuned model's folder "
+                   "(.../finetuned-mlp)")  # fmt: skip
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--weights-file", help="the weights file the base was extracted with, if it was")
     p.add_argument("--json", action="store_true", help="print JSON lines")
-    p.add_argument("--runtime", choices=RUNTIMES, help="default: the runtime the head's training features were made on")
+    p.add_argument("--runtime", choices=RUNTIMES,
+                   help="default: the runtime the head's training features were made on (a fine-tuned model runs "
+                   "in eager torch)")  # fmt: skip
     return p
 
 

@@ -10,7 +10,8 @@ from featurecache.answer import MIN_IMAGES_PER_CLASS, smallest_class_counts
 from featurecache.config import default_paths
 from featurecache.heads import list_heads
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
-from featurecache.train import TrainOptions, train_heads, write_leaderboard
+from featurecache.leaderboard import write_leaderboard
+from featurecache.train import TrainOptions, train_heads
 from pipelines.common import comma_list, run_main
 
 

@@ -15,9 +15,10 @@ from featurecache.bases import get_base_spec
 from featurecache.config import Paths
 from featurecache.data import AUGMENTED_TRAIN, ImageFiles, augmented_views, discover_splits
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
+from featurecache.leaderboard import leaderboard_rows
 from featurecache.report import build_report
 from featurecache.selection import pick_best
-from featurecache.train import TrainOptions, leaderboard_rows, train_heads
+from featurecache.train import TrainOptions, train_heads
 from tests.helpers import make_image_folder
 
 BASE = "mobilenet_v2_offline"

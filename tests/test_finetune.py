@@ -15,8 +15,9 @@ from featurecache.config import Paths
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.finetune import FinetuneOptions, base_units, choose_units, finetune, holds_trainable_weights
 from featurecache.layers import build_extractor, parse_taps, trace_base
+from featurecache.leaderboard import leaderboard_rows
 from featurecache.report import build_report
-from featurecache.train import TrainOptions, leaderboard_rows, train_heads
+from featurecache.train import TrainOptions, train_heads
 from tests.helpers import make_image_folder
 
 BASE = "mobilenet_v2_offline"
@@ -175,3 +176,35 @@ def test_default_unit_holds_trainable_weights():
     assert choose_units(units, loaded.model, FinetuneOptions(unfreeze_last=2)) == ["_blocks.15", "_conv_head"]
     assert choose_units(units, loaded.model, FinetuneOptions(unfreeze=("_bn1",))) == ["_bn1"]  # asked by name
     assert not holds_trainable_weights(loaded.model.get_submodule("_bn1"))
+
+
+@pytest.mark.slow
+def test_predict_classifies_with_a_finetuned_model(trained, tmp_path):
+    """`featurecache predict --head .../finetuned-mlp` runs the whole fine-tuned model: its labels are the ones
+    the model itself recorded for the test images; a changed, missing or unrebuildable model is refused truly."""
+    from featurecache import read_metadata
+    from featurecache.predict import predict_images
+    from featurecache.store import read_paths, read_rows
+
+    paths = copy_of(trained, tmp_path)
+    result = finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**{**QUICK, "max_epochs": 1}),
+                      paths=paths)  # fmt: skip
+    test_file = paths.feature_file("shapes", BASE, "test")
+    root = read_metadata(test_file)["dataset_root"]
+    images = [f"{root}/{p}" for p, ok in zip(read_paths(test_file), read_rows(test_file)[2], strict=True) if ok]
+    rows = predict_images(result.model_dir, images, batch_size=5)
+    classes = result.record.class_names
+    assert [r["label"] for r in rows] == [classes[i] for i in result.record.test["predictions"]]
+    assert all(0 < r["probability"] <= 1 for r in rows)
+    assert predict_images(result.model_dir / "model.pt", images[:2]) == rows[:2]
+
+    model = result.model_dir / "model.pt"
+    model.write_bytes(model.read_bytes() + b"x")
+    with pytest.raises(FeaturecacheError, match="does not match the sha256 in its sidecar; it was modified"):
+        predict_images(result.model_dir, images[:1])
+    model.unlink()
+    with pytest.raises(FeaturecacheError, match=r"model\.pt is missing .*featurecache finetune --dataset shapes"):
+        predict_images(result.model_dir, images[:1])
+    shutil.rmtree(result.model_dir.parent / "mlp")
+    with pytest.raises(FeaturecacheError, match=r"the stage-2 head it started from \(.*/mlp\) is gone"):
+        predict_images(result.model_dir, images[:1])

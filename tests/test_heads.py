@@ -17,10 +17,11 @@ from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.heads import get_head_spec, list_heads
 from featurecache.heads.classic import RBFSVMClassifier
 from featurecache.heads.dense import DenseClassifier
+from featurecache.leaderboard import leaderboard_rows, write_leaderboard
 from featurecache.metrics import bootstrap_ci
 from featurecache.persist import load_head
 from featurecache.predict import predict_images
-from featurecache.train import TrainOptions, feature_fingerprint, leaderboard_rows, train_heads, write_leaderboard
+from featurecache.train import TrainOptions, feature_fingerprint, train_heads
 from tests.helpers import make_image_folder
 
 BASE = "mobilenet_v2_offline"
@@ -130,13 +131,13 @@ def test_saved_head_reloads_and_predicts_the_same(cached, tmp_path):
     _, root = cached
     (s,) = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["mlp"], options=QUIET, paths=paths)
     model_dir = paths.models / "shapes" / BASE / "flatten" / "mlp"
-    head, sidecar = load_head(model_dir)
+    head, record = load_head(model_dir)
     X, y, meta = load_features(paths.feature_file("shapes", BASE, "test"), "flatten")
     cached_pred = head.predict(X.astype(np.float32))
     assert float((cached_pred == y).mean()) == s["test"]["accuracy"]
     # End to end: base + tap + head on the image files agrees with the head on the cached features.
     rows = predict_images(model_dir, [root / p for p in meta["paths"]])
-    assert [r["label"] for r in rows] == [sidecar["class_names"][i] for i in cached_pred]
+    assert [r["label"] for r in rows] == [record.class_names[i] for i in cached_pred]
     assert all(0 < r["probability"] <= 1 for r in rows)
 
 
@@ -167,6 +168,20 @@ def test_larger_than_memory_streams_the_dense_head_and_refuses_the_rest(cached, 
     with pytest.raises(FeaturecacheError, match=r"needs about .* GiB in memory for head 'logreg'.*--heads mlp"):
         train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=tiny_budget,
                     paths=paths)  # fmt: skip
+
+
+def test_a_streamed_split_refits_on_train_plus_val_and_releases_the_cache(cached, tmp_path):
+    """Streamed train rows are read whole for the train+val refit (every train and val row), then the HDF5 files
+    the chunk loaders held are closed: the caches can be opened for writing again."""
+    paths = fresh_copy(cached, tmp_path)
+    options = TrainOptions(progress=False, max_memory_gb=1e-6, refit="train+val")
+    (s,) = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["mlp"], options=options,
+                       paths=paths)  # fmt: skip
+    assert s["streamed"] and s["refit"] == "train+val" and s["test"]["accuracy"] > 0.5
+    train_file = paths.feature_file("shapes", BASE, "train")
+    assert s["n_train"] == read_metadata(train_file)["num_valid"]
+    with h5py.File(train_file, "r+"):  # refused while any reader still holds the file
+        pass
 
 
 def test_streamed_fit_matches_in_memory_statistics():

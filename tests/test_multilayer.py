@@ -11,9 +11,10 @@ from featurecache.config import Paths
 from featurecache.heads import get_head_spec
 from featurecache.heads.multilayer import MultiLayerHead, multilayer_sweep
 from featurecache.layer_scores import multilayer_vs_best_single, selected_heads
+from featurecache.leaderboard import leaderboard_rows
 from featurecache.persist import load_head
 from featurecache.store import load_features, read_metadata
-from featurecache.train import MULTI_TAP_LAYER, TrainOptions, leaderboard_rows, train_heads
+from featurecache.train import MULTI_TAP_LAYER, TrainOptions, train_heads
 from tests.test_layer_scores import BASE, shapes_home
 
 
@@ -76,7 +77,8 @@ def trained(tmp_path_factory) -> Paths:
 def test_train_heads_saves_multilayer_under_the_all_stages_folder(trained):
     paths = trained
     folder = paths.models / "shapes" / BASE / MULTI_TAP_LAYER / "multilayer"
-    head, sidecar = load_head(folder)
+    head, record = load_head(folder)
+    sidecar = record.to_json()
     test_file = paths.feature_file("shapes", BASE, "test")
     taps = sidecar["taps"]
     cached = read_metadata(paths.feature_file("shapes", BASE, "train"))["taps"]

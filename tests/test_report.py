@@ -15,11 +15,12 @@ from featurecache.baselines import pixel_baseline
 from featurecache.config import Paths
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.finetune import _pick_head
+from featurecache.leaderboard import leaderboard_rows, write_leaderboard
 from featurecache.metrics import mcnemar_worse_p
 from featurecache.plots import star_of
 from featurecache.report import build_report, imagenet_distance, spearman
 from featurecache.selection import pick_best
-from featurecache.train import TrainOptions, leaderboard_rows, train_heads, write_leaderboard
+from featurecache.train import TrainOptions, train_heads
 from tests.helpers import make_image_folder
 
 

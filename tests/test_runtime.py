@@ -217,6 +217,8 @@ def test_background_commits_write_every_batch_and_raise_a_writer_error_on_the_ma
 
 @pytest.mark.slow
 def test_predict_uses_the_runtime_and_home_of_the_heads_training_cache(tmp_path):
+    from types import SimpleNamespace
+
     from featurecache.predict import _home_of, _runtime_for
 
     paths = Paths(tmp_path / "home")
@@ -226,7 +228,9 @@ def test_predict_uses_the_runtime_and_home_of_the_heads_training_cache(tmp_path)
         paths=paths,
         options=options,
     )
-    sidecar = {"dataset": "few", "base_tag": "mobilenet_v2_offline", "features": {"train": {"file": str(result.path)}}}
+    # the fields of a HeadRecord these two read
+    sidecar = SimpleNamespace(dataset="few", base_tag="mobilenet_v2_offline",
+                              features={"train": {"file": str(result.path)}})  # fmt: skip
     assert _runtime_for(sidecar, None) == ("eager", "f32")
     assert _runtime_for(sidecar, "openvino") == ("openvino", "f32")
     assert _home_of(sidecar).root == paths.root.resolve()

@@ -1,0 +1,110 @@
+"""The leaderboard of a dataset: every saved head (every base) best first, as ``reports/<dataset>/results.{csv,md}``
+and ``best.json``, under the one selection rule (:mod:`featurecache.selection`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from featurecache import persist
+from featurecache.config import Paths, default_paths
+from featurecache.errors import FeaturecacheError
+from featurecache.fileio import atomic_write_text
+from featurecache.records import HeadRecord, SidecarVersionError
+from featurecache.selection import candidate_of_record, ranked
+
+log = logging.getLogger(__name__)
+
+LEADERBOARD_COLUMNS = [
+    "base", "layer", "relative_depth", "head", "params", "val_accuracy", "test_accuracy", "test_ci_low",
+    "test_ci_high", "test_balanced_accuracy", "test_macro_f1", "fit_seconds", "n_train", "model_dir",
+]  # fmt: skip
+
+
+def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
+    """One row per saved head of the dataset (every base), best first under the one selection rule
+    (:mod:`featurecache.selection`: val accuracy; ties to the simpler head, then the shallower layer)."""
+    rows = []
+    for r in ranked(_records(paths.head_dirs(dataset)), candidate_of_record):
+        rows.append(
+            {
+                "base": r.base_tag,
+                "layer": r.layer,
+                "relative_depth": r.tap["relative_depth"],
+                "head": r.head,
+                "dense": r.dense,
+                "params": json.dumps(r.params, sort_keys=True),
+                "val_accuracy": round(r.selection_val_accuracy, 4),
+                "test_accuracy": round(r.test["accuracy"], 4),
+                "test_ci_low": round(r.test["accuracy_ci95"][0], 4),
+                "test_ci_high": round(r.test["accuracy_ci95"][1], 4),
+                "test_balanced_accuracy": round(r.test["balanced_accuracy"], 4),
+                "test_macro_f1": round(r.test["macro_f1"], 4),
+                "fit_seconds": (r.timings or {}).get("total_seconds", 0.0),
+                "n_train": r.n_train,
+                "model_dir": str(paths.head_dir(dataset, r.base_tag, r.layer, r.head)),
+            }
+        )
+    return rows
+
+
+def _records(directories: Iterable[Path]) -> Iterator[HeadRecord]:
+    """The records of the saved heads in ``directories``; one from another featurecache version is left out with
+    a warning naming its retrain command (the rest of the leaderboard stands)."""
+    for directory in directories:
+        try:
+            record = persist.read_record(directory)
+        except SidecarVersionError as exc:
+            log.warning("left out of the leaderboard: %s", exc)
+            continue
+        if record is not None:
+            yield record
+
+
+def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any]:
+    """Write ``reports/<dataset>/results.{csv,md}`` and ``best.json``; returns the best.json content."""
+    paths = paths or default_paths()
+    rows = leaderboard_rows(dataset, paths)
+    if not rows:
+        raise FeaturecacheError(f"no trained heads under {paths.models / dataset}; run `make train-heads` first")
+    out = paths.leaderboard_dir(dataset)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buffer.getvalue())
+    atomic_write_text(out / "results.md", format_leaderboard(dataset, rows))
+    dense = [r for r in rows if r["dense"]]
+    best = {
+        "dataset": dataset,
+        "selected_by": "val_accuracy; ties: simpler head, then shallower layer (featurecache.selection)",
+        "best": rows[0],
+        "best_dense": dense[0] if dense else None,
+    }
+    atomic_write_text(out / "best.json", json.dumps(best, indent=1))
+    return best
+
+
+def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# {dataset}: heads on cached features",
+        "",
+        "Selected on val (ties: the simpler head, then the shallower layer); test scored once after selection, "
+        "with a 95% Wilson interval.",
+        "",
+        "| rank | base | layer | depth | head | val acc | test acc (95% CI) | bal. acc | macro-F1 | s |",
+        "|---:|---|---|---:|---|---:|---|---:|---:|---:|",
+    ]
+    for i, r in enumerate(rows, 1):
+        lines.append(
+            f"| {i} | {r['base']} | {r['layer']} | {r['relative_depth']:.2f} | {r['head']} | {r['val_accuracy']:.3f} "
+            f"| {r['test_accuracy']:.3f} ({r['test_ci_low']:.3f}–{r['test_ci_high']:.3f}) "
+            f"| {r['test_balanced_accuracy']:.3f} | {r['test_macro_f1']:.3f} | {r['fit_seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
