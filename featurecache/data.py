@@ -337,7 +337,10 @@ class ImageFiles:
         try:
             image = load_image(self.index.root / self.index.paths[row], alpha=self.alpha)
         except self._bad as exc:
-            return torch.zeros(3, self.input_size, self.input_size), row, f"{type(exc).__name__}: {exc}"
+            # A transform may say what stands in for an unreadable image (featurecache.preprocess: uint8 zeros).
+            blank = getattr(self.transform, "blank", None)
+            zeros = blank(self.input_size) if blank else torch.zeros(3, self.input_size, self.input_size)
+            return zeros, row, f"{type(exc).__name__}: {exc}"
         # A per-row transform (cached augmented views) seeds its randomness from the row, not from the loader.
         if getattr(self.transform, "per_row", False):
             return self.transform(image, row), row, ""

@@ -40,6 +40,7 @@ from featurecache.data import (
 from featurecache.distributed import World
 from featurecache.errors import FeaturecacheError
 from featurecache.layers import TapSpec, build_extractor, parse_taps, trace_base
+from featurecache.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,8 @@ class _Runner:
         self.options = options = dataclasses.replace(options, dtype=dtype)
         self.transform = loaded.spec.transforms()
         self.transforms_repr = repr(self.transform)
+        # Geometry in the decode workers (uint8 pixels), normalization once per batch here: the same numbers.
+        self.preprocessing = Preprocessing(self.transform)
         on_cuda = device.startswith("cuda")
         amp = options.amp
         if amp == "auto":
@@ -327,6 +330,7 @@ class _Runner:
         other = copy.copy(self)
         other.transform = transform
         other.transforms_repr = repr(transform)
+        other.preprocessing = Preprocessing(transform)
         other._extra_config = {**self._extra_config, **config}
         return other
 
@@ -354,12 +358,13 @@ class _Runner:
         if shared["checked"] or self.runtime == "eager" or len(index) == 0:
             return False
         rows = range(min(len(index), self.options.batch_size, PROBE_ROWS))
-        data = ImageFiles(index, self.transform, input_size=self.loaded.spec.input_size, rows=rows,
+        data = ImageFiles(index, self.preprocessing.per_image, input_size=self.loaded.spec.input_size, rows=rows,
                           alpha=self.options.alpha)  # fmt: skip
         return self.check(torch.stack([data[i][0] for i in range(len(rows))]))
 
     def check(self, images: Any) -> bool:
         """Load the exported runtime and compare it with eager on ``images``; True when it fell back to eager."""
+        images = self.preprocessing.normalize(images)
         shared = self._shared
         shared["checked"] = True
         if self.runtime == "eager":
@@ -439,8 +444,15 @@ class _Runner:
         }
 
     def forward(self, module: Any, images: Any) -> dict[str, np.ndarray]:
-        """Run ``module`` (from :meth:`extractor`) on a batch; rows in the storage dtype."""
-        rows = module(images)
+        """Run ``module`` (from :meth:`extractor`) on a batch of decoded images; rows in the storage dtype.
+
+        ``images``: uint8 pixels from :attr:`preprocessing`'s workers (normalized here, on the GPU for eager CUDA,
+        after a copy of a quarter of float's bytes) or images already preprocessed to float.
+        """
+        if self.runtime == "eager":
+            images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
+        # Every runtime returns fresh arrays (never a view of its input), so the buffer can serve the next batch.
+        rows = module(self.preprocessing.normalize(images, reuse=True))
         if self.options.dtype == "float16":
             for key, value in rows.items():
                 _check_float16_range(key, value)
@@ -710,9 +722,8 @@ def _run_batches(
     workers = options.workers if options.workers is not None else _default_workers(runner.device)
     # Batches keep the composition they have in a single uninterrupted run (same rows, same batch size), so
     # resumed and distributed runs give bit-identical numbers.
-    data = ImageFiles(
-        index, runner.transform, input_size=runner.loaded.spec.input_size, rows=range(n), alpha=options.alpha
-    )
+    data = ImageFiles(index, runner.preprocessing.per_image, input_size=runner.loaded.spec.input_size,
+                      rows=range(n), alpha=options.alpha)  # fmt: skip
     loader = DataLoader(
         data,
         batch_sampler=[list(range(start, stop)) for start, stop in todo],

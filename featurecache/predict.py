@@ -17,6 +17,7 @@ from featurecache.data import bad_image_errors, load_image
 from featurecache.errors import FeaturecacheError
 from featurecache.layers import TapSpec
 from featurecache.persist import HEAD_FILE, LEGACY_HEAD_FILE, load_head, read_sidecar
+from featurecache.preprocess import Preprocessing
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord, kind_of
 
 
@@ -124,15 +125,16 @@ def _image_batches(
     """``(paths, stacked tensors)`` per batch, decoded as the training images were; a bad file is an error."""
     import torch
 
+    preprocessing = Preprocessing(transform)  # the split extract runs: uint8 per image, normalized per batch
     for start in range(0, len(images), batch_size):
         batch_paths = [Path(p) for p in images[start : start + batch_size]]
         tensors = []
         for p in batch_paths:
             try:
-                tensors.append(transform(load_image(p, alpha=alpha)))
+                tensors.append(preprocessing.per_image(load_image(p, alpha=alpha)))
             except bad_image_errors() as exc:
                 raise FeaturecacheError(f"cannot read image {p}: {exc}") from exc
-        yield batch_paths, torch.stack(tensors)
+        yield batch_paths, preprocessing.normalize(torch.stack(tensors))
 
 
 def predict_images(

@@ -1,0 +1,144 @@
+"""A base's preprocessing, split where each half is cheapest: geometry per image, normalization per batch.
+
+A base's own transforms (torchvision ``Compose`` ending in ``ToTensor`` + ``Normalize``, a torchvision weights
+preset, timm's eval transform) turn every image into float32 inside the DataLoader worker. On a 2-core CPU that
+worker shares the cores with the forward pass, and each float image is 4x the bytes of its pixels on the way to
+the main process. :class:`Preprocessing` keeps the geometry (resize, crop, augmentation) in the workers, which hand
+over uint8 CHW pixels, and does the float conversion and normalization once per batch on the main side
+(:meth:`Preprocessing.normalize`).
+
+The split is exact: the batched step runs the same float32 operations in the same order as ``ToTensor``
+(``x.float().div(255)``) and ``Normalize`` (``sub_(mean).div_(std)``), element by element, so the tensors equal
+the per-image transform's bit for bit (tests/test_preprocess.py). A transform that does not end that way is not
+split: the workers run it whole and its float tensors pass :meth:`Preprocessing.normalize` untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from featurecache.augment import SeededPerRow
+from featurecache.errors import FeaturecacheError
+
+
+class Preprocessing:
+    """One base's preprocessing: :attr:`per_image` for the decode workers, :meth:`normalize` for each batch.
+
+    ``repr`` is the wrapped transform's, which the cache fingerprint records: splitting it changes no number, so it
+    must not make existing caches stale.
+    """
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+        split = _split(transform)
+        self.split = split is not None
+        geometry, self.mean, self.std = split or (transform, None, None)
+        self.per_image = PerImage(geometry, to_uint8=self.split)
+        self._buffer = None  # the CPU output of normalize(reuse=True), kept across batches
+
+    def __call__(self, image: Any) -> Any:
+        """One image, preprocessed exactly as the wrapped transform does it (float32 CHW)."""
+        return self.normalize(self.per_image(image)[None])[0]
+
+    def __repr__(self) -> str:
+        return repr(self.transform)
+
+    def normalize(self, images: Any, *, reuse: bool = False) -> Any:
+        """Float, normalized ``(B, C, H, W)`` images from a batch of :attr:`per_image` outputs.
+
+        uint8 pixels are converted as ``ToTensor`` + ``Normalize`` would; float images (a transform that was not
+        split) are returned as they are. On the CPU the work goes image by image, so each stays in the cache;
+        ``reuse=True`` writes into a buffer kept from the previous batch (no fresh pages to fault in), for a
+        caller that is done with the previous result before it asks for the next.
+        """
+        import torch
+
+        if images.dtype != torch.uint8:
+            return images
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        if images.device.type != "cpu":
+            return images.float().div_(255).sub_(mean).div_(std)
+        out = self._buffer if reuse and self._buffer is not None else None
+        if out is None or out.shape != images.shape:
+            out = torch.empty(images.shape, dtype=torch.float32)
+        for pixels, floats in zip(images, out, strict=True):
+            floats.copy_(pixels).div_(255).sub_(mean).div_(std)
+        if reuse:
+            self._buffer = out
+        return out
+
+
+class PerImage:
+    """The per-image half, run in the decode workers: ``(PIL image, row) -> (C, H, W)`` tensor.
+
+    uint8 pixels after the geometry when the transform was split, else the whole transform's float32 output. A
+    per-row (seeded augmentation) geometry gets the row, so view ``v`` of image ``i`` is the same in every run.
+    """
+
+    per_row = True  # featurecache.data.ImageFiles passes the row index
+
+    def __init__(self, geometry: Callable, *, to_uint8: bool) -> None:
+        self.geometry = geometry
+        self.to_uint8 = to_uint8
+
+    def __call__(self, image: Any, row: int = 0) -> Any:
+        image = self.geometry(image, row) if getattr(self.geometry, "per_row", False) else self.geometry(image)
+        return _pixels(image) if self.to_uint8 else image
+
+    def blank(self, size: int) -> Any:
+        """The stand-in of an unreadable image (its feature rows are zeroed anyway): zeros of the output dtype."""
+        import torch
+
+        return torch.zeros(3, size, size, dtype=torch.uint8 if self.to_uint8 else torch.float32)
+
+
+def _pixels(image: Any) -> Any:
+    """A PIL image's 8-bit channels as a contiguous uint8 (C, H, W) tensor: ``ToTensor`` before its ``/ 255``."""
+    import numpy as np
+    import torch
+
+    array = np.array(image)  # a writable copy: torch refuses to wrap a read-only one silently
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise FeaturecacheError(
+            f"preprocessing produced a {image.mode!r} image; featurecache decodes every image to RGB first, so a "
+            f"transform that changes the mode is not supported"
+        )
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _split(transform: Any) -> tuple[Callable, Sequence[float], Sequence[float]] | None:
+    """``(geometry, mean, std)`` when ``transform`` is geometry on PIL images + ToTensor + Normalize, else None."""
+    if isinstance(transform, SeededPerRow):
+        inner = _split(transform.transform)
+        return None if inner is None else (SeededPerRow(inner[0], transform.seed), inner[1], inner[2])
+    from torchvision import transforms as T
+    from torchvision.transforms._presets import ImageClassification
+
+    if isinstance(transform, ImageClassification):
+        return _PresetGeometry(transform), list(transform.mean), list(transform.std)
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, T.Compose) or not steps or len(steps) < 2:
+        return None
+    *geometry, to_tensor, normalize = steps
+    # ToTensor subclasses (timm's MaybeToTensor) convert a PIL image exactly as ToTensor does.
+    if not isinstance(to_tensor, T.ToTensor) or type(normalize) is not T.Normalize:
+        return None
+    if any(isinstance(step, T.ToTensor | T.Normalize | T.PILToTensor | T.ConvertImageDtype) for step in geometry):
+        return None
+    return T.Compose(geometry), list(normalize.mean), list(normalize.std)
+
+
+class _PresetGeometry:
+    """The resize + center crop of a torchvision weights preset (``ImageClassification``), on PIL images."""
+
+    def __init__(self, preset: Any) -> None:
+        self.preset = preset
+
+    def __call__(self, image: Any) -> Any:
+        from torchvision.transforms import functional as F
+
+        p = self.preset
+        image = F.resize(image, p.resize_size, interpolation=p.interpolation, antialias=p.antialias)
+        return F.center_crop(image, p.crop_size)
