@@ -36,6 +36,7 @@ class Preprocessing:
         geometry, self.mean, self.std = split or (transform, None, None)
         self.per_image = PerImage(geometry, to_uint8=self.split)
         self._buffer = None  # the CPU output of normalize(reuse=True), kept across batches
+        self._constants: dict[Any, tuple[Any, Any]] = {}  # device -> (mean, std) as (C, 1, 1) float32 tensors
 
     def __call__(self, image: Any) -> Any:
         """One image, preprocessed exactly as the wrapped transform does it (float32 CHW)."""
@@ -56,8 +57,12 @@ class Preprocessing:
 
         if images.dtype != torch.uint8:
             return images
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        device = images.device
+        if device not in self._constants:  # Normalize's own conversion: python floats -> float32 tensors
+            as_tensor = torch.as_tensor
+            self._constants[device] = tuple(as_tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)
+                                            for v in (self.mean, self.std))  # fmt: skip
+        mean, std = self._constants[device]
         if images.device.type != "cpu":
             return images.float().div_(255).sub_(mean).div_(std)
         out = self._buffer if reuse and self._buffer is not None else None
