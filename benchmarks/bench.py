@@ -524,8 +524,10 @@ def main() -> int:
             bench_stage2()
         if "int8" in only:
             bench_int8(work)
+    from featurecache.config import Paths
+
     home = os.environ.get("FEATURECACHE_HOME")
-    out = Path(home) / "reports" / "bench" if home else Path(tempfile.mkdtemp(prefix="fc-bench-results-"))
+    out = Paths(home).bench_dir() if home else Path(tempfile.mkdtemp(prefix="fc-bench-results-"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(RESULTS, indent=1))
     print(f"# {len(RESULTS)} figures in {time.perf_counter() - t0:.0f}s -> {out / 'results.json'}")

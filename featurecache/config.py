@@ -65,6 +65,10 @@ class Paths:
         """``reports/<dataset>/``: the stage-2 leaderboard (results.csv/md, best.json)."""
         return self.reports / dataset
 
+    def bench_dir(self) -> Path:
+        """Where ``make bench`` writes its results.json."""
+        return self.reports / "bench"
+
     def compare_dir(self, dataset: str | None = None) -> Path:
         """``reports/compare/`` (the cross-dataset page) or ``reports/compare/<dataset>/`` (one dataset's answer)."""
         return self.reports / "compare" if dataset is None else self.reports / "compare" / dataset
