@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -13,7 +14,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -371,7 +372,8 @@ class _Runner:
             return False
         graph = self._load_graph(rebuild=True)
         reference = self._eager(shared["taps"])(images[:PROBE_ROWS])
-        if runtimes.agrees_with_eager(self.runtime, graph(images[:PROBE_ROWS]), reference, self.precision):
+        got = graph(images[:PROBE_ROWS], in_lane=True)  # the session the extraction loop runs
+        if runtimes.agrees_with_eager(self.runtime, got, reference, self.precision):
             shared["graph"] = graph
             return False
         shared["runtime"] = "eager"
@@ -395,8 +397,37 @@ class _Runner:
                 if self._shared["graph"] is None:
                     self._shared["graph"] = self._load_graph(rebuild=True)
                 graph, keys = self._shared["graph"], [t.key for t in taps]
-                self._extractors[cache_key] = lambda images: {k: v for k, v in graph(images).items() if k in keys}
+                self._extractors[cache_key] = lambda images, in_lane=False: {
+                    k: v for k, v in graph(images, in_lane=in_lane).items() if k in keys
+                }
         return self._extractors[cache_key]
+
+    @property
+    def lanes(self) -> int:
+        """Batches the runtime runs at once (``featurecache.runtime.CONCURRENT_BATCHES``); 1 for eager."""
+        graph = self._shared["graph"]
+        return graph.lanes if self.runtime != "eager" and graph is not None else 1
+
+    def forward_batches(self, module: Any, batches: Iterable[tuple]) -> Iterator[tuple[tuple, dict[str, np.ndarray]]]:
+        """Every batch (images first) with its rows from :meth:`forward`, in order, with up to :attr:`lanes`
+        batches in flight, each in a lane of its own and a normalize buffer of its own."""
+        lanes = self.lanes
+        if lanes == 1:
+            for batch in batches:
+                yield batch, self.forward(module, batch[0])
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(lanes, thread_name_prefix="featurecache-lane") as pool:
+            pending: collections.deque = collections.deque()
+            for i, batch in enumerate(batches):
+                if len(pending) == lanes:  # batch i - lanes is done, so its slot is free
+                    done, rows = pending.popleft()
+                    yield done, rows.result()
+                pending.append((batch, pool.submit(self.forward, module, batch[0], slot=i % lanes, in_lane=True)))
+            while pending:
+                done, rows = pending.popleft()
+                yield done, rows.result()
 
     def _eager(self, taps: Sequence[TapSpec]) -> Any:
         import torch
@@ -443,7 +474,7 @@ class _Runner:
             **self._extra_config,
         }
 
-    def forward(self, module: Any, images: Any) -> dict[str, np.ndarray]:
+    def forward(self, module: Any, images: Any, *, slot: int = 0, in_lane: bool = False) -> dict[str, np.ndarray]:
         """Run ``module`` (from :meth:`extractor`) on a batch of decoded images; rows in the storage dtype.
 
         ``images``: uint8 pixels from :attr:`preprocessing`'s workers (normalized here, on the GPU for eager CUDA,
@@ -452,7 +483,8 @@ class _Runner:
         if self.runtime == "eager":
             images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
         # Every runtime returns fresh arrays (never a view of its input), so the buffer can serve the next batch.
-        rows = module(self.preprocessing.normalize(images, reuse=True))
+        normalized = self.preprocessing.normalize(images, reuse=True, slot=slot)
+        rows = module(normalized, in_lane=True) if in_lane else module(normalized)
         if self.options.dtype == "float16":
             for key, value in rows.items():
                 _check_float16_range(key, value)
@@ -767,29 +799,31 @@ def _forward_loop(
     """Forward every batch the loader decodes and queue its rows; returns (images, seconds spent per stage)."""
     spent = dict.fromkeys(("decode", "forward", "writer"), 0.0)
     done = 0
-    batches = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        batch = next(batches, None)
+    t0 = time.perf_counter()
+    for (_, batch_rows, errors), arrays in runner.forward_batches(module, _timed(loader, spent, "decode")):
         t1 = time.perf_counter()
-        if batch is None:
-            break
-        images, batch_rows, errors = batch
         errors = list(errors)
-        bad = _bad_rows(index, batch_rows, errors, runner.options)
-        arrays = runner.forward(module, images)
-        for i in bad:
+        for i in _bad_rows(index, batch_rows, errors, runner.options):
             for a in arrays.values():
                 a[i] = 0
-        t2 = time.perf_counter()
         commits.submit(int(batch_rows[0]), arrays, errors)
-        spent["decode"] += t1 - t0
-        spent["forward"] += t2 - t1
-        spent["writer"] += time.perf_counter() - t2
         done += len(errors)
         bar.update(len(errors))
-    spent["decode"] += time.perf_counter() - t0
+        spent["writer"] += time.perf_counter() - t1
+    spent["forward"] = time.perf_counter() - t0 - spent["decode"] - spent["writer"]
     return done, spent
+
+
+def _timed(items: Iterable[Any], spent: dict[str, float], key: str) -> Iterator[Any]:
+    """``items``, adding the seconds spent waiting for each to ``spent[key]``."""
+    iterator = iter(items)
+    while True:
+        t0 = time.perf_counter()
+        item = next(iterator, None)
+        spent[key] += time.perf_counter() - t0
+        if item is None:
+            return
+        yield item
 
 
 def _bad_rows(index: SplitIndex, batch_rows: Any, errors: Sequence[str], options: ExtractOptions) -> list[int]:

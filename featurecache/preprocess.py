@@ -35,7 +35,7 @@ class Preprocessing:
         self.split = split is not None
         geometry, self.mean, self.std = split or (transform, None, None)
         self.per_image = PerImage(geometry, to_uint8=self.split)
-        self._buffer = None  # the CPU output of normalize(reuse=True), kept across batches
+        self._buffers: dict[int, Any] = {}  # slot -> the CPU output of normalize(reuse=True), kept across batches
         self._constants: dict[Any, tuple[Any, Any]] = {}  # device -> (mean, std) as (C, 1, 1) float32 tensors
 
     def __call__(self, image: Any) -> Any:
@@ -45,13 +45,14 @@ class Preprocessing:
     def __repr__(self) -> str:
         return repr(self.transform)
 
-    def normalize(self, images: Any, *, reuse: bool = False) -> Any:
+    def normalize(self, images: Any, *, reuse: bool = False, slot: int = 0) -> Any:
         """Float, normalized ``(B, C, H, W)`` images from a batch of :attr:`per_image` outputs.
 
         uint8 pixels are converted as ``ToTensor`` + ``Normalize`` would; float images (a transform that was not
         split) are returned as they are. On the CPU the work goes image by image, so each stays in the cache;
         ``reuse=True`` writes into a buffer kept from the previous batch (no fresh pages to fault in), for a
-        caller that is done with the previous result before it asks for the next.
+        caller that is done with the previous result before it asks for the next; batches in flight at the same
+        time use one ``slot`` each.
         """
         import torch
 
@@ -65,13 +66,13 @@ class Preprocessing:
         mean, std = self._constants[device]
         if images.device.type != "cpu":
             return images.float().div_(255).sub_(mean).div_(std)
-        out = self._buffer if reuse and self._buffer is not None else None
+        out = self._buffers.get(slot) if reuse else None
         if out is None or out.shape != images.shape:
             out = torch.empty(images.shape, dtype=torch.float32)
         for pixels, floats in zip(images, out, strict=True):
             floats.copy_(pixels).div_(255).sub_(mean).div_(std)
         if reuse:
-            self._buffer = out
+            self._buffers[slot] = out
         return out
 
 

@@ -43,6 +43,12 @@ INPUT_NAME = "images"
 # ORT worker threads spin-wait between ops by default; with decode workers and the journal writer on the same
 # cores that spinning steals their CPU (measured: end-to-end +25%, bare forward +10% on the loaded 2-core VM).
 SPIN_WAIT = False
+# ONNX Runtime runs this many batches at once, each on one intra-op thread of its own, instead of one batch on all
+# threads: the threads of one run meet at every operator, so a core taken by a decode worker stalls them all, while
+# independent runs only lose that core. Measured on the 2-core VM (BENCHMARKS.md, issue #14): 1.12x the bare
+# forward img/s of one 2-thread run. Per-image results do not depend on the thread count (the torchrun test:
+# 1-thread ranks write the 2-thread cache bit for bit).
+CONCURRENT_BATCHES = True
 
 Features = dict[str, np.ndarray]
 
@@ -189,11 +195,14 @@ class ExportedGraph:
     """An ONNX export loaded into a runtime: ``graph(images) -> {key: (B, D) float32}``."""
 
     runtime: str
-    run: Callable[[np.ndarray], Features]
+    run: Callable[[np.ndarray], Features]  # one batch on every thread
+    lanes: int = 1  # batches ``lane`` may be given at once, from as many threads
+    lane: Callable[[np.ndarray], Features] | None = None  # one batch on one thread's share (lanes > 1)
 
-    def __call__(self, images: Any) -> Features:
+    def __call__(self, images: Any, *, in_lane: bool = False) -> Features:
         array = images.numpy() if hasattr(images, "numpy") else images
-        return self.run(np.ascontiguousarray(array, dtype=np.float32))
+        run = self.lane if in_lane and self.lane is not None else self.run
+        return run(np.ascontiguousarray(array, dtype=np.float32))
 
 
 def _threads() -> int:
@@ -202,11 +211,18 @@ def _threads() -> int:
     return torch.get_num_threads()  # the same budget eager PyTorch has (1 per rank under torchrun)
 
 
-def _load_onnxruntime(path: Path, keys: Sequence[str], precision: str) -> Callable[[np.ndarray], Features]:
+def lanes(runtime: str) -> int:
+    """How many batches ``runtime`` runs at once (see CONCURRENT_BATCHES); 1: one batch on every thread."""
+    return _threads() if runtime == "onnxruntime" and CONCURRENT_BATCHES else 1
+
+
+def _load_onnxruntime(
+    path: Path, keys: Sequence[str], precision: str, threads: int | None = None
+) -> Callable[[np.ndarray], Features]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = _threads()
+    options.intra_op_num_threads = threads or _threads()  # session.run is thread-safe: lanes share one session
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     if not SPIN_WAIT:
@@ -237,7 +253,11 @@ _LOADERS = {"onnxruntime": _load_onnxruntime, "openvino": _load_openvino}
 def load_export(runtime: str, path: Path, keys: Sequence[str], precision: str = "f32") -> ExportedGraph:
     """Load an export into ``runtime``; a file the runtime cannot read raises ``CorruptExport``."""
     try:
-        return ExportedGraph(runtime, _LOADERS[runtime](path, keys, precision))
+        graph = ExportedGraph(runtime, _LOADERS[runtime](path, keys, precision))
+        if lanes(runtime) > 1:
+            graph.lanes = lanes(runtime)
+            graph.lane = _load_onnxruntime(path, keys, precision, threads=max(1, _threads() // graph.lanes))
+        return graph
     except Exception as exc:  # each runtime raises its own exception types for an unreadable graph
         raise CorruptExport(f"{runtime} cannot load {path}: {type(exc).__name__}: {str(exc)[:200]}") from exc
 

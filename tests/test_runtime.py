@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,8 @@ def test_a_runtime_that_disagrees_with_eager_is_refused_with_a_warning_and_eager
 
     honest = runtime.ExportedGraph.__call__
 
-    def off_by_a_percent(self, images):
-        return {k: v * 1.01 for k, v in honest(self, images).items()}
+    def off_by_a_percent(self, images, **kw):
+        return {k: v * 1.01 for k, v in honest(self, images, **kw).items()}
 
     monkeypatch.setattr(runtime.ExportedGraph, "__call__", off_by_a_percent)
     with caplog.at_level(logging.WARNING, logger="featurecache.runtime"):
@@ -236,3 +237,34 @@ def test_predict_uses_the_runtime_and_home_of_the_heads_training_cache(tmp_path)
     assert _home_of(sidecar).root == paths.root.resolve()
     result.path.unlink()  # a head copied without its cache: the device's default runtime
     assert _runtime_for(sidecar, None) == ("auto", "f32")
+
+
+@pytest.mark.slow
+def test_batches_in_concurrent_lanes_write_the_cache_of_one_batch_at_a_time(tmp_path, monkeypatch):
+    """ONNX Runtime runs two batches at once on 2 threads (one each); the cache is bit-identical to one at a time."""
+    root = make_image_folder(tmp_path / "many", per_class={"train": 7, "val": 1, "test": 1})  # 21 rows
+    request = ExtractRequest(root, base="mobilenet_v2_offline", layers="features.3,features.6", splits=["train"])
+    options = ExtractOptions(runtime="onnxruntime", batch_size=4, **F32)  # 6 batches, the last one short
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(runtime, "CONCURRENT_BATCHES", False)
+        (serial,) = extract(request, paths=Paths(tmp_path / "serial"), options=options)
+        monkeypatch.setattr(runtime, "CONCURRENT_BATCHES", True)
+        assert runtime.lanes("onnxruntime") == 2
+        honest, threads_seen = runtime.ExportedGraph.__call__, set()
+
+        def recording(self, images, *, in_lane=False):
+            if in_lane:
+                threads_seen.add(threading.current_thread().name)
+            return honest(self, images, in_lane=in_lane)
+
+        monkeypatch.setattr(runtime.ExportedGraph, "__call__", recording)
+        (lanes,) = extract(request, paths=Paths(tmp_path / "lanes"), options=options)
+    finally:
+        torch.set_num_threads(threads)
+    assert any(t.startswith("featurecache-lane") for t in threads_seen)  # the loop's batches ran in the lanes
+    assert read_metadata(lanes.path)["config_fingerprint"] == read_metadata(serial.path)["config_fingerprint"]
+    assert read_metadata(lanes.path)["num_samples"] == 21
+    for key, value in features(serial.path).items():
+        np.testing.assert_array_equal(features(lanes.path)[key], value)
