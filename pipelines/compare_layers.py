@@ -36,7 +36,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="training-free score that ranks the layers for --shortlist")  # fmt: skip
     p.add_argument("--n-jobs", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 8 on the CPU, 32 on a GPU)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
