@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.extraction import BASE, bench_extraction, make_photos, runner_for
+
 REPO = Path(__file__).resolve().parents[1]
-BASE = "efficientnet_lite0"
 RESULTS: list[dict] = []
 
 
@@ -55,184 +56,6 @@ def bench_answer(home: Path) -> None:
     total = time.perf_counter() - t0
     report("answer", "demo pipeline wall time (s), venv excluded", total, "minutes", None,
            f"extract {t_extract:.0f}s + 35 heads {total - t_extract:.0f}s")  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------- 1+2. extraction
-
-
-def make_photos(root: Path, n: int) -> Path:
-    """JPEGs of 320x240 smooth noise (photo-sized and photo-compressible), two classes."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("val", 4), ("test", 4)):
-        for i in range(count):
-            folder = root / split / ("a" if i % 2 else "b")
-            folder.mkdir(parents=True, exist_ok=True)
-            small = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((320, 240), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
-    return root
-
-
-PEER_TAPS = 4  # the naive peer extracts this many stage taps, one eager pass per layer
-
-
-def _runner_for(name: str, work: Path, taps: list) -> object:
-    """A runner of ``name`` over ``taps``, its export (if any) under ``work``, checked against eager once."""
-    from featurecache import runtime
-    from featurecache.bases import load_base
-    from featurecache.config import Paths
-    from featurecache.extract import ExtractOptions, _Runner
-
-    loaded = load_base(BASE)
-    identity = runtime.export_identity(base=BASE, weights=loaded.weights_id, input_size=224, taps=taps)
-    export = Paths(work / "exports").export_file("bench", BASE, runtime.export_digest(identity))
-    return _Runner(loaded, "cpu", ExtractOptions(progress=False, runtime=name), taps=taps, export_file=export)
-
-
-def _forward_seconds(runner, module, images, batch_size: int = 32) -> float:
-    """The bare forward: in-memory batches through the runtime as the extraction loop drives it (its lanes)."""
-    batches = ((images[start : start + batch_size],) for start in range(0, len(images), batch_size))
-    t0 = time.perf_counter()
-    for _ in runner.forward_batches(module, batches):
-        pass
-    return time.perf_counter() - t0
-
-
-def _extract_seconds(root: Path, home: Path, layers: str, name: str) -> tuple[float, float]:
-    """Seconds of one extraction into a reused home: the whole split, and its forward loop alone.
-
-    The split is planning (file fingerprints), the first-batch check against eager, the loop (decode workers +
-    forward + journal writer) and assembling the HDF5 file. The home keeps its exported graph, so the one-off export
-    is not timed here (it is its own figure).
-    """
-    from featurecache.config import Paths
-    from featurecache.extract import ExtractOptions, ExtractRequest, extract
-
-    (Paths(home).features / "photos" / BASE / "train.h5").unlink(missing_ok=True)
-    options = ExtractOptions(progress=False, runtime=name)
-    (result,) = extract(
-        ExtractRequest(root, base=BASE, layers=layers, splits=["train"]), paths=Paths(home), options=options
-    )
-    return result.seconds, result.num_samples / result.images_per_second
-
-
-def bench_extraction(work: Path, rounds: int = 3) -> None:
-    """End-to-end and bare-forward img/s of every runtime, interleaved round by round; medians reported."""
-    import torch
-
-    from featurecache import runtime
-    from featurecache.bases import load_base
-    from featurecache.data import ImageFiles, discover_splits
-    from featurecache.layers import parse_taps, trace_base
-
-    # End to end over 10 batches, so that filling the pipeline (the first batch is decoded before any forward) is
-    # amortized as on a real split; bare forwards over 6 batches, so that ONNX Runtime's lanes (two batches at once,
-    # runtime.CONCURRENT_BATCHES) run as they do in the loop, each lane several batches.
-    n, n_bare = 320, 192
-    root = make_photos(work / "photos", n)
-    loaded = load_base(BASE)
-    taps = parse_taps("all-stages", trace_base(loaded))
-    names = [r for r in ("eager", "onnxruntime", "openvino") if runtime.available(r)]
-    default = runtime.resolve_runtime("auto", "cpu")
-    runners = {name: _runner_for(name, work, taps) for name in names}
-    index = discover_splits(root)["train"]
-    preprocessing = runners["eager"].preprocessing
-    data = ImageFiles(index, preprocessing.per_image, input_size=224, rows=range(n_bare))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    t0 = time.perf_counter()
-    pixels = torch.stack([data[i][0] for i in range(n_bare)])  # decoded once, kept in memory
-    decode_ms = 1000 * (time.perf_counter() - t0) / n_bare
-    torch.set_num_threads(threads)
-    batches, seconds = [], 0.0
-    for start in range(0, n_bare, 32):  # as the forward loop does it: into the buffer the previous batch used
-        t0 = time.perf_counter()
-        normalized = preprocessing.normalize(pixels[start : start + 32], reuse=True)
-        seconds += time.perf_counter() - t0
-        batches.append(normalized.clone())
-    images, normalize_ms = torch.cat(batches), 1000 * seconds / n_bare
-    t0 = time.perf_counter()
-    for runner in runners.values():
-        runner.prepare(index)  # exports the graph once (timed below) and checks it against eager
-    export_s = time.perf_counter() - t0
-    modules = {name: r.extractor(taps) for name, r in runners.items()}
-    reference = modules["eager"](images[:32])
-    errors = {name: max(runtime.relative_errors(m(images[:32]), reference).values()) for name, m in modules.items()}
-    peer_layers = ",".join(t.query for t in taps[:PEER_TAPS])
-    _extract_seconds(root, work / "e2e", "all-stages", default)  # warm-up (workers, kernels)
-    bare, e2e, e2e_peer_taps = {k: [] for k in names}, [], []
-    for _ in range(rounds):  # A, B, C, A, B, C...: the VM's drift hits every figure alike
-        e2e.append(_extract_seconds(root, work / "e2e", "all-stages", default))
-        for name in names:
-            bare[name].append(_forward_seconds(runners[name], modules[name], images))
-        e2e_peer_taps.append(_extract_seconds(root, work / "e2e4", peer_layers, default)[0])
-    speed = {name: n_bare / float(np.median(t)) for name, t in bare.items()}
-    ours, loop = (n / float(np.median(t)) for t in zip(*e2e, strict=True))
-    _report_extraction(speed, errors, ours, default, (decode_ms, normalize_ms), export_s, n, len(taps))
-    same = loop / speed[default]
-    report("extraction", f"forward loop alone / {default} bare forward", same, "report", None,
-           f"{loop:.1f} img/s: the split less planning, the first-batch check vs eager and assembling")  # fmt: skip
-    _bench_peer(root, loaded, taps[:PEER_TAPS], n / float(np.median(e2e_peer_taps)), default)
-    _bench_multitap(work, taps, images, default)
-
-
-def _report_extraction(speed, errors, ours, default, decode_ms, export_s, n, n_taps) -> None:
-    import torch
-
-    setting = f"Lite0, {n_taps} stage taps, batch 32, {torch.get_num_threads()} threads, {n} JPEGs 320x240 end to end"
-    ratio = ours / speed["eager"]
-    report("extraction", "end-to-end / eager bare forward", ratio, ">= 2.0", ratio >= 2.0,
-           f"{ours:.1f} vs {speed['eager']:.1f} img/s ({default}; {setting})")  # fmt: skip
-    for name, value in speed.items():
-        report("runtimes", f"{name} bare forward / eager", value / speed["eager"], "report", None,
-               f"{value:.1f} img/s, max relative error vs eager {errors[name]:.1e} (bound 1e-4)")  # fmt: skip
-    same = ours / speed[default]
-    report("extraction", f"end-to-end / {default} bare forward", same, ">= 0.9", same >= 0.9,
-           f"{ours:.1f} vs {speed[default]:.1f} img/s (decode in a worker, journal on a writer thread)")  # fmt: skip
-    decode_ms, normalize_ms = decode_ms
-    report("extraction", "PIL decode + resize + crop to uint8, ms per image", decode_ms, "report", None,
-           f"1 thread, as in a worker; + {normalize_ms:.2f} ms batched normalize on the main side; vs "
-           f"{1000 / speed[default]:.1f} ms of {default} forward per image")  # fmt: skip
-    report("runtimes", "one-off export + first-batch check (s)", export_s, "report", None,
-           "once per base x weights x taps x input size; cached beside the features")  # fmt: skip
-
-
-def _bench_peer(root: Path, loaded, taps: list, ours: float, default: str, n_peer: int = 32) -> None:
-    """The hand-written peer: one eager pass per layer, images decoded in the loop, each layer saved to .npy."""
-    import torch
-    from PIL import Image
-
-    from featurecache.layers import build_extractor
-
-    files = sorted((root / "train").rglob("*.jpg"))[:n_peer]
-    transform = loaded.spec.transforms()
-    t0 = time.perf_counter()
-    for tap in taps:
-        extractor = build_extractor(loaded, [tap])
-        rows = []
-        for start in range(0, len(files), 32):
-            batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[start : start + 32]])
-            with torch.inference_mode():
-                rows.append(extractor(batch)[tap.key].numpy())
-        np.save(root.parent / f"peer-{tap.key}.npy", np.concatenate(rows))
-    peer = n_peer / (time.perf_counter() - t0)
-    report("peer", f"ours end-to-end / naive per-layer eager loop ({len(taps)} taps)", ours / peer, ">= 3",
-           ours / peer >= 3, f"{ours:.1f} vs {peer:.2f} img/s ({default} vs eager, one pass per layer)")  # fmt: skip
-
-
-def _bench_multitap(work: Path, taps: list, images, default: str) -> None:
-    head = [t for t in taps if t.key == "view"]
-    runners = {"all": _runner_for(default, work, taps), "one": _runner_for(default, work, head)}
-    modules = {"all": runners["all"].extractor(taps), "one": runners["one"].extractor(head)}
-    best = {"all": float("inf"), "one": float("inf")}
-    for _ in range(3):  # interleaved, best of three
-        for key, module in modules.items():
-            best[key] = min(best[key], _forward_seconds(runners[key], module, images))
-    cost = best["all"] / best["one"]
-    report("multitap", f"time of all {len(taps)} stage taps / pooled head only", cost, "<= 1.10", cost <= 1.10,
-           f"{len(images) / best['all']:.1f} vs {len(images) / best['one']:.1f} img/s on {default} "
-           f"(per-layer passes would cost {len(taps)}x)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- 3. head sweep
@@ -467,7 +290,7 @@ def bench_int8(work: Path, rounds: int = 3) -> None:
 
     root = make_photos(work / "int8-photos", 32)
     taps = parse_taps("all-stages", trace_base(load_base(BASE)))
-    runner = _runner_for("onnxruntime", work / "int8", taps)
+    runner = runner_for("onnxruntime", work / "int8", taps)
     index = discover_splits(root)["train"]
     data = ImageFiles(index, runner.transform, input_size=224, rows=range(32))
     images = np.stack([data[i][0].numpy() for i in range(32)]).astype(np.float32)
@@ -514,7 +337,7 @@ def main() -> int:
         if "answer" in only or {"sweep", "io"} & only:
             bench_answer(home)
         if "extraction" in only or "multitap" in only:
-            bench_extraction(work)
+            bench_extraction(work, report)
         if "sweep" in only:
             bench_sweep(home)
         if "io" in only:
