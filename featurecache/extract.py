@@ -194,10 +194,8 @@ def extract(
     options = options or ExtractOptions()
     _check_options(options)
     request.check()
-    options = dataclasses.replace(
-        options, dtype=storage_dtype(options.dtype, random_init=request.weights == WEIGHTS_NONE),
-        batch_size=options.batch_size or default_batch_size(resolve_device(options.device)),
-    )  # fmt: skip
+    dtype = storage_dtype(options.dtype, random_init=request.weights == WEIGHTS_NONE)
+    options = dataclasses.replace(options, dtype=dtype)
     dataset = request.dataset_name
     # Rank 0 alone may write the split record of a dataset without val/test; the others get its result.
     record = paths.split_record(dataset)
@@ -209,6 +207,7 @@ def extract(
     _warn_raw_size(taps, indexes, options)
     runner = _Runner(loaded, _rank_device(options.device, world), options, taps=taps,
                      export_file=_export_file(loaded, taps, dataset, paths))  # fmt: skip
+    options = runner.options  # the batch size resolved for the device
     split = functools.partial(_extract_split, runner=runner, taps=taps, dataset=dataset, options=options, world=world)
     results = [split(indexes[s], paths.feature_file(dataset, loaded.tag, s)) for s in request.splits]
     if request.train_views:
@@ -309,11 +308,11 @@ class _Runner:
 
         self.loaded = loaded
         self.device = device
-        # Callers that build a runner directly (predict, the benchmark) may leave dtype "auto": decide it here too.
+        # Callers that build a runner directly (predict, the benchmark) skip extract(): check and decide here too.
+        _check_options(options)
         dtype = storage_dtype(options.dtype, random_init=loaded.weights_id.startswith(RANDOM_INIT_PREFIX))
-        self.options = options = dataclasses.replace(
-            options, dtype=dtype, batch_size=options.batch_size or default_batch_size(device)
-        )
+        batch_size = default_batch_size(device) if options.batch_size is None else options.batch_size
+        self.options = options = dataclasses.replace(options, dtype=dtype, batch_size=batch_size)
         self.transform = loaded.spec.transforms()
         self.transforms_repr = repr(self.transform)
         # Geometry in the decode workers (uint8 pixels), normalization once per batch here: the same numbers.

@@ -142,15 +142,21 @@ def predict_images(
     images: Sequence[str | os.PathLike],
     *,
     weights_file: str | os.PathLike | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     runtime: str | None = None,
 ) -> list[dict[str, Any]]:
     """Classify image files with a saved head or fine-tuned model; returns ``[{path, label, probability}]`` in
     input order.
 
     ``runtime`` (stage-2 heads): ``featurecache.runtime.RUNTIMES``; by default the runtime the head's training
-    cache records. A fine-tuned model runs whole, in eager torch on the CPU.
+    cache records. A fine-tuned model runs whole, in eager torch on the CPU. ``batch_size``: by default the
+    extraction's on the CPU (``featurecache.extract.default_batch_size``).
     """
+    from featurecache.extract import default_batch_size
+
+    if batch_size is not None and batch_size < 1:
+        raise FeaturecacheError("batch_size must be at least 1")
+    batch_size = batch_size or default_batch_size("cpu")
     directory = Path(head_dir)
     if directory.name in (HEAD_FILE, LEGACY_HEAD_FILE, FINETUNED_MODEL_FILE):
         directory = directory.parent

@@ -62,7 +62,10 @@ class Preprocessing:
         device = images.device
         if images.device.type != "cpu":
             mean, std = self._constants_on(device)
-            return images.float().div_(255).sub_(mean).div_(std)
+            # 255 as a tensor on the device: CUDA divides by a Python scalar as a multiplication by its reciprocal,
+            # which is not ToTensor's division on the CPU; by a tensor it divides. (Written for that; no GPU has
+            # been lent to check the bits yet, so the equality tests run on the CPU.)
+            return images.float().div_(self._255_on(device)).sub_(mean).div_(std)
         out = self._buffers.get(slot) if reuse else None
         if out is None or out.shape != images.shape:
             out = torch.empty(images.shape, dtype=torch.float32)
@@ -79,6 +82,11 @@ class Preprocessing:
         if reuse:
             self._buffers[slot] = out
         return out
+
+    def _255_on(self, device: Any) -> Any:
+        import torch
+
+        return torch.tensor(255.0, dtype=torch.float32, device=device)
 
     def _constants_on(self, device: Any) -> tuple[Any, Any]:
         """(mean, std) as ``(C, 1, 1)`` float32 tensors on ``device``: Normalize's own conversion of its floats."""

@@ -104,7 +104,10 @@ class Journal:
                 previous = None
             if previous == manifest:
                 return cls(directory, manifest)
-            log.info("discarding progress in %s: it was made with other settings", directory)
+            changed = sorted(k for k in manifest if not isinstance(previous, dict) or previous.get(k) != manifest[k])
+            # The batch size is part of it: resuming at another --batch-size (or after its default changed) would
+            # mix batch boundaries, so the split starts over; passing the old --batch-size keeps the progress.
+            log.warning("discarding progress in %s: made with other settings (%s)", directory, ", ".join(changed))
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True))

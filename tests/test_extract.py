@@ -163,6 +163,20 @@ def test_layer_errors_name_the_fix(tiny, paths, layers, message):
         run(tiny, paths, layers=layers)
 
 
+def test_the_batch_size_defaults_to_the_device_and_below_one_is_refused(tiny, paths):
+    from featurecache.bases import load_base
+    from featurecache.extract import _Runner, default_batch_size
+
+    assert default_batch_size("cpu") == 8 and default_batch_size("cuda") == default_batch_size("cuda:1") == 32
+    loaded = load_base(BASE)
+    assert _Runner(loaded, "cpu", ExtractOptions(runtime="eager")).options.batch_size == 8
+    assert _Runner(loaded, "cpu", ExtractOptions(runtime="eager", batch_size=3)).options.batch_size == 3
+    with pytest.raises(FeaturecacheError, match="--batch-size must be at least 1"):
+        _Runner(loaded, "cpu", ExtractOptions(runtime="eager", batch_size=0))  # predict and the bench build runners
+    with pytest.raises(FeaturecacheError, match="--batch-size must be at least 1"):
+        run(tiny, paths, options=ExtractOptions(batch_size=0, progress=False))
+
+
 def test_unknown_base_lists_names(tiny, paths):
     with pytest.raises(FeaturecacheError, match=r"unknown base 'resnet5'.*resnet50.*efficientnet_lite0"):
         run(tiny, paths, base="resnet5")

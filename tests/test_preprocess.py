@@ -62,11 +62,15 @@ def test_batched_normalization_is_bit_identical_to_the_per_image_transform(name,
     pixels = [preprocessing.per_image(image, row) for row, image in enumerate(images)]
     assert all(p.dtype == torch.uint8 for p in pixels)
     half = len(images) // 2
-    for batch in (slice(0, half), slice(half, None)):  # the reused buffer serves a second, smaller batch
+    buffers = []
+    # Two equal batches (the second written into the first one's buffer), then the odd one out (a fresh buffer).
+    for batch in (slice(0, half), slice(half, 2 * half), slice(2 * half, None)):
         got = preprocessing.normalize(torch.stack(pixels[batch]), reuse=True)
         assert got.dtype == torch.float32
+        buffers.append(got.data_ptr())
         for row, (have, want) in enumerate(zip(got, expected[batch], strict=True)):
             assert torch.equal(have, want), f"{name}: image {row} differs from the base's own transforms"
+    assert buffers[0] == buffers[1] != buffers[2]
     assert torch.equal(preprocessing(images[0]), expected[0])  # the one-image form, too
 
 

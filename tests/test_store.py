@@ -38,7 +38,7 @@ def write_cache(tmp_path, *, bad_row: int | None = None, dtype: str = "float32",
     return final, features, labels
 
 
-def test_journal_resumes_only_with_the_same_manifest(tmp_path):
+def test_journal_resumes_only_with_the_same_manifest(tmp_path, caplog):
     final = tmp_path / "train.h5"
     journal = store.Journal.open(final, {"manifest": 1})
     journal.commit(0, {"toy": np.ones((4, DIM), np.float32)}, [""] * 4)
@@ -47,7 +47,9 @@ def test_journal_resumes_only_with_the_same_manifest(tmp_path):
     arrays, errors = journal.read(journal.directory / "rows-000000000000-000000000004.npz")
     assert arrays["toy"].shape == (4, DIM) and errors == [""] * 4
     assert store.Journal.open(final, {"manifest": 1}).committed() == {(0, 4), (8, 10)}  # same settings: kept
-    assert store.Journal.open(final, {"manifest": 2}).committed() == set()  # other settings: started afresh
+    with caplog.at_level("WARNING", logger="featurecache.store"):
+        assert store.Journal.open(final, {"manifest": 2}).committed() == set()  # other settings: started afresh
+    assert "made with other settings (manifest)" in caplog.text  # names what changed (e.g. batch_size)
 
 
 def test_a_second_writer_is_refused_and_the_lock_is_released(tmp_path):
