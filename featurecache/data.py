@@ -247,8 +247,15 @@ def fingerprint_files(index: SplitIndex, *, mode: str = "content", workers: int 
 
     if mode not in ("content", "stat"):
         raise FeaturecacheError(f"unknown fingerprint mode {mode!r}; choose content or stat")
+    # Threads for slow (network) disks, each over a run of files: a future per file cost more than hashing it when
+    # other threads held the GIL (0.26 s for 640 small JPEGs inside an extraction, 0.06 s alone).
+    paths = list(index.paths)
+    step = max(1, -(-len(paths) // (4 * workers)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = list(pool.map(digest_one, index.paths))
+        runs = pool.map(
+            lambda run: [digest_one(rel) for rel in run], [paths[i : i + step] for i in range(0, len(paths), step)]
+        )
+        digests = [digest for run in runs for digest in run]
     h = hashlib.sha256()
     h.update(json.dumps(list(index.class_names)).encode())
     for rel, label, d in zip(index.paths, index.labels, digests, strict=True):
