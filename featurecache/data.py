@@ -150,31 +150,9 @@ def discover_splits(
         val_fraction, test_fraction: per-class fractions carved out when the split is missing.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise FeaturecacheError(
-            f"dataset folder {root} does not exist; expected ROOT/{{train,val,test}}/<class>/<image> "
-            f"(run `make data` for the embedded datasets)"
-        )
-    has_split_dirs = (root / "train").is_dir()
-    found = {s: _scan_classes(root / s, root) for s in SPLITS if (root / s).is_dir()} if has_split_dirs else {}
-    source = found.get("train") if has_split_dirs else _scan_classes(root, root)
-    if not source:
-        raise FeaturecacheError(
-            f"no class folders with images in {root / 'train' if has_split_dirs else root}; expected "
-            f"ROOT/{{train,val,test}}/<class>/<image> or ROOT/<class>/<image>"
-        )
+    found, source = _scan_dataset(root)
     class_names = tuple(sorted(source))
-    if len(class_names) < 2:
-        raise FeaturecacheError(
-            f"only one class ({class_names[0]!r}) in {root}; classification needs at least two class folders"
-        )
     label_of = {c: i for i, c in enumerate(class_names)}
-    for split, classes in found.items():
-        unknown = sorted(set(classes) - set(class_names))
-        if unknown:
-            raise FeaturecacheError(
-                f"{split} has classes that train lacks: {', '.join(unknown)}; every class needs training images"
-            )
 
     def entries(classes: dict[str, list[str]]) -> list[tuple[str, int]]:
         return sorted((p, label_of[c]) for c, files in classes.items() for p in files)
@@ -205,6 +183,35 @@ def discover_splits(
             class_names=class_names,
         )
     return out
+
+
+def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str, list[str]]]:
+    """``(split folders found -> class -> files, the class -> files that train comes from)``; refuses a folder
+    that is missing, has fewer than two classes, or has val/test classes that train lacks."""
+    if not root.is_dir():
+        raise FeaturecacheError(
+            f"dataset folder {root} does not exist; expected ROOT/{{train,val,test}}/<class>/<image> "
+            f"(run `make data` for the embedded datasets)"
+        )
+    has_split_dirs = (root / "train").is_dir()
+    found = {s: _scan_classes(root / s, root) for s in SPLITS if (root / s).is_dir()} if has_split_dirs else {}
+    source = found.get("train") if has_split_dirs else _scan_classes(root, root)
+    if not source:
+        raise FeaturecacheError(
+            f"no class folders with images in {root / 'train' if has_split_dirs else root}; expected "
+            f"ROOT/{{train,val,test}}/<class>/<image> or ROOT/<class>/<image>"
+        )
+    if len(source) < 2:
+        raise FeaturecacheError(
+            f"only one class ({next(iter(source))!r}) in {root}; classification needs at least two class folders"
+        )
+    for split, classes in found.items():
+        unknown = sorted(set(classes) - set(source))
+        if unknown:
+            raise FeaturecacheError(
+                f"{split} has classes that train lacks: {', '.join(unknown)}; every class needs training images"
+            )
+    return found, source
 
 
 def _recorded_or_new_split(

@@ -748,7 +748,6 @@ def _run_batches(
 ) -> tuple[float, int]:
     """Forward this rank's not-yet-committed batches and commit each; returns (forward-loop seconds, images)."""
     import torch
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     n = len(index)
@@ -764,19 +763,7 @@ def _run_batches(
         )  # fmt: skip
     if not todo:
         return 0.0, 0
-    workers = options.workers if options.workers is not None else _default_workers(runner.device)
-    # Batches keep the composition they have in a single uninterrupted run (same rows, same batch size), so
-    # resumed and distributed runs give bit-identical numbers.
-    data = ImageFiles(index, runner.preprocessing.per_image, input_size=runner.loaded.spec.input_size,
-                      rows=range(n), alpha=options.alpha)  # fmt: skip
-    loader = DataLoader(
-        data,
-        batch_sampler=[list(range(start, stop)) for start, stop in todo],
-        num_workers=workers,
-        pin_memory=runner.device.startswith("cuda"),
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
+    loader = _loader(index, todo, runner=runner, options=options)
     module = runner.extractor(taps)
     t0 = time.perf_counter()
     mine_rows = sum(stop - start for start, stop in mine)
@@ -804,6 +791,25 @@ def _run_batches(
         index.split, seconds, spent["decode"], spent["forward"], spent["writer"],
     )  # fmt: skip
     return seconds, done
+
+
+def _loader(index: SplitIndex, todo: Sequence[tuple[int, int]], *, runner: _Runner, options: ExtractOptions) -> Any:
+    """Decoded ``(uint8 images, rows, errors)`` batches of the row ranges ``todo``, from DataLoader workers."""
+    from torch.utils.data import DataLoader
+
+    workers = options.workers if options.workers is not None else _default_workers(runner.device)
+    # Batches keep the composition they have in a single uninterrupted run (same rows, same batch size), so
+    # resumed and distributed runs give bit-identical numbers.
+    data = ImageFiles(index, runner.preprocessing.per_image, input_size=runner.loaded.spec.input_size,
+                      rows=range(len(index)), alpha=options.alpha)  # fmt: skip
+    return DataLoader(
+        data,
+        batch_sampler=[list(range(start, stop)) for start, stop in todo],
+        num_workers=workers,
+        pin_memory=runner.device.startswith("cuda"),
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def _forward_loop(
