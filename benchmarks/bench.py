@@ -295,7 +295,7 @@ def bench_int8(work: Path, rounds: int = 3) -> None:
     data = ImageFiles(index, runner.transform, input_size=224, rows=range(32))
     images = np.stack([data[i][0].numpy() for i in range(32)]).astype(np.float32)
     runner.prepare(index)  # writes and checks the f32 export
-    f32 = runner._shared["export_file"]
+    f32 = runner._choice.export_file
     batches = iter([{runtime.INPUT_NAME: images[i : i + 8]} for i in range(0, 32, 8)])
 
     class Calibration(CalibrationDataReader):

@@ -291,6 +291,18 @@ def _warn_raw_size(taps: Sequence[TapSpec], indexes: dict[str, SplitIndex], opti
             )
 
 
+@dataclass
+class _RuntimeChoice:
+    """The runtime a runner and its ``with_transform`` copies share: decided once, checked against eager once (or
+    taken over from rank 0), its exported graph loaded once."""
+
+    runtime: str  # "eager", or an exported runtime until the check refuses it
+    taps: list[TapSpec]  # what the exported graph computes
+    export_file: Path | None
+    graph: runtimes.ExportedGraph | None = None
+    checked: bool = False
+
+
 class _Runner:
     """The base on its device and runtime with the autocast/memory-format choices, built once per tap set.
 
@@ -331,13 +343,11 @@ class _Runner:
         chosen = runtimes.resolve_runtime(options.runtime, device, options.precision)
         if chosen != "eager" and (export_file is None or not taps):
             raise FeaturecacheError(f"--runtime {chosen} needs the tap set and an export file")
-        self._shared: dict[str, Any] = {
-            "runtime": chosen, "taps": list(taps), "export_file": export_file, "graph": None, "checked": False,
-        }  # fmt: skip
+        self._choice = _RuntimeChoice(chosen, list(taps), export_file)  # shared with with_transform's copies
 
     @property
     def runtime(self) -> str:
-        return self._shared["runtime"]
+        return self._choice.runtime
 
     def with_transform(self, transform: Any, **config: Any) -> _Runner:
         """The same base and built extractors with another preprocessing (augmented views), recorded in the config."""
@@ -349,13 +359,13 @@ class _Runner:
         return other
 
     def _load_graph(self, *, rebuild: bool) -> runtimes.ExportedGraph:
-        taps = self._shared["taps"]
+        taps = self._choice.taps
         identity = runtimes.export_identity(
             base=self.loaded.spec.name, weights=self.loaded.weights_id, input_size=self.loaded.spec.input_size,
             taps=taps,
         )  # fmt: skip
         return runtimes.exported_graph(
-            self.runtime, self._shared["export_file"], runtimes.export_fingerprint(identity),
+            self.runtime, self._choice.export_file, runtimes.export_fingerprint(identity),
             lambda: build_extractor(self.loaded, taps), keys=[t.key for t in taps], precision=self.precision,
             rebuild=rebuild,
         )  # fmt: skip
@@ -368,8 +378,8 @@ class _Runner:
         """
         import torch
 
-        shared = self._shared
-        if shared["checked"] or self.runtime == "eager" or len(index) == 0:
+        choice = self._choice
+        if choice.checked or self.runtime == "eager" or len(index) == 0:
             return False
         rows = range(min(len(index), self.options.batch_size, PROBE_ROWS))
         data = ImageFiles(index, self.preprocessing.per_image, input_size=self.loaded.spec.input_size, rows=rows,
@@ -379,25 +389,25 @@ class _Runner:
     def check(self, images: Any) -> bool:
         """Load the exported runtime and compare it with eager on ``images``; True when it fell back to eager."""
         images = self.preprocessing.normalize(images)
-        shared = self._shared
-        shared["checked"] = True
+        choice = self._choice
+        choice.checked = True
         if self.runtime == "eager":
             return False
         graph = self._load_graph(rebuild=True)
-        reference = self._eager(shared["taps"])(images[:PROBE_ROWS])
+        reference = self._eager(choice.taps)(images[:PROBE_ROWS])
         got = graph(images[:PROBE_ROWS], in_lane=True)  # the session the extraction loop runs
         if runtimes.agrees_with_eager(self.runtime, got, reference, self.precision):
-            shared["graph"] = graph
+            choice.graph = graph
             return False
-        shared["runtime"] = "eager"
+        choice.runtime = "eager"
         return True
 
     def adopt(self, runtime: str) -> None:
         """Take over rank 0's decision (after :meth:`prepare` there): the same runtime, from the export it wrote."""
-        shared = self._shared
-        shared["runtime"], shared["checked"] = runtime, True
-        if runtime != "eager" and shared["graph"] is None:
-            shared["graph"] = self._load_graph(rebuild=False)
+        choice = self._choice
+        choice.runtime, choice.checked = runtime, True
+        if runtime != "eager" and choice.graph is None:
+            choice.graph = self._load_graph(rebuild=False)
 
     def extractor(self, taps: Sequence[TapSpec]) -> Any:
         """A callable ``images -> {tap.key: (B, D) float32 array}`` on this runner's runtime."""
@@ -407,9 +417,9 @@ class _Runner:
             if self.runtime == "eager":
                 self._extractors[cache_key] = self._eager(taps)
             else:
-                if self._shared["graph"] is None:
-                    self._shared["graph"] = self._load_graph(rebuild=True)
-                graph, keys = self._shared["graph"], [t.key for t in taps]
+                if self._choice.graph is None:
+                    self._choice.graph = self._load_graph(rebuild=True)
+                graph, keys = self._choice.graph, [t.key for t in taps]
                 self._extractors[cache_key] = lambda images, in_lane=False: {
                     k: v for k, v in graph(images, in_lane=in_lane).items() if k in keys
                 }
@@ -418,7 +428,7 @@ class _Runner:
     @property
     def lanes(self) -> int:
         """Batches the runtime runs at once (``featurecache.runtime.CONCURRENT_BATCHES``); 1 for eager."""
-        graph = self._shared["graph"]
+        graph = self._choice.graph
         return graph.lanes if self.runtime != "eager" and graph is not None else 1
 
     def forward_batches(self, module: Any, batches: Iterable[tuple]) -> Iterator[tuple[tuple, dict[str, np.ndarray]]]:
