@@ -5,8 +5,8 @@ img/s for ONNX Runtime on EfficientNet-Lite0, 2 cores): that process holds every
 pools and several GiB, which flattered end-to-end / bare. So each measurement here is one child process
 (``python -m benchmarks.extraction MODE ...``) that loads what it needs, warms up untimed, times one thing and
 prints it as one ``RESULT {json}`` line. The parent runs a warm-up round (it exports the graphs), then the same
-children round after round, the order rotated each round (A B C, B C A, C A B: the VM's drift hits every figure
-alike, and no child always follows the same one), and reports medians.
+children round after round, in a seeded shuffled order each round (the VM's drift hits every figure alike, and no
+child always runs after the same one), and reports medians.
 
 Children:
   split  one ``extract`` of a folder's train split into a home that keeps its exported graphs (the cache file
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -58,20 +59,18 @@ def make_photos(root: Path, n: int) -> Path:
     return root
 
 
-def runner_for(name: str, work: Path, taps: list, loaded: Any = None, batch_size: int | None = None) -> Any:
-    """A runner of ``name`` over ``taps``, its export (if any) under ``work``; ``prepare`` checks it against eager."""
-    from featurecache import runtime
+def runner_for(
+    name: str, work: Path, taps: list, loaded: Any = None, batch_size: int | None = None, dataset: str = "bench"
+) -> Any:
+    """A runner of ``name`` over ``taps``; ``prepare`` checks it against eager. Its export is where ``featurecache
+    extract`` with home ``work`` keeps the export of ``dataset`` (so a bare child reuses the split child's)."""
     from featurecache.bases import load_base
     from featurecache.config import Paths
-    from featurecache.extract import ExtractOptions, _Runner
+    from featurecache.extract import ExtractOptions, _export_file, _Runner
 
     loaded = loaded or load_base(BASE)
-    identity = runtime.export_identity(
-        base=loaded.spec.name, weights=loaded.weights_id, input_size=loaded.spec.input_size, taps=taps
-    )
-    export = Paths(work / "exports").export_file("bench", loaded.spec.name, runtime.export_digest(identity))
     options = ExtractOptions(progress=False, runtime=name, batch_size=batch_size)
-    return _Runner(loaded, "cpu", options, taps=taps, export_file=export)
+    return _Runner(loaded, "cpu", options, taps=taps, export_file=_export_file(loaded, taps, dataset, Paths(work)))
 
 
 def forward_seconds(runner: Any, module: Any, images: Any, batch_size: int) -> float:
@@ -111,7 +110,7 @@ def _bare(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_base(args.base, weights=args.weights)
     taps = parse_taps(args.layers, trace_base(loaded))
     requested = runtime.resolve_runtime(args.runtime, "cpu")
-    runner = runner_for(requested, args.work, taps, loaded, args.batch_size)
+    runner = runner_for(requested, args.work, taps, loaded, args.batch_size, dataset=args.root.resolve().name)
     index = discover_splits(args.root)["train"]
     data = ImageFiles(index, runner.preprocessing.per_image, input_size=loaded.spec.input_size,
                       rows=range(args.images))  # fmt: skip
@@ -125,7 +124,8 @@ def _bare(args: argparse.Namespace) -> dict[str, Any]:
     batch = runner.options.batch_size  # --batch-size, else the extraction's default on this device
     forward_seconds(runner, module, images, batch)  # untimed: the sessions' memory at the batch shape, the kernels
     seconds = forward_seconds(runner, module, images, batch)
-    return {"img_s": args.images / seconds, "error": error, "batch": batch, "taps": len(taps)}
+    return {"img_s": args.images / seconds, "error": error, "batch": batch, "taps": len(taps),
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def _peer(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,9 +259,10 @@ def bench_extraction(work: Path, report: Callable[..., None], rounds: int = 3) -
     # Warm-up: the children that export a graph (each base x taps once), so no timed child pays for an export.
     first = {key: _child(*jobs[key]) for key in EXPORTING}
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in jobs}
-    order = list(jobs)
     for r in range(rounds):
-        for key in order[r:] + order[:r]:
+        order = list(jobs)
+        random.Random(r).shuffle(order)  # seeded: no child always runs after the same one
+        for key in order:
             runs[key].append(_child(*jobs[key]))
     for key in ("split", "split-peer-taps", "heavy-split"):
         if {r["runtime"] for r in runs[key]} != {default}:
@@ -275,11 +276,9 @@ def bench_extraction(work: Path, report: Callable[..., None], rounds: int = 3) -
 
 
 def _report(report: Callable[..., None], m: dict[str, Any], names: list[str], default: str) -> None:
-    import torch
-
     eager, same = m["bare-eager"]["img_s"], m[f"bare-{default}"]["img_s"]
     whole, loop = m["split"]["whole"], m["split"]["loop"]
-    batch, threads, taps = int(m["bare-eager"]["batch"]), torch.get_num_threads(), int(m["bare-eager"]["taps"])
+    batch, threads, taps = (int(m["bare-eager"][k]) for k in ("batch", "threads", "taps"))
     setting = f"Lite0, {taps} stage taps, batch {batch}, {threads} threads, {SPLIT_IMAGES} JPEGs 320x240"
     report("extraction", "end-to-end / eager bare forward", whole / eager, ">= 2.0", whole / eager >= 2.0,
            f"{whole:.1f} vs {eager:.1f} img/s ({default}; {setting}; each in a fresh process)")  # fmt: skip

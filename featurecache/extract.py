@@ -207,8 +207,7 @@ def extract(
     _warn_raw_size(taps, indexes, options)
     runner = _Runner(loaded, _rank_device(options.device, world), options, taps=taps,
                      export_file=_export_file(loaded, taps, dataset, paths))  # fmt: skip
-    options = runner.options  # the batch size resolved for the device
-    split = functools.partial(_extract_split, runner=runner, taps=taps, dataset=dataset, options=options, world=world)
+    split = functools.partial(_extract_split, runner=runner, taps=taps, dataset=dataset, world=world)
     results = [split(indexes[s], paths.feature_file(dataset, loaded.tag, s)) for s in request.splits]
     if request.train_views:
         train = indexes["train"]
@@ -238,10 +237,10 @@ def _export_file(loaded: LoadedBase, taps: Sequence[TapSpec], dataset: str, path
 def default_batch_size(device: str) -> int:
     """8 images per batch on the CPU, 32 on a GPU.
 
-    Measured on the 2-core VM (benchmarks/extraction.py children, fresh processes): eager PyTorch runs 1.25-1.7x
-    faster at 8 than at 32 (Lite0 49-67 vs 39 img/s, resnet50 18 vs 14-15), ONNX Runtime as fast in steady state
-    (~200 img/s on Lite0), and its first pass in a fresh process pays for the batch's activations in fresh pages:
-    resnet50 at 32 faults in 1.3 GB (322k page faults, 19.7 vs 26 img/s), at 8 a quarter of it (24.5 vs 25.5).
+    Measured on the 2-core VM (``make bench``, fresh processes, BENCHMARKS.md): the bare forward of Lite0 runs
+    1.84-1.86x faster at 8 than at 32 in eager PyTorch (68-71 vs 37-38 img/s) and 1.02-1.08x in ONNX Runtime; and
+    (a one-off measurement with /usr/bin/time, not in the bench) ONNX Runtime's first pass in a fresh process pays
+    for the batch's activations in fresh pages: resnet50 at 32 faulted in 1.3 GB (322k page faults), at 8 a quarter.
     """
     return 32 if device.startswith("cuda") else 8
 
@@ -622,11 +621,11 @@ def _extract_split(
     runner: _Runner,
     taps: Sequence[TapSpec],
     dataset: str,
-    options: ExtractOptions,
     world: World,
     files_of: SplitIndex | None = None,
 ) -> SplitResult:
     t0 = time.perf_counter()
+    options = runner.options  # the batch size and dtype resolved for the runner's device
     # Rank 0 holds the writer lock for the whole split (a foreign job is refused) and alone decides, opens the
     # journal (which may discard stale progress) and assembles; the other ranks only commit their batches.
     with store.writer_lock(final) if world.is_main else contextlib.nullcontext():

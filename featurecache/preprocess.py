@@ -36,7 +36,7 @@ class Preprocessing:
         geometry, self.mean, self.std = split or (transform, None, None)
         self.per_image = PerImage(geometry, to_uint8=self.split)
         self._buffers: dict[int, Any] = {}  # slot -> the CPU output of normalize(reuse=True), kept across batches
-        self._constants: dict[Any, tuple[Any, Any]] = {}  # device -> (mean, std) as (C, 1, 1) float32 tensors
+        self._constants: dict[Any, tuple[Any, Any, Any]] = {}  # device -> (255, mean, std), float32 tensors
 
     def __call__(self, image: Any) -> Any:
         """One image, preprocessed exactly as the wrapped transform does it (float32 CHW)."""
@@ -61,11 +61,11 @@ class Preprocessing:
             return images
         device = images.device
         if images.device.type != "cpu":
-            mean, std = self._constants_on(device)
+            scale, mean, std = self._constants_on(device)
             # 255 as a tensor on the device: CUDA divides by a Python scalar as a multiplication by its reciprocal,
             # which is not ToTensor's division on the CPU; by a tensor it divides. (Written for that; no GPU has
             # been lent to check the bits yet, so the equality tests run on the CPU.)
-            return images.float().div_(self._255_on(device)).sub_(mean).div_(std)
+            return images.float().div_(scale).sub_(mean).div_(std)
         out = self._buffers.get(slot) if reuse else None
         if out is None or out.shape != images.shape:
             out = torch.empty(images.shape, dtype=torch.float32)
@@ -73,7 +73,7 @@ class Preprocessing:
         # spin-wait after each, on the cores the runtime and the decode worker need (measured on 2 cores: receiving
         # and normalizing 640 decoded images took 0.96 s of main-process CPU, 0.14 s this way). The same IEEE
         # float32 operations in the same order, so the same bits.
-        mean, std = (c.numpy() for c in self._constants_on(torch.device("cpu")))
+        _, mean, std = (c.numpy() for c in self._constants_on(torch.device("cpu")))
         for pixels, floats in zip(images.numpy(), out.numpy(), strict=True):
             floats[...] = pixels
             np.divide(floats, np.float32(255), out=floats)
@@ -83,18 +83,15 @@ class Preprocessing:
             self._buffers[slot] = out
         return out
 
-    def _255_on(self, device: Any) -> Any:
-        import torch
-
-        return torch.tensor(255.0, dtype=torch.float32, device=device)
-
-    def _constants_on(self, device: Any) -> tuple[Any, Any]:
-        """(mean, std) as ``(C, 1, 1)`` float32 tensors on ``device``: Normalize's own conversion of its floats."""
+    def _constants_on(self, device: Any) -> tuple[Any, Any, Any]:
+        """(255, mean, std) as float32 tensors on ``device``, made once per device: a 0-d 255, and mean and std as
+        ``(C, 1, 1)`` in Normalize's own conversion of its floats."""
         import torch
 
         if device not in self._constants:
-            self._constants[device] = tuple(torch.as_tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)
-                                            for v in (self.mean, self.std))  # fmt: skip
+            scale = torch.tensor(255.0, dtype=torch.float32, device=device)
+            self._constants[device] = (scale, *(torch.as_tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)
+                                                for v in (self.mean, self.std)))  # fmt: skip
         return self._constants[device]
 
 

@@ -118,13 +118,23 @@ def export_digest(identity: dict[str, Any]) -> str:
 
 def export_fingerprint(identity: dict[str, Any]) -> dict[str, Any]:
     """The identity plus everything that makes an older file of the same name stale (versions, opset)."""
-    from importlib.metadata import version
-
     import torch
 
-    # onnx's version from its package metadata (the same string as onnx.__version__): importing onnx takes ~0.6 s,
-    # a tenth of a 640-image split's extraction on the 2-core VM, and only writing an export needs the module.
-    return {**identity, "torch": torch.__version__, "onnx": version("onnx"), "opset": OPSET}
+    return {**identity, "torch": torch.__version__, "onnx": _onnx_version(), "opset": OPSET}
+
+
+def _onnx_version() -> str:
+    """onnx's version from its package metadata, the same string as ``onnx.__version__``: importing onnx takes
+    ~0.6 s, a tenth of a 640-image split's extraction on the 2-core VM, and only writing an export needs the module.
+    An onnx installed under another distribution name (onnx-weekly, a source tree) falls back to the import."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnx")
+    except PackageNotFoundError:
+        import onnx
+
+        return onnx.__version__
 
 
 def _sha256(path: Path) -> str:

@@ -104,7 +104,8 @@ class Journal:
                 previous = None
             if previous == manifest:
                 return cls(directory, manifest)
-            changed = sorted(k for k in manifest if not isinstance(previous, dict) or previous.get(k) != manifest[k])
+            keys = set(manifest) | (set(previous) if isinstance(previous, dict) else set())
+            changed = sorted(k for k in keys if not isinstance(previous, dict) or previous.get(k) != manifest.get(k))
             # The batch size is part of it: resuming at another --batch-size (or after its default changed) would
             # mix batch boundaries, so the split starts over; passing the old --batch-size keeps the progress.
             log.warning("discarding progress in %s: made with other settings (%s)", directory, ", ".join(changed))
