@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from featurecache import persist, store
+from featurecache import store
 from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.metrics import mcnemar_worse_p, paired_difference, wilson_interval
 from featurecache.selection import Candidate, pick_best, ranked
+from featurecache.train import current_sidecars
 from featurecache.weights import is_random_tag, random_tag
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,8 @@ def head_results(dataset: str, base_tag: str, paths: Paths, labels: LabelReader 
     """Every frozen plain head saved for ``dataset`` x ``base_tag``."""
     labels = labels or LabelReader()
     out = []
-    for directory in paths.head_dirs(dataset, base_tag):
-        sidecar = persist.read_sidecar(directory)
-        if sidecar is not None and is_frozen_plain(sidecar["head"]):
+    for _directory, sidecar in current_sidecars(paths.head_dirs(dataset, base_tag), paths):
+        if is_frozen_plain(sidecar["head"]):
             out.append(result_of_sidecar(sidecar, labels))
     return out
 

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from featurecache import persist, store
+from featurecache import store
 from featurecache.answer import head_results, is_frozen_plain, multilayer_comparisons
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
 from featurecache.selection import Candidate, pick_best
+from featurecache.train import current_sidecars
 from featurecache.transferability import knn_loo_accuracy, logme, ncti, ncti_components, sfda
 from featurecache.weights import base_of_tag
 
@@ -158,9 +159,8 @@ def selected_heads(dataset: str, base_tag: str, paths: Paths | None = None) -> d
     models (not heads on the cached features) are left out."""
     paths = paths or default_paths()
     by_layer: dict[str, list[dict[str, Any]]] = {}
-    for directory in paths.head_dirs(dataset, base_tag):
-        s = persist.read_sidecar(directory)
-        if s is None or s["tap"].get("multi_tap") or not is_frozen_plain(s["head"]):
+    for directory, s in current_sidecars(paths.head_dirs(dataset, base_tag), paths):
+        if s["tap"].get("multi_tap") or not is_frozen_plain(s["head"]):
             continue
         by_layer.setdefault(s["layer"], []).append({**s, "model_dir": str(directory)})
     out = {}

@@ -30,7 +30,7 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
     """One row per saved head of the dataset (every base), best first under the one selection rule
     (:mod:`featurecache.selection`: val accuracy; ties to the simpler head, then the shallower layer)."""
     rows = []
-    for r in ranked(_records(paths.head_dirs(dataset)), candidate_of_record):
+    for r in ranked(_records(paths.head_dirs(dataset), paths), candidate_of_record):
         rows.append(
             {
                 "base": r.base_tag,
@@ -53,10 +53,13 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
     return rows
 
 
-def _records(directories: Iterable[Path]) -> Iterator[HeadRecord]:
-    """The records of the saved heads in ``directories``; one from another featurecache version is left out with
-    a warning naming its retrain command (the rest of the leaderboard stands)."""
-    for directory in directories:
+def _records(directories: Iterable[Path], paths: Paths) -> Iterator[HeadRecord]:
+    """The records of the saved heads in ``directories`` trained on the current caches
+    (:func:`featurecache.train.current_sidecars`); one from another featurecache version is left out with a warning
+    naming its retrain command. The rest of the leaderboard stands."""
+    from featurecache.train import current_sidecars
+
+    for directory, _sidecar in current_sidecars(directories, paths):
         try:
             record = persist.read_record(directory)
         except SidecarVersionError as exc:

@@ -30,9 +30,9 @@ from featurecache.fileio import atomic_write_text
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.layer_scores import SCORES, cross_dataset_summary, layer_tau_table
 from featurecache.metrics import mcnemar_worse_p, paired_difference
-from featurecache.persist import read_sidecar
 from featurecache.plots import plot_answers
 from featurecache.selection import pick_best
+from featurecache.train import current_sidecars
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ def beyond_frozen(answer: Answer, paths: Paths) -> list[dict[str, Any]]:
     """Fine-tuned models, and the best head trained with augmented views, each against the frozen head it starts
     from (same layer, same head kind) on the same test images: paired difference with a bootstrap 95% interval."""
     labels, routes, plain = LabelReader(), [], {}
-    for directory in paths.head_dirs(answer.dataset, answer.recommended.base):
-        s = read_sidecar(directory)
-        if s is None:
-            continue
+    for _directory, s in current_sidecars(paths.head_dirs(answer.dataset, answer.recommended.base), paths):
         if s["head"].startswith(FINETUNED_PREFIX) or s["head"].endswith(AUGMENTED_SUFFIX):
             routes.append(s)
         else:

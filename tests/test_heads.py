@@ -96,6 +96,24 @@ def test_train_heads_writes_models_sidecars_and_leaderboard(cached, tmp_path):
                                              paths=paths)} == {"trained"}  # fmt: skip
 
 
+def test_heads_trained_on_features_re_extracted_since_are_left_out_naming_their_retrain(cached, tmp_path, caplog):
+    paths, root = fresh_copy(cached, tmp_path), cached[1]
+    train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg", "knn"], options=QUIET,
+                paths=paths)  # fmt: skip
+    assert len(leaderboard_rows("shapes", paths)) == 2
+    # Re-extracted with another runtime (the cached features came from auto): other numbers, a new fingerprint.
+    extract(ExtractRequest(root, base=BASE, layers=LAYERS), paths=paths,
+            options=ExtractOptions(workers=0, progress=False, runtime="eager"))  # fmt: skip
+    with caplog.at_level("WARNING", logger="featurecache.train"):
+        again = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=QUIET,
+                            paths=paths)  # fmt: skip
+        rows = leaderboard_rows("shapes", paths)
+    assert [s["status"] for s in again] == ["trained"]  # its old fit was on the old features
+    assert [(r["layer"], r["head"]) for r in rows] == [("flatten", "logreg")]  # knn is stale: left out
+    assert "was re-extracted after it was trained" in caplog.text
+    assert "--layers flatten --heads knn --overwrite" in caplog.text and caplog.text.count("knn (") == 1
+
+
 def scores(sidecar: dict) -> list[tuple[str, float]]:
     """The sweep without its wall-clock timings."""
     return [(json.dumps(p["params"], sort_keys=True), p["val_accuracy"]) for p in sidecar["sweep"]]
