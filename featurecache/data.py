@@ -119,8 +119,8 @@ def stratified_split(
         members = by_class[label]
         if len(members) < len(fractions) + 1:
             raise FeaturecacheError(
-                f"class {label} has {len(members)} image(s); a stratified split into "
-                f"train/{'/'.join(fractions)} needs at least {len(fractions) + 1}. Add images or provide "
+                f"class {label} (folder {Path(members[0]).parent}) has {len(members)} image(s); a stratified split "
+                f"into train/{'/'.join(fractions)} needs at least {len(fractions) + 1}. Add images or provide "
                 f"explicit train/val/test folders."
             )
         perm = [members[i] for i in rng.permutation(len(members))]

@@ -591,8 +591,7 @@ def _plan_split(
         keep_from = final
         log.info("%s: adding taps %s (cached taps are kept)", final, ", ".join(t.key for t in todo))
     elif meta:
-        changed = sorted(k for k in config if meta.get(k) != config[k] and k != "class_names") or ["inputs"]
-        log.info("%s is stale (%s changed); re-extracting", final, ", ".join(changed))
+        log.info("%s is stale (%s changed); re-extracting", final, ", ".join(_stale_keys(config, meta)))
     manifest = {
         "config_fingerprint": config_fp,
         "taps": [t.as_attrs() for t in todo],
@@ -601,6 +600,18 @@ def _plan_split(
         "num_samples": len(index),
     }
     return _Plan(config, config_fp, todo, keep_from, manifest)
+
+
+def _stale_keys(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """What differs between this run's cache config and the cached file's metadata, for the log.
+
+    Eager f32 leaves ``runtime``/``precision`` out of the config (caches from before runtimes stay valid) while
+    every file records them, so they are compared with those defaults: a switch between runtimes is named as such.
+    """
+    defaults = {"runtime": "eager", "precision": "f32"}
+    keys = sorted((set(config) | set(defaults)) - {"class_names"})
+    changed = [k for k in keys if meta.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
+    return changed or ["inputs"]
 
 
 def _cached_meta(final: Path) -> dict[str, Any]:

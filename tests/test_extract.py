@@ -200,6 +200,20 @@ def test_dataset_errors(tmp_path, paths):
     (hollow / "train" / "zebra").mkdir()
     with pytest.raises(FeaturecacheError, match="class folder .*zebra has no files"):
         run(hollow, paths)
+    few = make_image_folder(tmp_path / "few", per_class={"all": 2}, splits=False)  # too few to split 3 ways
+    with pytest.raises(FeaturecacheError, match=r"class 0 \(folder circle\) has 2 image\(s\)"):
+        run(few, paths)
+
+
+def test_a_stale_cache_names_what_changed_including_a_switch_of_runtime():
+    from featurecache.extract import _stale_keys
+
+    eager = {"base": "b", "data_fingerprint": "x", "class_names": ["a"]}  # eager f32 adds no runtime key
+    onnx = {**eager, "runtime": "onnxruntime", "precision": "f32"}
+    assert _stale_keys(eager, {**onnx, "class_names": ["z"]}) == ["runtime"]
+    assert _stale_keys(onnx, {**eager, "runtime": "eager", "precision": "f32"}) == ["runtime"]
+    assert _stale_keys(eager, {**eager, "data_fingerprint": "y", "runtime": "eager"}) == ["data_fingerprint"]
+    assert _stale_keys(eager, {**eager, "runtime": "eager"}) == ["inputs"]  # e.g. an older schema's hidden key
 
 
 def test_missing_splits_are_made_stratified_and_recorded(tmp_path, paths):
