@@ -6,8 +6,8 @@ never disagree.
 
 The rule: the highest **val** accuracy (test never decides anything). Exact ties go, in this order, to
 
-1. the simpler head (:data:`featurecache.heads.SIMPLICITY_ORDER`: logreg < linear_svm < knn < rbf_svm < mlp;
-   a ``+aug`` variant just after its plain head, fine-tuned models last): cheaper to train and to trust;
+1. the simpler head (:data:`featurecache.heads.SIMPLICITY_ORDER`: logreg < linear_svm < knn < rbf_svm < mlp <
+   multilayer; a ``+aug`` variant just after its plain head, fine-tuned models last): cheaper to train and to trust;
 2. the shallower layer: a shallower tap is cheaper to extract (the graph is cut after the deepest tap), and
    with equal val accuracy nothing favours the deeper one;
 3. base, layer and head names, so the order is total and the same on every machine and backend.

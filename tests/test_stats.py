@@ -58,3 +58,9 @@ def test_selection_rule_breaks_ties_by_simpler_head_then_shallower_layer():
     assert [x.head for x in ranked(c, lambda x: x)] == ["logreg", "logreg", "knn", "mlp", "mlp"]
     with pytest.raises(ValueError):
         pick_best([], lambda x: x)
+
+
+def test_exact_ties_rank_multilayer_after_every_single_tap_head_and_fine_tuned_models_last():
+    heads = ["finetuned-mlp", "multilayer", "mlp+aug", "mlp", "logreg+aug", "logreg"]
+    tied = [Candidate("b", "view", head, 1.0, 0.8) for head in heads]
+    assert [x.head for x in ranked(tied, lambda x: x)] == heads[::-1]

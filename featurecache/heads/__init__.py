@@ -66,7 +66,8 @@ def saved_head_name(head: str, *, augmented: bool) -> str:
 
 # Ties in val accuracy go to the simpler head, in this order; a fixed order (not measured fit seconds) keeps
 # leaderboards and reports identical from run to run and from one joblib backend to another.
-SIMPLICITY_ORDER = ("logreg", "linear_svm", "knn", "rbf_svm", "mlp")
+# multilayer last: it is a linear head, but over several taps, each of which must be extracted and kept.
+SIMPLICITY_ORDER = ("logreg", "linear_svm", "knn", "rbf_svm", "mlp", "multilayer")
 
 
 def simplicity_rank(head: str) -> int:
