@@ -238,7 +238,7 @@ def default_batch_size(device: str) -> int:
     """8 images per batch on the CPU, 32 on a GPU.
 
     Measured on the 2-core VM (``make bench``, fresh processes, BENCHMARKS.md): the bare forward of Lite0 runs
-    1.84-1.86x faster at 8 than at 32 in eager PyTorch (68-71 vs 37-38 img/s) and 1.02-1.08x in ONNX Runtime; and
+    1.80-1.86x faster at 8 than at 32 in eager PyTorch (64-71 vs 35-38 img/s) and 1.02-1.08x in ONNX Runtime; and
     (a one-off measurement with /usr/bin/time, not in the bench) ONNX Runtime's first pass in a fresh process pays
     for the batch's activations in fresh pages: resnet50 at 32 faulted in 1.3 GB (322k page faults), at 8 a quarter.
     """
