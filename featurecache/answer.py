@@ -24,10 +24,10 @@ import numpy as np
 from featurecache import store
 from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
+from featurecache.freshness import current_sidecars
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.metrics import mcnemar_worse_p, paired_difference, wilson_interval
 from featurecache.selection import Candidate, pick_best, ranked
-from featurecache.train import current_sidecars
 from featurecache.weights import is_random_tag, random_tag
 
 log = logging.getLogger(__name__)

@@ -94,6 +94,12 @@ def _scan_classes(folder: Path, root: Path) -> dict[str, list[str]]:
     return out
 
 
+def _folder_note(member: str) -> str:
+    """`` (folder <class folder>)`` for an image path under a class folder; empty for the embedded datasets' ids."""
+    parent = Path(member).parent
+    return "" if str(parent) == "." else f" (folder {parent})"
+
+
 def stratified_split(
     items: Sequence[str],
     labels: Sequence[int],
@@ -119,7 +125,7 @@ def stratified_split(
         members = by_class[label]
         if len(members) < len(fractions) + 1:
             raise FeaturecacheError(
-                f"class {label} (folder {Path(members[0]).parent}) has {len(members)} image(s); a stratified split "
+                f"class {label}{_folder_note(members[0])} has {len(members)} image(s); a stratified split "
                 f"into train/{'/'.join(fractions)} needs at least {len(fractions) + 1}. Add images or provide "
                 f"explicit train/val/test folders."
             )

@@ -35,12 +35,13 @@ from featurecache.config import Paths, default_paths
 from featurecache.data import DEFAULT_ALPHA, ImageFiles, SplitIndex, discover_splits
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, file_sha256
+from featurecache.freshness import current_sidecars, feature_fingerprint
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord
 from featurecache.selection import candidate_of_record, pick_best
-from featurecache.train import cache_files, feature_fingerprint
+from featurecache.train import cache_files
 
 log = logging.getLogger(__name__)
 
@@ -625,8 +626,9 @@ def finetune(
 def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: str | None = None) -> Path:
     """The stage-2 head to start from: the best of the requested kind for this base (and layer), under the one
     selection rule (:mod:`featurecache.selection`)."""
-    records = [r for d in paths.head_dirs(dataset, base_tag, layer=layer or "*", head=head)
-               if (r := persist.read_record(d)) is not None]  # fmt: skip
+    # Only heads trained on the current caches (featurecache.freshness), as the leaderboard ranks them.
+    folders = paths.head_dirs(dataset, base_tag, layer=layer or "*", head=head)
+    records = [r for d, _sidecar in current_sidecars(folders, paths) if (r := persist.read_record(d)) is not None]
     if not records:
         raise FeaturecacheError(
             f"no trained {head!r} head for {dataset} x {base_tag}{f' at layer {layer}' if layer else ''}; run "

@@ -26,8 +26,8 @@ from featurecache import store
 from featurecache.answer import head_results, is_frozen_plain, multilayer_comparisons
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
+from featurecache.freshness import current_sidecars
 from featurecache.selection import Candidate, pick_best
-from featurecache.train import current_sidecars
 from featurecache.transferability import knn_loo_accuracy, logme, ncti, ncti_components, sfda
 from featurecache.weights import base_of_tag
 

@@ -15,6 +15,7 @@ from featurecache import persist
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
+from featurecache.freshness import current_sidecars
 from featurecache.records import HeadRecord, SidecarVersionError
 from featurecache.selection import candidate_of_record, ranked
 
@@ -55,10 +56,8 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
 
 def _records(directories: Iterable[Path], paths: Paths) -> Iterator[HeadRecord]:
     """The records of the saved heads in ``directories`` trained on the current caches
-    (:func:`featurecache.train.current_sidecars`); one from another featurecache version is left out with a warning
-    naming its retrain command. The rest of the leaderboard stands."""
-    from featurecache.train import current_sidecars
-
+    (:func:`featurecache.freshness.current_sidecars`); one from another featurecache version is left out with a
+    warning naming its retrain command. The rest of the leaderboard stands."""
     for directory, _sidecar in current_sidecars(directories, paths):
         try:
             record = persist.read_record(directory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,10 +16,13 @@ from featurecache.bases import LoadedBase, load_base
 from featurecache.config import Paths, default_paths
 from featurecache.data import bad_image_errors, load_image
 from featurecache.errors import FeaturecacheError
+from featurecache.freshness import stale_reason
 from featurecache.layers import TapSpec
 from featurecache.persist import HEAD_FILE, LEGACY_HEAD_FILE, load_head, read_sidecar
 from featurecache.preprocess import Preprocessing
-from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord, kind_of
+from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord, kind_of, retrain_command
+
+log = logging.getLogger(__name__)
 
 
 def load_base_of(record: HeadRecord, *, weights_file: str | os.PathLike | None = None, seed: int = 0) -> LoadedBase:
@@ -168,6 +172,10 @@ def predict_images(
         classify = _finetuned_classifier(model)
     else:
         estimator, record = load_head(directory)
+        stale = stale_reason(sidecar, _home_of(record)) if sidecar else None
+        if stale:  # still usable (the head classifies features as it was trained to), but the user should know
+            log.warning("%s was trained on features that changed since (%s); its predictions run the base as the "
+                        "cache now does; retrain it: %s", directory, stale, retrain_command(sidecar))  # fmt: skip
         loaded = load_base_of(record, weights_file=weights_file)
         classify = _HeadOnFeatures(estimator, loaded, record, runtime)
     batches = _image_batches(images, loaded.spec.transforms(), alpha=_alpha_of(record), batch_size=batch_size)

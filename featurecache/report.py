@@ -27,12 +27,12 @@ from featurecache.answer import Answer, HeadResult, LabelReader, compute_answer,
 from featurecache.bases import get_base_spec
 from featurecache.config import Paths
 from featurecache.fileio import atomic_write_text
+from featurecache.freshness import current_sidecars
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.layer_scores import SCORES, cross_dataset_summary, layer_tau_table
 from featurecache.metrics import mcnemar_worse_p, paired_difference
 from featurecache.plots import plot_answers
 from featurecache.selection import pick_best
-from featurecache.train import current_sidecars
 
 log = logging.getLogger(__name__)
 

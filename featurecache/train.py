@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,10 @@ from featurecache.backends import check_backend, joblib_backend
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN
 from featurecache.errors import FeaturecacheError
+from featurecache.freshness import feature_fingerprint
 from featurecache.heads import HeadSpec, get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
-from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError, retrain_command
+from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
 from featurecache.weights import base_of_tag, is_random_tag
 
@@ -96,56 +97,6 @@ def cache_files(dataset: str, base_tag: str, paths: Paths, *, augmented: bool = 
             f"or `featurecache extract data/raw/{dataset} --base {base}{weights}`"
         )
     return files
-
-
-def feature_fingerprint(meta: dict[str, Any], layer: str) -> str:
-    return f"{meta['config_fingerprint']}:{layer}:{json.dumps(meta['taps'][layer], sort_keys=True)}"
-
-
-def stale_reason(
-    sidecar: Mapping[str, Any], paths: Paths, metas: dict[Path, dict[str, Any]] | None = None
-) -> str | None:
-    """Why a saved head (its sidecar) no longer matches this home's caches: re-extracted since (other images,
-    runtime, dtype, base or weights) or its layer dropped; None when it matches. A split whose cache is gone (a head
-    copied to another machine) has nothing to compare with and passes. ``metas`` memoizes cache metadata."""
-    metas = {} if metas is None else metas
-    taps = sidecar.get("taps") or (sidecar["layer"],)
-    for split, trained_on in sidecar.get("features", {}).items():
-        file = paths.feature_file(sidecar["dataset"], sidecar["base_tag"], split)
-        if not file.is_file():
-            continue
-        if file not in metas:
-            metas[file] = store.read_metadata(file)
-        meta = metas[file]
-        missing = [t for t in taps if t not in meta["taps"]]
-        if missing:
-            return f"{file} no longer holds {', '.join(missing)}"
-        if " + ".join(feature_fingerprint(meta, t) for t in taps) != trained_on.get("fingerprint"):
-            return f"{file} was re-extracted after it was trained"
-    return None
-
-
-_WARNED_STALE: set[Path] = set()
-
-
-def current_sidecars(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """``(folder, sidecar)`` of the saved heads in ``directories`` that were trained on this home's current caches.
-
-    A head trained on features re-extracted since is left out with a warning naming its retrain command: its
-    scores are of other numbers, so no leaderboard, answer or report ranks it beside current heads.
-    """
-    metas: dict[Path, dict[str, Any]] = {}
-    for directory in directories:
-        sidecar = persist.read_sidecar(directory)
-        if sidecar is None:
-            continue
-        reason = stale_reason(sidecar, paths, metas)
-        if reason:
-            if directory not in _WARNED_STALE:  # the leaderboard, the answer and the report each read the heads
-                _WARNED_STALE.add(directory)
-                log.warning("left out: %s (%s); retrain it: %s", directory, reason, retrain_command(sidecar))
-            continue
-        yield directory, sidecar
 
 
 def train_heads(

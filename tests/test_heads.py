@@ -97,21 +97,28 @@ def test_train_heads_writes_models_sidecars_and_leaderboard(cached, tmp_path):
 
 
 def test_heads_trained_on_features_re_extracted_since_are_left_out_naming_their_retrain(cached, tmp_path, caplog):
+    from featurecache.finetune import _pick_head
+
     paths, root = fresh_copy(cached, tmp_path), cached[1]
     train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg", "knn"], options=QUIET,
                 paths=paths)  # fmt: skip
     assert len(leaderboard_rows("shapes", paths)) == 2
-    # Re-extracted with another runtime (the cached features came from auto): other numbers, a new fingerprint.
+    # Re-extracted as float32 (the cached features are float16 on every device): other numbers, a new fingerprint.
     extract(ExtractRequest(root, base=BASE, layers=LAYERS), paths=paths,
-            options=ExtractOptions(workers=0, progress=False, runtime="eager"))  # fmt: skip
-    with caplog.at_level("WARNING", logger="featurecache.train"):
+            options=ExtractOptions(workers=0, progress=False, dtype="float32"))  # fmt: skip
+    with caplog.at_level("WARNING"):
         again = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=QUIET,
                             paths=paths)  # fmt: skip
         rows = leaderboard_rows("shapes", paths)
+        with pytest.raises(FeaturecacheError, match="no trained 'knn' head"):  # fine-tuning never starts from it
+            _pick_head("shapes", BASE, "knn", paths)
+        knn = paths.head_dir("shapes", BASE, "flatten", "knn")
+        assert len(predict_images(knn, [next((root / "test").rglob("*.png"))])) == 1  # usable, with a warning
     assert [s["status"] for s in again] == ["trained"]  # its old fit was on the old features
     assert [(r["layer"], r["head"]) for r in rows] == [("flatten", "logreg")]  # knn is stale: left out
     assert "was re-extracted after it was trained" in caplog.text
     assert "--layers flatten --heads knn --overwrite" in caplog.text and caplog.text.count("knn (") == 1
+    assert "trained on features that changed since" in caplog.text
 
 
 def scores(sidecar: dict) -> list[tuple[str, float]]:

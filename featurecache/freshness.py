@@ -1,0 +1,84 @@
+"""Whether a saved head was trained on the features its home's caches hold now.
+
+A head's sidecar records, per split, the fingerprint of the features it was fitted and scored on
+(:func:`feature_fingerprint`: the cache's config fingerprint, the tap key and the tap's attributes). Re-extracting a
+cache with other images, another runtime, dtype, base or weights changes it; the head's scores are then of other
+numbers. Every reader that ranks saved heads (the leaderboard, the answer, the report, the layer scores,
+fine-tuning's choice of a starting head) goes through :func:`current_sidecars`, so a stale head is left out
+everywhere alike, with a warning naming its retrain command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from featurecache import persist, store
+from featurecache.config import Paths
+from featurecache.errors import FeaturecacheError
+from featurecache.records import retrain_command
+
+log = logging.getLogger(__name__)
+
+# (head folder, the features it records) already warned about: the leaderboard, the answer and the report each read
+# the heads, and one warning per head is enough; a head retrained and then stale again records other features.
+_WARNED: set[tuple[Path, str]] = set()
+
+
+def feature_fingerprint(meta: dict[str, Any], layer: str) -> str:
+    """What a head trained on ``layer`` of the cache with metadata ``meta`` records for that split."""
+    return f"{meta['config_fingerprint']}:{layer}:{json.dumps(meta['taps'][layer], sort_keys=True)}"
+
+
+def stale_reason(
+    sidecar: Mapping[str, Any], paths: Paths, metas: dict[Path, dict[str, Any]] | None = None
+) -> str | None:
+    """Why a saved head (its sidecar) no longer matches this home's caches, or None when it matches.
+
+    Stale: a cache re-extracted since (other images, runtime, dtype, base or weights), its layer no longer in it, or
+    a cache that cannot be read. A split whose cache is gone (a head copied to another machine) has nothing to
+    compare with and passes. ``metas`` memoizes cache metadata across heads.
+    """
+    metas = {} if metas is None else metas
+    taps = sidecar.get("taps") or (sidecar["layer"],)
+    for split, trained_on in sidecar.get("features", {}).items():
+        file = paths.feature_file(sidecar["dataset"], sidecar["base_tag"], split)
+        if not file.is_file():
+            continue
+        if file not in metas:
+            try:
+                metas[file] = store.read_metadata(file)
+            except (FeaturecacheError, OSError) as exc:
+                return f"its {split} cache cannot be read: {exc}"
+        meta = metas[file]
+        missing = [t for t in taps if t not in meta["taps"]]
+        if missing:
+            return f"{file} no longer holds {', '.join(missing)}"
+        if " + ".join(feature_fingerprint(meta, t) for t in taps) != trained_on.get("fingerprint"):
+            return f"{file} was re-extracted after it was trained"
+    return None
+
+
+def warn_if_stale(directory: Path, sidecar: Mapping[str, Any], paths: Paths, metas: dict | None = None) -> bool:
+    """Warn (once per head and features) when the head in ``directory`` is stale; True when it is."""
+    reason = stale_reason(sidecar, paths, metas)
+    if reason is None:
+        return False
+    key = (directory, json.dumps(sidecar.get("features"), sort_keys=True))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("left out: %s (%s); retrain it: %s", directory, reason, retrain_command(sidecar))
+    return True
+
+
+def current_sidecars(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """``(folder, sidecar)`` of the saved heads in ``directories`` trained on this home's current caches; a stale
+    one is left out with a warning (:func:`warn_if_stale`)."""
+    metas: dict[Path, dict[str, Any]] = {}
+    for directory in directories:
+        sidecar = persist.read_sidecar(directory)
+        if sidecar is not None and not warn_if_stale(directory, sidecar, paths, metas):
+            yield directory, sidecar
