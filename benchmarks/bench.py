@@ -268,13 +268,10 @@ def bench_stage2() -> None:
 # ------------------------------------------------------------------------------------------- int8
 
 
-def bench_int8(work: Path, rounds: int = 3) -> None:
-    """Why featurecache offers no int8 mode: ONNX Runtime's int8 graphs of the extractor, side by side with f32.
+def _quantized(f32: Path, work: Path, calibration: list[dict[str, np.ndarray]]) -> tuple[Path, Path]:
+    """ONNX Runtime's static QDQ (calibrated on ``calibration``) and dynamic int8 graphs of the ``f32`` export."""
+    import logging
 
-    Static QDQ quantization (int8 weights per channel, uint8 activations, calibrated on the bench's own images) and
-    dynamic quantization (weights only), against the f32 export, on the same 32 preprocessed images; the error is
-    max |int8 - f32| / max |f32| over the stage taps, as the first-batch check measures it.
-    """
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -283,6 +280,32 @@ def bench_int8(work: Path, rounds: int = 3) -> None:
         quantize_static,
     )
 
+    batches = iter(calibration)
+
+    class Calibration(CalibrationDataReader):
+        def get_next(self) -> dict | None:
+            return next(batches, None)
+
+    static, dynamic = work / "int8-static.onnx", work / "int8-dynamic.onnx"
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a multi-line warning per tensor it leaves in float
+    try:
+        quantize_static(str(f32), str(static), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        quantize_dynamic(str(f32), str(dynamic), weight_type=QuantType.QUInt8)
+    finally:
+        root.setLevel(level)
+    return static, dynamic
+
+
+def bench_int8(work: Path, rounds: int = 3) -> None:
+    """Why featurecache offers no int8 mode: ONNX Runtime's int8 graphs of the extractor, side by side with f32.
+
+    Static QDQ quantization (int8 weights per channel, uint8 activations, calibrated on the bench's own images) and
+    dynamic quantization (weights only), against the f32 export, on the same 32 preprocessed images; the error is
+    max |int8 - f32| / max |f32| over the stage taps, as the first-batch check measures it.
+    """
     from featurecache import runtime
     from featurecache.bases import load_base
     from featurecache.data import ImageFiles, discover_splits
@@ -296,16 +319,7 @@ def bench_int8(work: Path, rounds: int = 3) -> None:
     images = np.stack([data[i][0].numpy() for i in range(32)]).astype(np.float32)
     runner.prepare(index)  # writes and checks the f32 export
     f32 = runner._choice.export_file
-    batches = iter([{runtime.INPUT_NAME: images[i : i + 8]} for i in range(0, 32, 8)])
-
-    class Calibration(CalibrationDataReader):
-        def get_next(self) -> dict | None:
-            return next(batches, None)
-
-    static, dynamic = work / "int8-static.onnx", work / "int8-dynamic.onnx"
-    quantize_static(str(f32), str(static), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
-    quantize_dynamic(str(f32), str(dynamic), weight_type=QuantType.QUInt8)
+    static, dynamic = _quantized(f32, work, [{runtime.INPUT_NAME: images[i : i + 8]} for i in range(0, 32, 8)])
     keys = [t.key for t in taps]
     graphs = {name: runtime.load_export("onnxruntime", path, keys) for name, path in
               (("f32", f32), ("static", static), ("dynamic", dynamic))}  # fmt: skip
