@@ -130,7 +130,8 @@ def _pixels(image: Any) -> Any:
             f"preprocessing produced a {image.mode!r} image; featurecache decodes every image to RGB first, so a "
             f"transform that changes the mode is not supported"
         )
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    # The CHW copy in numpy: torch's would wake its intra-op threads when this runs in a decode thread.
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def _split(transform: Any) -> tuple[Callable, Sequence[float], Sequence[float]] | None:

@@ -37,7 +37,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="default", help="default (pretrained), none (random init) or a variant")
     p.add_argument("--weights-file", help="local state_dict file to load instead of the cached weights")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 8 on the CPU, 32 on a GPU)")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on a 2-core CPU, up to 8 on CUDA)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="decode processes (DataLoader workers; 0: decode in the main thread). "
+        "Default: decode threads on the CPU (1 on 2 cores), up to 8 worker processes on CUDA",
+    )
     p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"],
                    help="storage dtype (auto: float16, float32 for --weights none)")  # fmt: skip

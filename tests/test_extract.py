@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from featurecache import FeaturecacheError, iter_feature_chunks, load_features, read_metadata, store
+from featurecache.config import Paths
 from featurecache.data import discover_splits
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from tests.helpers import add_bad_files, make_image_folder
@@ -161,6 +162,34 @@ def test_layer_errors_name_the_fix(tiny, paths, layers, message):
         return
     with pytest.raises(FeaturecacheError, match=message):
         run(tiny, paths, layers=layers)
+
+
+def test_decode_threads_write_the_worker_processes_cache_bit_for_bit_and_stop_with_the_loop(tiny, paths, tmp_path):
+    import threading
+
+    from featurecache.bases import get_base_spec
+    from featurecache.data import ImageFiles
+    from featurecache.extract import _DecodeThreads
+    from featurecache.preprocess import Preprocessing
+
+    add_bad_files(tiny / "train" / "square")  # an unreadable image travels as zeros plus its error either way
+    options = {"dtype": "float32", "batch_size": 4, "progress": False}
+    threads = run(tiny, paths, splits=["train"], options=ExtractOptions(**options))["train"]  # the CPU default
+    workers = run(tiny, Paths(tmp_path / "other"), splits=["train"], options=ExtractOptions(workers=1, **options))
+    for key in threads.taps:
+        (xa, ya, ma), (xb, yb, mb) = (
+            load_features(r.path, key, include_invalid=True) for r in (threads, workers["train"])
+        )
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb) and list(ma["paths"]) == list(mb["paths"])
+    assert threads.num_skipped == workers["train"].num_skipped > 0
+    index = discover_splits(tiny)["train"]
+    data = ImageFiles(index, Preprocessing(get_base_spec(BASE).transforms()).per_image, input_size=224,
+                      rows=range(len(index)))  # fmt: skip
+    batches = iter(_DecodeThreads(data, [(0, 2), (2, 4), (4, 6)], threads=1, ahead=1))
+    images, rows, errors = next(batches)
+    assert images.shape[0] == 2 and rows.tolist() == [0, 1] and errors == ["", ""]
+    batches.close()  # the consumer stops early (an error, --on-bad-image fail): no decode thread is left running
+    assert not [t for t in threading.enumerate() if t.name.startswith("featurecache-decode")]
 
 
 def test_the_batch_size_defaults_to_the_device_and_below_one_is_refused(tiny, paths):
