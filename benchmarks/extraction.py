@@ -293,10 +293,10 @@ def _report(report: Callable[..., None], m: dict[str, Any], names: list[str], de
     report("extraction", f"end-to-end / {default} bare forward", whole / same, ">= 0.9", whole / same >= 0.9,
            f"{whole:.1f} vs {same:.1f} img/s, the whole split: planning, first-batch check, loop, HDF5")  # fmt: skip
     report("extraction", f"forward loop alone / {default} bare forward", loop / same, "report", None,
-           f"{loop:.1f} img/s: decode in a worker, forward in lanes, journal on a writer thread")  # fmt: skip
+           f"{loop:.1f} img/s: decode beside the forward, forward in lanes, journal on a writer thread")  # fmt: skip
     decode = m["decode"]
     report("extraction", "PIL decode + resize + crop to uint8, ms per image", decode["decode_ms"], "report", None,
-           f"1 thread, as in a worker; + {decode['normalize_ms']:.2f} ms batched normalize on the main side; vs "
+           f"1 thread, as one decoder; + {decode['normalize_ms']:.2f} ms batched normalize on the main side; vs "
            f"{1000 * threads / same:.1f} ms of CPU per image in the {default} forward, {threads} threads")  # fmt: skip
     report("runtimes", "one-off export (s)", m["export_s"], "report", None,
            "the first split's extra seconds (export, cold caches); once per base x weights x taps x size")  # fmt: skip
