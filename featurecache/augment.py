@@ -7,6 +7,7 @@ as the plain ones; only the geometry and colour change.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 from featurecache.errors import FeaturecacheError
@@ -48,11 +49,15 @@ def row_seed(seed: int, row: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+_GLOBAL_RNG = threading.Lock()  # torch's global generator, which SeededPerRow seeds and restores
+
+
 class SeededPerRow:
     """Apply a random ``transform`` with torch's RNG seeded from ``(seed, row)``; the caller's RNG is untouched.
 
     torchvision's v1 transforms draw from torch's global generator, so forking and seeding it around each call
-    makes view ``v`` of image ``i`` the same pixels in every run, resumed or distributed.
+    makes view ``v`` of image ``i`` the same pixels in every run, resumed or distributed. The generator is one per
+    process, so decode threads (extraction's CPU default) take turns: a lock spans seed, transform and restore.
     """
 
     per_row = True  # ImageFiles passes the row index
@@ -64,7 +69,7 @@ class SeededPerRow:
     def __call__(self, image: Any, row: int) -> Any:
         import torch
 
-        with torch.random.fork_rng(devices=[]):
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
             torch.manual_seed(row_seed(self.seed, row))
             return self.transform(image)
 

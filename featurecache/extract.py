@@ -841,8 +841,10 @@ class _DecodeThreads:
 
     PIL releases the GIL while it decodes and resizes, so a thread overlaps the forward pass as a worker process
     does, without a process to start or pixels to pass through shared memory: measured on the 2-core VM (Lite0,
-    640 JPEGs, 3 alternating rounds), the forward loop ran 171-174 vs 156-160 img/s with one worker process. The
-    same per-image function as the workers, so the same pixels bit for bit.
+    640 JPEGs, fresh processes, 3 alternating rounds), the forward loop ran 166-169 vs 157-162 img/s with one worker
+    process (+4-7% round by round). The same per-image function as the workers, so the same pixels bit for bit.
+    Seeded augmentations share torch's global generator across threads and take turns on it
+    (``featurecache.augment.SeededPerRow``).
     """
 
     def __init__(self, data: ImageFiles, todo: Sequence[tuple[int, int]], *, threads: int, ahead: int = 4) -> None:

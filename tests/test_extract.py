@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -190,6 +191,13 @@ def test_decode_threads_write_the_worker_processes_cache_bit_for_bit_and_stop_wi
     assert images.shape[0] == 2 and rows.tolist() == [0, 1] and errors == ["", ""]
     batches.close()  # the consumer stops early (an error, --on-bad-image fail): no decode thread is left running
     assert not [t for t in threading.enumerate() if t.name.startswith("featurecache-decode")]
+    from featurecache.bases import load_base
+    from featurecache.extract import _loader, _Runner
+
+    runner = _Runner(load_base(BASE), "cpu", ExtractOptions(runtime="eager"))
+    assert isinstance(_loader(index, [(0, 2)], runner=runner, options=runner.options), _DecodeThreads)  # the default
+    processes = dataclasses.replace(runner.options, workers=1)
+    assert not isinstance(_loader(index, [(0, 2)], runner=runner, options=processes), _DecodeThreads)
 
 
 def test_the_batch_size_defaults_to_the_device_and_below_one_is_refused(tiny, paths):
