@@ -14,7 +14,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -438,18 +438,12 @@ class _Runner:
             for batch in batches:
                 yield batch, self.forward(module, batch[0])
             return
-        from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(lanes, thread_name_prefix="featurecache-lane") as pool:
-            pending: collections.deque = collections.deque()
-            for i, batch in enumerate(batches):
-                if len(pending) == lanes:  # batch i - lanes is done, so its slot is free
-                    done, rows = pending.popleft()
-                    yield done, rows.result()
-                pending.append((batch, pool.submit(self.forward, module, batch[0], slot=i % lanes, in_lane=True)))
-            while pending:
-                done, rows = pending.popleft()
-                yield done, rows.result()
+        def run(i: int, batch: tuple) -> dict[str, np.ndarray]:
+            # At most ``lanes`` in flight: batch i - lanes is done before batch i is submitted, so its slot is free.
+            return self.forward(module, batch[0], slot=i % lanes, in_lane=True)
+
+        yield from _in_order(run, batches, threads=lanes, in_flight=lanes, name="featurecache-lane")
 
     def _eager(self, taps: Sequence[TapSpec]) -> Any:
         import torch
@@ -860,19 +854,36 @@ class _DecodeThreads:
         return stacked, torch.tensor(indices), list(errors)
 
     def __iter__(self) -> Iterator[Any]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="featurecache-decode")
-        pending: collections.deque = collections.deque()
+        batches = _in_order(lambda _i, rows: self._batch(rows), self.todo, threads=self.threads,
+                            in_flight=self.threads * self.ahead, name="featurecache-decode")  # fmt: skip
         try:
-            for rows in self.todo:
-                if len(pending) == self.threads * self.ahead:
-                    yield pending.popleft().result()
-                pending.append(pool.submit(self._batch, rows))
-            while pending:
-                yield pending.popleft().result()
-        finally:  # also when the consumer stops early (an error, --on-bad-image fail): no thread decodes on
-            pool.shutdown(wait=True, cancel_futures=True)
+            for _rows, batch in batches:
+                yield batch
+        finally:
+            batches.close()  # stops the decode threads now, not when the generator is collected
+
+
+def _in_order(
+    fn: Callable[[int, Any], Any], items: Iterable[Any], *, threads: int, in_flight: int, name: str
+) -> Iterator[tuple[Any, Any]]:
+    """``(item, fn(i, item))`` for each item, computed on ``threads`` threads with at most ``in_flight`` items
+    submitted and not yet yielded, in the items' order. When the consumer stops early (an error, ``--on-bad-image
+    fail``) the queued calls are cancelled and the running ones awaited: no thread works on after the loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+    pending: collections.deque = collections.deque()
+    try:
+        for i, item in enumerate(items):
+            if len(pending) == in_flight:
+                done, future = pending.popleft()
+                yield done, future.result()
+            pending.append((item, pool.submit(fn, i, item)))
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _forward_loop(
