@@ -628,7 +628,7 @@ def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: s
     selection rule (:mod:`featurecache.selection`)."""
     # Only heads trained on the current caches (featurecache.freshness), as the leaderboard ranks them.
     folders = paths.head_dirs(dataset, base_tag, layer=layer or "*", head=head)
-    records = [r for d, _sidecar in current_sidecars(folders, paths) if (r := persist.read_record(d)) is not None]
+    records = [persist.record_of(d, sidecar) for d, sidecar in current_sidecars(folders, paths)]
     if not records:
         raise FeaturecacheError(
             f"no trained {head!r} head for {dataset} x {base_tag}{f' at layer {layer}' if layer else ''}; run "

@@ -58,14 +58,13 @@ def _records(directories: Iterable[Path], paths: Paths) -> Iterator[HeadRecord]:
     """The records of the saved heads in ``directories`` trained on the current caches
     (:func:`featurecache.freshness.current_sidecars`); one from another featurecache version is left out with a
     warning naming its retrain command. The rest of the leaderboard stands."""
-    for directory, _sidecar in current_sidecars(directories, paths):
+    for directory, sidecar in current_sidecars(directories, paths):
         try:
-            record = persist.read_record(directory)
+            record = persist.record_of(directory, sidecar)
         except SidecarVersionError as exc:
             log.warning("left out of the leaderboard: %s", exc)
             continue
-        if record is not None:
-            yield record
+        yield record
 
 
 def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any]:

@@ -92,8 +92,11 @@ def read_record(directory: Path) -> HeadRecord | None:
     """The :class:`HeadRecord` of a saved head or fine-tuned model, or None when the folder has no sidecar;
     another sidecar version is a :class:`SidecarVersionError` naming the retrain command."""
     sidecar = read_sidecar(directory)
-    if sidecar is None:
-        return None
+    return None if sidecar is None else record_of(directory, sidecar)
+
+
+def record_of(directory: Path, sidecar: dict[str, Any]) -> HeadRecord:
+    """The :class:`HeadRecord` of a sidecar already read from ``directory`` (:func:`read_sidecar`)."""
     return HeadRecord.from_json(sidecar, source=str(Path(directory) / SIDECAR_FILE))
 
 
