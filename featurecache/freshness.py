@@ -42,6 +42,8 @@ def stale_reason(
     a cache that cannot be read. A split whose cache is gone (a head copied to another machine) has nothing to
     compare with and passes. ``metas`` memoizes cache metadata across heads.
     """
+    if not all(isinstance(sidecar.get(k), str) for k in ("dataset", "base_tag", "layer")):
+        return None  # another sidecar version: its reader refuses it with the retrain command
     metas = {} if metas is None else metas
     taps = sidecar.get("taps") or (sidecar["layer"],)
     for split, trained_on in sidecar.get("features", {}).items():

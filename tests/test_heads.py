@@ -121,6 +121,12 @@ def test_heads_trained_on_features_re_extracted_since_are_left_out_naming_their_
     assert "trained on features that changed since" in caplog.text
 
 
+def test_a_sidecar_of_another_version_is_left_to_its_reader_not_to_the_freshness_check(tmp_path):
+    from featurecache.freshness import stale_reason
+
+    assert stale_reason({"version": 1, "head": "logreg"}, Paths(tmp_path)) is None  # no KeyError before the refusal
+
+
 def scores(sidecar: dict) -> list[tuple[str, float]]:
     """The sweep without its wall-clock timings."""
     return [(json.dumps(p["params"], sort_keys=True), p["val_accuracy"]) for p in sidecar["sweep"]]
