@@ -14,7 +14,7 @@ import torch
 from featurecache import FeaturecacheError, load_features, read_metadata, runtime, store
 from featurecache.config import Paths
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
-from tests.helpers import make_image_folder
+from tests.helpers import add_bad_files, make_image_folder
 
 F32 = {"dtype": "float32", "workers": 0, "progress": False}
 
@@ -268,3 +268,49 @@ def test_batches_in_concurrent_lanes_write_the_cache_of_one_batch_at_a_time(tmp_
     assert read_metadata(lanes.path)["num_samples"] == 21
     for key, value in features(serial.path).items():
         np.testing.assert_array_equal(features(lanes.path)[key], value)
+
+
+@pytest.mark.slow
+def test_lanes_decode_their_own_batches_into_the_cache_of_a_separate_decoder(tmp_path, monkeypatch):
+    """The CPU default under ONNX Runtime: each lane decodes the batch it runs; the same cache bit for bit."""
+    from featurecache.data import ImageFiles
+    from featurecache.extract import _DecodeThreads, _LaneBatches
+
+    root = make_image_folder(tmp_path / "many", per_class={"train": 7, "val": 1, "test": 1})  # 21 rows
+    bad = add_bad_files(root / "train" / "square")  # unreadable files travel as zeros plus their errors either way
+    request = ExtractRequest(root, base="mobilenet_v2_offline", layers="features.3,features.6", splits=["train"])
+    options = {"runtime": "onnxruntime", "batch_size": 4, "dtype": "float32", "progress": False}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (workers,) = extract(request, paths=Paths(tmp_path / "w"), options=ExtractOptions(workers=0, **options))
+        honest, decoded_on = ImageFiles.__getitem__, set()
+
+        def recording(self, i):
+            decoded_on.add(threading.current_thread().name)
+            return honest(self, i)
+
+        monkeypatch.setattr(ImageFiles, "__getitem__", recording)
+        made = []
+        monkeypatch.setattr("featurecache.extract._LaneBatches.__init__", _recorded(_LaneBatches.__init__, made))
+        monkeypatch.setattr("featurecache.extract._DecodeThreads.__init__", _recorded(_DecodeThreads.__init__, made))
+        (lanes,) = extract(request, paths=Paths(tmp_path / "lanes"), options=ExtractOptions(**options))
+    finally:
+        torch.set_num_threads(threads)
+    assert made == ["_LaneBatches"]  # the default decoder with lanes; eager keeps decode threads (test_extract)
+    assert any(t.startswith("featurecache-lane") for t in decoded_on)
+    assert not any(t.startswith("featurecache-decode") for t in decoded_on)
+    assert read_metadata(lanes.path)["num_samples"] == read_metadata(workers.path)["num_samples"] == 21 + len(bad)
+    assert lanes.num_skipped == workers.num_skipped == len(bad)
+    for key in read_metadata(workers.path)["taps"]:
+        (xa, ya, ma), (xb, yb, mb) = (load_features(r.path, key, include_invalid=True) for r in (lanes, workers))
+        np.testing.assert_array_equal(xa, xb)
+        assert np.array_equal(ya, yb) and list(ma["paths"]) == list(mb["paths"])
+
+
+def _recorded(init, made: list):
+    def wrapper(self, *args, **kwargs):
+        made.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    return wrapper
