@@ -15,6 +15,8 @@ Children:
          as the extraction loop drives it (its lanes), after one untimed pass; and its error vs eager.
   peer   the hand-written peer: one eager pass per layer, images decoded in the loop, each layer saved to .npy.
   decode the decode worker's share (PIL decode + resize + crop to uint8, one thread) and the batched normalize.
+  draft  that share for 12 MP JPEGs decoded in full and with ``--decode draft``, alternating, and how far apart
+         the pixels end up; the ``split`` child with ``--decode`` gives the same comparison end to end.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ PEER_TAPS = 4  # the naive peer extracts this many stage taps, one eager pass pe
 PEER_IMAGES = 128  # the peer is slow (one pass per layer): fewer images, but several batches per layer
 HEAVY = {"base": "resnet50", "weights": "none"}  # speed needs no pretrained weights
 CHILD_TIMEOUT_S = 600
-EXPORTING = ("split", "split-peer-taps", "bare-pooled-head", "heavy-split")  # the warm-up round
+BIG_IMAGES, BIG_SIZE = 48, (4032, 3024)  # a phone camera's 12 MP photos, for --decode draft
+EXPORTING = ("split", "split-peer-taps", "bare-pooled-head", "heavy-split", "big-split")  # the warm-up round
 RESULT = "RESULT "
 
 
@@ -56,6 +59,21 @@ def make_photos(root: Path, n: int) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             small = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
             Image.fromarray(small).resize((320, 240), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def make_big_photos(root: Path, n: int) -> Path:
+    """``n`` JPEGs of BIG_SIZE (a train split of two classes, and one image each for val and test)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split, count in (("train", n), ("val", 2), ("test", 2)):
+        for i in range(count):
+            folder = root / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            if not (folder / f"{i:05d}.jpg").is_file():  # slow to make (0.3 s each): kept between runs
+                small = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+                Image.fromarray(small).resize(BIG_SIZE, Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -91,7 +109,7 @@ def _split(args: argparse.Namespace) -> dict[str, Any]:
     from featurecache.extract import ExtractOptions, ExtractRequest, extract
 
     request = ExtractRequest(args.root, base=args.base, weights=args.weights, layers=args.layers, splits=["train"])
-    options = ExtractOptions(progress=False, runtime=args.runtime, batch_size=args.batch_size)
+    options = ExtractOptions(progress=False, runtime=args.runtime, batch_size=args.batch_size, decode=args.decode)
     (result,) = extract(request, paths=Paths(args.work), options=options)
     used = store.read_metadata(result.path)["runtime"]
     result.path.unlink()  # the next run extracts again; the exported graph stays
@@ -180,8 +198,28 @@ def _decode(args: argparse.Namespace) -> dict[str, Any]:
     return {"decode_ms": 1000 * decode / args.images, "normalize_ms": 1000 * normalize / args.images}
 
 
+def _draft(args: argparse.Namespace) -> dict[str, Any]:
+    from featurecache.bases import load_base
+    from featurecache.data import load_image
+    from featurecache.preprocess import Preprocessing
+
+    preprocessing = Preprocessing(load_base(args.base, weights=args.weights).spec.transforms())
+    files = sorted((args.root / "train").rglob("*.jpg"))[: args.images]
+    modes = {"full": None, "draft": preprocessing.draft_size()}
+    spent: dict[str, list[float]] = {mode: [] for mode in modes}
+    pixels: dict[str, list[np.ndarray]] = {}
+    for r in range(3):  # alternating, medians
+        for mode in modes if r % 2 == 0 else reversed(modes):
+            t0 = time.perf_counter()
+            pixels[mode] = [preprocessing.per_image(load_image(f, draft=modes[mode])).numpy() for f in files]
+            spent[mode].append(1000 * (time.perf_counter() - t0) / len(files))
+    diff = np.abs(np.stack(pixels["full"]).astype(np.int16) - np.stack(pixels["draft"]))
+    return {"full_ms": float(np.median(spent["full"])), "draft_ms": float(np.median(spent["draft"])),
+            "mean_diff": float(diff.mean()), "max_diff": int(diff.max())}  # fmt: skip
+
+
 CHILDREN: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "split": _split, "bare": _bare, "peer": _peer, "decode": _decode,
+    "split": _split, "bare": _bare, "peer": _peer, "decode": _decode, "draft": _draft,
 }  # fmt: skip
 
 
@@ -197,6 +235,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--layers", default="all-stages")
     parser.add_argument("--images", type=int, default=BARE_IMAGES)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the extraction's on the CPU")
+    parser.add_argument("--decode", default="full", help="featurecache extract --decode")
     return parser
 
 
@@ -230,6 +269,7 @@ def _jobs(work: Path, names: list[str], default: str) -> dict[str, tuple[str, di
     from featurecache.layers import parse_taps, trace_base
 
     root = make_photos(work / "photos", SPLIT_IMAGES)
+    big = {"root": make_big_photos(work / "big", BIG_IMAGES), "work": work / "home"}
     taps = parse_taps("all-stages", trace_base(load_base(BASE)))
     peer_layers = ",".join(t.query for t in taps[:PEER_TAPS])
     lite = {"root": root, "work": work / "home"}
@@ -246,6 +286,9 @@ def _jobs(work: Path, names: list[str], default: str) -> dict[str, tuple[str, di
         "decode": ("decode", lite),
         "heavy-split": ("split", {**heavy, "runtime": default}),
         "heavy-bare": ("bare", {**heavy, "runtime": default}),
+        "big-split": ("split", {**big, "runtime": default}),
+        "big-split-draft": ("split", {**big, "runtime": default, "decode": "draft"}),
+        "draft": ("draft", {**big, "images": 8}),
     }
 
 
@@ -307,6 +350,13 @@ def _report(report: Callable[..., None], m: dict[str, Any], names: list[str], de
     ours, peer = m["split-peer-taps"]["whole"], m["peer"]["img_s"]
     report("peer", f"ours end-to-end / naive per-layer eager loop ({PEER_TAPS} taps)", ours / peer, ">= 3",
            ours / peer >= 3, f"{ours:.1f} vs {peer:.2f} img/s ({default} vs eager, one pass per layer)")  # fmt: skip
+    full, draft, pixels = m["big-split"]["whole"], m["big-split-draft"]["whole"], m["draft"]
+    big = f"{BIG_IMAGES} JPEGs {BIG_SIZE[0]}x{BIG_SIZE[1]}"
+    report("extraction", "12 MP photos, end-to-end: --decode draft / full", draft / full, "report", None,
+           f"{draft:.1f} vs {full:.1f} img/s, whole split of {big} on {default}")  # fmt: skip
+    report("extraction", "12 MP photo decode + resize + crop: full / draft ms", pixels["full_ms"] / pixels["draft_ms"],
+           "report", None, f"{pixels['full_ms']:.1f} vs {pixels['draft_ms']:.1f} ms per image, 1 thread; pixels "
+           f"differ by {pixels['mean_diff']:.2f} of 255 on average, at most {pixels['max_diff']}")  # fmt: skip
     pooled = m["bare-pooled-head"]["img_s"]
     report("multitap", f"time of all {taps} stage taps / pooled head only", pooled / same, "<= 1.10",
            pooled / same <= 1.10, f"{same:.1f} vs {pooled:.1f} img/s on {default} (a pass each: {taps}x)")  # fmt: skip

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,18 +282,27 @@ def check_alpha(alpha: str) -> None:
         raise FeaturecacheError(f"unknown --alpha {alpha!r}; choose one of: {', '.join(ALPHA_MODES)}")
 
 
-def load_image(path: str | os.PathLike, *, alpha: str = DEFAULT_ALPHA) -> Any:
+DraftFor = Callable[[tuple[int, int]], tuple[int, int]]  # (width, height) -> the smallest size to decode at
+
+
+def load_image(path: str | os.PathLike, *, alpha: str = DEFAULT_ALPHA, draft: DraftFor | None = None) -> Any:
     """Decode an image to RGB the way every stage does (extract, predict, fine-tune).
 
     Like torchvision's ``default_loader`` (PIL, ``convert("RGB")``), except that transparent pixels are
     composited onto the ``alpha`` background rather than taking the colour they store. Raises the PIL errors of
     :func:`bad_image_errors` for unreadable files.
+
+    ``draft`` (``--decode draft``): ``(width, height) -> the smallest size the preprocessing needs``; a JPEG is then
+    decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling where that stays at least as large (PIL's
+    ``draft``), which changes the pixels slightly (see ``featurecache.preprocess.Preprocessing.draft_size``).
     """
     from PIL import Image
 
     check_alpha(alpha)
     with open(path, "rb") as f:
         image = Image.open(f)
+        if draft is not None and image.format == "JPEG":
+            image.draft(None, draft(image.size))  # None: keep the file's colour mode; only the scale changes
         if image.mode.startswith("I"):
             return _high_bit_depth_to_8(image).convert("RGB")
         has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
@@ -335,14 +344,16 @@ class ImageFiles:
     """
 
     def __init__(
-        self, index: SplitIndex, transform: Any, *, input_size: int, rows: Sequence[int], alpha: str = DEFAULT_ALPHA
-    ) -> None:
+        self, index: SplitIndex, transform: Any, *, input_size: int, rows: Sequence[int], alpha: str = DEFAULT_ALPHA,
+        draft: DraftFor | None = None,
+    ) -> None:  # fmt: skip
         check_alpha(alpha)
         self.index = index
         self.transform = transform
         self.input_size = input_size
         self.rows = list(rows)
         self.alpha = alpha
+        self.draft = draft  # see load_image
         self._bad = None
 
     def __len__(self) -> int:
@@ -355,7 +366,7 @@ class ImageFiles:
             self._bad = bad_image_errors()
         row = self.rows[i]
         try:
-            image = load_image(self.index.root / self.index.paths[row], alpha=self.alpha)
+            image = load_image(self.index.root / self.index.paths[row], alpha=self.alpha, draft=self.draft)
         except self._bad as exc:
             # A transform may say what stands in for an unreadable image (featurecache.preprocess: uint8 zeros).
             blank = getattr(self.transform, "blank", None)

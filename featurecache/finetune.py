@@ -39,6 +39,7 @@ from featurecache.freshness import current_sidecars, feature_fingerprint
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
+from featurecache.preprocess import Preprocessing
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord
 from featurecache.selection import candidate_of_record, pick_best
 from featurecache.train import cache_files
@@ -154,10 +155,12 @@ class Splits:
     seed: int
     workers: int
     alpha: str  # the background the caches composited transparent pixels onto: decode exactly as they did
+    decode: str = "full"  # how the caches decoded JPEGs (--decode); augmentations decode in full either way
 
     def loader(self, split: str, transform: Any, *, shuffle: bool, epoch: int = 0) -> DataLoader:
+        draft = Preprocessing(transform).draft_size() if self.decode == "draft" else None
         data = ImageFiles(self.index[split], transform, input_size=self.input_size, rows=range(len(self.index[split])),
-                          alpha=self.alpha)  # fmt: skip
+                          alpha=self.alpha, draft=draft)  # fmt: skip
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
                           num_workers=self.workers)  # fmt: skip
@@ -216,7 +219,8 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
     splits = Splits(index=index, labels={s: np.asarray(index[s].labels) for s in index},
                     eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,
                     batch_size=options.batch_size, seed=options.seed, workers=options.workers,
-                    alpha=metas["train"].get("alpha", DEFAULT_ALPHA))  # fmt: skip
+                    alpha=metas["train"].get("alpha", DEFAULT_ALPHA),
+                    decode=metas["train"].get("decode", "full"))  # fmt: skip
     return Rebuilt(dataset, base_tag, head_dir, head_record, estimator, files, loaded, model.to(device), splits, device)
 
 
@@ -560,6 +564,7 @@ def score_and_record(
         base_tag=rebuilt.base_tag,
         weights=hr.weights,
         alpha=rebuilt.splits.alpha,  # predict decodes new images as the training images were
+        decode=rebuilt.splits.decode,
         layer=hr.layer,
         tap=hr.tap,
         head=out_dir.name,

@@ -123,19 +123,30 @@ def _alpha_of(record: HeadRecord) -> str:
     return alpha
 
 
+def _decode_of(record: HeadRecord) -> str:
+    """How the head's training images were decoded (``--decode``): its sidecar, else its training cache's attrs,
+    else in full (sidecars and caches from before ``--decode`` decoded in full)."""
+    if record.decode:
+        return record.decode
+    with contextlib.suppress(FeaturecacheError, KeyError, OSError):
+        return store.read_metadata(record.features["train"]["file"]).get("decode", "full")
+    return "full"
+
+
 def _image_batches(
-    images: Sequence[str | os.PathLike], transform: Any, *, alpha: str, batch_size: int
+    images: Sequence[str | os.PathLike], transform: Any, *, alpha: str, decode: str, batch_size: int
 ) -> Iterator[tuple[list[Path], Any]]:
     """``(paths, stacked tensors)`` per batch, decoded as the training images were; a bad file is an error."""
     import torch
 
     preprocessing = Preprocessing(transform)  # the split extract runs: uint8 per image, normalized per batch
+    draft = preprocessing.draft_size() if decode == "draft" else None
     for start in range(0, len(images), batch_size):
         batch_paths = [Path(p) for p in images[start : start + batch_size]]
         tensors = []
         for p in batch_paths:
             try:
-                tensors.append(preprocessing.per_image(load_image(p, alpha=alpha)))
+                tensors.append(preprocessing.per_image(load_image(p, alpha=alpha, draft=draft)))
             except bad_image_errors() as exc:
                 raise FeaturecacheError(f"cannot read image {p}: {exc}") from exc
         yield batch_paths, preprocessing.normalize(torch.stack(tensors))
@@ -178,7 +189,8 @@ def predict_images(
                         "cache now does; retrain it: %s", directory, stale, retrain_command(sidecar))  # fmt: skip
         loaded = load_base_of(record, weights_file=weights_file)
         classify = _HeadOnFeatures(estimator, loaded, record, runtime)
-    batches = _image_batches(images, loaded.spec.transforms(), alpha=_alpha_of(record), batch_size=batch_size)
+    batches = _image_batches(images, loaded.spec.transforms(), alpha=_alpha_of(record), decode=_decode_of(record),
+                             batch_size=batch_size)  # fmt: skip
     out = []
     for batch_paths, batch in batches:
         labels, proba = classify(batch)

@@ -383,6 +383,7 @@ def _test_and_record(plan: JobPlan, rows: JobRows, fitted: Fitted, t_start: floa
         kind=HEAD_KIND, dataset=job.dataset, base=meta["base"], base_tag=job.base_tag, weights=meta["weights"],
         feature_dtype=meta["dtype"],
         alpha=meta.get("alpha"),  # how transparent images were decoded; predict decodes the same way
+        decode=meta.get("decode", "full"),  # and how JPEGs were (--decode)
         layer=job.layer, tap=_job_tap(job, meta), taps=job.taps or None, head=job.name, head_spec=job.head,
         train_views=int(plan.metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in plan.metas else 0,
         dense=plan.spec.dense, class_names=tuple(meta["class_names"]), features=plan.features, grid=plan.grid,
