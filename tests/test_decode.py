@@ -129,3 +129,19 @@ def test_draft_caches_are_recorded_reextracted_when_switched_and_followed_by_pre
 def test_an_unknown_decode_mode_names_the_choices(tmp_path):
     with pytest.raises(FeaturecacheError, match="unknown --decode 'fast'; choose one of: full, draft"):
         extract(ExtractRequest(tmp_path, base=BASE), paths=Paths(tmp_path / "h"), options=ExtractOptions(decode="fast"))
+
+
+def test_fine_tuning_decodes_evaluation_images_as_the_cache_did_and_augmented_ones_in_full(tmp_path):
+    from featurecache.data import discover_splits
+    from featurecache.finetune import Splits
+
+    root = photo_folder(tmp_path / "photos")
+    transform = load_base(BASE).spec.transforms()
+    index = discover_splits(root)
+    splits = Splits(index=index, labels={}, eval_transform=transform, input_size=224, batch_size=2, seed=0, workers=0,
+                    alpha="white", decode="draft")  # fmt: skip
+    assert isinstance(splits.loader("test", transform, shuffle=False).dataset.draft, DraftSize)
+    augmented = train_transform(transform, 224, "light")
+    assert splits.loader("train", augmented, shuffle=True).dataset.draft is None
+    full = Splits(**{**splits.__dict__, "decode": "full"})
+    assert full.loader("test", transform, shuffle=False).dataset.draft is None
