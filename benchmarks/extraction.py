@@ -356,7 +356,7 @@ def _report(report: Callable[..., None], m: dict[str, Any], names: list[str], de
            f"{draft:.1f} vs {full:.1f} img/s, whole split of {big} on {default}")  # fmt: skip
     report("extraction", "12 MP photo decode + resize + crop: full / draft ms", pixels["full_ms"] / pixels["draft_ms"],
            "report", None, f"{pixels['full_ms']:.1f} vs {pixels['draft_ms']:.1f} ms per image, 1 thread; pixels "
-           f"differ by {pixels['mean_diff']:.2f} of 255 on average, at most {pixels['max_diff']}")  # fmt: skip
+           f"differ by {pixels['mean_diff']:.2f} of 255 on average, at most {pixels['max_diff']:.0f}")  # fmt: skip
     pooled = m["bare-pooled-head"]["img_s"]
     report("multitap", f"time of all {taps} stage taps / pooled head only", pooled / same, "<= 1.10",
            pooled / same <= 1.10, f"{same:.1f} vs {pooled:.1f} img/s on {default} (a pass each: {taps}x)")  # fmt: skip

@@ -301,7 +301,7 @@ def load_image(path: str | os.PathLike, *, alpha: str = DEFAULT_ALPHA, draft: Dr
     check_alpha(alpha)
     with open(path, "rb") as f:
         image = Image.open(f)
-        if draft is not None and image.format == "JPEG":
+        if draft is not None and _is_jpeg(image):
             image.draft(None, draft(image.size))  # None: keep the file's colour mode; only the scale changes
         if image.mode.startswith("I"):
             return _high_bit_depth_to_8(image).convert("RGB")
@@ -311,6 +311,29 @@ def load_image(path: str | os.PathLike, *, alpha: str = DEFAULT_ALPHA, draft: Dr
         rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUNDS[alpha] + (255,))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def draft_would_shrink(path: str | os.PathLike, draft: DraftFor) -> bool:
+    """Whether ``--decode draft`` would decode this file at a reduced scale: a JPEG at least twice as large as
+    ``draft`` asks on both sides (PIL's rule). Reads the header only; an unreadable file says no."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if not _is_jpeg(image):
+                return False
+            width, height = image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+    needed_width, needed_height = draft((width, height))
+    return min(width // needed_width, height // needed_height) >= 2  # JpegImagePlugin.draft's own rule
+
+
+def _is_jpeg(image: Any) -> bool:
+    """A JPEG, including phone photos PIL opens as MPO (a JPEG with embedded images: Ultra HDR gain maps, depth)."""
+    from PIL import JpegImagePlugin
+
+    return isinstance(image, JpegImagePlugin.JpegImageFile)
 
 
 def _high_bit_depth_to_8(image: Any) -> Any:

@@ -39,7 +39,7 @@ from featurecache.freshness import current_sidecars, feature_fingerprint
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
-from featurecache.preprocess import Preprocessing
+from featurecache.preprocess import Preprocessing, draft_for
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord
 from featurecache.selection import candidate_of_record, pick_best
 from featurecache.train import cache_files
@@ -158,7 +158,7 @@ class Splits:
     decode: str = "full"  # how the caches decoded JPEGs (--decode); augmentations decode in full either way
 
     def loader(self, split: str, transform: Any, *, shuffle: bool, epoch: int = 0) -> DataLoader:
-        draft = Preprocessing(transform).draft_size() if self.decode == "draft" else None
+        draft = draft_for(Preprocessing(transform), self.decode)
         data = ImageFiles(self.index[split], transform, input_size=self.input_size, rows=range(len(self.index[split])),
                           alpha=self.alpha, draft=draft)  # fmt: skip
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)

@@ -19,7 +19,7 @@ from featurecache.errors import FeaturecacheError
 from featurecache.freshness import stale_reason
 from featurecache.layers import TapSpec
 from featurecache.persist import HEAD_FILE, LEGACY_HEAD_FILE, load_head, read_sidecar
-from featurecache.preprocess import Preprocessing
+from featurecache.preprocess import Preprocessing, draft_for
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord, kind_of, retrain_command
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,9 @@ def _alpha_of(record: HeadRecord) -> str:
 
 
 def _decode_of(record: HeadRecord) -> str:
-    """How the head's training images were decoded (``--decode``): its sidecar, else its training cache's attrs,
-    else in full (sidecars and caches from before ``--decode`` decoded in full)."""
-    if record.decode:
-        return record.decode
-    with contextlib.suppress(FeaturecacheError, KeyError, OSError):
-        return store.read_metadata(record.features["train"]["file"]).get("decode", "full")
-    return "full"
+    """How the head's training images were decoded (``--decode``): a sidecar without it predates the option, when
+    every image was decoded in full (its cache may have been re-extracted since; then the head is stale)."""
+    return record.decode or "full"
 
 
 def _image_batches(
@@ -140,7 +136,7 @@ def _image_batches(
     import torch
 
     preprocessing = Preprocessing(transform)  # the split extract runs: uint8 per image, normalized per batch
-    draft = preprocessing.draft_size() if decode == "draft" else None
+    draft = draft_for(preprocessing, decode)
     for start in range(0, len(images), batch_size):
         batch_paths = [Path(p) for p in images[start : start + batch_size]]
         tensors = []

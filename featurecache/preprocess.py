@@ -178,6 +178,17 @@ def _split(transform: Any) -> tuple[Callable, Sequence[float], Sequence[float]] 
     return T.Compose(geometry), list(normalize.mean), list(normalize.std)
 
 
+# Part of a draft cache's fingerprint: a change to what DraftSize or draft_size() asks of libjpeg must bump it,
+# so that caches made under the old rule are re-extracted rather than reused.
+DRAFT_RULE = 1
+
+
+def draft_for(preprocessing: Preprocessing, decode: str) -> DraftSize | None:
+    """The one decision of what a run decodes JPEGs to keep: ``decode`` is ``--decode`` (or what a cache records);
+    None decodes in full (the default; and augmentations, which crop at random scales, whatever is asked)."""
+    return preprocessing.draft_size() if decode == "draft" else None
+
+
 class DraftSize:
     """``(width, height) -> the smallest size to decode a JPEG at`` for a geometry that starts with torchvision's
     ``Resize(size)``: an int resizes the shorter side to ``size``, an ``(h, w)`` pair resizes to exactly that. The
@@ -186,7 +197,7 @@ class DraftSize:
     ``--decode draft`` (``featurecache.data.load_image``): libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8 of the
     size where both sides stay at least this large. Measured on the 2-core VM (one thread, PIL 13): a 4032x3024
     JPEG (a 12 MP phone photo) 131 -> 15 ms to decode and resize to 341x256, 1600x1200 15 -> 3.5 ms, 500x375
-    unchanged (no scale fits); pixels of the resized image differ by 0.6 of 255 on average, at most 5. A plain
+    unchanged (no scale fits); pixels of the resized image differ by 0.5-0.6 of 255 on average, at most 4-5. A plain
     object (not a closure) so that DataLoader worker processes can receive it.
     """
 

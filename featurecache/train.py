@@ -156,6 +156,13 @@ def _check_splits_agree(files: dict[str, Path], metas: dict[str, dict[str, Any]]
         raise FeaturecacheError(
             f"the split caches under {files['train'].parent} disagree on classes or base; re-extract"
         )
+    # Augmented views always decode in full (random crops), so --decode is compared across the plain splits only.
+    decoded = {s: (m.get("alpha"), m.get("decode", "full")) for s, m in metas.items() if s != AUGMENTED_TRAIN}
+    if len(set(decoded.values())) != 1:
+        raise FeaturecacheError(
+            f"the split caches under {files['train'].parent} decoded their images differently (--alpha/--decode: "
+            f"{', '.join(f'{s} {a}/{d}' for s, (a, d) in decoded.items())}); re-extract every split alike"
+        )
 
 
 def run_jobs(jobs: Sequence[Job], options: TrainOptions, *, desc: str) -> list[dict[str, Any]]:

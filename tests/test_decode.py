@@ -105,9 +105,15 @@ def test_draft_caches_are_recorded_reextracted_when_switched_and_followed_by_pre
     with caplog.at_level(logging.INFO, logger="featurecache.extract"):
         (again,) = extract(train_only, paths=draft_home, options=ExtractOptions(**OPTIONS))
     assert again.status == "extracted" and "stale (decode changed)" in caplog.text
-    extract(train_only, paths=draft_home, options=ExtractOptions(decode="draft", **OPTIONS))
+    with pytest.raises(FeaturecacheError, match=r"decoded their images differently .*train mean/full, val mean/draft"):
+        train_heads(dataset="photos", base_tag=BASE, layers=["flatten"], heads=["logreg"],
+                    options=TrainOptions(progress=False), paths=draft_home)  # fmt: skip
+    # Augmented views crop at random scales: decoded in full (no draft key) beside a draft train split.
+    views = ExtractRequest(root, base=BASE, layers="features.6,flatten", splits=["train"], train_views=1)
+    train, aug = extract(views, paths=draft_home, options=ExtractOptions(decode="draft", **OPTIONS))
+    assert read_metadata(train.path)["decode"] == "draft" and "decode" not in read_metadata(aug.path)
 
-    (summary,) = train_heads(dataset="photos", base_tag=BASE, layers=["flatten"], heads=["logreg"],
+    train_heads(dataset="photos", base_tag=BASE, layers=["flatten"], heads=["logreg", "mlp"],
                              options=TrainOptions(progress=False), paths=draft_home)  # fmt: skip
     model_dir = draft_home.models / "photos" / BASE / "flatten" / "logreg"
     head, record = load_head(model_dir)
@@ -124,6 +130,24 @@ def test_draft_caches_are_recorded_reextracted_when_switched_and_followed_by_pre
     rows = predict_images(model_dir, [root / p for p in meta["paths"]])  # decoded as the training images were
     assert [r["label"] for r in rows] == [record.class_names[i] for i in cached]
     assert len(drafts) == len(rows) and all(isinstance(d, DraftSize) for d in drafts)
+    from featurecache.finetune import FinetuneOptions, rebuild
+
+    assert rebuild("photos", BASE, FinetuneOptions(device="cpu"), draft_home).splits.decode == "draft"
+
+
+def test_the_cli_passes_decode_to_the_cache(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import run
+    from tests.helpers import make_image_folder
+
+    monkeypatch.setenv("FEATURECACHE_HOME", str(tmp_path / "home"))
+    root = make_image_folder(tmp_path / "tiny", per_class={"train": 2, "val": 1, "test": 1})
+    args = ["extract", str(root), "--base", BASE, "--layers", "features.3", "--splits", "test", "--no-progress"]
+    assert run([*args, "--runtime", "eager", "--decode", "draft"]) == 0
+    assert read_metadata(tmp_path / "home/data/features/tiny" / BASE / "test.h5")["decode"] == "draft"
+    with pytest.raises(SystemExit) as exited:  # argparse names the choices
+        run([*args, "--decode", "fast"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
 
 
 def test_an_unknown_decode_mode_names_the_choices(tmp_path):
@@ -145,3 +169,19 @@ def test_fine_tuning_decodes_evaluation_images_as_the_cache_did_and_augmented_on
     assert splits.loader("train", augmented, shuffle=True).dataset.draft is None
     full = Splits(**{**splits.__dict__, "decode": "full"})
     assert full.loader("test", transform, shuffle=False).dataset.draft is None
+
+
+def test_large_jpegs_bring_a_hint_at_draft_decoding_small_images_and_draft_runs_do_not(tmp_path, caplog):
+    from featurecache.data import discover_splits
+    from featurecache.extract import _Runner, _suggest_draft
+    from tests.helpers import make_image_folder
+
+    loaded = load_base(BASE)
+    large = discover_splits(photo_folder(tmp_path / "photos"))["train"]
+    small = discover_splits(make_image_folder(tmp_path / "small"))["train"]  # 24-100 px: nothing to gain
+    full, draft = (_Runner(loaded, "cpu", ExtractOptions(decode=mode, **OPTIONS)) for mode in ("full", "draft"))
+    for index, runner, hinted in ((large, full, True), (small, full, False), (large, draft, False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="featurecache.extract"):
+            _suggest_draft(index, runner)
+        assert ("--decode draft decodes such images" in caplog.text) is hinted, (index.root, runner.options.decode)
