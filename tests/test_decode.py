@@ -75,6 +75,9 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_other_images_in_full(tmp
     assert load_image(big, draft=draft).size == (400, 300)  # 1/4: both sides stay >= (342, 256)
     small = photo(tmp_path / "small.jpg", (320, 240), 1)  # no scale keeps 256: decoded in full, the same pixels
     assert np.array_equal(np.asarray(load_image(small, draft=draft)), np.asarray(load_image(small)))
+    mpo = tmp_path / "phone.jpg"  # a JPEG with an embedded second image (gain map, depth): PIL says "MPO"
+    Image.open(big).save(mpo, "MPO", save_all=True, append_images=[Image.open(small)])
+    assert Image.open(mpo).format == "MPO" and load_image(mpo, draft=draft).size == (400, 300)
     png = photo(tmp_path / "big.png", (1600, 1200), 2, kind="PNG")  # only JPEGs have a DCT to scale
     assert np.array_equal(np.asarray(load_image(png, draft=draft)), np.asarray(load_image(png)))
     # After the base's resize and crop the pixels are close to a full decode's, not equal.
