@@ -112,7 +112,7 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## Benchmarks: ratios against physical ceilings and naive peers, measured side by side (CPU, ~11 min)
+## Benchmarks: ratios against physical ceilings and naive peers, measured side by side (CPU, ~13 min)
 bench: install
 	$(BIN)/python -m benchmarks.bench
 
