@@ -48,32 +48,21 @@ EXPORTING = ("split", "split-peer-taps", "bare-pooled-head", "heavy-split", "big
 RESULT = "RESULT "
 
 
-def make_photos(root: Path, n: int) -> Path:
-    """JPEGs of 320x240 smooth noise (photo-sized and photo-compressible), two classes."""
+def make_photos(
+    root: Path, n: int, *, size: tuple[int, int] = (320, 240), grid: tuple[int, int] = (30, 40), held_out: int = 4,
+    seed: int = 0,
+) -> Path:  # fmt: skip
+    """JPEGs of ``size`` smooth noise (a ``grid`` of random colours upscaled: photo-like and photo-compressible),
+    two classes; ``n`` in train, ``held_out`` in val and in test."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("val", 4), ("test", 4)):
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", held_out), ("test", held_out)):
         for i in range(count):
             folder = root / split / ("a" if i % 2 else "b")
             folder.mkdir(parents=True, exist_ok=True)
-            small = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((320, 240), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
-    return root
-
-
-def make_big_photos(root: Path, n: int) -> Path:
-    """``n`` JPEGs of BIG_SIZE (a train split of two classes, and one image each for val and test)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    for split, count in (("train", n), ("val", 2), ("test", 2)):
-        for i in range(count):
-            folder = root / split / ("a" if i % 2 else "b")
-            folder.mkdir(parents=True, exist_ok=True)
-            if not (folder / f"{i:05d}.jpg").is_file():  # slow to make (0.3 s each): kept between runs
-                small = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
-                Image.fromarray(small).resize(BIG_SIZE, Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+            small = rng.integers(0, 255, (*grid, 3), dtype=np.uint8)
+            Image.fromarray(small).resize(size, Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -269,7 +258,8 @@ def _jobs(work: Path, names: list[str], default: str) -> dict[str, tuple[str, di
     from featurecache.layers import parse_taps, trace_base
 
     root = make_photos(work / "photos", SPLIT_IMAGES)
-    big = {"root": make_big_photos(work / "big", BIG_IMAGES), "work": work / "home"}
+    big_root = make_photos(work / "big", BIG_IMAGES, size=BIG_SIZE, grid=(60, 80), held_out=2, seed=1)
+    big = {"root": big_root, "work": work / "home"}
     taps = parse_taps("all-stages", trace_base(load_base(BASE)))
     peer_layers = ",".join(t.query for t in taps[:PEER_TAPS])
     lite = {"root": root, "work": work / "home"}
