@@ -47,6 +47,9 @@ def main(args: argparse.Namespace) -> int:
             f"{meta['num_samples'] - meta['num_valid']} skipped, {len(meta['class_names'])} classes"
         )
         print(f"  base {meta['base']}  weights {meta['weights']}  amp {meta['amp']}")
+        # What else changes the numbers: where the base ran and how the images were decoded (absent: the defaults).
+        print(f"  runtime {meta.get('runtime', 'eager')} {meta.get('precision', 'f32')}  decode "
+              f"{meta.get('decode', 'full')}  alpha {meta.get('alpha', 'not recorded')}")  # fmt: skip
         print(
             f"  schema v{meta['schema_version']}  dtype {meta['dtype']}  compression {meta['compression']}  "
             f"created {meta['created_utc']}"
