@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from featurecache import __version__
 
@@ -25,8 +26,16 @@ COMMANDS = {
 }
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse with its usage errors (an unknown choice, a missing argument) on one line that names ``--help``,
+    as every other refusal of featurecache is, instead of the whole usage block above the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"featurecache: error: {message} (see `{self.prog} --help`)\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("featurecache", description="Frozen-base feature caches and layer comparison.")
+    parser = _OneLineErrors("featurecache", description="Frozen-base feature caches and layer comparison.")
     parser.add_argument("--version", action="version", version=f"featurecache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():

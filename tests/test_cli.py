@@ -36,6 +36,22 @@ def test_user_errors_are_one_line_without_traceback(tiny, tmp_path, monkeypatch,
     assert "run `featurecache extract`" in capsys.readouterr().err
 
 
+def test_usage_errors_are_one_line_naming_help(capsys):
+    for argv, expected in (
+        (
+            ["extract", ".", "--decode", "fast"],
+            "argument --decode: invalid choice: 'fast' (choose from 'full', 'draft')",
+        ),
+        (["extract"], "the following arguments are required: dataset_root"),
+        (["nope"], "argument COMMAND: invalid choice: 'nope'"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            run(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"featurecache: error: {expected}") and "--help`" in err, err
+
+
 def test_extract_then_info(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FEATURECACHE_HOME", str(tmp_path))
     args = ["extract", str(tiny), "--base", "mobilenet_v2_offline", "--layers", "features.3", "--no-progress"]
