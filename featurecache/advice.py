@@ -74,6 +74,7 @@ def sentence(answer: Answer) -> str:
             gap = 100 * (rec.test_accuracy - runner.test_accuracy)
             side = "below" if gap >= 0 else "above"
             text += f"; the best lower layer (`{runner.layer}`) is {abs(gap):.1f} points {side} it on test"
+            text += _noise(answer, runner)
     else:
         gap = 100 * (rec.test_accuracy - top.test_accuracy)
         versus = f"(`{rec.layer}` vs `{top.layer}`)"
@@ -82,12 +83,20 @@ def sentence(answer: Answer) -> str:
         else:
             verb = "beat" if gap > 0 else "trail"
             text = f"For this data the {where} layers {verb} the top by {abs(gap):.1f} points on test {versus}"
+            text += _noise(answer, top)
     if answer.ties:
         verb = "is" if len(answer.ties) == 1 else "are"
         text += f"; {names(answer.ties, with_base=answer.several_bases)} {verb} tied with it."
     else:
         text += "; nothing else is statistically tied with it."
     return text
+
+
+def _noise(answer: Answer, other: HeadResult) -> str:
+    """A gap to ``other`` that the test images cannot tell from zero is said to be so: a point difference alone
+    would read as a finding where ``other`` is statistically tied with the recommendation."""
+    tied = any((r.base, r.layer, r.head) == (other.base, other.layer, other.head) for r in answer.ties)
+    return f", a gap within noise (`{other.name()}` is statistically tied with it)" if tied else ""
 
 
 def quadrant(answer: Answer) -> dict[str, str | float | None]:

@@ -1,0 +1,29 @@
+"""The answer in words: a gap on test is called noise where the test images cannot tell it from zero."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featurecache.advice import sentence
+from featurecache.answer import Answer, HeadResult
+
+
+def result(layer: str, depth: float, test: float, head: str = "logreg") -> HeadResult:
+    correct = np.ones(6, bool)
+    return HeadResult("d", "base", layer, head, depth, 1.0, test, (0.0, 1.0), correct, correct)
+
+
+def answer(recommended: HeadResult, curve: list[HeadResult], ties: list[HeadResult]) -> Answer:
+    return Answer("d", recommended, ties, [], [], {"base": curve}, {"base": curve}, None, {"train": 12}, 2, None)
+
+
+def test_a_gap_to_a_tied_layer_is_called_noise_and_a_significant_one_is_not():
+    early, top = result("early", 0.2, 1.0), result("view", 1.0, 5 / 6)
+    tied = sentence(answer(early, [early, top], ties=[top]))
+    assert tied.startswith("For this data the early layers beat the top by 16.7 points on test (`early` vs `view`), a "
+                           "gap within noise (`view / logreg` is statistically tied with it)")  # fmt: skip
+    apart = sentence(answer(early, [early, top], ties=[]))
+    assert "16.7 points" in apart and "noise" not in apart and "nothing else is statistically tied" in apart
+    lower, best_top = result("early", 0.2, 5 / 6), result("view", 1.0, 1.0)
+    on_top = sentence(answer(best_top, [lower, best_top], ties=[lower]))
+    assert "the best lower layer (`early`) is 16.7 points below it on test, a gap within noise" in on_top
