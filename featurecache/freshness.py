@@ -19,7 +19,7 @@ from typing import Any
 from featurecache import persist, store
 from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
-from featurecache.records import retrain_command
+from featurecache.records import retrain_command, retrain_commands
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +67,44 @@ def stale_reason(
 def warn_if_stale(directory: Path, sidecar: Mapping[str, Any], paths: Paths, metas: dict | None = None) -> bool:
     """Warn (once per head and features) when the head in ``directory`` is stale; True when it is."""
     reason = stale_reason(sidecar, paths, metas)
-    if reason is None:
-        return False
-    key = (directory, json.dumps(sidecar.get("features"), sort_keys=True))
-    if key not in _WARNED:
-        _WARNED.add(key)
-        log.warning("left out: %s (%s); retrain it: %s", directory, reason, retrain_command(sidecar))
-    return True
+    if reason is not None:
+        _warn_left_out([(directory, sidecar, reason)])
+    return reason is not None
 
 
 def current_sidecars(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """``(folder, sidecar)`` of the saved heads in ``directories`` trained on this home's current caches; a stale
-    one is left out with a warning (:func:`warn_if_stale`)."""
+    """``(folder, sidecar)`` of the saved heads in ``directories`` trained on this home's current caches; the stale
+    ones are left out with one warning for all of them (a re-extraction makes every head of a cache stale at once,
+    and a warning per head buried the answer)."""
     metas: dict[Path, dict[str, Any]] = {}
+    current, stale = [], []
     for directory in directories:
         sidecar = persist.read_sidecar(directory)
-        if sidecar is not None and not warn_if_stale(directory, sidecar, paths, metas):
-            yield directory, sidecar
+        if sidecar is None:
+            continue
+        reason = stale_reason(sidecar, paths, metas)
+        if reason is None:
+            current.append((directory, sidecar))
+        else:
+            stale.append((directory, sidecar, reason))
+    _warn_left_out(stale)
+    yield from current
+
+
+def _warn_left_out(stale: list[tuple[Path, Mapping[str, Any], str]]) -> None:
+    """One warning for the stale heads not warned about yet: the first with its reason, and the retrain commands."""
+    fresh = []
+    for directory, sidecar, reason in stale:
+        key = (directory, json.dumps(sidecar.get("features"), sort_keys=True))
+        if key not in _WARNED:
+            _WARNED.add(key)
+            fresh.append((directory, sidecar, reason))
+    if len(fresh) == 1:
+        directory, sidecar, reason = fresh[0]
+        log.warning("left out: %s (%s); retrain it: %s", directory, reason, retrain_command(sidecar))
+    elif fresh:
+        directory, _, reason = fresh[0]
+        log.warning(
+            "left out %d heads trained on features that changed since (the first: %s, %s); retrain them: %s",
+            len(fresh), directory, reason, "; ".join(retrain_commands([s for _, s, _ in fresh])),
+        )  # fmt: skip

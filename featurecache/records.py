@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,10 +150,35 @@ def retrain_command(data: Mapping[str, Any]) -> str:
         )
     if not isinstance(data.get("head_spec"), str):
         return "featurecache train-heads --dataset ... --bases ... --layers ... --heads ... --overwrite"
-    augmented = " --augmented" if data.get("train_views") else ""
+    return _train_heads_command(data["dataset"], data["base_tag"], [data["layer"]], [data["head_spec"]],
+                                augmented=bool(data.get("train_views")))  # fmt: skip
+
+
+def retrain_commands(sidecars: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The commands that rewrite several heads: one ``train-heads`` per dataset, base and augmentation for the
+    single-layer heads (it trains every layer x head it is given, so each head is asked for once), and each other
+    head's (multi-tap heads, fine-tuned models, unreadable sidecars) own :func:`retrain_command`."""
+    groups: dict[tuple[str, str, bool], tuple[set[str], set[str]]] = {}
+    others: list[str] = []
+    for data in sidecars:
+        command = retrain_command(data)
+        if not command.startswith("featurecache train-heads --dataset ") or "..." in command or data.get("taps"):
+            others.append(command)
+            continue
+        layers, heads = groups.setdefault((data["dataset"], data["base_tag"], bool(data.get("train_views"))),
+                                          (set(), set()))  # fmt: skip
+        layers.add(data["layer"])
+        heads.add(data["head_spec"])
+    merged = [_train_heads_command(d, b, sorted(layers), sorted(heads), augmented=aug)
+              for (d, b, aug), (layers, heads) in groups.items()]  # fmt: skip
+    return merged + sorted(set(others))
+
+
+def _train_heads_command(dataset: str, base_tag: str, layers: Sequence[str], heads: Sequence[str], *,
+                         augmented: bool) -> str:  # fmt: skip
     return (
-        f"featurecache train-heads --dataset {data['dataset']} --bases {data['base_tag']} --layers "
-        f"{data['layer']} --heads {data['head_spec']}{augmented} --overwrite"
+        f"featurecache train-heads --dataset {dataset} --bases {base_tag} --layers {','.join(layers)} --heads "
+        f"{','.join(heads)}{' --augmented' if augmented else ''} --overwrite"
     )
 
 

@@ -121,6 +121,20 @@ def test_heads_trained_on_features_re_extracted_since_are_left_out_naming_their_
     assert "trained on features that changed since" in caplog.text
 
 
+def test_several_stale_heads_get_one_warning_with_one_retrain_command(cached, tmp_path, caplog):
+    paths, root = fresh_copy(cached, tmp_path), cached[1]
+    train_heads(dataset="shapes", base_tag=BASE, layers=["features.6", "flatten"], heads=["logreg", "knn"],
+                options=QUIET, paths=paths)  # fmt: skip
+    extract(ExtractRequest(root, base=BASE, layers=LAYERS), paths=paths,
+            options=ExtractOptions(workers=0, progress=False, dtype="float32"))  # fmt: skip
+    with caplog.at_level("WARNING", logger="featurecache.freshness"):
+        assert leaderboard_rows("shapes", paths) == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "featurecache.freshness"]
+    assert warning.startswith("left out 4 heads trained on features that changed since (the first: ")
+    assert warning.endswith(f"retrain them: featurecache train-heads --dataset shapes --bases {BASE} --layers "
+                            "features.6,flatten --heads knn,logreg --overwrite")  # fmt: skip
+
+
 def test_a_sidecar_of_another_version_is_left_to_its_reader_not_to_the_freshness_check(tmp_path):
     from featurecache.freshness import stale_reason
 

@@ -187,3 +187,25 @@ def test_base_tags_of_the_random_control():
     assert is_random_tag("efficientnet_lite0-random") and not is_random_tag("efficientnet_lite0")
     assert base_of_tag("efficientnet_lite0-random") == "efficientnet_lite0" == base_of_tag("efficientnet_lite0")
     assert base_of_tag("timm:regnetx_002-random") == "timm:regnetx_002"
+
+
+def test_retrain_commands_ask_for_each_plain_head_once_and_keep_the_others_own():
+    from featurecache.records import retrain_commands
+
+    def head(layer, spec, **extra):
+        return {"kind": "head", "dataset": "d", "base_tag": "b", "layer": layer, "head": spec, "head_spec": spec,
+                **extra}  # fmt: skip
+
+    commands = retrain_commands([
+        head("l1", "knn"), head("l2", "knn"), head("l1", "logreg"),
+        head("l1", "mlp", train_views=2, head="mlp+aug"),  # augmented: a command of its own
+        head("all-stages", "multilayer", taps=["l1", "l2"]),  # multi-tap: its own command
+        {"dataset": "d"},  # unreadable: the generic command
+    ])  # fmt: skip
+    assert commands[:2] == [
+        "featurecache train-heads --dataset d --bases b --layers l1,l2 --heads knn,logreg --overwrite",
+        "featurecache train-heads --dataset d --bases b --layers l1 --heads mlp --augmented --overwrite",
+    ]
+    multi = "featurecache train-heads --dataset d --bases b --layers all-stages --heads multilayer --overwrite"
+    assert multi in commands
+    assert any("..." in c for c in commands) and len(commands) == 4
