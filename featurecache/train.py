@@ -94,7 +94,8 @@ def cache_files(dataset: str, base_tag: str, paths: Paths, *, augmented: bool = 
         raise FeaturecacheError(
             f"no feature cache for {dataset} x {base_tag} ({', '.join(missing)} missing under "
             f"{files[missing[0]].parent}); run make extract first: `make extract DATASET={dataset} BASE={base}` "
-            f"or `featurecache extract data/raw/{dataset} --base {base}{weights}`"
+            f"or `featurecache extract data/raw/{dataset} --base {base}{weights}` (a folder of your own: "
+            f"`featurecache extract path/to/{dataset} --base {base}{weights}`, the folder's name is the dataset)"
         )
     return files
 

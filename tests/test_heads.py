@@ -202,6 +202,8 @@ def test_foreign_or_stale_heads_are_refused(cached, tmp_path):
 def test_missing_cache_says_run_extract(tmp_path):
     with pytest.raises(FeaturecacheError, match=r"run make extract first: `make extract DATASET=shapes BASE=resnet18`"):
         train_heads(dataset="shapes", base_tag="resnet18", options=QUIET, paths=Paths(tmp_path))
+    with pytest.raises(FeaturecacheError, match=r"a folder of your own: `featurecache extract path/to/shapes --base"):
+        train_heads(dataset="shapes", base_tag="resnet18", options=QUIET, paths=Paths(tmp_path))
 
 
 def test_larger_than_memory_streams_the_dense_head_and_refuses_the_rest(cached, tmp_path):
