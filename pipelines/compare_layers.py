@@ -63,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
     paths = default_paths()
     for answer in answers:
         print("\n".join(terminal_lines(answer)))
-        print(f"-> {paths.compare_dir(answer.dataset)}/report.html (and report.md, {len(answer.curves)} curves)\n")
+        print(f"-> {paths.compare_dir(answer.dataset)}/report.html (and report.md; accuracy vs depth of "
+              f"{len(answer.curves)} bases and controls)\n")  # fmt: skip
     if len(answers) > 1:
         print(f"cross-dataset page: {paths.compare_dir()}/report.html")
     print(f"compare-layers took {time.perf_counter() - t0:.0f}s")

@@ -21,6 +21,12 @@ def test_list_layers_marks_defaults(capsys):
     assert "default taps (--layers all-stages): _blocks.2.add,_blocks.4.add" in out
 
 
+def test_list_heads_writes_grid_values_as_a_person_would(capsys):
+    assert run(["list-heads"]) == 0
+    out = capsys.readouterr().out
+    assert "C=[1e-05, 0.0001, 0.001, 0.01, 0.1, 1]" in out and "multilayer" in out and "99999" not in out
+
+
 def test_list_bases(capsys):
     assert run(["list-bases", "mobilenet*"]) == 0
     out = capsys.readouterr().out
