@@ -49,7 +49,8 @@ def plot_answers(answers: Sequence[Answer], out: Path, *, columns: int = 3) -> N
     fig.legend(handles=handles, loc="lower center", ncol=legend_columns, frameon=False, fontsize=9)
     fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    # "tight" grows the canvas to what is drawn: the two-column legend of a single panel is wider than the panel.
+    fig.savefig(out, dpi=110, bbox_inches="tight", pad_inches=0.08)
     plt.close(fig)
 
 
