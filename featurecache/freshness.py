@@ -64,14 +64,6 @@ def stale_reason(
     return None
 
 
-def warn_if_stale(directory: Path, sidecar: Mapping[str, Any], paths: Paths, metas: dict | None = None) -> bool:
-    """Warn (once per head and features) when the head in ``directory`` is stale; True when it is."""
-    reason = stale_reason(sidecar, paths, metas)
-    if reason is not None:
-        _warn_left_out([(directory, sidecar, reason)])
-    return reason is not None
-
-
 def current_sidecars(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[Path, dict[str, Any]]]:
     """``(folder, sidecar)`` of the saved heads in ``directories`` trained on this home's current caches; the stale
     ones are left out with one warning for all of them (a re-extraction makes every head of a cache stale at once,
