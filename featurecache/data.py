@@ -314,19 +314,20 @@ def load_image(path: str | os.PathLike, *, alpha: str = DEFAULT_ALPHA, draft: Dr
 
 
 def draft_would_shrink(path: str | os.PathLike, draft: DraftFor) -> bool:
-    """Whether ``--decode draft`` would decode this file at a reduced scale: a JPEG at least twice as large as
-    ``draft`` asks on both sides (PIL's rule). Reads the header only; an unreadable file says no."""
+    """Whether ``--decode draft`` would decode this file at a reduced scale, asked of PIL's ``draft`` itself as
+    :func:`load_image` asks it (it only configures the decoder: nothing past the header is read). An unreadable
+    file says no."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             if not _is_jpeg(image):
                 return False
-            width, height = image.size
+            full = image.size
+            image.draft(None, draft(full))
+            return image.size != full
     except (OSError, ValueError, Image.DecompressionBombError):
         return False
-    needed_width, needed_height = draft((width, height))
-    return min(width // needed_width, height // needed_height) >= 2  # JpegImagePlugin.draft's own rule
 
 
 def _is_jpeg(image: Any) -> bool:
