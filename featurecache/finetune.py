@@ -39,7 +39,7 @@ from featurecache.freshness import current_sidecars, feature_fingerprint
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
-from featurecache.preprocess import Preprocessing, draft_for
+from featurecache.preprocess import Preprocessing, draft_for, recorded_decode
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord
 from featurecache.selection import candidate_of_record, pick_best
 from featurecache.train import cache_files
@@ -220,7 +220,7 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
                     eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,
                     batch_size=options.batch_size, seed=options.seed, workers=options.workers,
                     alpha=metas["train"].get("alpha", DEFAULT_ALPHA),
-                    decode=metas["train"].get("decode", "full"))  # fmt: skip
+                    decode=recorded_decode(metas["train"]))  # fmt: skip
     return Rebuilt(dataset, base_tag, head_dir, head_record, estimator, files, loaded, model.to(device), splits, device)
 
 

@@ -34,6 +34,7 @@ from featurecache.errors import FeaturecacheError
 from featurecache.freshness import feature_fingerprint
 from featurecache.heads import HeadSpec, get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
+from featurecache.preprocess import recorded_decode
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
 from featurecache.weights import base_of_tag, is_random_tag
@@ -158,7 +159,7 @@ def _check_splits_agree(files: dict[str, Path], metas: dict[str, dict[str, Any]]
             f"the split caches under {files['train'].parent} disagree on classes or base; re-extract"
         )
     # Augmented views always decode in full (random crops), so --decode is compared across the plain splits only.
-    decoded = {s: (m.get("alpha"), m.get("decode", "full")) for s, m in metas.items() if s != AUGMENTED_TRAIN}
+    decoded = {s: (m.get("alpha"), recorded_decode(m)) for s, m in metas.items() if s != AUGMENTED_TRAIN}
     if len(set(decoded.values())) != 1:
         raise FeaturecacheError(
             f"the split caches under {files['train'].parent} decoded their images differently (--alpha/--decode: "
@@ -391,7 +392,7 @@ def _test_and_record(plan: JobPlan, rows: JobRows, fitted: Fitted, t_start: floa
         kind=HEAD_KIND, dataset=job.dataset, base=meta["base"], base_tag=job.base_tag, weights=meta["weights"],
         feature_dtype=meta["dtype"],
         alpha=meta.get("alpha"),  # how transparent images were decoded; predict decodes the same way
-        decode=meta.get("decode", "full"),  # and how JPEGs were (--decode)
+        decode=recorded_decode(meta),  # and how JPEGs were (--decode)
         layer=job.layer, tap=_job_tap(job, meta), taps=job.taps or None, head=job.name, head_spec=job.head,
         train_views=int(plan.metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in plan.metas else 0,
         dense=plan.spec.dense, class_names=tuple(meta["class_names"]), features=plan.features, grid=plan.grid,

@@ -9,6 +9,7 @@ import sys
 from featurecache.config import default_paths
 from featurecache.data import SPLITS
 from featurecache.errors import FeaturecacheError
+from featurecache.preprocess import recorded_decode
 from featurecache.store import read_metadata, read_skipped
 from pipelines.common import run_main
 
@@ -49,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"  base {meta['base']}  weights {meta['weights']}  amp {meta['amp']}")
         # What else changes the numbers: where the base ran and how the images were decoded (absent: the defaults).
         print(f"  runtime {meta.get('runtime', 'eager')} {meta.get('precision', 'f32')}  decode "
-              f"{meta.get('decode', 'full')}  alpha {meta.get('alpha', 'not recorded')}")  # fmt: skip
+              f"{recorded_decode(meta)}  alpha {meta.get('alpha', 'not recorded')}")  # fmt: skip
         print(
             f"  schema v{meta['schema_version']}  dtype {meta['dtype']}  compression {meta['compression']}  "
             f"created {meta['created_utc']}"
