@@ -17,6 +17,7 @@ import numpy as np
 from featurecache import persist, store
 from featurecache.answer import PIXELS_TAG
 from featurecache.config import Paths
+from featurecache.data import Decoding
 from featurecache.heads import get_head_spec
 from featurecache.metrics import classification_scores
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
@@ -32,16 +33,22 @@ def pixel_layer(side: int = PIXELS_SIDE) -> str:
 
 def pixel_rows(cache_file: Path, *, side: int = PIXELS_SIDE) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)``: the valid rows of a cache as flattened ``side`` x ``side`` RGB pixels in [0, 1]."""
-    from featurecache.data import DEFAULT_ALPHA, load_image
+    from featurecache.data import load_image
 
     meta = store.read_metadata(cache_file)
     labels, rel_paths, valid = store.read_rows(cache_file)
     root = Path(meta["dataset_root"])
     rows = []
     for rel in np.asarray(rel_paths, dtype=object)[valid]:
-        image = load_image(root / rel, alpha=meta.get("alpha", DEFAULT_ALPHA)).resize((side, side))
+        image = load_image(root / rel, Decoding.recorded(meta)).resize((side, side))
         rows.append(np.asarray(image, dtype=np.float32).reshape(-1) / 255.0)
     return np.stack(rows), labels[valid]
+
+
+def _pixels_fingerprint(meta: dict[str, Any], side: int) -> str:
+    """What the baseline's rows depend on: the image files and how they were decoded (alpha, orientation)."""
+    decoding = ",".join(f"{k}={v}" for k, v in sorted(Decoding.recorded(meta).cache_keys().items()))
+    return f"{meta['data_fingerprint']}:{pixel_layer(side)}:{decoding}"
 
 
 def pixel_baseline(
@@ -50,8 +57,7 @@ def pixel_baseline(
     """Train (or reuse) the raw-pixel logistic regression on the rows of ``base_tag``'s caches; returns its sidecar."""
     files = {s: paths.feature_file(dataset, base_tag, s) for s in ("train", "val", "test")}
     metas = {s: store.read_metadata(f) for s, f in files.items()}
-    features = {s: {"file": str(files[s]), "fingerprint": f"{metas[s]['data_fingerprint']}:{pixel_layer(side)}"}
-                for s in files}  # fmt: skip
+    features = {s: {"file": str(files[s]), "fingerprint": _pixels_fingerprint(metas[s], side)} for s in files}
     out_dir = paths.head_dir(dataset, PIXELS_TAG, pixel_layer(side), "logreg")
     try:
         previous = persist.read_record(out_dir)
@@ -71,7 +77,8 @@ def pixel_baseline(
         kind=HEAD_KIND, dataset=dataset, base=PIXELS_TAG, base_tag=PIXELS_TAG, weights="none",
         feature_dtype="float32", layer=pixel_layer(side),
         tap={"node": "pixels", "pool": "resize", "relative_depth": 0.0, "out_dim": 3 * side * side},
-        head="logreg", head_spec="logreg", train_views=0, dense=False,
+        head="logreg", head_spec="logreg", train_views=0, dense=False, alpha=metas["train"].get("alpha"),
+        orientation=Decoding.recorded(metas["train"]).orientation,
         class_names=tuple(metas["train"]["class_names"]), features=features, grid=grid,
         sweep=[{"params": p, "val_accuracy": v, "fit_seconds": round(t, 4)} for p, _, v, t in fitted],
         params=params, refit="train", seed=seed, selection_val_accuracy=val_accuracy,

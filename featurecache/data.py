@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,57 @@ SPLIT_RECORD_VERSION = 1
 ALPHA_MODES = ("white", "black", "mean")
 DEFAULT_ALPHA = "mean"
 ALPHA_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "mean": (124, 116, 104)}
+# Whether a photo's EXIF orientation tag is applied: a phone stores a portrait shot as a landscape JPEG plus a
+# "rotate 90 degrees" tag, which every viewer applies; ignoring it (torchvision's default_loader, timm) feeds the
+# base the photo on its side. "exif" applies it as PIL's ImageOps.exif_transpose does (Hugging Face datasets has
+# done so by default since 2024); "ignore" reads the pixels as ImageFolder does: as stored, except TIFFs, which PIL
+# turns by their tag as it loads them. Part of every cache's fingerprint.
+ORIENTATION_MODES = ("exif", "ignore")
+DEFAULT_ORIENTATION = "exif"
+DECODE_MODES = ("full", "draft")  # --decode; see featurecache.preprocess.DraftSize
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How every stage turns a file into RGB pixels (extract, predict, fine-tuning, the pixel baseline): the
+    choices a cache records and a head inherits, so that new images are decoded as the training images were.
+
+    ``alpha``: the background transparent pixels are composited onto (``--alpha``); ``orientation``: whether the
+    EXIF orientation tag is applied (``--orientation``); ``decode``: ``"draft"`` decodes large JPEGs at a reduced
+    scale where the base's resize allows (``--decode``; what that scale is depends on the base, see
+    ``featurecache.preprocess.draft_for``).
+    """
+
+    alpha: str = DEFAULT_ALPHA
+    orientation: str = DEFAULT_ORIENTATION
+    decode: str = "full"
+
+    def __post_init__(self) -> None:
+        check_alpha(self.alpha)
+        if self.orientation not in ORIENTATION_MODES:
+            raise FeaturecacheError(
+                f"unknown --orientation {self.orientation!r}; choose one of: {', '.join(ORIENTATION_MODES)}"
+            )
+        if self.decode not in DECODE_MODES:
+            raise FeaturecacheError(f"unknown --decode {self.decode!r}; choose one of: {', '.join(DECODE_MODES)}")
+
+    def cache_keys(self) -> dict[str, str]:
+        """What a cache's config (its fingerprint) records of ``alpha`` and ``orientation``. Ignoring the EXIF tag
+        adds no key, so caches made before ``--orientation`` existed (which ignored it) stay valid under
+        ``--orientation ignore``. ``decode`` enters only where the draft applies (``featurecache.extract``)."""
+        return {"alpha": self.alpha, **({"orientation": self.orientation} if self.orientation != "ignore" else {})}
+
+    @classmethod
+    def recorded(cls, meta: Mapping[str, Any]) -> Decoding:
+        """What a cache's metadata or a head's sidecar records; a key it predates takes what was done before the
+        option existed: orientation ignored, JPEGs decoded in full. (Caches made before ``--alpha`` flattened
+        transparency and have another fingerprint: any extract re-makes them; they are read as the default here,
+        and the checks that must tell them apart read the raw ``alpha`` key.)"""
+        return cls(
+            alpha=meta.get("alpha") or DEFAULT_ALPHA,
+            orientation=meta.get("orientation") or "ignore",
+            decode=meta.get("decode") or "full",
+        )
 
 
 @dataclass(frozen=True)
@@ -285,35 +336,43 @@ def check_alpha(alpha: str) -> None:
 DraftFor = Callable[[tuple[int, int]], tuple[int, int]]  # (width, height) -> the smallest size to decode at
 
 
-def load_image(path: str | os.PathLike, *, alpha: str = DEFAULT_ALPHA, draft: DraftFor | None = None) -> Any:
-    """Decode an image to RGB the way every stage does (extract, predict, fine-tune).
+def load_image(path: str | os.PathLike, decoding: Decoding = Decoding(), *, draft: DraftFor | None = None) -> Any:
+    """Decode an image to RGB the way every stage does (extract, predict, fine-tune), as ``decoding`` says.
 
     Like torchvision's ``default_loader`` (PIL, ``convert("RGB")``), except that transparent pixels are
-    composited onto the ``alpha`` background rather than taking the colour they store. Raises the PIL errors of
+    composited onto the ``decoding.alpha`` background rather than taking the colour they store, and that a photo
+    is turned upright by its EXIF orientation tag (``decoding.orientation``). Raises the PIL errors of
     :func:`bad_image_errors` for unreadable files.
 
-    ``draft`` (``--decode draft``): ``(width, height) -> the smallest size the preprocessing needs``; a JPEG is then
-    decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling where that stays at least as large (PIL's
-    ``draft``), which changes the pixels slightly (see ``featurecache.preprocess.Preprocessing.draft_size``).
+    ``draft`` (``--decode draft``; ``decoding.decode`` is what chose it, through the base's preprocessing:
+    ``featurecache.preprocess.draft_for``): ``(width, height) -> the smallest size the preprocessing needs`` of the
+    upright image; a JPEG is then decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling where that stays at
+    least as large (PIL's ``draft``), which changes the pixels slightly (see
+    ``featurecache.preprocess.Preprocessing.draft_size``).
     """
     from PIL import Image
 
-    check_alpha(alpha)
+    exif = decoding.orientation == "exif"
     with open(path, "rb") as f:
         image = Image.open(f)
         if draft is not None and _is_jpeg(image):
-            image.draft(None, draft(image.size))  # None: keep the file's colour mode; only the scale changes
+            # None: keep the colour mode; only the scale changes
+            image.draft(None, _draft_request(image.size, draft, _upright_turn(image) if exif else None))
+        image.load()
+        # Asked after loading: PIL turns a TIFF by its tag as it loads it (and drops the tag), whatever is asked.
+        turn = _upright_turn(image) if exif else None
         if image.mode.startswith("I"):
-            return _high_bit_depth_to_8(image).convert("RGB")
-        has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-        if not has_alpha:
-            return image.convert("RGB")
-        rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUNDS[alpha] + (255,))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+            rgb = _high_bit_depth_to_8(image).convert("RGB")
+        elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUNDS[decoding.alpha] + (255,))
+            rgb = Image.alpha_composite(background, rgba).convert("RGB")
+        else:
+            rgb = image.convert("RGB")
+    return rgb if turn is None else rgb.transpose(turn)
 
 
-def draft_would_shrink(path: str | os.PathLike, draft: DraftFor) -> bool:
+def draft_would_shrink(path: str | os.PathLike, draft: DraftFor, decoding: Decoding = Decoding()) -> bool:
     """Whether ``--decode draft`` would decode this file at a reduced scale, asked of PIL's ``draft`` itself as
     :func:`load_image` asks it (it only configures the decoder: nothing past the header is read). An unreadable
     file says no."""
@@ -324,10 +383,48 @@ def draft_would_shrink(path: str | os.PathLike, draft: DraftFor) -> bool:
             if not _is_jpeg(image):
                 return False
             full = image.size
-            image.draft(None, draft(full))
+            turn = _upright_turn(image) if decoding.orientation == "exif" else None
+            image.draft(None, _draft_request(full, draft, turn))
             return image.size != full
     except (OSError, ValueError, Image.DecompressionBombError):
         return False
+
+
+def _draft_request(stored: tuple[int, int], draft: DraftFor, turn: Any) -> tuple[int, int]:
+    """The size to ask libjpeg for, in the file's stored orientation: ``draft`` speaks of the upright image, whose
+    width and height are swapped when the EXIF tag turns it by 90 degrees."""
+    if not _swaps_sides(turn):
+        return draft(stored)
+    width, height = draft(stored[::-1])
+    return height, width
+
+
+# EXIF orientation tag (0x0112) -> the PIL transpose that makes the image upright, as ImageOps.exif_transpose.
+_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+            7: "TRANSVERSE", 8: "ROTATE_90"}  # fmt: skip
+
+
+def _upright_turn(image: Any) -> Any:
+    """The ``Image.Transpose`` that turns ``image`` upright by its EXIF orientation tag; None when it has none, or
+    an EXIF block PIL cannot parse: such a file is decoded as stored, as it was before ``--orientation``, rather
+    than refused (a mangled camera tag is common and says nothing about the pixels)."""
+    from PIL import Image
+
+    try:
+        orientation = image.getexif().get(_ORIENTATION_TAG)
+        name = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    except Exception:  # noqa: BLE001 - PIL's EXIF parser raises many types on corrupt blocks; the pixels are fine
+        return None
+    return getattr(Image.Transpose, name) if name else None
+
+
+def _swaps_sides(turn: Any) -> bool:
+    """Whether the turn is by 90 degrees (width and height trade places)."""
+    from PIL import Image
+
+    return turn in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                    Image.Transpose.ROTATE_90)  # fmt: skip
 
 
 def _is_jpeg(image: Any) -> bool:
@@ -362,21 +459,19 @@ def bad_image_errors() -> tuple[type[BaseException], ...]:
 class ImageFiles:
     """A map-style dataset of ``(image_tensor, row_index, error)``; unreadable files give ``error != ""``.
 
-    Decoding is :func:`load_image` (PIL, converted to RGB like every torchvision dataset, transparent pixels
-    composited onto the ``alpha`` background), so grey or palette images become 3-channel inputs; resizing is
-    the base's own transforms.
+    Decoding is :func:`load_image` as ``decoding`` says (PIL, converted to RGB like every torchvision dataset),
+    so grey or palette images become 3-channel inputs; resizing is the base's own transforms.
     """
 
     def __init__(
-        self, index: SplitIndex, transform: Any, *, input_size: int, rows: Sequence[int], alpha: str = DEFAULT_ALPHA,
-        draft: DraftFor | None = None,
+        self, index: SplitIndex, transform: Any, *, input_size: int, rows: Sequence[int],
+        decoding: Decoding = Decoding(), draft: DraftFor | None = None,
     ) -> None:  # fmt: skip
-        check_alpha(alpha)
         self.index = index
         self.transform = transform
         self.input_size = input_size
         self.rows = list(rows)
-        self.alpha = alpha
+        self.decoding = decoding
         self.draft = draft  # see load_image
         self._bad = None
 
@@ -390,7 +485,7 @@ class ImageFiles:
             self._bad = bad_image_errors()
         row = self.rows[i]
         try:
-            image = load_image(self.index.root / self.index.paths[row], alpha=self.alpha, draft=self.draft)
+            image = load_image(self.index.root / self.index.paths[row], self.decoding, draft=self.draft)
         except self._bad as exc:
             # A transform may say what stands in for an unreadable image (featurecache.preprocess: uint8 zeros).
             blank = getattr(self.transform, "blank", None)

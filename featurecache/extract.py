@@ -30,11 +30,12 @@ from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import (
     AUGMENTED_TRAIN,
     DEFAULT_ALPHA,
+    DEFAULT_ORIENTATION,
     SPLITS,
+    Decoding,
     ImageFiles,
     SplitIndex,
     augmented_views,
-    check_alpha,
     discover_splits,
     draft_would_shrink,
     fingerprint_files,
@@ -52,11 +53,15 @@ RAW_MAPS_WARN_BYTES = 1 << 30
 IDENTICAL_ROWS_WARN_FRACTION = 0.05
 ON_BAD_IMAGE = ("skip", "fail")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-DECODE_MODES = ("full", "draft")  # --decode; see featurecache.preprocess.DraftSize
 DECODE_HELP = (
     "full: every image decoded at its size (the base's own preprocessing, bit for bit). draft: JPEGs larger than "
     "twice what the resize keeps are decoded at 1/2-1/8 scale by libjpeg (a 12 MP photo ~9x faster; pixels differ "
     "by ~0.5-0.6 of 255; recorded in the cache, so a full-decode cache is not reused)"
+)
+ORIENTATION_HELP = (
+    "exif (default): photos are turned upright by their EXIF orientation tag, as every viewer shows them (phones "
+    "store portrait shots sideways with that tag). ignore: as torchvision's ImageFolder reads them (pixels as "
+    "stored, except TIFFs, which PIL turns itself). Recorded in the cache"
 )
 
 
@@ -77,7 +82,13 @@ class ExtractOptions:
     runtime: str = "auto"  # featurecache.runtime.RUNTIMES; a non-eager runtime enters the cache fingerprint
     precision: str = "f32"  # "bf16": OpenVINO's bf16 hint, only when asked for (in the fingerprint)
     alpha: str = DEFAULT_ALPHA  # background of transparent pixels (featurecache.data.ALPHA_MODES)
+    orientation: str = DEFAULT_ORIENTATION  # "exif": photos turned upright by their EXIF tag (in the fingerprint)
     decode: str = "full"  # "draft": JPEGs decoded at a reduced scale the resize allows (in the fingerprint)
+
+    @property
+    def decoding(self) -> Decoding:
+        """How images become pixels (``--alpha``, ``--orientation``, ``--decode``): checked when it is made."""
+        return Decoding(alpha=self.alpha, orientation=self.orientation, decode=self.decode)
 
 
 @dataclass
@@ -236,7 +247,7 @@ def _suggest_draft(index: SplitIndex, runner: _Runner, sample: int = 8) -> None:
     if runner.options.decode != "full" or draft is None or len(index) == 0:
         return
     rows = sorted({round(i * (len(index) - 1) / max(1, sample - 1)) for i in range(sample)})
-    large = sum(draft_would_shrink(index.root / index.paths[r], draft) for r in rows)
+    large = sum(draft_would_shrink(index.root / index.paths[r], draft, runner.options.decoding) for r in rows)
     if 2 * large >= len(rows):
         log.info(
             "%d of %d sampled images of %s are JPEGs over twice the size the base's resize keeps: --decode draft "
@@ -298,9 +309,7 @@ def _check_options(options: ExtractOptions) -> None:
             f"--workers {options.workers}: must be 0 (decode in the main process) or a positive number of "
             f"decode processes; leave it out for the default"
         )
-    check_alpha(options.alpha)
-    if options.decode not in DECODE_MODES:
-        raise FeaturecacheError(f"unknown --decode {options.decode!r}; choose one of: {', '.join(DECODE_MODES)}")
+    _ = options.decoding  # building the record raises the one-line error of an unknown --alpha/--orientation/--decode
 
 
 def _warn_raw_size(taps: Sequence[TapSpec], indexes: dict[str, SplitIndex], options: ExtractOptions) -> None:
@@ -422,7 +431,7 @@ class _Runner:
             return False
         rows = range(min(len(index), self.options.batch_size, PROBE_ROWS))
         data = ImageFiles(index, self.preprocessing.per_image, input_size=self.loaded.spec.input_size, rows=rows,
-                          alpha=self.options.alpha, draft=self.draft)  # fmt: skip
+                          decoding=self.options.decoding, draft=self.draft)  # fmt: skip
         return self.check(torch.stack([data[i][0] for i in range(len(rows))]))
 
     def check(self, images: Any) -> bool:
@@ -616,7 +625,7 @@ def _plan_split(
         "schema_version": store.SCHEMA_VERSION,
         **runner.run_config(),
         "dtype": options.dtype,
-        "alpha": options.alpha,
+        **options.decoding.cache_keys(),
         "data_fingerprint": data_fp,
         "class_names": list(index.class_names),
         "split": index.split,
@@ -650,9 +659,10 @@ def _stale_keys(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     Eager f32 leaves ``runtime``/``precision`` out of the config (caches from before runtimes stay valid) while
     every file records them, so they are compared with those defaults: a switch between runtimes is named as such.
     A full decode leaves ``decode`` out of both (absent means full), and ``draft_rule`` is named only when the
-    draft itself stayed (a switch to or from draft names ``decode``).
+    draft itself stayed (a switch to or from draft names ``decode``); so does ``--orientation ignore``
+    (``featurecache.data.Decoding.cache_keys``).
     """
-    defaults = {"runtime": "eager", "precision": "f32", "decode": "full", "draft_rule": None}
+    defaults = {"runtime": "eager", "precision": "f32", "decode": "full", "draft_rule": None, "orientation": "ignore"}
     keys = sorted((set(config) | set(defaults)) - {"class_names"})
     changed = [k for k in keys if meta.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
     if "decode" in changed:
@@ -869,7 +879,7 @@ def _loader(index: SplitIndex, todo: Sequence[tuple[int, int]], *, runner: _Runn
     # Batches keep the composition they have in a single uninterrupted run (same rows, same batch size), so
     # resumed and distributed runs give bit-identical numbers.
     data = ImageFiles(index, runner.preprocessing.per_image, input_size=runner.loaded.spec.input_size,
-                      rows=range(len(index)), alpha=options.alpha, draft=runner.draft)  # fmt: skip
+                      rows=range(len(index)), decoding=options.decoding, draft=runner.draft)  # fmt: skip
     if options.workers is None and not runner.device.startswith("cuda"):
         if runner.lanes > 1:
             return _LaneBatches(data, todo)

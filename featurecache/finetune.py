@@ -32,14 +32,14 @@ from featurecache import persist, store
 from featurecache.augment import AUGMENTATIONS, train_transform
 from featurecache.bases import LoadedBase
 from featurecache.config import Paths, default_paths
-from featurecache.data import DEFAULT_ALPHA, ImageFiles, SplitIndex, discover_splits
+from featurecache.data import Decoding, ImageFiles, SplitIndex, discover_splits
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, file_sha256
 from featurecache.freshness import current_sidecars, feature_fingerprint
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import bootstrap_ci, classification_scores
-from featurecache.preprocess import Preprocessing, draft_for, recorded_decode
+from featurecache.preprocess import Preprocessing, draft_for
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord
 from featurecache.selection import candidate_of_record, pick_best
 from featurecache.train import cache_files
@@ -154,13 +154,12 @@ class Splits:
     batch_size: int
     seed: int
     workers: int
-    alpha: str  # the background the caches composited transparent pixels onto: decode exactly as they did
-    decode: str = "full"  # how the caches decoded JPEGs (--decode); augmentations decode in full either way
+    decoding: Decoding  # how the caches decoded their images: decode exactly as they did (augmentations in full)
 
     def loader(self, split: str, transform: Any, *, shuffle: bool, epoch: int = 0) -> DataLoader:
-        draft = draft_for(Preprocessing(transform), self.decode)
+        draft = draft_for(Preprocessing(transform), self.decoding.decode)
         data = ImageFiles(self.index[split], transform, input_size=self.input_size, rows=range(len(self.index[split])),
-                          alpha=self.alpha, draft=draft)  # fmt: skip
+                          decoding=self.decoding, draft=draft)  # fmt: skip
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
                           num_workers=self.workers)  # fmt: skip
@@ -219,8 +218,7 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
     splits = Splits(index=index, labels={s: np.asarray(index[s].labels) for s in index},
                     eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,
                     batch_size=options.batch_size, seed=options.seed, workers=options.workers,
-                    alpha=metas["train"].get("alpha", DEFAULT_ALPHA),
-                    decode=recorded_decode(metas["train"]))  # fmt: skip
+                    decoding=Decoding.recorded(metas["train"]))  # fmt: skip
     return Rebuilt(dataset, base_tag, head_dir, head_record, estimator, files, loaded, model.to(device), splits, device)
 
 
@@ -563,8 +561,10 @@ def score_and_record(
         base=hr.base,
         base_tag=rebuilt.base_tag,
         weights=hr.weights,
-        alpha=rebuilt.splits.alpha,  # predict decodes new images as the training images were
-        decode=rebuilt.splits.decode,
+        # predict decodes new images as the training images were
+        alpha=rebuilt.splits.decoding.alpha,
+        orientation=rebuilt.splits.decoding.orientation,
+        decode=rebuilt.splits.decoding.decode,
         layer=hr.layer,
         tap=hr.tap,
         head=out_dir.name,

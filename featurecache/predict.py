@@ -14,7 +14,7 @@ import numpy as np
 from featurecache import store
 from featurecache.bases import LoadedBase, load_base
 from featurecache.config import Paths, default_paths
-from featurecache.data import bad_image_errors, load_image
+from featurecache.data import Decoding, bad_image_errors, load_image
 from featurecache.errors import FeaturecacheError
 from featurecache.freshness import stale_reason
 from featurecache.layers import TapSpec
@@ -123,26 +123,26 @@ def _alpha_of(record: HeadRecord) -> str:
     return alpha
 
 
-def _decode_of(record: HeadRecord) -> str:
-    """How the head's training images were decoded (``--decode``): a sidecar without it predates the option, when
-    every image was decoded in full (its cache may have been re-extracted since; then the head is stale)."""
-    return record.decode or "full"
+def _decoding_of(record: HeadRecord) -> Decoding:
+    """How the head's training images were decoded (``--alpha``, ``--orientation``, ``--decode``); a sidecar that
+    predates an option was made as before it (its cache may have been re-extracted since; then the head is stale)."""
+    return Decoding.recorded({"alpha": _alpha_of(record), "orientation": record.orientation, "decode": record.decode})
 
 
 def _image_batches(
-    images: Sequence[str | os.PathLike], transform: Any, *, alpha: str, decode: str, batch_size: int
+    images: Sequence[str | os.PathLike], transform: Any, *, decoding: Decoding, batch_size: int
 ) -> Iterator[tuple[list[Path], Any]]:
     """``(paths, stacked tensors)`` per batch, decoded as the training images were; a bad file is an error."""
     import torch
 
     preprocessing = Preprocessing(transform)  # the split extract runs: uint8 per image, normalized per batch
-    draft = draft_for(preprocessing, decode)
+    draft = draft_for(preprocessing, decoding.decode)
     for start in range(0, len(images), batch_size):
         batch_paths = [Path(p) for p in images[start : start + batch_size]]
         tensors = []
         for p in batch_paths:
             try:
-                tensors.append(preprocessing.per_image(load_image(p, alpha=alpha, draft=draft)))
+                tensors.append(preprocessing.per_image(load_image(p, decoding, draft=draft)))
             except bad_image_errors() as exc:
                 raise FeaturecacheError(f"cannot read image {p}: {exc}") from exc
         yield batch_paths, preprocessing.normalize(torch.stack(tensors))
@@ -185,8 +185,7 @@ def predict_images(
                         "cache now does; retrain it: %s", directory, stale, retrain_command(sidecar))  # fmt: skip
         loaded = load_base_of(record, weights_file=weights_file)
         classify = _HeadOnFeatures(estimator, loaded, record, runtime)
-    batches = _image_batches(images, loaded.spec.transforms(), alpha=_alpha_of(record), decode=_decode_of(record),
-                             batch_size=batch_size)  # fmt: skip
+    batches = _image_batches(images, loaded.spec.transforms(), decoding=_decoding_of(record), batch_size=batch_size)
     out = []
     for batch_paths, batch in batches:
         labels, proba = classify(batch)

@@ -16,7 +16,7 @@ split: the workers run it whole and its float tensors pass :meth:`Preprocessing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from featurecache.augment import SeededPerRow
@@ -181,12 +181,6 @@ def _split(transform: Any) -> tuple[Callable, Sequence[float], Sequence[float]] 
 # Part of a draft cache's fingerprint: a change to what DraftSize or draft_size() asks of libjpeg must bump it,
 # so that caches made under the old rule are re-extracted rather than reused.
 DRAFT_RULE = 1
-
-
-def recorded_decode(meta: Mapping[str, Any]) -> str:
-    """A cache's ``--decode`` from its metadata: a full decode records no key (caches from before the option keep
-    their fingerprint), so an absent one means full."""
-    return meta.get("decode", "full")
 
 
 def draft_for(preprocessing: Preprocessing, decode: str) -> DraftSize | None:

@@ -55,6 +55,7 @@ class HeadRecord:
     files: Mapping[str, str] = field(default_factory=dict)  # model file -> sha256 (written by persist)
     timings: Mapping[str, float] | None = None
     alpha: str | None = None  # the background transparent images were composited onto
+    orientation: str | None = None  # "exif": photos turned upright by their EXIF tag; None: predates it (ignored)
     decode: str | None = None  # "draft": JPEGs were decoded at a reduced scale (--decode draft); else in full
     feature_dtype: str | None = None  # the cache's storage dtype (predict rounds new rows the same way)
     # --- stage-2 heads only

@@ -14,6 +14,7 @@ streamed from the cache is :mod:`featurecache.trainrows`; the ranking of saved h
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -29,12 +30,11 @@ import numpy as np
 from featurecache import persist, store
 from featurecache.backends import check_backend, joblib_backend
 from featurecache.config import Paths, check_path_name, default_paths
-from featurecache.data import AUGMENTED_TRAIN
+from featurecache.data import AUGMENTED_TRAIN, Decoding
 from featurecache.errors import FeaturecacheError
 from featurecache.freshness import feature_fingerprint
 from featurecache.heads import HeadSpec, get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
-from featurecache.preprocess import recorded_decode
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
 from featurecache.weights import base_of_tag, is_random_tag
@@ -158,12 +158,17 @@ def _check_splits_agree(files: dict[str, Path], metas: dict[str, dict[str, Any]]
         raise FeaturecacheError(
             f"the split caches under {files['train'].parent} disagree on classes or base; re-extract"
         )
-    # Augmented views always decode in full (random crops), so --decode is compared across the plain splits only.
-    decoded = {s: (m.get("alpha"), recorded_decode(m)) for s, m in metas.items() if s != AUGMENTED_TRAIN}
+    recorded = {s: Decoding.recorded(m) for s, m in metas.items()}
+    # Augmented views always decode in full (random crops): they are compared on alpha and orientation only.
+    if AUGMENTED_TRAIN in recorded:
+        recorded[AUGMENTED_TRAIN] = dataclasses.replace(recorded[AUGMENTED_TRAIN], decode=recorded["train"].decode)
+    # The raw alpha: a cache from before --alpha (none recorded) flattened transparency, unlike any --alpha.
+    decoded = {s: (metas[s].get("alpha"), d.orientation, d.decode) for s, d in recorded.items()}
     if len(set(decoded.values())) != 1:
         raise FeaturecacheError(
-            f"the split caches under {files['train'].parent} decoded their images differently (--alpha/--decode: "
-            f"{', '.join(f'{s} {a}/{d}' for s, (a, d) in decoded.items())}); re-extract every split alike"
+            f"the split caches under {files['train'].parent} decoded their images differently (--alpha/--orientation/"
+            f"--decode: {', '.join(f'{s} {a}/{o}/{d}' for s, (a, o, d) in decoded.items())}); re-extract every "
+            f"split alike"
         )
 
 
@@ -388,11 +393,12 @@ def _test_and_record(plan: JobPlan, rows: JobRows, fitted: Fitted, t_start: floa
     test_scores = {**classification_scores(y_test, test_pred, n_classes=n_classes), "predictions": test_pred}
     val_scores = {**classification_scores(rows.y_val, val_pred, n_classes=n_classes), "predictions": val_pred}
     sweep_seconds = sum(s["fit_seconds"] for s in fitted.sweep)
+    decoding = Decoding.recorded(meta)
     return HeadRecord(
         kind=HEAD_KIND, dataset=job.dataset, base=meta["base"], base_tag=job.base_tag, weights=meta["weights"],
         feature_dtype=meta["dtype"],
-        alpha=meta.get("alpha"),  # how transparent images were decoded; predict decodes the same way
-        decode=recorded_decode(meta),  # and how JPEGs were (--decode)
+        # How the images were decoded (--alpha, --orientation, --decode): predict decodes new ones the same way.
+        alpha=meta.get("alpha"), orientation=decoding.orientation, decode=decoding.decode,
         layer=job.layer, tap=_job_tap(job, meta), taps=job.taps or None, head=job.name, head_spec=job.head,
         train_views=int(plan.metas[AUGMENTED_TRAIN]["views"]) if AUGMENTED_TRAIN in plan.metas else 0,
         dense=plan.spec.dense, class_names=tuple(meta["class_names"]), features=plan.features, grid=plan.grid,

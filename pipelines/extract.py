@@ -11,9 +11,9 @@ import sys
 
 from featurecache import distributed
 from featurecache.config import default_paths
-from featurecache.data import ALPHA_MODES, DEFAULT_ALPHA
+from featurecache.data import ALPHA_MODES, DECODE_MODES, DEFAULT_ALPHA, DEFAULT_ORIENTATION, ORIENTATION_MODES
 from featurecache.datasets import parse_dataset
-from featurecache.extract import DECODE_HELP, DECODE_MODES, ExtractOptions, ExtractRequest, extract
+from featurecache.extract import DECODE_HELP, ORIENTATION_HELP, ExtractOptions, ExtractRequest, extract
 from featurecache.runtime import PRECISIONS, RUNTIMES
 from pipelines.common import comma_list, run_main
 
@@ -64,6 +64,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--alpha", default=DEFAULT_ALPHA, choices=list(ALPHA_MODES),
         help="background for transparent pixels (RGBA, LA, palette): white, black or mean (ImageNet's mean colour)",
     )  # fmt: skip
+    p.add_argument("--orientation", default=DEFAULT_ORIENTATION, choices=ORIENTATION_MODES, help=ORIENTATION_HELP)
     p.add_argument("--decode", default="full", choices=DECODE_MODES, help=DECODE_HELP)
     p.add_argument("--fingerprint", default="content", choices=["content", "stat"], help="how input files are hashed")
     p.add_argument("--seed", type=int, default=0, help="seed of a missing val/test split, random init, and views")
@@ -95,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         precision=args.precision,
         alpha=args.alpha,
+        orientation=args.orientation,
         decode=args.decode,
     )
     source = parse_dataset(args.dataset_root)

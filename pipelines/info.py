@@ -7,9 +7,8 @@ import json
 import sys
 
 from featurecache.config import default_paths
-from featurecache.data import SPLITS
+from featurecache.data import SPLITS, Decoding
 from featurecache.errors import FeaturecacheError
-from featurecache.preprocess import recorded_decode
 from featurecache.store import read_metadata, read_skipped
 from pipelines.common import run_main
 
@@ -49,8 +48,9 @@ def main(args: argparse.Namespace) -> int:
         )
         print(f"  base {meta['base']}  weights {meta['weights']}  amp {meta['amp']}")
         # What else changes the numbers: where the base ran and how the images were decoded (absent: the defaults).
-        print(f"  runtime {meta.get('runtime', 'eager')} {meta.get('precision', 'f32')}  decode "
-              f"{recorded_decode(meta)}  alpha {meta.get('alpha', 'not recorded')}")  # fmt: skip
+        decoding = Decoding.recorded(meta)
+        print(f"  runtime {meta.get('runtime', 'eager')} {meta.get('precision', 'f32')}  decode {decoding.decode}  "
+              f"orientation {decoding.orientation}  alpha {meta.get('alpha', 'not recorded')}")  # fmt: skip
         print(
             f"  schema v{meta['schema_version']}  dtype {meta['dtype']}  compression {meta['compression']}  "
             f"created {meta['created_utc']}"

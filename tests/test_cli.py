@@ -68,7 +68,7 @@ def test_extract_then_info(tiny, tmp_path, monkeypatch, capsys):
     assert run(["info", str(path)]) == 0
     info = capsys.readouterr().out
     assert "6 samples" in info and "features.3" in info and "24x56x56" in info
-    assert "runtime onnxruntime f32  decode full  alpha mean" in info  # the defaults on the CPU
+    assert "runtime onnxruntime f32  decode full  orientation exif  alpha mean" in info  # the defaults on the CPU
 
 
 def test_help_lists_subcommands(capsys):

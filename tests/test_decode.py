@@ -14,10 +14,10 @@ from featurecache import FeaturecacheError, load_features, read_metadata
 from featurecache.augment import train_transform
 from featurecache.bases import load_base
 from featurecache.config import Paths
-from featurecache.data import load_image
+from featurecache.data import Decoding, load_image
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.persist import load_head
-from featurecache.predict import _decode_of, predict_images
+from featurecache.predict import _decoding_of, predict_images
 from featurecache.preprocess import DraftSize, Preprocessing
 from featurecache.train import TrainOptions, train_heads
 
@@ -108,7 +108,9 @@ def test_draft_caches_are_recorded_reextracted_when_switched_and_followed_by_pre
     with caplog.at_level(logging.INFO, logger="featurecache.extract"):
         (again,) = extract(train_only, paths=draft_home, options=ExtractOptions(**OPTIONS))
     assert again.status == "extracted" and "stale (decode changed)" in caplog.text
-    with pytest.raises(FeaturecacheError, match=r"decoded their images differently .*train mean/full, val mean/draft"):
+    with pytest.raises(
+        FeaturecacheError, match=r"decoded their images differently .*train mean/exif/full, val mean/exif/draft"
+    ):
         train_heads(dataset="photos", base_tag=BASE, layers=["flatten"], heads=["logreg"],
                     options=TrainOptions(progress=False), paths=draft_home)  # fmt: skip
     # Augmented views crop at random scales: decoded in full (no draft key) beside a draft train split.
@@ -120,14 +122,14 @@ def test_draft_caches_are_recorded_reextracted_when_switched_and_followed_by_pre
                              options=TrainOptions(progress=False), paths=draft_home)  # fmt: skip
     model_dir = draft_home.models / "photos" / BASE / "flatten" / "logreg"
     head, record = load_head(model_dir)
-    assert record.decode == "draft" and _decode_of(record) == "draft"
+    assert record.decode == "draft" and _decoding_of(record).decode == "draft"
     X_test, _, meta = load_features(draft["test"].path, "flatten")
     cached = head.predict(X_test.astype(np.float32))
     drafts = []
 
-    def recording(path, **kwargs):
+    def recording(path, decoding, **kwargs):
         drafts.append(kwargs.get("draft"))
-        return load_image(path, **kwargs)
+        return load_image(path, decoding, **kwargs)
 
     monkeypatch.setattr("featurecache.predict.load_image", recording)
     rows = predict_images(model_dir, [root / p for p in meta["paths"]])  # decoded as the training images were
@@ -135,7 +137,7 @@ def test_draft_caches_are_recorded_reextracted_when_switched_and_followed_by_pre
     assert len(drafts) == len(rows) and all(isinstance(d, DraftSize) for d in drafts)
     from featurecache.finetune import FinetuneOptions, rebuild
 
-    assert rebuild("photos", BASE, FinetuneOptions(device="cpu"), draft_home).splits.decode == "draft"
+    assert rebuild("photos", BASE, FinetuneOptions(device="cpu"), draft_home).splits.decoding.decode == "draft"
 
 
 def test_the_cli_passes_decode_to_the_cache(tmp_path, monkeypatch, capsys):
@@ -166,11 +168,11 @@ def test_fine_tuning_decodes_evaluation_images_as_the_cache_did_and_augmented_on
     transform = load_base(BASE).spec.transforms()
     index = discover_splits(root)
     splits = Splits(index=index, labels={}, eval_transform=transform, input_size=224, batch_size=2, seed=0, workers=0,
-                    alpha="white", decode="draft")  # fmt: skip
+                    decoding=Decoding(alpha="white", decode="draft"))  # fmt: skip
     assert isinstance(splits.loader("test", transform, shuffle=False).dataset.draft, DraftSize)
     augmented = train_transform(transform, 224, "light")
     assert splits.loader("train", augmented, shuffle=True).dataset.draft is None
-    full = Splits(**{**splits.__dict__, "decode": "full"})
+    full = Splits(**{**splits.__dict__, "decoding": Decoding(alpha="white")})
     assert full.loader("test", transform, shuffle=False).dataset.draft is None
 
 
