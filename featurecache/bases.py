@@ -27,12 +27,15 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featurecache.errors import FeaturecacheError
 from featurecache.registry import Registry
 from featurecache.weights import RANDOM_INIT_PREFIX as RANDOM_INIT_PREFIX  # re-exported: extract reads it here
 from featurecache.weights import WEIGHTS_DEFAULT, WEIGHTS_NONE, WeightsRef
+
+if TYPE_CHECKING:  # typing only: records do not build bases
+    from featurecache.records import HeadRecord
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +213,22 @@ def load_base(
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedBase(spec=spec, model=model, weights_id=weights_id, tag=tag)
+
+
+def load_base_of(
+    record: HeadRecord, *, weights_file: str | os.PathLike | None = None, seed: int = 0
+) -> LoadedBase:  # fmt: skip
+    """Rebuild the base a head (or a fine-tuned model) was trained on, with exactly the weights its features came
+    from (``record.weights_ref``); other weights are refused."""
+    ref = record.weights_ref
+    kwargs = ref.load_kwargs(base=record.base, base_tag=record.base_tag, weights_file=weights_file)
+    loaded = load_base(record.base, **{"seed": seed, **kwargs})  # a random-init base keeps its recorded seed
+    if loaded.weights_id != str(ref):
+        raise FeaturecacheError(
+            f"the base rebuilt here has weights {loaded.weights_id}, but the head was trained on features of "
+            f"{ref}; use the same weights (or retrain the head)"
+        )
+    return loaded
 
 
 def _load_state_dict_file(model: Any, path: Path, name: str) -> WeightsRef:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from featurecache import persist, store
 from featurecache.augment import AUGMENTATIONS, train_transform
-from featurecache.bases import LoadedBase
+from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
 from featurecache.data import Decoding, ImageFiles, SplitIndex, discover_splits
 from featurecache.errors import FeaturecacheError
@@ -195,8 +195,6 @@ def build_model(
     record: HeadRecord, estimator: Any, *, seed: int = 0, weights_file: Any = None
 ) -> tuple[FinetunedModel, LoadedBase]:
     """Base (cut after the head's tap) + the stage-2 head as one torch model, on the CPU, from the head's record."""
-    from featurecache.predict import load_base_of
-
     loaded = load_base_of(record, weights_file=weights_file, seed=seed)
     tap = TapSpec.from_attrs(record.tap)
     return FinetunedModel(build_extractor(loaded, [tap]), head_module(estimator, record), tap.key), loaded

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from featurecache import store
-from featurecache.bases import LoadedBase, load_base
+from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
 from featurecache.data import Decoding, bad_image_errors, load_image
 from featurecache.errors import FeaturecacheError
@@ -23,19 +23,6 @@ from featurecache.preprocess import Preprocessing, draft_for
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord, kind_of, retrain_command
 
 log = logging.getLogger(__name__)
-
-
-def load_base_of(record: HeadRecord, *, weights_file: str | os.PathLike | None = None, seed: int = 0) -> LoadedBase:
-    """Rebuild the base with exactly the weights the head's features came from; other weights are refused."""
-    ref = record.weights_ref
-    kwargs = ref.load_kwargs(base=record.base, base_tag=record.base_tag, weights_file=weights_file)
-    loaded = load_base(record.base, **{"seed": seed, **kwargs})  # a random-init base keeps its recorded seed
-    if loaded.weights_id != str(ref):
-        raise FeaturecacheError(
-            f"the base rebuilt here has weights {loaded.weights_id}, but the head was trained on features of "
-            f"{ref}; use the same weights (or retrain the head)"
-        )
-    return loaded
 
 
 def _runtime_for(record: HeadRecord, runtime: str | None) -> tuple[str, str]:
