@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import dataclasses
@@ -14,7 +13,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from featurecache import decoders, store
 from featurecache import runtime as runtimes
-from featurecache import store
 from featurecache.augment import AUGMENTATIONS, SeededPerRow, train_transform
 from featurecache.bases import RANDOM_INIT_PREFIX, WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
 from featurecache.config import Paths, check_path_name, default_paths
@@ -480,24 +479,24 @@ class _Runner:
         return graph.lanes if self.runtime != "eager" and graph is not None else 1
 
     def forward_batches(
-        self, module: Any, batches: Iterable[tuple | _Deferred]
+        self, module: Any, batches: Iterable[tuple | decoders.Deferred]
     ) -> Iterator[tuple[tuple, dict[str, np.ndarray]]]:
         """Every batch (images first) with its rows from :meth:`forward`, in order, with up to :attr:`lanes`
-        batches in flight, each in a lane of its own and a normalize buffer of its own. A :class:`_Deferred`
-        batch is decoded by the thread that runs it (:class:`_LaneBatches`)."""
+        batches in flight, each in a lane of its own and a normalize buffer of its own. A :class:`decoders.Deferred`
+        batch is decoded by the thread that runs it (:class:`featurecache.decoders.LaneBatches`)."""
         lanes = self.lanes
         if lanes == 1:
             for item in batches:
-                batch = _loaded(item)
+                batch = decoders.loaded(item)
                 yield batch, self.forward(module, batch[0])
             return
 
-        def run(i: int, item: tuple | _Deferred) -> tuple[tuple, dict[str, np.ndarray]]:
-            batch = _loaded(item)
+        def run(i: int, item: tuple | decoders.Deferred) -> tuple[tuple, dict[str, np.ndarray]]:
+            batch = decoders.loaded(item)
             # At most ``lanes`` in flight: batch i - lanes is done before batch i is submitted, so its slot is free.
             return batch, self.forward(module, batch[0], slot=i % lanes, in_lane=True)
 
-        for _item, done in _in_order(run, batches, threads=lanes, in_flight=lanes, name="featurecache-lane"):
+        for _item, done in decoders.in_order(run, batches, threads=lanes, in_flight=lanes, name="featurecache-lane"):
             yield done
 
     def _eager(self, taps: Sequence[TapSpec]) -> Any:
@@ -586,12 +585,6 @@ def _check_float16_range(key: str, value: np.ndarray) -> None:
             f"features of layer {key!r} fall outside float16's range (|x| up to {magnitude.max():.3g}, "
             f"median {np.median(magnitude):.3g}); store them with --dtype float32"
         )
-
-
-def _default_workers(device: str) -> int:
-    cpus = os.cpu_count() or 1
-    # On the CPU the model itself wants the cores; one decoder (a thread by default) overlaps I/O with compute.
-    return min(8, cpus) if device.startswith("cuda") else min(2, max(1, cpus // 2))
 
 
 @dataclass
@@ -870,120 +863,13 @@ def _run_batches(
 
 
 def _loader(index: SplitIndex, todo: Sequence[tuple[int, int]], *, runner: _Runner, options: ExtractOptions) -> Any:
-    """``(uint8 images, rows, errors)`` batches of the row ranges ``todo``. On the CPU by default: decoded by the
-    lanes that run them when the runtime has lanes (:class:`_LaneBatches`), else by decode threads
-    (:class:`_DecodeThreads`); with ``--workers`` or on CUDA, by DataLoader worker processes (0: this thread).
-    Call it once the runtime is decided (after the first-batch check), as the lanes decide the decoder."""
-    from torch.utils.data import DataLoader
-
+    """The batches of the row ranges ``todo``, decoded as :func:`featurecache.decoders.batches` chooses. Call it
+    once the runtime is decided (after the first-batch check), as the lanes decide the decoder."""
     # Batches keep the composition they have in a single uninterrupted run (same rows, same batch size), so
     # resumed and distributed runs give bit-identical numbers.
     data = ImageFiles(index, runner.preprocessing.per_image, input_size=runner.loaded.spec.input_size,
                       rows=range(len(index)), decoding=options.decoding, draft=runner.draft)  # fmt: skip
-    if options.workers is None and not runner.device.startswith("cuda"):
-        if runner.lanes > 1:
-            return _LaneBatches(data, todo)
-        return _DecodeThreads(data, todo, threads=_default_workers(runner.device))
-    workers = options.workers if options.workers is not None else _default_workers(runner.device)
-    return DataLoader(
-        data,
-        batch_sampler=[list(range(start, stop)) for start, stop in todo],
-        num_workers=workers,
-        pin_memory=runner.device.startswith("cuda"),
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
-
-
-class _DecodeThreads:
-    """The CPU default for a runtime without lanes (eager PyTorch, OpenVINO: one batch on every thread): batches
-    decoded by ``threads`` threads of this process, up to ``ahead`` batches per thread in flight, yielded in order,
-    collated as a DataLoader does.
-
-    PIL releases the GIL while it decodes and resizes, so a thread overlaps the forward pass as a worker process
-    does, without a process to start or pixels to pass through shared memory: measured on the 2-core VM (Lite0,
-    640 JPEGs, fresh processes, 3 alternating rounds), the forward loop ran 166-169 vs 157-162 img/s with one worker
-    process (+4-7% round by round). The same per-image function as the workers, so the same pixels bit for bit.
-    Seeded augmentations share torch's global generator across threads and take turns on it
-    (``featurecache.augment.SeededPerRow``).
-    """
-
-    def __init__(self, data: ImageFiles, todo: Sequence[tuple[int, int]], *, threads: int, ahead: int = 4) -> None:
-        self.data, self.todo, self.threads, self.ahead = data, list(todo), threads, ahead
-
-    def __iter__(self) -> Iterator[Any]:
-        batches = _in_order(lambda _i, rows: _decode_batch(self.data, rows), self.todo, threads=self.threads,
-                            in_flight=self.threads * self.ahead, name="featurecache-decode")  # fmt: skip
-        try:
-            for _rows, batch in batches:
-                yield batch
-        finally:
-            batches.close()  # stops the decode threads now, not when the generator is collected
-
-
-@dataclass(frozen=True)
-class _Deferred:
-    """A batch not decoded yet: :meth:`_Runner.forward_batches` decodes it on the thread that runs it."""
-
-    rows: tuple[int, int]
-    data: ImageFiles
-
-    def load(self) -> tuple[Any, Any, list[str]]:
-        return _decode_batch(self.data, self.rows)
-
-
-def _loaded(item: tuple | _Deferred) -> tuple:
-    return item.load() if isinstance(item, _Deferred) else item
-
-
-class _LaneBatches:
-    """The CPU default under a runtime with lanes (ONNX Runtime): each lane decodes the batch it then runs.
-
-    With a decode thread beside two lanes, three threads shared two cores and the decoder's pixels went cold
-    before a lane read them; a lane that decodes its own batch (PIL releases the GIL) while the other runs the
-    graph keeps two threads on two cores. Measured on the 2-core VM (Lite0, 640 JPEGs, one process, 4
-    alternating rounds): 178-181 vs 165-174 img/s for a decode thread, the bare forward 205-212. The same
-    per-image function as every decoder, so the same pixels bit for bit.
-    """
-
-    def __init__(self, data: ImageFiles, todo: Sequence[tuple[int, int]]) -> None:
-        self.data, self.todo = data, list(todo)
-
-    def __iter__(self) -> Iterator[_Deferred]:
-        return (_Deferred(rows, self.data) for rows in self.todo)
-
-
-def _decode_batch(data: ImageFiles, rows: tuple[int, int]) -> tuple[Any, Any, list[str]]:
-    """DataLoader's collation of the ``(image, row, error)`` items of ``rows``, stacked in numpy on this thread:
-    torch's copy kernels would wake its intra-op threads, on the cores the forward pass is using."""
-    import torch
-
-    images, indices, errors = zip(*(data[i] for i in range(*rows)), strict=True)
-    stacked = torch.from_numpy(np.stack([image.numpy() for image in images]))
-    return stacked, torch.tensor(indices), list(errors)
-
-
-def _in_order(
-    fn: Callable[[int, Any], Any], items: Iterable[Any], *, threads: int, in_flight: int, name: str
-) -> Iterator[tuple[Any, Any]]:
-    """``(item, fn(i, item))`` for each item, computed on ``threads`` threads with at most ``in_flight`` items
-    submitted and not yet yielded, in the items' order. When the consumer stops early (an error, ``--on-bad-image
-    fail``) the queued calls are cancelled and the running ones awaited: no thread works on after the loop."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
-    pending: collections.deque = collections.deque()
-    try:
-        for i, item in enumerate(items):
-            if len(pending) == in_flight:
-                done, future = pending.popleft()
-                yield done, future.result()
-            pending.append((item, pool.submit(fn, i, item)))
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return decoders.batches(data, todo, device=runner.device, lanes=runner.lanes, workers=options.workers)
 
 
 def _forward_loop(
@@ -991,7 +877,8 @@ def _forward_loop(
 ) -> tuple[int, dict[str, float]]:
     """Forward every batch the loader decodes and queue its rows; returns (images, seconds spent per stage).
 
-    Lanes that decode their own batches (:class:`_LaneBatches`) count their decoding as forward time."""
+    Lanes that decode their own batches (:class:`featurecache.decoders.LaneBatches`) count their decoding as
+    forward time."""
     spent = dict.fromkeys(("decode", "forward", "writer"), 0.0)
     done = 0
     t0 = time.perf_counter()

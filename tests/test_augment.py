@@ -14,7 +14,8 @@ from featurecache.augment import SeededPerRow, train_transform
 from featurecache.bases import get_base_spec
 from featurecache.config import Paths
 from featurecache.data import AUGMENTED_TRAIN, ImageFiles, augmented_views, discover_splits
-from featurecache.extract import ExtractOptions, ExtractRequest, _DecodeThreads, extract
+from featurecache.decoders import DecodeThreads
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.leaderboard import leaderboard_rows
 from featurecache.report import build_report
 from featurecache.selection import pick_best
@@ -77,7 +78,7 @@ def test_views_do_not_depend_on_batching_workers_or_order(with_views, tmp_path):
     for i in range(len(data)):
         assert torch.equal(data[i][0], again[i])  # view v of image i is the same pixels in any order
     # ... and from several decode threads at once (extraction's CPU default), which share torch's generator
-    threaded = _DecodeThreads(data, [(i, i + 1) for i in range(len(data))], threads=4, ahead=2)
+    threaded = DecodeThreads(data, [(i, i + 1) for i in range(len(data))], threads=4, ahead=2)
     assert all(torch.equal(batch[0][0], again[i]) for i, batch in enumerate(threaded))
 
 

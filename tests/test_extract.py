@@ -170,7 +170,7 @@ def test_decode_threads_write_the_worker_processes_cache_bit_for_bit_and_stop_wi
 
     from featurecache.bases import get_base_spec
     from featurecache.data import ImageFiles
-    from featurecache.extract import _DecodeThreads
+    from featurecache.decoders import DecodeThreads
     from featurecache.preprocess import Preprocessing
 
     add_bad_files(tiny / "train" / "square")  # an unreadable image travels as zeros plus its error either way
@@ -186,7 +186,7 @@ def test_decode_threads_write_the_worker_processes_cache_bit_for_bit_and_stop_wi
     index = discover_splits(tiny)["train"]
     data = ImageFiles(index, Preprocessing(get_base_spec(BASE).transforms()).per_image, input_size=224,
                       rows=range(len(index)))  # fmt: skip
-    batches = iter(_DecodeThreads(data, [(0, 2), (2, 4), (4, 6)], threads=1, ahead=1))
+    batches = iter(DecodeThreads(data, [(0, 2), (2, 4), (4, 6)], threads=1, ahead=1))
     images, rows, errors = next(batches)
     assert images.shape[0] == 2 and rows.tolist() == [0, 1] and errors == ["", ""]
     batches.close()  # the consumer stops early (an error, --on-bad-image fail): no decode thread is left running
@@ -195,9 +195,9 @@ def test_decode_threads_write_the_worker_processes_cache_bit_for_bit_and_stop_wi
     from featurecache.extract import _loader, _Runner
 
     runner = _Runner(load_base(BASE), "cpu", ExtractOptions(runtime="eager"))
-    assert isinstance(_loader(index, [(0, 2)], runner=runner, options=runner.options), _DecodeThreads)  # the default
+    assert isinstance(_loader(index, [(0, 2)], runner=runner, options=runner.options), DecodeThreads)  # the default
     processes = dataclasses.replace(runner.options, workers=1)
-    assert not isinstance(_loader(index, [(0, 2)], runner=runner, options=processes), _DecodeThreads)
+    assert not isinstance(_loader(index, [(0, 2)], runner=runner, options=processes), DecodeThreads)
 
 
 def test_the_batch_size_defaults_to_the_device_and_below_one_is_refused(tiny, paths):

@@ -274,7 +274,7 @@ def test_batches_in_concurrent_lanes_write_the_cache_of_one_batch_at_a_time(tmp_
 def test_lanes_decode_their_own_batches_into_the_cache_of_a_separate_decoder(tmp_path, monkeypatch):
     """The CPU default under ONNX Runtime: each lane decodes the batch it runs; the same cache bit for bit."""
     from featurecache.data import ImageFiles
-    from featurecache.extract import _DecodeThreads, _LaneBatches
+    from featurecache.decoders import DecodeThreads, LaneBatches
 
     root = make_image_folder(tmp_path / "many", per_class={"train": 7, "val": 1, "test": 1})  # 21 rows
     bad = add_bad_files(root / "train" / "square")  # unreadable files travel as zeros plus their errors either way
@@ -292,12 +292,12 @@ def test_lanes_decode_their_own_batches_into_the_cache_of_a_separate_decoder(tmp
 
         monkeypatch.setattr(ImageFiles, "__getitem__", recording)
         made = []
-        monkeypatch.setattr("featurecache.extract._LaneBatches.__init__", _recorded(_LaneBatches.__init__, made))
-        monkeypatch.setattr("featurecache.extract._DecodeThreads.__init__", _recorded(_DecodeThreads.__init__, made))
+        monkeypatch.setattr("featurecache.decoders.LaneBatches.__init__", _recorded(LaneBatches.__init__, made))
+        monkeypatch.setattr("featurecache.decoders.DecodeThreads.__init__", _recorded(DecodeThreads.__init__, made))
         (lanes,) = extract(request, paths=Paths(tmp_path / "lanes"), options=ExtractOptions(**options))
     finally:
         torch.set_num_threads(threads)
-    assert made == ["_LaneBatches"]  # the default decoder with lanes; eager keeps decode threads (test_extract)
+    assert made == ["LaneBatches"]  # the default decoder with lanes; eager keeps decode threads (test_extract)
     assert any(t.startswith("featurecache-lane") for t in decoded_on)
     assert not any(t.startswith("featurecache-decode") for t in decoded_on)
     assert read_metadata(lanes.path)["num_samples"] == read_metadata(workers.path)["num_samples"] == 21 + len(bad)
