@@ -12,6 +12,7 @@ tree is never modified.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -354,7 +355,7 @@ def load_image(path: str | os.PathLike, decoding: Decoding = Decoding(), *, draf
 
     exif = decoding.orientation == "exif"
     with open(path, "rb") as f:
-        image = Image.open(f)
+        image = _open(f, path)
         if draft is not None and _is_jpeg(image):
             # None: keep the colour mode; only the scale changes
             image.draft(None, _draft_request(image.size, draft, _upright_turn(image) if exif else None))
@@ -370,6 +371,43 @@ def load_image(path: str | os.PathLike, decoding: Decoding = Decoding(), *, draf
         else:
             rgb = image.convert("RGB")
     return rgb if turn is None else rgb.transpose(turn)
+
+
+def _open(f: Any, path: str | os.PathLike) -> Any:
+    """PIL's ``Image.open``, and HEIC/HEIF photos (an iPhone's default format) through pillow-heif when it is
+    installed: its opener is registered on the first such file, so folders without one never import it. Without it,
+    the error names the install command (the file is then skipped, and listed, like any unreadable one)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(f)
+    except UnidentifiedImageError:
+        f.seek(0)
+        if f.read(12)[4:12] not in _HEIF_BRANDS:
+            raise
+        if not heif_readable():
+            raise UnidentifiedImageError(f"{path} is a HEIC/HEIF photo, {HEIF_MISSING}") from None
+        f.seek(0)
+        return Image.open(f)
+
+
+# The reason a HEIC photo is skipped without pillow-heif (a cache's skipped list keeps it: see heif_readable).
+HEIF_MISSING = "which PIL reads only with pillow-heif: pip install 'featurecache[heic]'"
+# The major brands of HEIF still images (ISO/IEC 23008-12): the "ftyp" box that opens the file names one.
+_HEIF_BRANDS = {b"ftyp" + brand for brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")}
+
+
+@functools.cache
+def heif_readable() -> bool:
+    """Register pillow-heif's opener with PIL (once per process); False when it is not installed. libheif applies
+    the container's rotation itself (HEIF requires it) and pillow-heif then reports EXIF orientation 1, so a HEIC
+    photo comes out upright under either ``--orientation``."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def draft_would_shrink(path: str | os.PathLike, draft: DraftFor, decoding: Decoding = Decoding()) -> bool:

@@ -30,6 +30,7 @@ from featurecache.data import (
     AUGMENTED_TRAIN,
     DEFAULT_ALPHA,
     DEFAULT_ORIENTATION,
+    HEIF_MISSING,
     SPLITS,
     Decoding,
     ImageFiles,
@@ -38,6 +39,7 @@ from featurecache.data import (
     discover_splits,
     draft_would_shrink,
     fingerprint_files,
+    heif_readable,
 )
 from featurecache.distributed import World
 from featurecache.errors import FeaturecacheError
@@ -228,15 +230,28 @@ def extract(
     if world.is_main:
         _suggest_draft(indexes[request.splits[0]], runner)
     split = functools.partial(_extract_split, runner=runner, taps=taps, dataset=dataset, world=world)
-    results = [split(indexes[s], paths.feature_file(dataset, loaded.tag, s)) for s in request.splits]
+    results = [_some_readable(split(indexes[s], paths.feature_file(dataset, loaded.tag, s))) for s in request.splits]
     if request.train_views:
         train = indexes["train"]
         views = SeededPerRow(train_transform(runner.transform, loaded.spec.input_size, request.augment), request.seed)
         view_runner = runner.with_transform(views, views=request.train_views, augment=request.augment,
                                             source_split="train", source_rows=len(train))  # fmt: skip
         final = paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN)
-        results.append(split(augmented_views(train, request.train_views), final, runner=view_runner, files_of=train))
+        views_result = split(augmented_views(train, request.train_views), final, runner=view_runner, files_of=train)
+        results.append(_some_readable(views_result))
     return results
+
+
+def _some_readable(result: SplitResult) -> SplitResult:
+    """A split none of whose images could be read is an error naming the first reason (often the same for all: a
+    format PIL cannot read), not a cache of zero rows for train-heads to stumble on."""
+    if result.num_samples == 0 or result.num_skipped < result.num_samples:
+        return result
+    _, path, reason = store.read_skipped(result.path)[0]
+    raise FeaturecacheError(
+        f"none of the {result.num_samples} images of {result.split} could be read (the first, {path}: {reason}); "
+        f"make them readable or remove them"
+    )
 
 
 def _suggest_draft(index: SplitIndex, runner: _Runner, sample: int = 8) -> None:
@@ -627,6 +642,9 @@ def _plan_split(
     todo = tuple(taps)
     keep_from = None
     meta = _cached_meta(final)
+    if meta and _skipped_heif_readable_now(final, meta):
+        log.info("%s skipped HEIC photos that pillow-heif, installed since, reads; re-extracting", final)
+        meta = {}
     if meta.get("config_fingerprint") == config_fp:
         todo = tuple(t for t in taps if t.key not in meta["taps"])
         if not todo:
@@ -661,6 +679,14 @@ def _stale_keys(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     if "decode" in changed:
         changed.remove("draft_rule")
     return changed or ["inputs"]
+
+
+def _skipped_heif_readable_now(final: Path, meta: dict[str, Any]) -> bool:
+    """Whether the cache skipped HEIC photos for want of pillow-heif, which is installed now (the image files, and
+    so the fingerprint, did not change: only what can read them did)."""
+    if meta.get("num_valid", 0) == meta.get("num_samples", 0):
+        return False
+    return any(HEIF_MISSING in reason for _, _, reason in store.read_skipped(final)) and heif_readable()
 
 
 def _cached_meta(final: Path) -> dict[str, Any]:

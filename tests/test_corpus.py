@@ -292,6 +292,14 @@ def no_images(root: Path) -> None:
     (root / "notes.txt").write_text("images go here")
 
 
+def val_unreadable(root: Path) -> None:
+    """Every val image replaced by text under an image name: the split has rows but no pixels."""
+    make_image_folder(root, per_class=SMALL)
+    for path in sorted((root / "val").rglob("*.*")):
+        path.unlink()
+        path.with_suffix(".jpg").write_text("not a photo\n")
+
+
 def workers_negative(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     make_image_folder(w.data, per_class=SMALL)
     return ["extract", str(w.data), "--layers", LAYER, *FAST, "--workers", "-1"]
@@ -466,6 +474,12 @@ CASES = {
     ),
     "one class": Case(folder(one_class), 2, r"only one class \('circle'\)", finals_absent=EXTRACT_FINALS),
     "no images": Case(folder(no_images), 2, r"no class folders with images in", finals_absent=EXTRACT_FINALS),
+    "no readable image in a split": Case(
+        folder(val_unreadable),
+        2,
+        r"none of the 3 images of val could be read \(the first, val/circle/val_000\.jpg: "
+        r"UnidentifiedImageError: .*\); make them readable or remove them",
+    ),
     "--workers -1": Case(workers_negative, 2, r"--workers -1: must be 0", finals_absent=EXTRACT_FINALS),
     "crafted dataset name": Case(
         crafted_dataset_name, 2, r"dataset name '\.\./\.\./escaped' contains a path separator"
