@@ -230,28 +230,46 @@ def extract(
     if world.is_main:
         _suggest_draft(indexes[request.splits[0]], runner)
     split = functools.partial(_extract_split, runner=runner, taps=taps, dataset=dataset, world=world)
-    results = [_some_readable(split(indexes[s], paths.feature_file(dataset, loaded.tag, s))) for s in request.splits]
+    results = [_require_readable(split(indexes[s], paths.feature_file(dataset, loaded.tag, s)), indexes[s], world)
+               for s in request.splits]  # fmt: skip
     if request.train_views:
         train = indexes["train"]
         views = SeededPerRow(train_transform(runner.transform, loaded.spec.input_size, request.augment), request.seed)
         view_runner = runner.with_transform(views, views=request.train_views, augment=request.augment,
                                             source_split="train", source_rows=len(train))  # fmt: skip
         final = paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN)
-        views_result = split(augmented_views(train, request.train_views), final, runner=view_runner, files_of=train)
-        results.append(_some_readable(views_result))
+        view_rows = augmented_views(train, request.train_views)
+        results.append(_require_readable(split(view_rows, final, runner=view_runner, files_of=train), view_rows, world))
     return results
 
 
-def _some_readable(result: SplitResult) -> SplitResult:
-    """A split none of whose images could be read is an error naming the first reason (often the same for all: a
-    format PIL cannot read), not a cache of zero rows for train-heads to stumble on."""
-    if result.num_samples == 0 or result.num_skipped < result.num_samples:
+def _require_readable(result: SplitResult, index: SplitIndex, world: World) -> SplitResult:
+    """A split none of whose images could be read, or a train split with a class none of whose images could, is an
+    error naming the first reason (often the same for all: a format PIL cannot read) rather than a cache for
+    train-heads to stumble on; the cache is removed, so that the next run tries the images again."""
+    problem = world.broadcast(_unreadable(result, index) if world.is_main else None)
+    if problem is None:
         return result
-    _, path, reason = store.read_skipped(result.path)[0]
-    raise FeaturecacheError(
-        f"none of the {result.num_samples} images of {result.split} could be read (the first, {path}: {reason}); "
-        f"make them readable or remove them"
-    )
+    if world.is_main:
+        result.path.unlink(missing_ok=True)
+    raise FeaturecacheError(f"{problem}; make them readable or remove them")
+
+
+def _unreadable(result: SplitResult, index: SplitIndex) -> str | None:
+    if result.num_skipped == 0:
+        return None
+    skipped = store.read_skipped(result.path)
+    if result.num_skipped == result.num_samples:
+        _, path, reason = skipped[0]
+        return f"none of the {result.num_samples} images of {result.split} could be read (the first, {path}: {reason})"
+    if result.split != "train":
+        return None
+    labels, _, valid = store.read_rows(result.path)
+    for c, name in enumerate(index.class_names):
+        if (labels == c).any() and not valid[labels == c].any():
+            path, reason = next((p, r) for row, p, r in skipped if labels[row] == c)
+            return f"no image of class {name!r} in train could be read (the first, {path}: {reason})"
+    return None
 
 
 def _suggest_draft(index: SplitIndex, runner: _Runner, sample: int = 8) -> None:

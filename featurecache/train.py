@@ -128,6 +128,7 @@ def train_heads(
     files = cache_files(dataset, base_tag, paths, augmented=options.augmented)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
     _check_splits_agree(files, metas, augmented=options.augmented)
+    _check_two_readable_classes(files["train"])
     cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
     layers = list(layers) if layers else cached
     check_layers_in_every_split(layers, metas, files, dataset=dataset, base_tag=base_tag)
@@ -142,6 +143,17 @@ def train_heads(
     jobs = [make(layer, head) for layer in layers for head in heads if not get_head_spec(head).multi_tap]
     jobs += _multi_tap_jobs(layers, heads, metas["train"], make)
     return run_jobs(jobs, options, desc=f"{dataset}/{base_tag}")
+
+
+def _check_two_readable_classes(train: Path) -> None:
+    """A head needs two classes among the train rows that could be read; extract refuses a train split with a class
+    of unreadable images, but a cache made before it did would reach the estimator as a traceback."""
+    labels, _, valid = store.read_rows(train)
+    if len(np.unique(labels[valid])) < 2:
+        raise FeaturecacheError(
+            f"the readable images of {train} hold fewer than two classes (`featurecache info` lists the files it "
+            f"could not read); make them readable and re-extract"
+        )
 
 
 def _check_splits_agree(files: dict[str, Path], metas: dict[str, dict[str, Any]], *, augmented: bool) -> None:

@@ -300,6 +300,14 @@ def val_unreadable(root: Path) -> None:
         path.with_suffix(".jpg").write_text("not a photo\n")
 
 
+def train_class_unreadable(root: Path) -> None:
+    """Every train image of one class replaced by text: train-heads would see one class."""
+    make_image_folder(root, per_class=SMALL)
+    for path in sorted((root / "train" / "square").iterdir()):
+        path.unlink()
+        path.with_suffix(".jpg").write_text("not a photo\n")
+
+
 def workers_negative(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     make_image_folder(w.data, per_class=SMALL)
     return ["extract", str(w.data), "--layers", LAYER, *FAST, "--workers", "-1"]
@@ -443,6 +451,18 @@ def crafted_tap_key(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     return ["train-heads", "--dataset", "shapes", "--bases", BASE_TAG, "--heads", "logreg", "--no-progress"]
 
 
+def one_readable_class(w: World, mp: pytest.MonkeyPatch) -> list[str]:
+    """A train cache made before extract refused a class of unreadable images: one class left among valid rows."""
+    import h5py
+
+    w.use_template()
+    with h5py.File(w.cache("train", "shapes"), "r+") as f:
+        labels, valid = f["labels"][:], f["valid"][:]
+        valid[labels != labels[0]] = False
+        f["valid"][:] = valid
+    return ["train-heads", "--dataset", "shapes", "--bases", BASE_TAG, "--heads", "logreg", "--no-progress"]
+
+
 def taps_differ(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     import h5py
 
@@ -479,6 +499,19 @@ CASES = {
         2,
         r"none of the 3 images of val could be read \(the first, val/circle/val_000\.jpg: "
         r"UnidentifiedImageError: .*\); make them readable or remove them",
+        finals_absent=(f"data/features/data/{BASE_TAG}/val.h5",),
+    ),
+    "train-heads on one readable class": Case(
+        one_readable_class,
+        2,
+        r"the readable images of .*train\.h5 hold fewer than two classes",
+    ),
+    "no readable image of a class in train": Case(
+        folder(train_class_unreadable),
+        2,
+        r"no image of class 'square' in train could be read \(the first, "
+        r"train/square/train_000\.jpg: UnidentifiedImageError: .*\); make them readable or remove them",
+        finals_absent=(f"data/features/data/{BASE_TAG}/train.h5",),
     ),
     "--workers -1": Case(workers_negative, 2, r"--workers -1: must be 0", finals_absent=EXTRACT_FINALS),
     "crafted dataset name": Case(
