@@ -124,7 +124,7 @@ def augmented_views(train: SplitIndex, views: int) -> SplitIndex:
     )
 
 
-def _list_files(folder: Path) -> list[Path]:
+def files_under(folder: Path) -> list[Path]:
     # Every non-hidden regular file is a sample candidate: a non-image file is reported as skipped
     # (and listed in the cache) rather than silently ignored by an extension filter. So is a symlink whose
     # target is gone: it is listed as unreadable instead of vanishing from the dataset.
@@ -139,7 +139,7 @@ def _scan_classes(folder: Path, root: Path) -> dict[str, list[str]]:
     classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     out: dict[str, list[str]] = {}
     for d in classes:
-        files = [p.relative_to(root).as_posix() for p in _list_files(d)]
+        files = [p.relative_to(root).as_posix() for p in files_under(d)]
         if not files:
             raise FeaturecacheError(f"class folder {d} has no files; add images to it or remove it")
         out[d.name] = files

@@ -118,21 +118,22 @@ def _decoding_of(record: HeadRecord) -> Decoding:
 
 def _image_batches(
     images: Sequence[str | os.PathLike], transform: Any, *, decoding: Decoding, batch_size: int
-) -> Iterator[tuple[list[Path], Any]]:
-    """``(paths, stacked tensors)`` per batch, decoded as the training images were; a bad file is an error."""
+) -> Iterator[tuple[list[Path], Any, list[tuple[Path, str]]]]:
+    """``(paths, stacked tensors or None, unreadable (path, reason))`` per batch of ``images``, decoded as the
+    training images were. An unreadable file is reported, not fatal: the other images of the call still count."""
     import torch
 
     preprocessing = Preprocessing(transform)  # the split extract runs: uint8 per image, normalized per batch
     draft = draft_for(preprocessing, decoding.decode)
     for start in range(0, len(images), batch_size):
-        batch_paths = [Path(p) for p in images[start : start + batch_size]]
-        tensors = []
-        for p in batch_paths:
+        paths, tensors, unreadable = [], [], []
+        for p in (Path(p) for p in images[start : start + batch_size]):
             try:
                 tensors.append(preprocessing.per_image(load_image(p, decoding, draft=draft)))
-            except bad_image_errors() as exc:
-                raise FeaturecacheError(f"cannot read image {p}: {exc}") from exc
-        yield batch_paths, preprocessing.normalize(torch.stack(tensors))
+                paths.append(p)
+            except (*bad_image_errors(), IsADirectoryError) as exc:
+                unreadable.append((p, f"{type(exc).__name__}: {exc}"))
+        yield paths, preprocessing.normalize(torch.stack(tensors)) if tensors else None, unreadable
 
 
 def predict_images(
@@ -144,7 +145,7 @@ def predict_images(
     runtime: str | None = None,
 ) -> list[dict[str, Any]]:
     """Classify image files with a saved head or fine-tuned model; returns ``[{path, label, probability}]`` in
-    input order.
+    input order, ``{path, error}`` for a file that could not be read.
 
     ``runtime`` (stage-2 heads): ``featurecache.runtime.RUNTIMES``; by default the runtime the head's training
     cache records. A fine-tuned model runs whole, in eager torch on the CPU. ``batch_size``: by default the
@@ -166,6 +167,11 @@ def predict_images(
         classify = _finetuned_classifier(model)
     else:
         estimator, record = load_head(directory)
+        if record.taps:  # the features of several taps, concatenated: predict rebuilds one tap
+            raise FeaturecacheError(
+                f"{directory} is a multilayer head (taps {', '.join(record.taps)}); predict takes heads trained on "
+                f"one layer: pass one of those under {directory.parent.parent}"
+            )
         stale = stale_reason(sidecar, _home_of(record)) if sidecar else None
         if stale:  # still usable (the head classifies features as it was trained to), but the user should know
             log.warning("%s was trained on features that changed since (%s); its predictions run the base as the "
@@ -173,12 +179,15 @@ def predict_images(
         loaded = load_base_of(record, weights_file=weights_file)
         classify = _HeadOnFeatures(estimator, loaded, record, runtime)
     batches = _image_batches(images, loaded.spec.transforms(), decoding=_decoding_of(record), batch_size=batch_size)
-    out = []
-    for batch_paths, batch in batches:
+    out: dict[str, dict[str, Any]] = {}
+    for batch_paths, batch, unreadable in batches:
+        out.update({str(p): {"path": str(p), "error": reason} for p, reason in unreadable})
+        if batch is None:
+            continue
         labels, proba = classify(batch)
         for i, p in enumerate(batch_paths):
             entry = {"path": str(p), "label": record.class_names[int(labels[i])]}
             if proba is not None:
                 entry["probability"] = float(proba[i])
-            out.append(entry)
-    return out
+            out[str(p)] = entry
+    return [out[str(Path(p))] for p in images]

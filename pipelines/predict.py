@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from featurecache.data import files_under
 from featurecache.predict import predict_images
 from featurecache.runtime import RUNTIMES
 from pipelines.common import run_main
@@ -16,7 +18,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--head", required=True,
                    help="models/<dataset>/<base>/<layer>/<head> (or its head.skops), or a fine-tuned model's folder "
                    "(.../finetuned-mlp)")  # fmt: skip
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders (every file below them)")
     p.add_argument("--weights-file", help="the weights file the base was extracted with, if it was")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--runtime", choices=RUNTIMES,
@@ -26,13 +28,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    for row in predict_images(args.head, args.images, weights_file=args.weights_file, runtime=args.runtime):
+    images = [f for arg in args.images for f in (files_under(Path(arg)) if Path(arg).is_dir() else [arg])]
+    rows = predict_images(args.head, images, weights_file=args.weights_file, runtime=args.runtime)
+    for row in rows:
         if args.json:
             print(json.dumps(row))
+        elif "error" in row:
+            print(f"{row['path']}\tunreadable: {row['error']}", file=sys.stderr)
         else:
             prob = f"  p={row['probability']:.3f}" if "probability" in row else ""
             print(f"{row['path']}\t{row['label']}{prob}")
-    return 0
+    return 1 if any("error" in row for row in rows) else 0  # the readable images are classified either way
 
 
 if __name__ == "__main__":

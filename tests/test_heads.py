@@ -186,6 +186,30 @@ def test_saved_head_reloads_and_predicts_the_same(cached, tmp_path):
     assert all(0 < r["probability"] <= 1 for r in rows)
 
 
+def test_predict_classifies_a_folder_and_reports_unreadable_files_without_losing_the_others(
+    cached, tmp_path, monkeypatch, capsys
+):  # fmt: skip
+    from pipelines.cli import run
+
+    paths = fresh_copy(cached, tmp_path / "home")
+    _, root = cached
+    train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=QUIET, paths=paths)
+    model_dir = paths.models / "shapes" / BASE / "flatten" / "logreg"
+    new = tmp_path / "new"
+    shutil.copytree(root / "test", new)
+    (new / "circle" / "notes.jpg").write_text("not a photo")
+    images = sorted(p for p in new.rglob("*") if p.is_file())
+    rows = predict_images(model_dir, images)
+    assert [r["path"] for r in rows] == [str(p) for p in images]  # input order, the unreadable one in its place
+    (bad,) = [r for r in rows if "error" in r]
+    assert bad["path"].endswith("notes.jpg") and bad["error"].startswith("UnidentifiedImageError")
+    assert all("label" in r for r in rows if r is not bad)
+    monkeypatch.setenv("FEATURECACHE_HOME", str(paths.root))
+    assert run(["predict", "--head", str(model_dir), str(new)]) == 1  # a folder: every file below it
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == len(images) - 1 and "notes.jpg\tunreadable: UnidentifiedImageError" in err
+
+
 def test_foreign_or_stale_heads_are_refused(cached, tmp_path):
     paths = fresh_copy(cached, tmp_path)
     train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=QUIET, paths=paths)

@@ -110,3 +110,14 @@ def test_multilayer_vs_best_single_is_a_paired_difference(trained):
     assert result.difference == pytest.approx(result.multilayer_accuracy - result.single_accuracy)
     assert result.ci95[0] <= result.difference <= result.ci95[1]
     assert result.n_test == 15
+
+
+@pytest.mark.slow
+def test_predict_refuses_a_multilayer_head_in_one_line(trained):
+    from featurecache import FeaturecacheError
+    from featurecache.predict import predict_images
+
+    folder = trained.models / "shapes" / BASE / MULTI_TAP_LAYER / "multilayer"
+    image = read_metadata(trained.feature_file("shapes", BASE, "test"))["dataset_root"]
+    with pytest.raises(FeaturecacheError, match=r"is a multilayer head \(taps .*\); predict takes heads trained"):
+        predict_images(folder, [image])  # refused before any image is read
