@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from featurecache.answer import PIXELS_TAG, Answer, HeadResult, is_control
-from featurecache.weights import random_tag
+from featurecache.weights import is_random_tag, random_tag
 
 PRETRAINED_COLOUR = "#1f77b4"
 CONTROL_COLOUR = "0.55"
@@ -36,7 +36,7 @@ def plot_answers(answers: Sequence[Answer], out: Path, *, columns: int = 3) -> N
     cells = panels(answers)
     cols = min(columns, len(cells))
     rows = math.ceil(len(cells) / cols)
-    handles = _legend_handles()
+    handles = _legend_handles(answers)
     legend_columns = {1: 2, 2: 3}.get(cols, 4)  # what fits the figure's width at fontsize 9
     legend_rows = math.ceil(len(handles) / legend_columns)
     legend_inches = 0.26 * legend_rows + 0.25
@@ -111,17 +111,26 @@ def _controls(ax, answer: Answer, base: str, position: dict[str, int]) -> None: 
         ax.axhline(100 * pixels[0].test_accuracy, color=CONTROL_COLOUR, ls=":", lw=1.5)
 
 
-def _legend_handles() -> list:
+def _legend_handles(answers: Sequence[Answer]) -> list:
+    """The legend of what the panels draw: a control, the multilayer head or ties only where some panel has one."""
     from matplotlib.lines import Line2D
 
-    return [
-        Line2D([], [], color=PRETRAINED_COLOUR, marker="o", ms=4, label="pretrained (val-selected head), 95% band"),
-        Line2D([], [], color=CONTROL_COLOUR, ls="--", marker="x", label="random-init control"),
-        Line2D([], [], color=CONTROL_COLOUR, ls=":", lw=1.5, label="raw pixels (logreg)"),
-        Line2D([], [], color="k", lw=0.8, label="chance (largest class)"),
-        Line2D([], [], color=MULTI_COLOUR, ls="-.", lw=1.3, label="multilayer head (every tap)"),
-        Line2D(
-            [], [], ls="", marker="o", mfc="none", mec=TIE_COLOUR, ms=10, mew=1.8, label="tied with the recommendation"
-        ),
-        Line2D([], [], ls="", marker="*", color="gold", mec="k", ms=14, label="recommended (chosen on val)"),
-    ]
+    drawn = {
+        "random": any(is_random_tag(b) for a in answers for b in a.curves),
+        "pixels": any(PIXELS_TAG in a.curves for a in answers),
+        "multi": any(r.multi_tap for a in answers for rs in a.heads.values() for r in rs),
+        "ties": any(a.ties for a in answers),
+    }
+    styles = [
+        (None, {"color": PRETRAINED_COLOUR, "marker": "o", "ms": 4,
+                "label": "pretrained (val-selected head), 95% band"}),
+        ("random", {"color": CONTROL_COLOUR, "ls": "--", "marker": "x", "label": "random-init control"}),
+        ("pixels", {"color": CONTROL_COLOUR, "ls": ":", "lw": 1.5, "label": "raw pixels (logreg)"}),
+        (None, {"color": "k", "lw": 0.8, "label": "chance (largest class)"}),
+        ("multi", {"color": MULTI_COLOUR, "ls": "-.", "lw": 1.3, "label": "multilayer head (every tap)"}),
+        ("ties", {"ls": "", "marker": "o", "mfc": "none", "mec": TIE_COLOUR, "ms": 10, "mew": 1.8,
+                  "label": "tied with the recommendation"}),
+        (None, {"ls": "", "marker": "*", "color": "gold", "mec": "k", "ms": 14,
+                "label": "recommended (chosen on val)"}),
+    ]  # fmt: skip
+    return [Line2D([], [], **style) for what, style in styles if what is None or drawn[what]]

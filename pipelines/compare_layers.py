@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from featurecache.answer import is_control
 from featurecache.compare import COMPARE_HEADS, CompareOptions, run_comparison
 from featurecache.config import default_paths
 from featurecache.data import DECODE_MODES, DEFAULT_ORIENTATION, ORIENTATION_MODES
@@ -45,6 +46,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _curves_in_words(curves: dict) -> str:
+    bases = sum(not is_control(tag) for tag in curves)
+    controls = len(curves) - bases
+    return f"{bases} base{'s' * (bases != 1)}" + (f" and {controls} control{'s' * (controls != 1)}" if controls else "")
+
+
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     datasets = [*args.data, *args.datasets] or list_datasets(default_only=True)
@@ -69,8 +76,8 @@ def main(args: argparse.Namespace) -> int:
     paths = default_paths()
     for answer in answers:
         print("\n".join(terminal_lines(answer)))
-        print(f"-> {paths.compare_dir(answer.dataset)}/report.html (and report.md; accuracy vs depth of "
-              f"{len(answer.curves)} bases and controls)\n")  # fmt: skip
+        print(f"-> {paths.compare_dir(answer.dataset)}/report.html (and report.md; accuracy vs depth: "
+              f"{_curves_in_words(answer.curves)})\n")  # fmt: skip
     if len(answers) > 1:
         print(f"cross-dataset page: {paths.compare_dir()}/report.html")
     print(f"compare-layers took {time.perf_counter() - t0:.0f}s")

@@ -132,3 +132,18 @@ def test_imagenet_distance_from_cached_logits(trained):
     assert 0 < d["confidence"] < 1 and d["distance"] == pytest.approx(1 - d["confidence"])
     assert 1 <= d["classes_used"] <= 1000
     assert imagenet_distance("nothing-here", trained) is None
+
+
+def test_the_legend_and_the_summary_name_only_what_is_drawn(trained):
+    import dataclasses
+
+    from featurecache.answer import is_control
+    from featurecache.plots import _legend_handles
+    from pipelines.compare_layers import _curves_in_words
+
+    (answer,) = build_report(["shapes"], [BASE], trained, command="featurecache compare-layers shapes")
+    bare = dataclasses.replace(answer, curves={b: c for b, c in answer.curves.items() if not is_control(b)})
+    controls = {"random-init control", "raw pixels (logreg)"}
+    assert controls <= {h.get_label() for h in _legend_handles([answer])}
+    assert not controls & {h.get_label() for h in _legend_handles([bare])}  # compare-layers --no-controls
+    assert _curves_in_words(answer.curves) == "1 base and 2 controls" and _curves_in_words(bare.curves) == "1 base"
