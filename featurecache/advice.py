@@ -122,7 +122,8 @@ def _verdict(answer: Answer, kind: str) -> str:
     tied_layers = {r.layer for r in answer.ties if r.base == rec.base}
     if kind == "top":
         if rec.layer == top:
-            return "agrees: the top layer is recommended"
+            return "agrees: the top layer is recommended" + (", though earlier ones are statistically tied"
+                                                            if tied_layers - {top} else "")  # fmt: skip
         return (
             "is consistent with it: the top layer is statistically tied"
             if top in tied_layers
@@ -130,6 +131,8 @@ def _verdict(answer: Answer, kind: str) -> str:
         )
     if kind == "earlier":
         if rec.layer != top:
+            if top in tied_layers:  # the test images cannot tell the earlier layer from the top
+                return f"is consistent with it: an earlier layer (`{rec.layer}`) is recommended, the top one tied"
             return f"agrees: an earlier layer (`{rec.layer}`) is recommended"
         return (
             "is consistent with it: an earlier layer is statistically tied"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featurecache.advice import sentence
+from featurecache.advice import _verdict, sentence
 from featurecache.answer import Answer, HeadResult
 
 
@@ -27,3 +27,18 @@ def test_a_gap_to_a_tied_layer_is_called_noise_and_a_significant_one_is_not():
     lower, best_top = result("early", 0.2, 5 / 6), result("view", 1.0, 1.0)
     on_top = sentence(answer(best_top, [lower, best_top], ties=[lower]))
     assert "the best lower layer (`early`) is 16.7 points below it on test, a gap within noise" in on_top
+
+
+def test_the_2x2_rule_agrees_only_where_the_test_images_can_tell_the_layers_apart():
+    early, top = result("early", 0.2, 1.0), result("view", 1.0, 5 / 6)
+    assert (
+        _verdict(answer(early, [early, top], ties=[]), "earlier") == "agrees: an earlier layer (`early`) is recommended"
+    )
+    assert _verdict(answer(early, [early, top], ties=[top]), "earlier") == (
+        "is consistent with it: an earlier layer (`early`) is recommended, the top one tied"
+    )
+    lower, best_top = result("early", 0.2, 5 / 6), result("view", 1.0, 1.0)
+    assert _verdict(answer(best_top, [lower, best_top], ties=[]), "top") == "agrees: the top layer is recommended"
+    assert _verdict(answer(best_top, [lower, best_top], ties=[lower]), "top") == (
+        "agrees: the top layer is recommended, though earlier ones are statistically tied"
+    )
