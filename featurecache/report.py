@@ -14,6 +14,7 @@ import html
 import io
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -232,7 +233,7 @@ def _score_blocks(answer: Answer) -> list[Block]:
     score_names = [s for s in SCORES if s in table.scores]
     rows = [[f"`{k}`", f"{table.relative_depth[k]:.2f}", pts(table.test_accuracy[k]),
              *[f"{table.scores[s].get(k, float('nan')):.3f}" for s in score_names]] for k in table.layers]  # fmt: skip
-    agree = [[s, f"{table.agreement[s].kendall_tau:+.2f}", f"{table.agreement[s].weighted_tau:+.2f}",
+    agree = [[s, _tau(table.agreement[s].kendall_tau), _tau(table.agreement[s].weighted_tau),
               ", ".join(f"`{k}`" for k in table.agreement[s].top), "yes" if table.agreement[s].best_in_top else "no",
               f"{table.scoring_seconds.get(s, float('nan')):.1f}"] for s in score_names]  # fmt: skip
     return [("h2", "Which layer, before training anything"),
@@ -382,13 +383,18 @@ def write_index(answers: Sequence[Answer], paths: Paths, *, command: str = "") -
     return out
 
 
+def _tau(tau: float) -> str:
+    """A rank correlation for a reader: undefined (nan) where every layer's test accuracy ties, which says so."""
+    return "n/a (layers tie)" if math.isnan(tau) else f"{tau:+.2f}"
+
+
 def _score_summary_blocks(answers: Sequence[Answer]) -> list[Block]:
     """The per-layer tau table averaged over datasets: which training-free score ranks layers best."""
     tables = [a.layer_scores for a in answers if a.layer_scores is not None]
     if len(tables) < 2:
         return []
-    rows = [[name, f"{s.mean_kendall_tau:+.2f}", f"{s.mean_weighted_tau:+.2f}", f"{s.top_hits} of {s.n_datasets}",
-             ", ".join(f"{d} {t:+.2f}" for d, t in s.per_dataset_tau.items())]
+    rows = [[name, _tau(s.mean_kendall_tau), _tau(s.mean_weighted_tau), f"{s.top_hits} of {s.n_datasets}",
+             ", ".join(f"{d} {_tau(t)}" for d, t in s.per_dataset_tau.items())]
             for name, s in cross_dataset_summary(tables).items()]  # fmt: skip
     return [("h2", "Which layer before training: the training-free scores across datasets"),
             ("p", "Kendall τ between each score and the test accuracy of every layer's val-selected head, averaged "

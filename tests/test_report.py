@@ -147,3 +147,9 @@ def test_the_legend_and_the_summary_name_only_what_is_drawn(trained):
     assert controls <= {h.get_label() for h in _legend_handles([answer])}
     assert not controls & {h.get_label() for h in _legend_handles([bare])}  # compare-layers --no-controls
     assert _curves_in_words(answer.curves) == "1 base and 2 controls" and _curves_in_words(bare.curves) == "1 base"
+
+
+def test_an_undefined_rank_correlation_reads_as_tied_layers_not_nan():
+    from featurecache.report import _tau
+
+    assert _tau(float("nan")) == "n/a (layers tie)" and _tau(0.5) == "+0.50" and _tau(-0.25) == "-0.25"
