@@ -130,7 +130,7 @@ def train_heads(
     _check_splits_agree(files, metas, augmented=options.augmented)
     _check_two_readable_classes(files["train"])
     cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
-    layers = list(layers) if layers else cached
+    layers = list(layers) if layers else _default_layers(cached, metas["train"]["base"])
     check_layers_in_every_split(layers, metas, files, dataset=dataset, base_tag=base_tag)
     heads = list(heads) if heads else list_heads()
     for h in heads:
@@ -143,6 +143,22 @@ def train_heads(
     jobs = [make(layer, head) for layer in layers for head in heads if not get_head_spec(head).multi_tap]
     jobs += _multi_tap_jobs(layers, heads, metas["train"], make)
     return run_jobs(jobs, options, desc=f"{dataset}/{base_tag}")
+
+
+def _default_layers(cached: list[str], base: str) -> list[str]:
+    """Every tap the caches share, but the base's ImageNet logits, which compare-layers caches to measure the
+    distance from ImageNet and does not compare (trained on only when asked: ``--layers <node>``)."""
+    from featurecache.bases import get_base_spec
+
+    try:
+        logits = get_base_spec(base).logits_node
+    except FeaturecacheError:  # a base this installation does not know: nothing to leave out
+        return cached
+    layers = [k for k in cached if k != logits]
+    if len(layers) < len(cached) and layers:
+        log.info("leaving out the ImageNet logits tap %s (pass --layers %s to train heads on it)", logits, logits)
+        return layers
+    return cached
 
 
 def _check_two_readable_classes(train: Path) -> None:

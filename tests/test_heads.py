@@ -369,3 +369,20 @@ def test_refit_on_train_plus_val_keeps_the_dense_heads_device(cached, tmp_path, 
     train_heads(dataset="shapes", base_tag=BASE, heads=["mlp"], layers=["flatten"], options=options,
                 paths=fresh_copy(cached, tmp_path))  # fmt: skip
     assert devices and set(devices) == {"cpu:0"}  # every fit, the refit included, got the requested device
+
+
+def test_the_imagenet_logits_compare_layers_caches_get_heads_only_when_asked(tmp_path, caplog):
+    from tests.helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "shapes", per_class={"train": 4, "val": 2, "test": 2})
+    paths = Paths(tmp_path / "home")
+    request = ExtractRequest(root, base="efficientnet_lite0", layers="_blocks.2.add,logits")
+    extract(request, paths=paths, options=ExtractOptions(progress=False, runtime="eager"))
+    with caplog.at_level("INFO", logger="featurecache.train"):
+        default = train_heads(dataset="shapes", base_tag="efficientnet_lite0", heads=["logreg"], options=QUIET,
+                              paths=paths)  # fmt: skip
+    assert [s["layer"] for s in default] == ["_blocks.2.add"]
+    assert "leaving out the ImageNet logits tap _fc" in caplog.text
+    asked = train_heads(dataset="shapes", base_tag="efficientnet_lite0", layers=["_fc"], heads=["logreg"],
+                        options=QUIET, paths=paths)  # fmt: skip
+    assert [s["layer"] for s in asked] == ["_fc"]
