@@ -359,7 +359,10 @@ def load_image(path: str | os.PathLike, decoding: Decoding = Decoding(), *, draf
         if draft is not None and _is_jpeg(image):
             # None: keep the colour mode; only the scale changes
             image.draft(None, _draft_request(image.size, draft, _upright_turn(image) if exif else None))
-        image.load()
+        try:
+            image.load()
+        except RuntimeError as exc:  # a plugin's decoder refusing the payload (libheif without its codec)
+            raise OSError(f"cannot decode {path}: {exc}") from exc
         # Asked after loading: PIL turns a TIFF by its tag as it loads it (and drops the tag), whatever is asked.
         turn = _upright_turn(image) if exif else None
         if image.mode.startswith("I"):
@@ -404,8 +407,10 @@ def heif_readable() -> bool:
     photo comes out upright under either ``--orientation``."""
     try:
         import pillow_heif
+        from PIL import Image
     except ImportError:
         return False
+    Image.init()  # PIL's own plugins first: an AVIF that Pillow reads stays Pillow's, not libheif's (no AV1 here)
     pillow_heif.register_heif_opener()
     return True
 
@@ -494,6 +499,11 @@ def bad_image_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def bad_image_reason(exc: BaseException) -> str:
+    """Why a file could not be read, on one line (some decoders end their messages with a newline)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 class ImageFiles:
     """A map-style dataset of ``(image_tensor, row_index, error)``; unreadable files give ``error != ""``.
 
@@ -528,7 +538,7 @@ class ImageFiles:
             # A transform may say what stands in for an unreadable image (featurecache.preprocess: uint8 zeros).
             blank = getattr(self.transform, "blank", None)
             zeros = blank(self.input_size) if blank else torch.zeros(3, self.input_size, self.input_size)
-            return zeros, row, f"{type(exc).__name__}: {exc}"
+            return zeros, row, bad_image_reason(exc)
         # A per-row transform (cached augmented views) seeds its randomness from the row, not from the loader.
         if getattr(self.transform, "per_row", False):
             return self.transform(image, row), row, ""

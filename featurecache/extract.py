@@ -247,12 +247,13 @@ def _require_readable(result: SplitResult, index: SplitIndex, world: World) -> S
     """A split none of whose images could be read, or a train split with a class none of whose images could, is an
     error naming the first reason (often the same for all: a format PIL cannot read) rather than a cache for
     train-heads to stumble on; the cache is removed, so that the next run tries the images again."""
-    problem = world.broadcast(_unreadable(result, index) if world.is_main else None)
+    problem = _unreadable(result, index) if world.is_main else None
+    if problem is not None:
+        result.path.unlink()  # before the other ranks hear of it: torchrun may stop this rank once they raise
+    problem = world.broadcast(problem)
     if problem is None:
         return result
-    if world.is_main:
-        result.path.unlink(missing_ok=True)
-    raise FeaturecacheError(f"{problem}; make them readable or remove them")
+    raise FeaturecacheError(problem)
 
 
 def _unreadable(result: SplitResult, index: SplitIndex) -> str | None:
@@ -261,14 +262,20 @@ def _unreadable(result: SplitResult, index: SplitIndex) -> str | None:
     skipped = store.read_skipped(result.path)
     if result.num_skipped == result.num_samples:
         _, path, reason = skipped[0]
-        return f"none of the {result.num_samples} images of {result.split} could be read (the first, {path}: {reason})"
+        return (
+            f"none of the {result.num_samples} images of {result.split} could be read (the first, {path}: {reason}); "
+            f"make them readable or remove them"
+        )
     if result.split != "train":
         return None
     labels, _, valid = store.read_rows(result.path)
     for c, name in enumerate(index.class_names):
         if (labels == c).any() and not valid[labels == c].any():
             path, reason = next((p, r) for row, p, r in skipped if labels[row] == c)
-            return f"no image of class {name!r} in train could be read (the first, {path}: {reason})"
+            return (
+                f"no image of class {name!r} in train could be read (the first, {path}: {reason}); make them "
+                f"readable, or remove the class folder"
+            )
     return None
 
 

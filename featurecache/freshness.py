@@ -29,8 +29,14 @@ _WARNED: set[tuple[Path, str]] = set()
 
 
 def feature_fingerprint(meta: dict[str, Any], layer: str) -> str:
-    """What a head trained on ``layer`` of the cache with metadata ``meta`` records for that split."""
-    return f"{meta['config_fingerprint']}:{layer}:{json.dumps(meta['taps'][layer], sort_keys=True)}"
+    """What a head trained on ``layer`` of the cache with metadata ``meta`` records for that split.
+
+    A cache with unreadable rows adds how many rows it could read: the same files made again once more of them are
+    readable (HEIC photos once pillow-heif is installed) keep the config fingerprint but give the head other rows.
+    """
+    fingerprint = f"{meta['config_fingerprint']}:{layer}:{json.dumps(meta['taps'][layer], sort_keys=True)}"
+    skipped = meta.get("num_samples", 0) != meta.get("num_valid", meta.get("num_samples", 0))
+    return f"{fingerprint}:valid={meta['num_valid']}" if skipped else fingerprint
 
 
 def stale_reason(

@@ -14,7 +14,7 @@ import numpy as np
 from featurecache import store
 from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
-from featurecache.data import Decoding, bad_image_errors, load_image
+from featurecache.data import Decoding, bad_image_errors, bad_image_reason, load_image
 from featurecache.errors import FeaturecacheError
 from featurecache.freshness import stale_reason
 from featurecache.layers import TapSpec
@@ -132,7 +132,7 @@ def _image_batches(
                 tensors.append(preprocessing.per_image(load_image(p, decoding, draft=draft)))
                 paths.append(p)
             except (*bad_image_errors(), IsADirectoryError) as exc:
-                unreadable.append((p, f"{type(exc).__name__}: {exc}"))
+                unreadable.append((p, bad_image_reason(exc)))
         yield paths, preprocessing.normalize(torch.stack(tensors)) if tensors else None, unreadable
 
 

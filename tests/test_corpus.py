@@ -510,7 +510,7 @@ CASES = {
         folder(train_class_unreadable),
         2,
         r"no image of class 'square' in train could be read \(the first, "
-        r"train/square/train_000\.jpg: UnidentifiedImageError: .*\); make them readable or remove them",
+        r"train/square/train_000\.jpg: UnidentifiedImageError: .*\); make them readable, or remove the class folder",
         finals_absent=(f"data/features/data/{BASE_TAG}/train.h5",),
     ),
     "--workers -1": Case(workers_negative, 2, r"--workers -1: must be 0", finals_absent=EXTRACT_FINALS),

@@ -16,6 +16,7 @@ from featurecache import load_features
 from featurecache.config import Paths
 from featurecache.data import Decoding, load_image
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
+from featurecache.train import TrainOptions, train_heads
 
 pillow_heif = pytest.importorskip("pillow_heif", reason="the [heic] extra (installed by make install)")
 REPO = Path(__file__).resolve().parents[1]
@@ -112,9 +113,20 @@ def test_a_cache_that_skipped_heic_photos_is_re_extracted_once_pillow_heif_reads
     first = subprocess.run([sys.executable, "-c", cli, *args], capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr
     assert "4 images (2 skipped)" in first.stdout and "pip install 'featurecache[heic]'" in first.stderr
-    # With pillow-heif the same files (the same fingerprint) are read: the cache is made again, not reused.
-    request = ExtractRequest(root, base="mobilenet_v2_offline", layers="flatten", splits=["train"])
+    request = ExtractRequest(root, base="mobilenet_v2_offline", layers="flatten")
+    options = ExtractOptions(progress=False, runtime="eager")
+    extract(ExtractRequest(root, base="mobilenet_v2_offline", layers="flatten", splits=["val", "test"]),
+            paths=Paths(home), options=options)  # fmt: skip
+    quiet = TrainOptions(progress=False)
+    (before,) = train_heads(dataset="mixed", base_tag="mobilenet_v2_offline", heads=["logreg"], options=quiet,
+                            paths=Paths(home))  # fmt: skip
+    assert before["n_train"] == 2  # the two PNGs: the HEIC photos were skipped
+    # With pillow-heif the same files (the same config fingerprint) are read: the cache is made again, not reused,
+    # and the head trained on the smaller cache is retrained, not reused.
     with caplog.at_level("INFO", logger="featurecache.extract"):
-        (again,) = extract(request, paths=Paths(home), options=ExtractOptions(progress=False, runtime="eager"))
+        again = {r.split: r for r in extract(request, paths=Paths(home), options=options)}
     assert "skipped HEIC photos that pillow-heif, installed since, reads" in caplog.text
-    assert again.status == "extracted" and again.num_skipped == 0
+    assert again["train"].status == "extracted" and again["train"].num_skipped == 0
+    (after,) = train_heads(dataset="mixed", base_tag="mobilenet_v2_offline", heads=["logreg"], options=quiet,
+                           paths=Paths(home))  # fmt: skip
+    assert after["status"] == "trained" and after["n_train"] == 4
