@@ -119,11 +119,12 @@ def _verdict(answer: Answer, kind: str) -> str:
     if rec.multi_tap and kind != "finetune":
         return "cannot tell: the recommendation reads every stage tap at once (multilayer)"
     top = top_layer(answer).layer
-    tied_layers = {r.layer for r in answer.ties if r.base == rec.base}
+    tied_layers = {r.layer for r in answer.ties if r.base == rec.base and not r.multi_tap}  # layers, not all-stages
     if kind == "top":
         if rec.layer == top:
-            return "agrees: the top layer is recommended" + (", though earlier ones are statistically tied"
-                                                            if tied_layers - {top} else "")  # fmt: skip
+            if tied_layers - {top}:  # the test images cannot tell the top layer from earlier ones
+                return "is consistent with it: the top layer is recommended, earlier ones tied"
+            return "agrees: the top layer is recommended"
         return (
             "is consistent with it: the top layer is statistically tied"
             if top in tied_layers

@@ -64,10 +64,10 @@ def _panel(ax, answer: Answer, base: str) -> None:  # noqa: ANN001 (a matplotlib
     _controls(ax, answer, base, position)
     plotted = [r.test_interval[0] for r in curve] + [r.test_accuracy for r in _control_points(answer, base)]
     _chance(ax, 100 * answer.transfer.chance, [100 * v for v in plotted])
-    tied = [r for r in curve if any(t.base == base and t.layer == r.layer and t.head == r.head for t in answer.ties)]
+    tied = _tied_points(answer, base)
     ax.scatter([position[r.layer] for r in tied], [100 * r.test_accuracy for r in tied], s=110, facecolors="none",
                edgecolors=TIE_COLOUR, linewidths=1.8, zorder=3)  # fmt: skip
-    for m in (r for r in answer.heads.get(base, []) if r.multi_tap):
+    for m in _multi_tap_heads(answer, base):
         ax.axhline(100 * m.test_accuracy, color=MULTI_COLOUR, ls="-.", lw=1.3)
     star = star_of(answer, base)
     if star is not None:
@@ -75,11 +75,22 @@ def _panel(ax, answer: Answer, base: str) -> None:  # noqa: ANN001 (a matplotlib
         ax.plot([x_star], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=4)
     ax.set_xticks(x, [f"{r.layer}\n{r.depth:.2f}" for r in curve], rotation=35, ha="right", fontsize=7)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(top=102)  # a point at 100% drawn whole, not cut by the frame
+    if ax.get_ylim()[1] > 98:
+        ax.set_ylim(top=102)  # a point at 100% drawn whole, not cut by the frame
     # How sure an ImageNet classifier is on these images: the 2x2 rule's "similar to ImageNet" axis.
     conf = "" if answer.distance is None else f"\nImageNet-classifier confidence {answer.distance['confidence']:.2f}"
     ax.set_title(f"{answer.dataset} — {base}{conf}", fontsize=10)
     ax.grid(alpha=0.3)
+
+
+def _tied_points(answer: Answer, base: str) -> list[HeadResult]:
+    """The points of a panel's curve ringed as tied: the curve's own head at a layer tied with the recommendation."""
+    return [r for r in answer.curves[base]
+            if any(t.base == base and t.layer == r.layer and t.head == r.head for t in answer.ties)]  # fmt: skip
+
+
+def _multi_tap_heads(answer: Answer, base: str) -> list[HeadResult]:
+    return [r for r in answer.heads.get(base, []) if r.multi_tap]
 
 
 def star_of(answer: Answer, base: str) -> HeadResult | None:
@@ -120,8 +131,8 @@ def _legend_handles(answers: Sequence[Answer]) -> list:
     drawn = {
         "random": any(is_random_tag(b) for a in answers for b in a.curves),
         "pixels": any(PIXELS_TAG in a.curves for a in answers),
-        "multi": any(r.multi_tap for a in answers for rs in a.heads.values() for r in rs),
-        "ties": any(a.ties for a in answers),
+        "multi": any(_multi_tap_heads(a, base) for a, base in panels(answers)),
+        "ties": any(_tied_points(a, base) for a, base in panels(answers)),
     }
     styles = [
         (None, {"color": PRETRAINED_COLOUR, "marker": "o", "ms": 4,

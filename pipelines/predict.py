@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from featurecache.data import files_under
+from featurecache.errors import FeaturecacheError
 from featurecache.predict import predict_images
 from featurecache.runtime import RUNTIMES
 from pipelines.common import run_main
@@ -27,8 +28,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _files_of(path: Path) -> list[Path]:
+    """A file argument as it is; a folder: every file below it (an empty one is a mistake worth a line)."""
+    if not path.is_dir():
+        return [path]
+    files = files_under(path)
+    if not files:
+        raise FeaturecacheError(f"{path} holds no files to classify; pass image files or a folder of them")
+    return files
+
+
 def main(args: argparse.Namespace) -> int:
-    images = [f for arg in args.images for f in (files_under(Path(arg)) if Path(arg).is_dir() else [arg])]
+    images = [f for arg in args.images for f in _files_of(Path(arg))]
     rows = predict_images(args.head, images, weights_file=args.weights_file, runtime=args.runtime)
     for row in rows:
         if args.json:

@@ -208,6 +208,9 @@ def test_predict_classifies_a_folder_and_reports_unreadable_files_without_losing
     assert run(["predict", "--head", str(model_dir), str(new)]) == 1  # a folder: every file below it
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == len(images) - 1 and "notes.jpg\tunreadable: UnidentifiedImageError" in err
+    (tmp_path / "empty").mkdir()
+    assert run(["predict", "--head", str(model_dir), str(tmp_path / "empty")]) == 2
+    assert "holds no files to classify" in capsys.readouterr().err
 
 
 def test_foreign_or_stale_heads_are_refused(cached, tmp_path):
