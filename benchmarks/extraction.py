@@ -111,7 +111,7 @@ def _bare(args: argparse.Namespace) -> dict[str, Any]:
 
     from featurecache import runtime
     from featurecache.bases import load_base
-    from featurecache.data import ImageFiles, discover_splits
+    from featurecache.data import discover_splits
     from featurecache.layers import parse_taps, trace_base
 
     loaded = load_base(args.base, weights=args.weights)
@@ -119,8 +119,7 @@ def _bare(args: argparse.Namespace) -> dict[str, Any]:
     requested = runtime.resolve_runtime(args.runtime, "cpu")
     runner = runner_for(requested, args.work, taps, loaded, args.batch_size, dataset=args.root.resolve().name)
     index = discover_splits(args.root)["train"]
-    data = ImageFiles(index, runner.preprocessing.per_image, input_size=loaded.spec.input_size,
-                      rows=range(args.images))  # fmt: skip
+    data = runner.image_files(index, range(args.images))
     images = runner.preprocessing.normalize(torch.stack([data[i][0] for i in range(args.images)]))
     runner.prepare(index)  # loads the export (written by the warm-up round) and checks it against eager
     if runner.runtime != requested:

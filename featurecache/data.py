@@ -353,18 +353,16 @@ def load_image(path: str | os.PathLike, decoding: Decoding = Decoding(), *, draf
     """
     from PIL import Image
 
-    exif = decoding.orientation == "exif"
     with open(path, "rb") as f:
         image = _open(f, path)
-        if draft is not None and _is_jpeg(image):
-            # None: keep the colour mode; only the scale changes
-            image.draft(None, _draft_request(image.size, draft, _upright_turn(image) if exif else None))
+        if draft is not None:
+            _draft(image, draft, decoding)
         try:
             image.load()
         except RuntimeError as exc:  # a plugin's decoder refusing the payload (libheif without its codec)
             raise OSError(f"cannot decode {path}: {exc}") from exc
         # Asked after loading: PIL turns a TIFF by its tag as it loads it (and drops the tag), whatever is asked.
-        turn = _upright_turn(image) if exif else None
+        turn = _upright_turn(image) if decoding.orientation == "exif" else None
         if image.mode.startswith("I"):
             rgb = _high_bit_depth_to_8(image).convert("RGB")
         elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
@@ -423,23 +421,25 @@ def draft_would_shrink(path: str | os.PathLike, draft: DraftFor, decoding: Decod
 
     try:
         with Image.open(path) as image:
-            if not _is_jpeg(image):
-                return False
-            full = image.size
-            turn = _upright_turn(image) if decoding.orientation == "exif" else None
-            image.draft(None, _draft_request(full, draft, turn))
-            return image.size != full
+            return _draft(image, draft, decoding)
     except (OSError, ValueError, Image.DecompressionBombError):
         return False
 
 
-def _draft_request(stored: tuple[int, int], draft: DraftFor, turn: Any) -> tuple[int, int]:
-    """The size to ask libjpeg for, in the file's stored orientation: ``draft`` speaks of the upright image, whose
-    width and height are swapped when the EXIF tag turns it by 90 degrees."""
-    if not _swaps_sides(turn):
-        return draft(stored)
-    width, height = draft(stored[::-1])
-    return height, width
+def _draft(image: Any, draft: DraftFor, decoding: Decoding) -> bool:
+    """Configure a JPEG's decoder to the smallest DCT scale that keeps what ``draft`` asks of the upright image
+    (PIL's ``draft``: nothing is decoded yet); True when that scale is reduced. Not a JPEG: nothing changes."""
+    if not _is_jpeg(image):
+        return False
+    stored = image.size
+    turn = _upright_turn(image) if decoding.orientation == "exif" else None
+    if _swaps_sides(turn):  # draft speaks of the upright image: its width is the stored height
+        width, height = draft(stored[::-1])
+        request = height, width
+    else:
+        request = draft(stored)
+    image.draft(None, request)  # None: keep the colour mode; only the scale changes
+    return image.size != stored
 
 
 # EXIF orientation tag (0x0112) -> the PIL transpose that makes the image upright, as ImageOps.exif_transpose.

@@ -469,9 +469,14 @@ class _Runner:
         if choice.checked or self.runtime == "eager" or len(index) == 0:
             return False
         rows = range(min(len(index), self.options.batch_size, PROBE_ROWS))
-        data = ImageFiles(index, self.preprocessing.per_image, input_size=self.loaded.spec.input_size, rows=rows,
-                          decoding=self.options.decoding, draft=self.draft)  # fmt: skip
+        data = self.image_files(index, rows)
         return self.check(torch.stack([data[i][0] for i in range(len(rows))]))
+
+    def image_files(self, index: SplitIndex, rows: Sequence[int]) -> ImageFiles:
+        """The ``rows`` of ``index`` as this runner decodes them: its preprocessing's per-image half, the
+        options' decoding and the draft size its preprocessing allows."""
+        return ImageFiles(index, self.preprocessing.per_image, input_size=self.loaded.spec.input_size, rows=rows,
+                          decoding=self.options.decoding, draft=self.draft)  # fmt: skip
 
     def check(self, images: Any) -> bool:
         """Load the exported runtime and compare it with eager on ``images``; True when it fell back to eager."""
@@ -918,8 +923,7 @@ def _loader(index: SplitIndex, todo: Sequence[tuple[int, int]], *, runner: _Runn
     once the runtime is decided (after the first-batch check), as the lanes decide the decoder."""
     # Batches keep the composition they have in a single uninterrupted run (same rows, same batch size), so
     # resumed and distributed runs give bit-identical numbers.
-    data = ImageFiles(index, runner.preprocessing.per_image, input_size=runner.loaded.spec.input_size,
-                      rows=range(len(index)), decoding=options.decoding, draft=runner.draft)  # fmt: skip
+    data = runner.image_files(index, range(len(index)))
     return decoders.batches(data, todo, device=runner.device, lanes=runner.lanes, workers=options.workers)
 
 

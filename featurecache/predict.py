@@ -131,7 +131,7 @@ def _image_batches(
             try:
                 tensors.append(preprocessing.per_image(load_image(p, decoding, draft=draft)))
                 paths.append(p)
-            except (*bad_image_errors(), IsADirectoryError) as exc:
+            except bad_image_errors() as exc:  # OSError covers a missing file and a folder
                 unreadable.append((p, bad_image_reason(exc)))
         yield paths, preprocessing.normalize(torch.stack(tensors)) if tensors else None, unreadable
 
