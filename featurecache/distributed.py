@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -117,3 +118,21 @@ def shutdown(world: World) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> None:
+    """End a torchrun rank with ``code`` without finalizing the interpreter; a no-op outside torchrun.
+
+    ``destroy_process_group`` leaves gloo's worker threads running. If one of them drops the last reference to a
+    finished collective while the interpreter finalizes, freeing its tensors needs the GIL, the thread is told to
+    exit inside a C++ destructor, and the process aborts ("terminate called without an active exception"): a
+    rank that wrote its cache exited with SIGABRT and torchrun failed the job (1 launch in ~25 after a restart
+    here; the core showed ``ProcessGroupGloo::runLoop`` freeing an ``AsyncBroadcastWork`` under
+    ``Py_FinalizeEx``). Every file is closed by then, so the rank flushes its streams and leaves at once.
+    """
+    if not launched_by_torchrun():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

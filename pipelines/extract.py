@@ -138,4 +138,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, get_args_parser().parse_args()))
+    status = run_main(main, get_args_parser().parse_args())
+    distributed.exit_rank(status)  # a torchrun rank leaves here (see exit_rank); a plain run goes on to exit
+    sys.exit(status)
