@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from featurecache import store
 from featurecache.advice import explain
 from featurecache.answer import Answer, LabelReader, compute_answer, result_of_sidecar
 from featurecache.baselines import pixel_baseline
@@ -103,7 +104,8 @@ def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, 
         ExtractRequest(root, base=base, layers=layers, dataset=dataset), options=options.extract, paths=paths
     )
     tag = results[0].path.parent.name
-    stages = [k for k in results[0].taps if k != spec.logits_node]  # the ImageNet logits are no stage
+    taps = store.read_metadata(results[0].path)["taps"]
+    stages = [k for k in results[0].taps if not store.is_imagenet_logits(taps[k])]  # the logits are no stage
     if options.shortlist is not None:
         t0 = time.perf_counter()
         stages = shortlist_layers(dataset, tag, options.shortlist, options.shortlist_score, paths, layers=stages)

@@ -95,7 +95,7 @@ def score_layers(
     missing = [k for k in layers or () if k not in taps]
     if missing:
         raise FeaturecacheError(f"layer(s) {', '.join(missing)} not cached in {train}; cached: {', '.join(taps)}")
-    chosen = [k for k, t in taps.items() if (k in layers if layers else t["relative_depth"] < 1.0)]  # cache order
+    chosen = [k for k, t in taps.items() if (k in layers if layers else not store.is_imagenet_logits(t))]
     t0 = time.perf_counter()
     features, y = {}, None
     for layer in chosen:

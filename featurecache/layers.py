@@ -80,6 +80,9 @@ class TapSpec:
     out_dim: int
     relative_depth: float
     reduction: int  # input size / spatial size (1 for vectors)
+    # The base's ImageNet classifier output (``--layers logits``, whatever it was called): no stage (see
+    # featurecache.store.is_imagenet_logits, which reads it back)
+    imagenet_logits: bool = False
 
     @property
     def channels(self) -> int:
@@ -442,6 +445,7 @@ def parse_taps(text: str | Sequence[str], traced: TracedBase, *, default_pool: s
                 relative_depth=info[node].relative_depth,
                 reduction=traced.reductions.get(node)
                 or traced.input_size // (spatial_size(shape, layout) or (traced.input_size,))[0],
+                imagenet_logits=node == traced.logits_node,
             )
         )
     return taps

@@ -25,7 +25,6 @@ import numpy as np
 from featurecache import store
 from featurecache.advice import explain, gain_text, names, pts, transfer_sentence
 from featurecache.answer import Answer, HeadResult, LabelReader, compute_answer, is_control, result_of_sidecar
-from featurecache.bases import get_base_spec
 from featurecache.config import Paths
 from featurecache.fileio import atomic_write_text
 from featurecache.freshness import current_sidecars
@@ -51,8 +50,8 @@ def imagenet_distance(dataset: str, paths: Paths) -> dict[str, float] | None:
     spread the predictions are over ImageNet's 1000 classes).
     """
     path = paths.feature_file(dataset, REFERENCE_BASE, "train")
-    logits_key = get_base_spec(REFERENCE_BASE).logits_node  # the cache key `--layers logits` writes
-    if not path.is_file() or logits_key not in store.read_metadata(path)["taps"]:
+    logits_key = store.imagenet_logits_key(store.read_metadata(path)) if path.is_file() else None
+    if logits_key is None:
         return None
     logits, _, _ = store.load_features(path, logits_key)
     z = logits.astype(np.float64)

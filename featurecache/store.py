@@ -49,6 +49,7 @@ SCHEMA_VERSION = 1
 TARGET_CHUNK_BYTES = 512 * 1024
 COMPRESSIONS = ("gzip", "lzf", "none")
 STORAGE_DTYPES = ("float16", "float32")
+IMAGENET_CLASSES = 1000
 
 
 # ------------------------------------------------------------------------------------------- locking
@@ -486,6 +487,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for key in meta["taps"]:
         check_path_name(key, what=f"layer key in {path}")
     return meta
+
+
+def is_imagenet_logits(tap: dict[str, Any]) -> bool:
+    """Whether a cached tap (its attrs in a cache's ``taps``) is the base's ImageNet classifier output rather
+    than a stage: compare-layers caches it to measure the distance from ImageNet, and heads, scores and
+    multi-tap heads leave it out unless it is asked for by name.
+
+    Extraction records it (``imagenet_logits``, however the layer was named: ``logits``, ``fc``, ``_fc``). In a
+    cache written before, the logits are the tap after every conv and linear op (relative depth 1.0) with one
+    value per ImageNet class; a headless base's last stage has depth 1.0 too, but not 1000 values.
+    """
+    if "imagenet_logits" in tap:
+        return bool(tap["imagenet_logits"])
+    return float(tap["relative_depth"]) >= 1.0 and int(tap["out_dim"]) == IMAGENET_CLASSES
+
+
+def imagenet_logits_key(meta: dict[str, Any]) -> str | None:
+    """The key of a cache's ImageNet-logits tap (:func:`is_imagenet_logits`); None if it has none."""
+    return next((key for key, tap in meta["taps"].items() if is_imagenet_logits(tap)), None)
 
 
 def _pick_layer(meta: dict[str, Any], layer: str | None, path: Path) -> str:

@@ -130,7 +130,7 @@ def train_heads(
     _check_splits_agree(files, metas, augmented=options.augmented)
     _check_two_readable_classes(files["train"])
     cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
-    layers = list(layers) if layers else _default_layers(cached, metas["train"]["base"])
+    layers = list(layers) if layers else _default_layers(cached, metas["train"]["taps"])
     check_layers_in_every_split(layers, metas, files, dataset=dataset, base_tag=base_tag)
     heads = list(heads) if heads else list_heads()
     for h in heads:
@@ -145,17 +145,13 @@ def train_heads(
     return run_jobs(jobs, options, desc=f"{dataset}/{base_tag}")
 
 
-def _default_layers(cached: list[str], base: str) -> list[str]:
-    """Every tap the caches share, but the base's ImageNet logits, which compare-layers caches to measure the
-    distance from ImageNet and does not compare (trained on only when asked: ``--layers <node>``)."""
-    from featurecache.bases import get_base_spec
-
-    try:
-        logits = get_base_spec(base).logits_node
-    except FeaturecacheError:  # a base this installation does not know: nothing to leave out
-        return cached
-    layers = [k for k in cached if k != logits]
-    if len(layers) < len(cached) and layers:
+def _default_layers(cached: list[str], taps: dict[str, dict[str, Any]]) -> list[str]:
+    """Every tap the caches share, but the base's ImageNet logits (``store.is_imagenet_logits``), which
+    compare-layers caches to measure the distance from ImageNet and does not compare (trained on only when
+    asked: ``--layers <key>``). A cache of the logits alone trains on them."""
+    layers = [k for k in cached if not store.is_imagenet_logits(taps[k])]
+    if layers and len(layers) < len(cached):
+        logits = ",".join(k for k in cached if k not in layers)
         log.info("leaving out the ImageNet logits tap %s (pass --layers %s to train heads on it)", logits, logits)
         return layers
     return cached
@@ -241,7 +237,8 @@ def check_layers_in_every_split(
 
 
 # The pseudo layer of heads that read every stage tap: models/<ds>/<base>/all-stages/<head>. Its sidecar's `tap`
-# has relative_depth 1.0 and multi_tap true, and `taps` lists the cached taps in the order they are concatenated.
+# has relative_depth 1.0, multi_tap true and imagenet_logits false, and `taps` lists the cached taps in the order
+# they are concatenated.
 MULTI_TAP_LAYER = "all-stages"
 
 
@@ -256,9 +253,9 @@ def _job(layer: str, head: str, taps: tuple[str, ...] = (), *, dataset: str, bas
 def _multi_tap_jobs(
     layers: Sequence[str], heads: Sequence[str], meta: dict[str, Any], make: Callable[..., Job]
 ) -> list[Job]:
-    """One job per multi-tap head: every requested layer below depth 1.0 (the ImageNet logits are no stage)."""
+    """One job per multi-tap head: every requested layer but the ImageNet logits, which are no stage."""
     # in cache order (shallow to deep), whatever order the layers were asked for in
-    taps = tuple(k for k, tap in meta["taps"].items() if k in layers and tap["relative_depth"] < 1.0)
+    taps = tuple(k for k, tap in meta["taps"].items() if k in layers and not store.is_imagenet_logits(tap))
     return [make(MULTI_TAP_LAYER, head, taps) for head in heads if get_head_spec(head).multi_tap and taps]
 
 
@@ -266,7 +263,7 @@ def _job_tap(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
     """The sidecar's `tap`: the cached tap, or for a multi-tap head the marker described at MULTI_TAP_LAYER."""
     if not job.taps:
         return meta["taps"][job.layer]
-    return {"key": MULTI_TAP_LAYER, "multi_tap": True, "relative_depth": 1.0,
+    return {"key": MULTI_TAP_LAYER, "multi_tap": True, "relative_depth": 1.0, "imagenet_logits": False,
             "out_dim": sum(meta["taps"][t]["out_dim"] for t in job.taps)}  # fmt: skip
 
 

@@ -374,18 +374,40 @@ def test_refit_on_train_plus_val_keeps_the_dense_heads_device(cached, tmp_path, 
     assert devices and set(devices) == {"cpu:0"}  # every fit, the refit included, got the requested device
 
 
-def test_the_imagenet_logits_compare_layers_caches_get_heads_only_when_asked(tmp_path, caplog):
-    from tests.helpers import make_image_folder
-
+@pytest.mark.parametrize(
+    "base, weights, layers, stage, logits",
+    [
+        ("efficientnet_lite0", "default", "_blocks.2.add,logits", "_blocks.2.add", "_fc"),  # the spec names _fc
+        ("resnet18", "none", "layer1,fc", "layer1", "fc"),  # torchvision: the last node, asked for by its name
+    ],
+)
+def test_the_imagenet_logits_get_heads_only_when_asked(tmp_path, caplog, base, weights, layers, stage, logits):
     root = make_image_folder(tmp_path / "shapes", per_class={"train": 4, "val": 2, "test": 2})
     paths = Paths(tmp_path / "home")
-    request = ExtractRequest(root, base="efficientnet_lite0", layers="_blocks.2.add,logits")
-    extract(request, paths=paths, options=ExtractOptions(progress=False, runtime="eager"))
+    request = ExtractRequest(root, base=base, weights=weights, layers=layers)
+    tag = extract(request, paths=paths, options=ExtractOptions(progress=False, runtime="eager"))[0].path.parent.name
+    assert read_metadata(paths.feature_file("shapes", tag, "train"))["taps"][logits]["imagenet_logits"] is True
     with caplog.at_level("INFO", logger="featurecache.train"):
-        default = train_heads(dataset="shapes", base_tag="efficientnet_lite0", heads=["logreg"], options=QUIET,
-                              paths=paths)  # fmt: skip
-    assert [s["layer"] for s in default] == ["_blocks.2.add"]
-    assert "leaving out the ImageNet logits tap _fc" in caplog.text
-    asked = train_heads(dataset="shapes", base_tag="efficientnet_lite0", layers=["_fc"], heads=["logreg"],
-                        options=QUIET, paths=paths)  # fmt: skip
-    assert [s["layer"] for s in asked] == ["_fc"]
+        default = train_heads(dataset="shapes", base_tag=tag, heads=["logreg"], options=QUIET, paths=paths)
+    assert [s["layer"] for s in default] == [stage]
+    assert f"leaving out the ImageNet logits tap {logits}" in caplog.text
+    asked = train_heads(dataset="shapes", base_tag=tag, layers=[logits], heads=["logreg"], options=QUIET, paths=paths)
+    assert [s["layer"] for s in asked] == [logits]
+
+
+def test_the_imagenet_logits_are_what_the_cache_records_or_for_an_older_cache_the_1000_wide_last_tap():
+    from featurecache.store import imagenet_logits_key, is_imagenet_logits
+    from featurecache.train import _multi_tap_jobs
+
+    stage = {"relative_depth": 0.5, "out_dim": 64}
+    headless_last = {"relative_depth": 1.0, "out_dim": 1280}  # a headless base's pooled output: every op done
+    old_logits = {"relative_depth": 1.0, "out_dim": 1000}  # written before caches recorded the logits
+    assert [is_imagenet_logits(t) for t in (stage, headless_last, old_logits)] == [False, False, True]
+    assert is_imagenet_logits({**headless_last, "imagenet_logits": True})  # the record wins over the shape
+    assert not is_imagenet_logits({**old_logits, "imagenet_logits": False})
+    assert imagenet_logits_key({"taps": {"a": stage, "fc": old_logits}}) == "fc"
+    assert imagenet_logits_key({"taps": {"a": stage, "pool": headless_last}}) is None
+    # a multi-tap head reads every stage: the headless base's last one too, never the logits
+    meta = {"taps": {"a": stage, "pool": headless_last, "fc": old_logits}}
+    jobs = _multi_tap_jobs(["a", "pool", "fc"], ["multilayer"], meta, lambda layer, head, taps: taps)
+    assert jobs == [("a", "pool")]

@@ -22,6 +22,7 @@ from featurecache.layer_scores import (
     selected_heads,
     shortlist_layers,
 )
+from featurecache.store import read_metadata
 from featurecache.train import TrainOptions, train_heads
 from pipelines.cli import run as cli_main
 from tests.helpers import make_image_folder
@@ -101,7 +102,9 @@ def trained(tmp_path_factory) -> Paths:
 def test_score_layers_scores_every_stage_tap(trained):
     result = score_layers("shapes", BASE, trained)
     assert set(result.scores) == set(SCORES) and result.n_train == 36
-    assert all(result.relative_depth[k] < 1.0 for k in result.layers) and len(result.layers) > 2
+    # A base without ImageNet logits: every cached tap, its last stage and pooled output (depth 1.0) included
+    cached = read_metadata(trained.feature_file("shapes", BASE, "train"))["taps"]
+    assert result.layers == list(cached) and result.relative_depth[result.layers[-1]] == 1.0
     for name, values in result.scores.items():
         assert set(values) == set(result.layers) and all(math.isfinite(v) for v in values.values()), name
         assert result.seconds[name] >= 0
