@@ -11,6 +11,7 @@ choosing a CUDA device for each message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -132,7 +133,8 @@ def exit_rank(code: int) -> None:
     """
     if not launched_by_torchrun():
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
     logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a closed stream: exit all the same
+            stream.flush()
     os._exit(code)

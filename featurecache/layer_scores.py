@@ -78,7 +78,7 @@ def score_layers(
 ) -> LayerScores:
     """Score every cached layer (or ``layers``) of ``dataset`` x ``base_tag`` on its train split.
 
-    Layers at relative depth 1.0 (the base's own ImageNet logits) are left out unless named in ``layers``.
+    The base's own ImageNet logits (``store.is_imagenet_logits``) are left out unless named in ``layers``.
     """
     from threadpoolctl import threadpool_limits
 

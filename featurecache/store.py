@@ -496,7 +496,8 @@ def is_imagenet_logits(tap: dict[str, Any]) -> bool:
 
     Extraction records it (``imagenet_logits``, however the layer was named: ``logits``, ``fc``, ``_fc``). In a
     cache written before, the logits are the tap after every conv and linear op (relative depth 1.0) with one
-    value per ImageNet class; a headless base's last stage has depth 1.0 too, but not 1000 values.
+    value per ImageNet class; a headless base's last stage has depth 1.0 too, but not 1000 values. (An older
+    cache of a base whose classifier is not ImageNet-1k, timm's in21k ones, reads as having no logits.)
     """
     if "imagenet_logits" in tap:
         return bool(tap["imagenet_logits"])

@@ -7,8 +7,10 @@ import errno
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
+from featurecache import distributed
 from featurecache.errors import FeaturecacheError
 
 
@@ -23,8 +25,21 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run ``main``; a FeaturecacheError becomes ``featurecache: error: ...`` and exit status 2."""
+    """Run ``main``; a FeaturecacheError becomes ``featurecache: error: ...`` and exit status 2. A torchrun rank
+    ends here (``featurecache.distributed.exit_rank``), an unexpected error with its traceback and status 1."""
     setup_logging(getattr(args, "verbose", False))
+    if not distributed.launched_by_torchrun():
+        return _reported(main, args)
+    try:
+        status = _reported(main, args)
+    except Exception:  # e.g. gloo's "connection closed by peer" once another rank failed
+        traceback.print_exc()
+        status = 1
+    distributed.exit_rank(status)
+    return status  # not reached
+
+
+def _reported(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return main(args)
     except FeaturecacheError as exc:

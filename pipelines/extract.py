@@ -138,6 +138,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    status = run_main(main, get_args_parser().parse_args())
-    distributed.exit_rank(status)  # a torchrun rank leaves here (see exit_rank); a plain run goes on to exit
-    sys.exit(status)
+    sys.exit(run_main(main, get_args_parser().parse_args()))  # a torchrun rank leaves inside (see exit_rank)

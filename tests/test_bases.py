@@ -145,7 +145,7 @@ def test_the_older_call_shape_with_a_bare_model_still_traces_and_extracts():
 
 
 def test_the_logits_node_is_the_bases_own_knowledge():
-    # report/compare read the ImageNet logits of the reference base under this key, not a literal.
+    # `--layers logits` resolves to this node, and extraction marks its tap imagenet_logits (store.is_imagenet_logits).
     assert get_base_spec("efficientnet_lite0").logits_node == "_fc"
     offline = load_base("mobilenet_v2_offline", weights="none")
     assert trace_base(offline).logits_node is None

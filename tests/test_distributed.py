@@ -161,3 +161,36 @@ def test_two_gloo_ranks_write_the_single_process_cache_and_resume_after_a_rank_i
     assert launcher.returncode == 0, log[-3000:]
     assert "resuming train:" in log
     assert_same_cache(Paths(ref_home).feature_file("tiny", BASE, "train"), final)
+
+
+def test_a_torchrun_rank_ends_without_finalizing_and_an_unexpected_error_still_shows(monkeypatch, capsys):
+    # Finalizing the interpreter while gloo's threads free finished collectives aborts a rank (SIGABRT after its
+    # work was done), so a rank leaves through os._exit with its status; a plain run exits as usual.
+    import argparse
+    import logging
+
+    from pipelines.common import run_main
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # the test process keeps its log handlers
+
+    def lost_peer(_args):
+        raise RuntimeError("Connection closed by peer")
+
+    def refused(_args):
+        raise FeaturecacheError("no such base")
+
+    args = argparse.Namespace()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert run_main(lambda _args: 0, args) == 0 and run_main(refused, args) == 2
+    with pytest.raises(RuntimeError):
+        run_main(lost_peer, args)
+    assert exits == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for main in (lambda _args: 0, refused, lost_peer):
+        run_main(main, args)
+    assert exits == [0, 2, 1]
+    err = capsys.readouterr().err
+    assert "featurecache: error: no such base" in err and "RuntimeError: Connection closed by peer" in err
