@@ -12,6 +12,7 @@ tree is never modified.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -275,20 +276,69 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
 def _recorded_or_new_split(
     pool: list[tuple[str, int]], fractions: dict[str, float], *, seed: int, record_path: Path | None
 ) -> dict[str, list[str]]:
-    items = [p for p, _ in pool]
+    """The recorded split, grown by the files added since (:func:`extend_split`); a new one where there is no
+    record, its seed or fractions changed, or it cannot be grown."""
     params = {"seed": seed, "fractions": fractions}
-    if record_path is not None and record_path.is_file():
-        record = json.loads(record_path.read_text())
-        recorded = sorted(p for s in record["splits"].values() for p in s)
-        if recorded == sorted(items) and record.get("params") == params:
-            return record["splits"]
-        log.warning("files or split parameters changed since %s was written; making a new split", record_path)
-    split_files = stratified_split(items, [lbl for _, lbl in pool], fractions=fractions, seed=seed)
+    record = json.loads(record_path.read_text()) if record_path is not None and record_path.is_file() else None
+    if record is not None and record.get("params") == params:
+        split_files = extend_split(record["splits"], pool, fractions, seed=seed)
+        if split_files == record["splits"]:
+            return split_files
+        if split_files is not None:
+            _write_split_record(record_path, params, split_files)
+            log.info("files added or removed since %s was written: the recorded files keep their split; now %s",
+                     record_path, ", ".join(f"{s} {len(v)}" for s, v in split_files.items()))  # fmt: skip
+            return split_files
+        log.warning("since %s was written a class lost every file of one split; making a new split", record_path)
+    elif record is not None:
+        log.warning("split seed or fractions changed since %s was written; making a new split", record_path)
+    split_files = stratified_split([p for p, _ in pool], [lbl for _, lbl in pool], fractions=fractions, seed=seed)
     if record_path is not None:
-        record = {"version": SPLIT_RECORD_VERSION, "params": params, "splits": split_files}
-        atomic_write_text(record_path, json.dumps(record, indent=1))
+        _write_split_record(record_path, params, split_files)
         log.info("recorded a %s split (seed %d) in %s", "/".join(split_files), seed, record_path)
     return split_files
+
+
+def _write_split_record(record_path: Path, params: dict[str, Any], split_files: dict[str, list[str]]) -> None:
+    record = {"version": SPLIT_RECORD_VERSION, "params": params, "splits": split_files}
+    atomic_write_text(record_path, json.dumps(record, indent=1))
+
+
+def extend_split(
+    recorded: dict[str, list[str]], pool: list[tuple[str, int]], fractions: dict[str, float], *, seed: int
+) -> dict[str, list[str]] | None:
+    """``recorded`` (split -> files) for the files of ``pool`` (``(path, label)``) now: files that are gone leave
+    their split, every other recorded file stays in its split, and each class's new files top val/test up to
+    the sizes :func:`stratified_split` gives the class's count now, the rest going to train. None when a class
+    would be left without a file in some split.
+
+    So adding photos to a folder moves none of those already there: a test set stays the test set, and the
+    caches of the splits that gained nothing stay valid.
+    """
+    import numpy as np
+
+    label_of = dict(pool)
+    kept = {name: [p for p in files if p in label_of] for name, files in recorded.items()}
+    placed = {p for files in kept.values() for p in files}
+    added: dict[int, list[str]] = {}
+    for path, label in sorted(pool):
+        if path not in placed:
+            added.setdefault(label, []).append(path)
+    class_size = collections.Counter(label_of.values())
+    rng = np.random.default_rng(seed)
+    parts = {name: list(files) for name, files in kept.items()}
+    for label in sorted(added):
+        members = [added[label][i] for i in rng.permutation(len(added[label]))]
+        for name, frac in fractions.items():
+            want = max(1, int(round(frac * class_size[label])))
+            have = sum(label_of[p] == label for p in parts[name])
+            take = max(0, want - have)
+            parts[name].extend(members[:take])
+            members = members[take:]
+        parts["train"].extend(members)
+    if any({label_of[p] for p in files} != set(class_size) for files in parts.values()):
+        return None
+    return {name: sorted(files) for name, files in parts.items()}
 
 
 def fingerprint_files(index: SplitIndex, *, mode: str = "content", workers: int = 8) -> str:

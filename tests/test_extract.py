@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -266,6 +267,41 @@ def test_missing_splits_are_made_stratified_and_recorded(tmp_path, paths):
     assert {s: ix.paths for s, ix in again.items()} == {s: ix.paths for s, ix in first.items()}
     recorded = json.loads(record.read_text())["splits"]
     assert recorded["test"] == list(first["test"].paths)
+
+
+def test_a_recorded_split_keeps_its_files_where_they_are_as_files_are_added_and_removed(tmp_path, paths, caplog):
+    root = make_image_folder(tmp_path / "flat", per_class={"all": 10}, splits=False)
+    record = paths.split_record("flat")
+    first = {s: set(ix.paths) for s, ix in discover_splits(root, record_path=record).items()}
+    classes = sorted(p.name for p in root.iterdir())
+    for name in classes:  # 6 more photos per class: val and test already hold round(15% of 16) = 2 per class
+        source = next(p for p in sorted((root / name).iterdir()) if p.suffix == ".png")
+        for i in range(6):
+            shutil.copy(source, root / name / f"added_{i}.png")
+    with caplog.at_level("INFO", logger="featurecache.data"):
+        grown = {s: set(ix.paths) for s, ix in discover_splits(root, record_path=record).items()}
+    assert "the recorded files keep their split" in caplog.text
+    assert grown["val"] == first["val"] and grown["test"] == first["test"]  # their caches stay valid
+    assert grown["train"] - first["train"] == {f"{c}/added_{i}.png" for c in classes for i in range(6)}
+
+    (root / "newclass").mkdir()  # a new class gets its stratified share; nothing recorded moves
+    for i in range(8):
+        shutil.copy(next((root / classes[0]).iterdir()), root / "newclass" / f"n{i}.png")
+    (root / sorted(first["val"])[0]).unlink()  # a val file removed: only it leaves
+    again = discover_splits(root, record_path=record)
+    with_new = {s: set(ix.paths) for s, ix in again.items()}
+    for s in first:
+        assert (grown[s] - {sorted(first["val"])[0]}) <= with_new[s]
+    newclass = {s: sum(p.startswith("newclass/") for p in v) for s, v in with_new.items()}
+    assert newclass == {"train": 6, "val": 1, "test": 1} and set(again["val"].labels) == {0, 1, 2, 3}
+    assert {s: set(ix.paths) for s, ix in discover_splits(root, record_path=record).items()} == with_new
+
+    for path in list((root / "newclass").iterdir()):  # a class left without test files: a new split is drawn
+        if f"newclass/{path.name}" in with_new["test"]:
+            path.unlink()
+    with caplog.at_level("WARNING", logger="featurecache.data"):
+        redrawn = discover_splits(root, record_path=record)
+    assert "making a new split" in caplog.text and sum(p.startswith("newclass/") for p in redrawn["test"].paths) == 1
 
 
 def test_second_writer_is_refused(tiny, paths):
