@@ -279,7 +279,7 @@ def _recorded_or_new_split(
     """The recorded split, grown by the files added since (:func:`extend_split`); a new one where there is no
     record, its seed or fractions changed, or it cannot be grown."""
     params = {"seed": seed, "fractions": fractions}
-    record = json.loads(record_path.read_text()) if record_path is not None and record_path.is_file() else None
+    record = _read_split_record(record_path) if record_path is not None and record_path.is_file() else None
     if record is not None and record.get("params") == params:
         split_files = extend_split(record["splits"], pool, fractions, seed=seed)
         if split_files == record["splits"]:
@@ -297,6 +297,24 @@ def _recorded_or_new_split(
         _write_split_record(record_path, params, split_files)
         log.info("recorded a %s split (seed %d) in %s", "/".join(split_files), seed, record_path)
     return split_files
+
+
+def _read_split_record(record_path: Path) -> dict[str, Any]:
+    """A split record as written by :func:`_write_split_record`; a file that is not one is refused (drawing a new
+    split over it would silently move the user's test set)."""
+    try:
+        record = json.loads(record_path.read_text())
+        splits, fractions = record["splits"], record["params"]["fractions"]
+        if not {"train", *fractions} <= set(splits) or not all(
+            isinstance(files, list) and all(isinstance(p, str) for p in files) for files in splits.values()
+        ):
+            raise ValueError("a split is missing or is not a list of paths")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FeaturecacheError(
+            f"{record_path} is not a split record ({bad_image_reason(exc)}); restore it, or delete it to draw a new "
+            f"seeded split"
+        ) from None
+    return record
 
 
 def _write_split_record(record_path: Path, params: dict[str, Any], split_files: dict[str, list[str]]) -> None:

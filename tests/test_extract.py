@@ -303,6 +303,12 @@ def test_a_recorded_split_keeps_its_files_where_they_are_as_files_are_added_and_
         redrawn = discover_splits(root, record_path=record)
     assert "making a new split" in caplog.text and sum(p.startswith("newclass/") for p in redrawn["test"].paths) == 1
 
+    for text in ('{"version": 1, "splits": ', '{"params": {"seed": 0, "fractions": {"val": 0.15, "test": 0.15}}}'):
+        record.write_text(text)  # a hand-edited record: refused in one line, never replaced by a new draw
+        with pytest.raises(FeaturecacheError, match=r"splits.json is not a split record .*delete it to draw a new"):
+            discover_splits(root, record_path=record)
+        assert record.read_text() == text
+
 
 def test_second_writer_is_refused(tiny, paths):
     final = paths.feature_file("tiny", BASE, "val")
