@@ -196,7 +196,7 @@ def discover_splits(
     root: str | os.PathLike,
     *,
     record_path: Path | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     test_fraction: float = DEFAULT_TEST_FRACTION,
 ) -> dict[str, SplitIndex]:
@@ -205,7 +205,8 @@ def discover_splits(
     Args:
         root: the dataset folder.
         record_path: where a split made here is recorded (JSON) and re-read on later runs.
-        seed: seed of that split.
+        seed: seed of that split; None: the seed the record was made with (a reader of the caches made from it,
+            such as fine-tuning, must not draw a split of its own over it), 0 without a record.
         val_fraction, test_fraction: per-class fractions carved out when the split is missing.
     """
     root = Path(root)
@@ -274,23 +275,25 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
 
 
 def _recorded_or_new_split(
-    pool: list[tuple[str, int]], fractions: dict[str, float], *, seed: int, record_path: Path | None
+    pool: list[tuple[str, int]], fractions: dict[str, float], *, seed: int | None, record_path: Path | None
 ) -> dict[str, list[str]]:
     """The recorded split, grown by the files added since (:func:`extend_split`); a new one where there is no
-    record, its seed or fractions changed, or it cannot be grown."""
-    params = {"seed": seed, "fractions": fractions}
+    record or its seed or fractions changed (``seed`` None: the record's own)."""
     record = _read_split_record(record_path) if record_path is not None and record_path.is_file() else None
-    if record is not None and record.get("params") == params:
-        split_files = extend_split(record["splits"], pool, fractions, seed=seed)
-        if split_files == record["splits"]:
-            return split_files
-        if split_files is not None:
+    if seed is None:
+        seed = int(record["params"]["seed"]) if record is not None else 0
+    params = {"seed": seed, "fractions": fractions}
+    if record is not None and record["params"] == params:
+        split_files, redrawn = extend_split(record["splits"], pool, fractions, seed=seed)
+        if split_files != record["splits"]:
             _write_split_record(record_path, params, split_files)
             log.info("files added or removed since %s was written: the recorded files keep their split; now %s",
                      record_path, ", ".join(f"{s} {len(v)}" for s, v in split_files.items()))  # fmt: skip
-            return split_files
-        log.warning("since %s was written a class lost every file of one split; making a new split", record_path)
-    elif record is not None:
+        if redrawn:
+            log.warning("%s lost every file of one split since %s was written: drawn again (other classes keep "
+                        "their split)", ", ".join(redrawn), record_path)  # fmt: skip
+        return split_files
+    if record is not None:
         log.warning("split seed or fractions changed since %s was written; making a new split", record_path)
     split_files = stratified_split([p for p, _ in pool], [lbl for _, lbl in pool], fractions=fractions, seed=seed)
     if record_path is not None:
@@ -309,7 +312,7 @@ def _read_split_record(record_path: Path) -> dict[str, Any]:
             isinstance(files, list) and all(isinstance(p, str) for p in files) for files in splits.values()
         ):
             raise ValueError("a split is missing or is not a list of paths")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FeaturecacheError(
             f"{record_path} is not a split record ({bad_image_reason(exc)}); restore it, or delete it to draw a new "
             f"seeded split"
@@ -324,14 +327,14 @@ def _write_split_record(record_path: Path, params: dict[str, Any], split_files: 
 
 def extend_split(
     recorded: dict[str, list[str]], pool: list[tuple[str, int]], fractions: dict[str, float], *, seed: int
-) -> dict[str, list[str]] | None:
-    """``recorded`` (split -> files) for the files of ``pool`` (``(path, label)``) now: files that are gone leave
-    their split, every other recorded file stays in its split, and each class's new files top val/test up to
-    the sizes :func:`stratified_split` gives the class's count now, the rest going to train. None when a class
-    would be left without a file in some split.
+) -> tuple[dict[str, list[str]], list[str]]:
+    """``recorded`` (split -> files) for the files of ``pool`` (``(path, label)``) now, and the class folders
+    drawn again. Files that are gone leave their split, every other recorded file stays in its split, and each
+    class's new files top val/test up to the sizes :func:`stratified_split` gives the class's count now, the
+    rest going to train. A class left without a file in some split is drawn again on its own.
 
-    So adding photos to a folder moves none of those already there: a test set stays the test set, and the
-    caches of the splits that gained nothing stay valid.
+    So adding photos to a folder moves none of those already there, and the caches of the splits that gained
+    nothing stay valid.
     """
     import numpy as np
 
@@ -354,9 +357,16 @@ def extend_split(
             parts[name].extend(members[:take])
             members = members[take:]
         parts["train"].extend(members)
-    if any({label_of[p] for p in files} != set(class_size) for files in parts.values()):
-        return None
-    return {name: sorted(files) for name, files in parts.items()}
+    present = [{label_of[p] for p in files} for files in parts.values()]
+    broken = {label for label in class_size if any(label not in labels for labels in present)}
+    redrawn = [p for p in label_of if label_of[p] in broken]
+    if redrawn:
+        parts = {name: [p for p in files if label_of[p] not in broken] for name, files in parts.items()}
+        again = stratified_split(redrawn, [label_of[p] for p in redrawn], fractions=fractions, seed=seed)
+        for name, files in again.items():
+            parts[name].extend(files)
+    folders = sorted({str(Path(p).parent) for p in redrawn})
+    return {name: sorted(files) for name, files in parts.items()}, folders
 
 
 def fingerprint_files(index: SplitIndex, *, mode: str = "content", workers: int = 8) -> str:

@@ -211,7 +211,7 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
     model, loaded = build_model(head_record, estimator, seed=options.seed)
     device = resolve_device(options.device)
     root = Path(metas["train"]["dataset_root"])
-    index = discover_splits(root, record_path=paths.split_record(dataset))
+    index = discover_splits(root, record_path=paths.split_record(dataset), seed=None)  # the split of the caches
     _check_dataset_unchanged(root, index, files, head_record.class_names)
     splits = Splits(index=index, labels={s: np.asarray(index[s].labels) for s in index},
                     eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,

@@ -283,6 +283,18 @@ def test_a_recorded_split_keeps_its_files_where_they_are_as_files_are_added_and_
     assert "the recorded files keep their split" in caplog.text
     assert grown["val"] == first["val"] and grown["test"] == first["test"]  # their caches stay valid
     assert grown["train"] - first["train"] == {f"{c}/added_{i}.png" for c in classes for i in range(6)}
+    for name in classes:  # 20 per class: val and test now hold 3 each, one more from the added files
+        for i in range(6, 10):
+            shutil.copy(root / name / "added_0.png", root / name / f"added_{i}.png")
+    before = grown
+    grown = {s: set(ix.paths) for s, ix in discover_splits(root, record_path=record).items()}
+    for s in ("val", "test"):
+        gained = grown[s] - before[s]
+        assert before[s] <= grown[s] and len(gained) == 3 and all("/added_" in p for p in gained)
+        assert {p.split("/")[0] for p in gained} == set(classes)
+    written = record.stat().st_mtime_ns
+    assert {s: set(ix.paths) for s, ix in discover_splits(root, record_path=record).items()} == grown
+    assert record.stat().st_mtime_ns == written  # nothing changed: the record is not rewritten
 
     (root / "newclass").mkdir()  # a new class gets its stratified share; nothing recorded moves
     for i in range(8):
@@ -296,18 +308,42 @@ def test_a_recorded_split_keeps_its_files_where_they_are_as_files_are_added_and_
     assert newclass == {"train": 6, "val": 1, "test": 1} and set(again["val"].labels) == {0, 1, 2, 3}
     assert {s: set(ix.paths) for s, ix in discover_splits(root, record_path=record).items()} == with_new
 
-    for path in list((root / "newclass").iterdir()):  # a class left without test files: a new split is drawn
+    for path in list((root / "newclass").iterdir()):  # a class left without test files is drawn again, alone
         if f"newclass/{path.name}" in with_new["test"]:
             path.unlink()
     with caplog.at_level("WARNING", logger="featurecache.data"):
-        redrawn = discover_splits(root, record_path=record)
-    assert "making a new split" in caplog.text and sum(p.startswith("newclass/") for p in redrawn["test"].paths) == 1
+        redrawn = {s: set(ix.paths) for s, ix in discover_splits(root, record_path=record).items()}
+    assert "newclass lost every file of one split" in caplog.text
+    assert sum(p.startswith("newclass/") for p in redrawn["test"]) == 1
+    for s in redrawn:
+        assert {p for p in redrawn[s] if not p.startswith("newclass/")} == {
+            p for p in with_new[s] if not p.startswith("newclass/")
+        }
 
-    for text in ('{"version": 1, "splits": ', '{"params": {"seed": 0, "fractions": {"val": 0.15, "test": 0.15}}}'):
+    fractions = '"params": {"seed": 0, "fractions": {"val": 0.15, "test": 0.15}}'
+    for text in (
+        '{"version": 1, "splits": ',
+        "{" + fractions + "}",
+        '{"splits": ["train", "val", "test"], ' + fractions + "}",
+    ):
         record.write_text(text)  # a hand-edited record: refused in one line, never replaced by a new draw
         with pytest.raises(FeaturecacheError, match=r"splits.json is not a split record .*delete it to draw a new"):
             discover_splits(root, record_path=record)
         assert record.read_text() == text
+
+
+def test_a_reader_of_the_caches_uses_the_recorded_split_whatever_its_seed(tmp_path, paths, caplog):
+    # Fine-tuning rebuilds the split the caches came from; drawing a seed-0 split over an --seed 3 record would
+    # overwrite it for good once the record has grown.
+    root = make_image_folder(tmp_path / "flat", per_class={"all": 10}, splits=False)
+    record = paths.split_record("flat")
+    seeded = {s: ix.paths for s, ix in discover_splits(root, record_path=record, seed=3).items()}
+    written = record.read_text()
+    assert {s: ix.paths for s, ix in discover_splits(root, record_path=record, seed=None).items()} == seeded
+    assert record.read_text() == written and json.loads(written)["params"]["seed"] == 3
+    with caplog.at_level("WARNING", logger="featurecache.data"):
+        discover_splits(root, record_path=record, seed=0)
+    assert "split seed or fractions changed" in caplog.text
 
 
 def test_second_writer_is_refused(tiny, paths):
