@@ -126,9 +126,12 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-## Remove feature caches, models and reports under FEATURECACHE_HOME (default: here; data/raw is kept)
+## Remove feature caches, models and reports under FEATURECACHE_HOME (default: here; data/raw and splits.json kept)
 clean:
-	rm -rf "$(or $(FEATURECACHE_HOME),.)"/{data/features,models,reports} .pytest_cache
+	home="$(or $(FEATURECACHE_HOME),.)"; \
+	find "$$home/data/features" -mindepth 1 ! -type d ! -name splits.json -delete 2>/dev/null; \
+	find "$$home/data/features" -mindepth 1 -type d -empty -delete 2>/dev/null; \
+	rm -rf "$$home"/{models,reports} .pytest_cache
 
 ## Show this help
 help:

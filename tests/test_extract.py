@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -344,6 +345,22 @@ def test_a_reader_of_the_caches_uses_the_recorded_split_whatever_its_seed(tmp_pa
     with caplog.at_level("WARNING", logger="featurecache.data"):
         discover_splits(root, record_path=record, seed=0)
     assert "split seed or fractions changed" in caplog.text
+
+
+def test_make_clean_removes_caches_models_and_reports_but_keeps_raw_data_and_split_records(tmp_path):
+    # A grown split record is the only copy of the user's split: clearing caches must not redraw their test set.
+    home = tmp_path / "home"
+    record, raw = home / "data/features/flat/splits.json", home / "data/raw/flat/circle/a.png"
+    cache, head = home / f"data/features/flat/{BASE}/train.h5", home / "models/flat/layer/logreg/head.joblib"
+    for f in (record, raw, cache, head, home / "reports/flat/report.md"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        ["make", "-s", "-C", str(repo), "clean", f"FEATURECACHE_HOME={home}"], check=True, capture_output=True
+    )
+    assert record.is_file() and raw.is_file()
+    assert not cache.parent.exists() and not (home / "models").exists() and not (home / "reports").exists()
 
 
 def test_second_writer_is_refused(tiny, paths):
