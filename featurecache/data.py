@@ -224,7 +224,7 @@ def discover_splits(
         pool = entries(source)
         fractions = {"val": val_fraction, "test": test_fraction}
         fractions = {s: f for s, f in fractions.items() if s in missing}
-        split_files = _recorded_or_new_split(pool, fractions, seed=seed, record_path=record_path)
+        split_files = _recorded_or_new_split(pool, fractions, seed=seed, record_path=record_path, root=root)
         label_by_path = dict(pool)
         listed = {s: [(p, label_by_path[p]) for p in split_files[s]] for s in split_files}
         for s in found:
@@ -275,18 +275,21 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
 
 
 def _recorded_or_new_split(
-    pool: list[tuple[str, int]], fractions: dict[str, float], *, seed: int | None, record_path: Path | None
+    pool: list[tuple[str, int]], fractions: dict[str, float], *, seed: int | None, record_path: Path | None, root: Path
 ) -> dict[str, list[str]]:
     """The recorded split, grown by the files added since (:func:`extend_split`); a new one where there is no
     record or its seed or fractions changed (``seed`` None: the record's own)."""
     record = _read_split_record(record_path) if record_path is not None and record_path.is_file() else None
+    if record is not None:
+        _check_same_folder(record, record_path, pool, root)
     if seed is None:
         seed = int(record["params"]["seed"]) if record is not None else 0
     params = {"seed": seed, "fractions": fractions}
     if record is not None and record["params"] == params:
         split_files, redrawn = extend_split(record["splits"], pool, fractions, seed=seed)
+        if split_files != record["splits"] or record.get("root") != str(root.resolve()):  # grown, or moved here
+            _write_split_record(record_path, params, split_files, root)
         if split_files != record["splits"]:
-            _write_split_record(record_path, params, split_files)
             log.info("files added or removed since %s was written: the recorded files keep their split; now %s",
                      record_path, ", ".join(f"{s} {len(v)}" for s, v in split_files.items()))  # fmt: skip
         if redrawn:
@@ -297,7 +300,7 @@ def _recorded_or_new_split(
         log.warning("split seed or fractions changed since %s was written; making a new split", record_path)
     split_files = stratified_split([p for p, _ in pool], [lbl for _, lbl in pool], fractions=fractions, seed=seed)
     if record_path is not None:
-        _write_split_record(record_path, params, split_files)
+        _write_split_record(record_path, params, split_files, root)
         log.info("recorded a %s split (seed %d) in %s", "/".join(split_files), seed, record_path)
     return split_files
 
@@ -320,8 +323,25 @@ def _read_split_record(record_path: Path) -> dict[str, Any]:
     return record
 
 
-def _write_split_record(record_path: Path, params: dict[str, Any], split_files: dict[str, list[str]]) -> None:
-    record = {"version": SPLIT_RECORD_VERSION, "params": params, "splits": split_files}
+def _check_same_folder(record: dict[str, Any], record_path: Path, pool: list[tuple[str, int]], root: Path) -> None:
+    """Refuse a record of another folder with the same name: growing it would throw that folder's split away.
+    A folder that moved keeps its files' relative paths, so any recorded file found here means the same one."""
+    recorded_root = record.get("root")  # records written before roots were kept have none
+    if recorded_root is None or recorded_root == str(root.resolve()):
+        return
+    here = {p for p, _ in pool}
+    if not any(p in here for files in record["splits"].values() for p in files):
+        raise FeaturecacheError(
+            f"{record_path} holds the split of another folder, {recorded_root}, and none of its files is in {root}; "
+            f"give this folder its own name (extract --dataset NAME, compare-layers NAME={root}), or delete the "
+            f"record if that folder is gone"
+        )
+
+
+def _write_split_record(
+    record_path: Path, params: dict[str, Any], split_files: dict[str, list[str]], root: Path
+) -> None:
+    record = {"version": SPLIT_RECORD_VERSION, "root": str(root.resolve()), "params": params, "splits": split_files}
     atomic_write_text(record_path, json.dumps(record, indent=1))
 
 

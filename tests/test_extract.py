@@ -347,6 +347,22 @@ def test_a_reader_of_the_caches_uses_the_recorded_split_whatever_its_seed(tmp_pa
     assert "split seed or fractions changed" in caplog.text
 
 
+def test_a_split_record_belongs_to_its_folder_wherever_it_moves(tmp_path, paths):
+    record = paths.split_record("photos")
+    first = make_image_folder(tmp_path / "a" / "photos", per_class={"all": 6}, splits=False)
+    made = {s: ix.paths for s, ix in discover_splits(first, record_path=record).items()}
+    other = tmp_path / "b" / "photos"  # another folder of the same name: growing the record would lose a's split
+    for name in ("cats", "dogs"):
+        (other / name).mkdir(parents=True)
+        for i in range(4):
+            shutil.copy(next(first.rglob("*.png")), other / name / f"{name}{i}.png")
+    with pytest.raises(FeaturecacheError, match=r"holds the split of another folder, .*a/photos.*--dataset NAME"):
+        discover_splits(other, record_path=record)
+    moved = shutil.move(first, tmp_path / "elsewhere")  # the same folder moved: same relative paths
+    assert {s: ix.paths for s, ix in discover_splits(moved, record_path=record).items()} == made
+    assert json.loads(record.read_text())["root"] == str(Path(moved).resolve())
+
+
 def test_make_clean_removes_caches_models_and_reports_but_keeps_raw_data_and_split_records(tmp_path):
     # A grown split record is the only copy of the user's split: clearing caches must not redraw their test set.
     home = tmp_path / "home"
