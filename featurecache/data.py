@@ -289,12 +289,16 @@ def _recorded_or_new_split(
         split_files, redrawn = extend_split(record["splits"], pool, fractions, seed=seed)
         if split_files != record["splits"] or record.get("root") != str(root.resolve()):  # grown, or moved here
             _write_split_record(record_path, params, split_files, root)
-        if split_files != record["splits"]:
-            log.info("files added or removed since %s was written: the recorded files keep their split; now %s",
-                     record_path, ", ".join(f"{s} {len(v)}" for s, v in split_files.items()))  # fmt: skip
+        sizes = ", ".join(f"{s} {len(v)}" for s, v in split_files.items())
         if redrawn:
-            log.warning("%s lost every file of one split since %s was written: drawn again (other classes keep "
-                        "their split)", ", ".join(redrawn), record_path)  # fmt: skip
+            log.warning("%s lost every file of one split since %s was written: drawn again, so its files may "
+                        "change split; the other classes keep theirs (now %s)", ", ".join(redrawn), record_path,
+                        sizes)  # fmt: skip
+        elif split_files != record["splits"]:
+            log.info("files added or removed since %s was written: every recorded file keeps its split (now %s)",
+                     record_path, sizes)  # fmt: skip
+        else:
+            log.info("using the split recorded in %s (seed %d: %s)", record_path, seed, sizes)
         return split_files
     if record is not None:
         log.warning("split seed or fractions changed since %s was written; making a new split", record_path)
@@ -318,7 +322,7 @@ def _read_split_record(record_path: Path) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FeaturecacheError(
             f"{record_path} is not a split record ({bad_image_reason(exc)}); restore it, or delete it to draw a new "
-            f"seeded split"
+            f"seeded split (which moves files between train, val and test)"
         ) from None
     return record
 
