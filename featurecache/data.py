@@ -280,21 +280,23 @@ def _recorded_or_new_split(
     """The recorded split, grown by the files added since (:func:`extend_split`); a new one where there is no
     record or its seed or fractions changed (``seed`` None: the record's own)."""
     record = _read_split_record(record_path) if record_path is not None and record_path.is_file() else None
+    folder = str(root.resolve())
     if record is not None:
-        _check_same_folder(record, record_path, pool, root)
+        _check_same_folder(record, record_path, pool, folder)
     if seed is None:
         seed = int(record["params"]["seed"]) if record is not None else 0
     params = {"seed": seed, "fractions": fractions}
     if record is not None and record["params"] == params:
         split_files, redrawn = extend_split(record["splits"], pool, fractions, seed=seed)
-        if split_files != record["splits"] or record.get("root") != str(root.resolve()):  # grown, or moved here
-            _write_split_record(record_path, params, split_files, root)
+        changed = split_files != record["splits"]
+        if changed or record.get("root") != folder:  # grown, or moved here
+            _write_split_record(record_path, params, split_files, folder)
         sizes = ", ".join(f"{s} {len(v)}" for s, v in split_files.items())
         if redrawn:
             log.warning("%s lost every file of one split since %s was written: drawn again, so its files may "
                         "change split; the other classes keep theirs (now %s)", ", ".join(redrawn), record_path,
                         sizes)  # fmt: skip
-        elif split_files != record["splits"]:
+        elif changed:
             log.info("files added or removed since %s was written: every recorded file keeps its split (now %s)",
                      record_path, sizes)  # fmt: skip
         else:
@@ -304,7 +306,7 @@ def _recorded_or_new_split(
         log.warning("split seed or fractions changed since %s was written; making a new split", record_path)
     split_files = stratified_split([p for p, _ in pool], [lbl for _, lbl in pool], fractions=fractions, seed=seed)
     if record_path is not None:
-        _write_split_record(record_path, params, split_files, root)
+        _write_split_record(record_path, params, split_files, folder)
         log.info("recorded a %s split (seed %d) in %s", "/".join(split_files), seed, record_path)
     return split_files
 
@@ -327,25 +329,26 @@ def _read_split_record(record_path: Path) -> dict[str, Any]:
     return record
 
 
-def _check_same_folder(record: dict[str, Any], record_path: Path, pool: list[tuple[str, int]], root: Path) -> None:
-    """Refuse a record of another folder with the same name: growing it would throw that folder's split away.
-    A folder that moved keeps its files' relative paths, so any recorded file found here means the same one."""
+def _check_same_folder(record: dict[str, Any], record_path: Path, pool: list[tuple[str, int]], folder: str) -> None:
+    """Refuse a record of another folder (``folder``: this one, resolved) with the same name: growing it would
+    throw that folder's split away. A folder that moved keeps its files' relative paths, so any recorded file found
+    here means the same one."""
     recorded_root = record.get("root")  # records written before roots were kept have none
-    if recorded_root is None or recorded_root == str(root.resolve()):
+    if recorded_root is None or recorded_root == folder:
         return
     here = {p for p, _ in pool}
     if not any(p in here for files in record["splits"].values() for p in files):
         raise FeaturecacheError(
-            f"{record_path} holds the split of another folder, {recorded_root}, and none of its files is in {root}; "
-            f"give this folder its own name (extract --dataset NAME, compare-layers NAME={root}), or delete the "
-            f"record if that folder is gone"
+            f"{record_path} holds the split of another folder, {recorded_root}, and none of its files is in "
+            f"{folder}; give this folder its own name (extract --dataset NAME, compare-layers NAME={folder}), or "
+            f"delete the record if that folder is gone"
         )
 
 
 def _write_split_record(
-    record_path: Path, params: dict[str, Any], split_files: dict[str, list[str]], root: Path
+    record_path: Path, params: dict[str, Any], split_files: dict[str, list[str]], folder: str
 ) -> None:
-    record = {"version": SPLIT_RECORD_VERSION, "root": str(root.resolve()), "params": params, "splits": split_files}
+    record = {"version": SPLIT_RECORD_VERSION, "root": folder, "params": params, "splits": split_files}
     atomic_write_text(record_path, json.dumps(record, indent=1))
 
 
@@ -372,12 +375,11 @@ def extend_split(
     class_size = collections.Counter(label_of.values())
     rng = np.random.default_rng(seed)
     parts = {name: list(files) for name, files in kept.items()}
+    held = {name: collections.Counter(label_of[p] for p in files) for name, files in kept.items()}  # class counts
     for label in sorted(added):
         members = [added[label][i] for i in rng.permutation(len(added[label]))]
         for name, frac in fractions.items():
-            want = max(1, int(round(frac * class_size[label])))
-            have = sum(label_of[p] == label for p in parts[name])
-            take = max(0, want - have)
+            take = max(0, max(1, int(round(frac * class_size[label]))) - held[name][label])
             parts[name].extend(members[:take])
             members = members[take:]
         parts["train"].extend(members)

@@ -269,14 +269,16 @@ def _unreadable(result: SplitResult, index: SplitIndex) -> str | None:
     if result.split != "train":
         return None
     labels, _, valid = store.read_rows(result.path)
-    for c, name in enumerate(index.class_names):
-        if (labels == c).any() and not valid[labels == c].any():
-            path, reason = next((p, r) for row, p, r in skipped if labels[row] == c)
-            return (
-                f"no image of class {name!r} in train could be read (the first, {path}: {reason}); make them "
-                f"readable, or remove the class folder"
-            )
-    return None
+    classes = len(index.class_names)
+    unread = (np.bincount(labels, minlength=classes) > 0) & (np.bincount(labels[valid], minlength=classes) == 0)
+    if not unread.any():
+        return None
+    c = int(np.argmax(unread))  # the first such class
+    path, reason = next((p, r) for row, p, r in skipped if labels[row] == c)
+    return (
+        f"no image of class {index.class_names[c]!r} in train could be read (the first, {path}: {reason}); make "
+        f"them readable, or remove the class folder"
+    )
 
 
 def _suggest_draft(index: SplitIndex, runner: _Runner, sample: int = 8) -> None:
