@@ -53,7 +53,8 @@ ALPHA_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "mean": (124,
 # turns by their tag as it loads them. Part of every cache's fingerprint.
 ORIENTATION_MODES = ("exif", "ignore")
 DEFAULT_ORIENTATION = "exif"
-DECODE_MODES = ("full", "draft")  # --decode; see featurecache.preprocess.DraftSize
+# --decode; see featurecache.preprocess.DraftSize (draft) and featurecache.gpu_decode (gpu)
+DECODE_MODES = ("full", "draft", "gpu")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Decoding:
     ``alpha``: the background transparent pixels are composited onto (``--alpha``); ``orientation``: whether the
     EXIF orientation tag is applied (``--orientation``); ``decode``: ``"draft"`` decodes large JPEGs at a reduced
     scale where the base's resize allows (``--decode``; what that scale is depends on the base, see
-    ``featurecache.preprocess.draft_for``).
+    ``featurecache.preprocess.draft_for``); ``"gpu"`` decodes JPEGs with nvjpeg and resizes every image with torch on
+    the device that runs the base (``featurecache.gpu_decode.device_geometry_for``).
     """
 
     alpha: str = DEFAULT_ALPHA
@@ -612,14 +614,17 @@ class ImageFiles:
     """A map-style dataset of ``(image_tensor, row_index, error)``; unreadable files give ``error != ""``.
 
     Decoding is :func:`load_image` as ``decoding`` says (PIL, converted to RGB like every torchvision dataset),
-    so grey or palette images become 3-channel inputs; resizing is the base's own transforms.
+    so grey or palette images become 3-channel inputs; resizing is the base's own transforms. ``encoded``
+    (``--decode gpu``): items are :class:`featurecache.gpu_decode.Encoded` (None where unreadable), decoded and
+    resized later on the device, and ``transform`` is not used.
     """
 
     def __init__(
         self, index: SplitIndex, transform: Any, *, input_size: int, rows: Sequence[int],
-        decoding: Decoding = Decoding(), draft: DraftFor | None = None,
+        decoding: Decoding = Decoding(), draft: DraftFor | None = None, encoded: bool = False,
     ) -> None:  # fmt: skip
         self.index = index
+        self.encoded = encoded
         self.transform = transform
         self.input_size = input_size
         self.rows = list(rows)
@@ -636,6 +641,8 @@ class ImageFiles:
         if self._bad is None:
             self._bad = bad_image_errors()
         row = self.rows[i]
+        if self.encoded:
+            return self._encoded(row)
         try:
             image = load_image(self.index.root / self.index.paths[row], self.decoding, draft=self.draft)
         except self._bad as exc:
@@ -647,3 +654,11 @@ class ImageFiles:
         if getattr(self.transform, "per_row", False):
             return self.transform(image, row), row, ""
         return self.transform(image), row, ""
+
+    def _encoded(self, row: int) -> tuple[Any, int, str]:
+        from featurecache.gpu_decode import read_encoded
+
+        try:
+            return read_encoded(self.index.root / self.index.paths[row], self.decoding), row, ""
+        except self._bad as exc:
+            return None, row, bad_image_reason(exc)

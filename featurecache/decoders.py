@@ -43,6 +43,7 @@ def batches(
         pin_memory=device.startswith("cuda"),
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        collate_fn=collate_encoded if data.encoded else None,
     )
 
 
@@ -109,9 +110,21 @@ def decode_batch(data: ImageFiles, rows: tuple[int, int]) -> tuple[Any, Any, lis
     torch's copy kernels would wake its intra-op threads, on the cores the forward pass is using."""
     import torch
 
-    images, indices, errors = zip(*(data[i] for i in range(*rows)), strict=True)
+    items = [data[i] for i in range(*rows)]
+    if data.encoded:
+        return collate_encoded(items)
+    images, indices, errors = zip(*items, strict=True)
     stacked = torch.from_numpy(np.stack([image.numpy() for image in images]))
     return stacked, torch.tensor(indices), list(errors)
+
+
+def collate_encoded(items: Sequence[tuple[Any, int, str]]) -> tuple[list[Any], Any, list[str]]:
+    """``(encoded images, rows, errors)`` under ``--decode gpu``: the images stay a list (JPEG bytes of any length,
+    decoded later on the device by :func:`featurecache.gpu_decode.decode_batch`)."""
+    import torch
+
+    images, indices, errors = zip(*items, strict=True)
+    return list(images), torch.tensor(indices), list(errors)
 
 
 def in_order(

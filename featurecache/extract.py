@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from featurecache import decoders, store
+from featurecache import decoders, gpu_decode, store
 from featurecache import runtime as runtimes
 from featurecache.augment import AUGMENTATIONS, SeededPerRow, train_transform
 from featurecache.bases import RANDOM_INIT_PREFIX, WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
@@ -57,7 +57,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 DECODE_HELP = (
     "full: every image decoded at its size (the base's own preprocessing, bit for bit). draft: JPEGs larger than "
     "twice what the resize keeps are decoded at 1/2-1/8 scale by libjpeg (a 12 MP photo ~9x faster; pixels differ "
-    "by ~0.5-0.6 of 255; recorded in the cache, so a full-decode cache is not reused)"
+    "by ~0.5-0.6 of 255; recorded in the cache, so a full-decode cache is not reused). gpu (CUDA only): JPEGs "
+    "decoded by nvjpeg in batches and every image resized on the GPU by torch, for a GPU that the CPU's decoding "
+    "cannot keep busy (pixels within 1-2 of 255 of PIL's; recorded in the cache)"
 )
 ORIENTATION_HELP = (
     "exif (default): photos are turned upright by their EXIF orientation tag, as every viewer shows them (phones "
@@ -407,10 +409,14 @@ class _Runner:
         # Geometry in the decode workers (uint8 pixels), normalization once per batch here: the same numbers.
         self.preprocessing = Preprocessing(self.transform)
         self.draft = self._draft_size()
-        if options.decode == "draft" and self.draft is None:
+        self.device_geometry = self._device_geometry()
+        if options.decode == "gpu":
+            gpu_decode.check_device(device)
+        if options.decode != "full" and self.draft is None and self.device_geometry is None:
             log.warning(
-                "--decode draft has no effect on %s: its preprocessing does not start with a fixed-size Resize, so "
-                "images are decoded in full (and the cache says so)", loaded.spec.name,
+                "--decode %s has no effect on %s: its preprocessing does not start with a fixed-size Resize%s, so "
+                "images are decoded on the CPU in full (and the cache says so)", options.decode, loaded.spec.name,
+                " (+ CenterCrop) to one shape" if options.decode == "gpu" else "",
             )  # fmt: skip
         on_cuda = device.startswith("cuda")
         amp = options.amp
@@ -439,6 +445,7 @@ class _Runner:
         other.transforms_repr = repr(transform)
         other.preprocessing = Preprocessing(transform)
         other.draft = other._draft_size()
+        other.device_geometry = other._device_geometry()
         other._extra_config = {**self._extra_config, **config}
         return other
 
@@ -446,6 +453,21 @@ class _Runner:
         """What ``--decode draft`` decodes JPEGs to keep under this preprocessing; None: decoded in full (the
         default, and augmentations, which crop at random scales)."""
         return draft_for(self.preprocessing, self.options.decode)
+
+    def _device_geometry(self) -> gpu_decode.DeviceGeometry | None:
+        """What ``--decode gpu`` resizes on the device under this preprocessing; None: decoded on the CPU (the
+        default, and augmentations)."""
+        return gpu_decode.device_geometry_for(self.preprocessing, self.options.decode)
+
+    def on_device(self, batch: tuple) -> tuple:
+        """A decoded batch as :meth:`forward` takes it: under ``--decode gpu`` its JPEGs are decoded and every image
+        resized on this runner's device (:func:`featurecache.gpu_decode.decode_batch`), which may report more
+        unreadable files; otherwise the batch as it is."""
+        if self.device_geometry is None:
+            return batch
+        images, rows, errors = batch
+        pixels, errors = gpu_decode.decode_batch(images, errors, self.device_geometry, self.device)
+        return pixels, rows, errors
 
     def _load_graph(self, *, rebuild: bool) -> runtimes.ExportedGraph:
         taps = self._choice.taps
@@ -465,20 +487,20 @@ class _Runner:
         Returns True when the runtime was refused and the runner fell back to eager (the caller re-plans, as the
         cache config records the runtime).
         """
-        import torch
 
         choice = self._choice
         if choice.checked or self.runtime == "eager" or len(index) == 0:
             return False
         rows = range(min(len(index), self.options.batch_size, PROBE_ROWS))
-        data = self.image_files(index, rows)
-        return self.check(torch.stack([data[i][0] for i in range(len(rows))]))
+        images, _, _ = self.on_device(decoders.decode_batch(self.image_files(index, rows), (0, len(rows))))
+        return self.check(images)
 
     def image_files(self, index: SplitIndex, rows: Sequence[int]) -> ImageFiles:
         """The ``rows`` of ``index`` as this runner decodes them: its preprocessing's per-image half, the
         options' decoding and the draft size its preprocessing allows."""
         return ImageFiles(index, self.preprocessing.per_image, input_size=self.loaded.spec.input_size, rows=rows,
-                          decoding=self.options.decoding, draft=self.draft)  # fmt: skip
+                          decoding=self.options.decoding, draft=self.draft,
+                          encoded=self.device_geometry is not None)  # fmt: skip
 
     def check(self, images: Any) -> bool:
         """Load the exported runtime and compare it with eager on ``images``; True when it fell back to eager."""
@@ -534,12 +556,12 @@ class _Runner:
         lanes = self.lanes
         if lanes == 1:
             for item in batches:
-                batch = decoders.loaded(item)
+                batch = self.on_device(decoders.loaded(item))
                 yield batch, self.forward(module, batch[0])
             return
 
         def run(i: int, item: tuple | decoders.Deferred) -> tuple[tuple, dict[str, np.ndarray]]:
-            batch = decoders.loaded(item)
+            batch = self.on_device(decoders.loaded(item))
             # At most ``lanes`` in flight: batch i - lanes is done before batch i is submitted, so its slot is free.
             return batch, self.forward(module, batch[0], slot=i % lanes, in_lane=True)
 
@@ -583,6 +605,8 @@ class _Runner:
         }  # fmt: skip
         if self.draft is not None:  # decoding in full adds no key either: caches made before --decode stay valid
             choice.update(decode="draft", draft_rule=DRAFT_RULE)
+        if self.device_geometry is not None:
+            choice.update(decode="gpu", device_decode_rule=gpu_decode.DEVICE_DECODE_RULE)
         return {
             "base": self.loaded.spec.name,
             "weights": self.loaded.weights_id,
@@ -705,11 +729,12 @@ def _stale_keys(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     draft itself stayed (a switch to or from draft names ``decode``); so does ``--orientation ignore``
     (``featurecache.data.Decoding.cache_keys``).
     """
-    defaults = {"runtime": "eager", "precision": "f32", "decode": "full", "draft_rule": None, "orientation": "ignore"}
+    defaults = {"runtime": "eager", "precision": "f32", "decode": "full", "draft_rule": None,
+                "device_decode_rule": None, "orientation": "ignore"}  # fmt: skip
     keys = sorted((set(config) | set(defaults)) - {"class_names"})
     changed = [k for k in keys if meta.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
     if "decode" in changed:
-        changed.remove("draft_rule")
+        changed = [k for k in changed if k not in ("draft_rule", "device_decode_rule")]
     return changed or ["inputs"]
 
 

@@ -217,6 +217,9 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
                     eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,
                     batch_size=options.batch_size, seed=options.seed, workers=options.workers,
                     decoding=Decoding.recorded(metas["train"]))  # fmt: skip
+    if splits.decoding.decode == "gpu":
+        log.info("the caches' JPEGs were decoded by nvjpeg and resized by torch (--decode gpu); fine-tuning decodes "
+                 "and resizes with PIL on the CPU: the same images within 1-2 of 255 per pixel")  # fmt: skip
     return Rebuilt(dataset, base_tag, head_dir, head_record, estimator, files, loaded, model.to(device), splits, device)
 
 

@@ -56,7 +56,7 @@ class HeadRecord:
     timings: Mapping[str, float] | None = None
     alpha: str | None = None  # the background transparent images were composited onto
     orientation: str | None = None  # "exif": photos turned upright by their EXIF tag; None: predates it (ignored)
-    decode: str | None = None  # "draft": JPEGs were decoded at a reduced scale (--decode draft); else in full
+    decode: str | None = None  # "draft": large JPEGs decoded at a reduced scale; "gpu": by nvjpeg, resized by torch
     feature_dtype: str | None = None  # the cache's storage dtype (predict rounds new rows the same way)
     # --- stage-2 heads only
     head_spec: str | None = None  # the registered head (``mlp`` for ``mlp+aug``)

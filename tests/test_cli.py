@@ -46,7 +46,7 @@ def test_usage_errors_are_one_line_naming_help(capsys):
     for argv, expected in (
         (
             ["extract", ".", "--decode", "fast"],
-            "argument --decode: invalid choice: 'fast' (choose from 'full', 'draft')",
+            "argument --decode: invalid choice: 'fast' (choose from 'full', 'draft', 'gpu')",
         ),
         (["extract"], "the following arguments are required: dataset_root"),
         (["nope"], "argument COMMAND: invalid choice: 'nope'"),

@@ -1,0 +1,177 @@
+"""--decode gpu: JPEGs decoded by nvjpeg and every image resized by torch on the device that runs the base.
+
+CI has no GPU, so these tests run every step of that path on the CPU, where ``decode_jpeg`` is libjpeg-turbo:
+the worker side (bytes + EXIF turn, PIL for the rest), the collation, the batch decode with its broken-file
+fallback, the resize, the cache record and predict. Only the ``device="cuda"`` argument (nvjpeg) is not run here;
+outside a test, asking for ``--decode gpu`` on the CPU is refused in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featurecache import FeaturecacheError, load_features, read_metadata
+from featurecache import gpu_decode as G
+from featurecache.augment import train_transform
+from featurecache.bases import load_base
+from featurecache.config import Paths
+from featurecache.data import Decoding, load_image
+from featurecache.extract import ExtractOptions, ExtractRequest, extract
+from featurecache.preprocess import Preprocessing
+from featurecache.store import read_skipped
+from tests.test_decode import photo, photo_folder
+
+BASE = "mobilenet_v2_offline"  # Resize((224, 224)): an exact size, no crop
+OPTIONS = {"dtype": "float32", "progress": False, "runtime": "eager", "device": "cpu"}
+
+
+@pytest.fixture
+def gpu_path_on_cpu(monkeypatch):
+    """``--decode gpu`` allowed on the CPU: the same code, with libjpeg-turbo where a GPU runs nvjpeg."""
+    monkeypatch.setattr(G, "check_device", lambda device: None)
+
+
+def geometry_of(transform, decode: str = "gpu"):
+    return G.device_geometry_for(Preprocessing(transform), decode)
+
+
+def test_the_device_geometry_is_the_bases_fixed_resize_and_crop():
+    from torchvision import transforms as T
+
+    lite0 = geometry_of(load_base("efficientnet_lite0").spec.transforms())
+    assert (lite0.size, lite0.crop, lite0.output_size) == ((256,), (224, 224), (224, 224))
+    exact = geometry_of(load_base(BASE).spec.transforms())
+    assert (exact.size, exact.crop, exact.output_size) == ((224, 224), None, (224, 224))
+    preset = geometry_of(load_base("resnet18", weights="none").spec.transforms())  # a torchvision weights preset
+    assert (preset.size, preset.crop) == ((256,), (224, 224))
+    assert geometry_of(load_base(BASE).spec.transforms(), "full") is None  # only when asked for
+    # Random crops (augmented views), a step beyond resize + crop, or no fixed shape: decoded on the CPU.
+    assert geometry_of(train_transform(load_base(BASE).spec.transforms(), 224, "light")) is None
+    tail = [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+    assert geometry_of(T.Compose([T.Resize(256), T.CenterCrop(224), T.Grayscale(3), *tail])) is None
+    assert geometry_of(T.Compose([T.Resize(256), *tail])) is None  # the shorter side only: shapes would differ
+
+
+@pytest.mark.parametrize("turn", list(Image.Transpose))
+def test_every_exif_turn_turns_the_pixels_as_pil_does(turn):
+    pixels = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    import torch
+
+    turned = G._turned(torch.from_numpy(pixels).permute(2, 0, 1), turn).permute(1, 2, 0).numpy()
+    assert np.array_equal(turned, np.asarray(Image.fromarray(pixels).transpose(turn)))
+
+
+def test_a_batch_of_jpegs_grey_png_and_turned_photos_comes_out_near_pil_and_broken_files_are_named(tmp_path):
+    transform = load_base("efficientnet_lite0").spec.transforms()
+    preprocessing, geometry = Preprocessing(transform), geometry_of(transform)
+    colour = photo(tmp_path / "colour.jpg", (500, 300), 0)
+    Image.open(colour).convert("L").save(tmp_path / "grey.jpg")
+    Image.open(colour).save(tmp_path / "lossless.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": a phone's portrait shot
+    Image.open(colour).save(tmp_path / "portrait.jpg", exif=exif)
+    payload = colour.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(payload[: len(payload) * 4 // 5])
+    (tmp_path / "scrambled.jpg").write_bytes(payload[:400] + bytes(200) + payload[600:])
+    names = ["colour.jpg", "grey.jpg", "lossless.png", "portrait.jpg", "truncated.jpg", "scrambled.jpg"]
+    items = [G.read_encoded(tmp_path / name, Decoding()) for name in names]
+    assert items[2].jpeg is None and items[2].pixels is not None  # not a JPEG: PIL decodes it in the worker
+    assert items[3].turn == Image.Transpose.ROTATE_270 and items[0].turn is None
+    with pytest.raises(OSError):  # a header PIL cannot read fails in the worker, like any unreadable file
+        (tmp_path / "stub.jpg").write_bytes(payload[:300])
+        G.read_encoded(tmp_path / "stub.jpg", Decoding())
+
+    pixels, errors = G.decode_batch([*items, None], [""] * len(items) + ["OSError: unreadable"], geometry, "cpu")
+    assert pixels.shape == (7, 3, 224, 224) and pixels.dtype.is_floating_point is False
+    assert errors[:4] == [""] * 4 and errors[6] == "OSError: unreadable"
+    assert errors[4] == "OSError: cannot decode JPEG: Image is incomplete or truncated"
+    assert errors[5].startswith("OSError: cannot decode JPEG: ") and "decode_jpeg.cpp" not in errors[5]
+    assert not pixels[4:].any()  # unreadable rows are zeros (their features are zeroed anyway)
+    for i, name in enumerate(names[:4]):  # torch's antialiased resize is PIL's within 1-2 of 255
+        reference = preprocessing.per_image(load_image(tmp_path / name, Decoding())).numpy().astype(int)
+        difference = np.abs(reference - pixels[i].numpy())
+        assert difference.max() <= 2 and difference.mean() < 0.05, name
+    ignored = G.read_encoded(tmp_path / "portrait.jpg", Decoding(orientation="ignore"))
+    assert ignored.turn is None  # --orientation ignore: as stored
+
+
+def test_decode_gpu_on_the_cpu_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    root = photo_folder(tmp_path / "photos")
+    request = ExtractRequest(root, base=BASE, layers="flatten")
+    with pytest.raises(FeaturecacheError, match=r"^--decode gpu decodes JPEGs with nvjpeg on a CUDA device, and"):
+        extract(request, paths=Paths(tmp_path / "home"), options=ExtractOptions(decode="gpu", **OPTIONS))
+    assert not list((tmp_path / "home").rglob("*.h5"))  # refused before any file is written
+    from pipelines.cli import run
+
+    monkeypatch.setenv("FEATURECACHE_HOME", str(tmp_path / "cli"))
+    args = ["extract", str(root), "--base", BASE, "--layers", "flatten", "--device", "cpu", "--decode", "gpu"]
+    assert run([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[-1]] and "use --decode draft on the CPU" in err[-1]
+
+
+def test_a_gpu_decoded_cache_is_recorded_near_a_full_one_and_followed_by_predict(tmp_path, caplog, gpu_path_on_cpu):
+    root = photo_folder(tmp_path / "photos")
+    broken = root / "train" / "dark" / "3.jpeg"
+    broken.write_bytes(broken.read_bytes()[:-900])  # a truncated photo: found when the batch is decoded
+    request = ExtractRequest(root, base=BASE, layers="features.6,flatten")
+    full_home, gpu_home = Paths(tmp_path / "full"), Paths(tmp_path / "gpu")
+    full = {r.split: r for r in extract(request, paths=full_home, options=ExtractOptions(**OPTIONS))}
+    gpu = {r.split: r for r in extract(request, paths=gpu_home, options=ExtractOptions(decode="gpu", **OPTIONS))}
+    full_meta, gpu_meta = read_metadata(full["train"].path), read_metadata(gpu["train"].path)
+    assert gpu_meta["decode"] == "gpu" and gpu_meta["device_decode_rule"] == G.DEVICE_DECODE_RULE
+    assert gpu_meta["config_fingerprint"] != full_meta["config_fingerprint"]
+    skipped = [[(path, reason.split(":")[0]) for _, path, reason in read_skipped(r["train"].path)] for r in (full, gpu)]
+    assert skipped[0] == skipped[1] == [("train/dark/3.jpeg", "OSError")]
+    X_full, y, _ = load_features(full["train"].path, "flatten")
+    X_gpu, y_gpu, _ = load_features(gpu["train"].path, "flatten")
+    assert np.array_equal(y, y_gpu) and not np.array_equal(X_full, X_gpu)
+    assert np.abs(X_full - X_gpu).max() / np.abs(X_full).max() < 0.05  # the same images, resized by another kernel
+
+    # The same pixels whichever decoder runs the batches: worker processes (CUDA's default) or decode threads.
+    train_only = ExtractRequest(root, base=BASE, layers="features.6,flatten", splits=["train"])
+    options = ExtractOptions(decode="gpu", workers=1, fingerprint="stat", **OPTIONS)
+    (in_workers,) = extract(train_only, paths=Paths(tmp_path / "workers"), options=options)
+    assert np.array_equal(load_features(in_workers.path, "flatten")[0], X_gpu)
+
+    with caplog.at_level(logging.INFO, logger="featurecache.extract"):
+        (again,) = extract(train_only, paths=gpu_home, options=ExtractOptions(**OPTIONS))
+    assert again.status == "extracted" and "stale (decode changed)" in caplog.text
+    extract(train_only, paths=gpu_home, options=ExtractOptions(decode="gpu", **OPTIONS))
+
+    from featurecache.persist import load_head
+    from featurecache.predict import predict_images
+    from featurecache.train import TrainOptions, train_heads
+
+    train_heads(dataset="photos", base_tag=BASE, layers=["flatten"], heads=["logreg"],
+                options=TrainOptions(progress=False), paths=gpu_home)  # fmt: skip
+    model_dir = gpu_home.models / "photos" / BASE / "flatten" / "logreg"
+    head, record = load_head(model_dir)
+    assert record.decode == "gpu"
+    X_test, _, meta = load_features(gpu["test"].path, "flatten")
+    rows = predict_images(model_dir, [root / p for p in meta["paths"]] + [broken])  # decoded as in training
+    cached = head.predict(X_test.astype(np.float32))
+    assert [r["label"] for r in rows[:-1]] == [record.class_names[i] for i in cached]
+    assert rows[-1]["error"] == "OSError: cannot decode JPEG: Image is incomplete or truncated"
+
+
+def test_augmented_views_are_decoded_on_the_cpu_beside_a_gpu_decoded_train_split(tmp_path, gpu_path_on_cpu):
+    root = photo_folder(tmp_path / "photos")
+    views = ExtractRequest(root, base=BASE, layers="flatten", splits=["train"], train_views=1)
+    train, aug = extract(views, paths=Paths(tmp_path / "home"), options=ExtractOptions(decode="gpu", **OPTIONS))
+    assert read_metadata(train.path)["decode"] == "gpu" and "decode" not in read_metadata(aug.path)
+
+
+def test_the_exported_runtime_is_checked_on_a_gpu_decoded_first_batch(tmp_path, gpu_path_on_cpu):
+    root = photo_folder(tmp_path / "photos")
+    request = ExtractRequest(root, base=BASE, layers="flatten", splits=["train"])
+    options = {**OPTIONS, "runtime": "onnxruntime"}
+    (exported,) = extract(request, paths=Paths(tmp_path / "ort"), options=ExtractOptions(decode="gpu", **options))
+    (eager,) = extract(request, paths=Paths(tmp_path / "eager"), options=ExtractOptions(decode="gpu", **OPTIONS))
+    assert read_metadata(exported.path)["runtime"] == "onnxruntime"  # passed the first-batch check against eager
+    X_exported, X_eager = (load_features(r.path, "flatten")[0] for r in (exported, eager))
+    assert np.abs(X_exported - X_eager).max() <= 1e-4 * np.abs(X_eager).max()
