@@ -5,9 +5,10 @@ extraction (end-to-end vs the eager and the same-runtime bare forward, every run
 vs eager, the naive per-layer peer, all stage taps vs one), sweep (logreg C path vs naive loop), io (HDF5 vs
 np.load; dtype x compression), memory (peak RSS at 1x and 10x), scaleout (torchrun with 2 gloo ranks vs 1
 process), stage2 (the default head sweep, from benchmarks/stage2.py when present), int8 (ONNX Runtime's int8
-graphs of the extractor vs f32: speed and error). Prints each figure with its
-goal and writes results.json under $FEATURECACHE_HOME/reports/bench (else a temporary folder it prints), never
-into the repository.
+graphs of the extractor vs f32: speed and error), gpu (resnet50 end to end vs its bare forward on a CUDA device,
+decoded by PIL and with --decode gpu: benchmarks/gpu.py; one line saying it was skipped where there is none).
+Prints each figure with its goal and writes results.json under $FEATURECACHE_HOME/reports/bench (else a
+temporary folder it prints), never into the repository.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.extraction import BASE, bench_extraction, make_photos, runner_for
+from benchmarks.gpu import bench_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS: list[dict] = []
@@ -339,7 +341,7 @@ def bench_int8(work: Path, rounds: int = 3) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser("make bench", description=__doc__)
-    parser.add_argument("--only", default="answer,extraction,sweep,io,memory,scaleout,stage2,int8")
+    parser.add_argument("--only", default="answer,extraction,sweep,io,memory,scaleout,stage2,int8,gpu")
     args = parser.parse_args()
     only = set(args.only.split(","))
     machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
@@ -364,6 +366,8 @@ def main() -> int:
             bench_stage2()
         if "int8" in only:
             bench_int8(work)
+        if "gpu" in only:
+            bench_gpu(work, report)
     from featurecache.config import Paths
 
     home = os.environ.get("FEATURECACHE_HOME")

@@ -67,8 +67,9 @@ def make_photos(
 
 
 def runner_for(
-    name: str, work: Path, taps: list, loaded: Any = None, batch_size: int | None = None, dataset: str = "bench"
-) -> Any:
+    name: str, work: Path, taps: list, loaded: Any = None, batch_size: int | None = None, dataset: str = "bench",
+    device: str = "cpu",
+) -> Any:  # fmt: skip
     """A runner of ``name`` over ``taps``; ``prepare`` checks it against eager. Its export is where ``featurecache
     extract`` with home ``work`` keeps the export of ``dataset`` (so a bare child reuses the split child's)."""
     from featurecache.bases import load_base
@@ -77,7 +78,7 @@ def runner_for(
 
     loaded = loaded or load_base(BASE)
     options = ExtractOptions(progress=False, runtime=name, batch_size=batch_size)
-    return _Runner(loaded, "cpu", options, taps=taps, export_file=_export_file(loaded, taps, dataset, Paths(work)))
+    return _Runner(loaded, device, options, taps=taps, export_file=_export_file(loaded, taps, dataset, Paths(work)))
 
 
 def forward_seconds(runner: Any, module: Any, images: Any, batch_size: int) -> float:
@@ -98,7 +99,8 @@ def _split(args: argparse.Namespace) -> dict[str, Any]:
     from featurecache.extract import ExtractOptions, ExtractRequest, extract
 
     request = ExtractRequest(args.root, base=args.base, weights=args.weights, layers=args.layers, splits=["train"])
-    options = ExtractOptions(progress=False, runtime=args.runtime, batch_size=args.batch_size, decode=args.decode)
+    options = ExtractOptions(progress=False, runtime=args.runtime, batch_size=args.batch_size, decode=args.decode,
+                             device=args.device)  # fmt: skip
     (result,) = extract(request, paths=Paths(args.work), options=options)
     used = store.read_metadata(result.path)["runtime"]
     result.path.unlink()  # the next run extracts again; the exported graph stays
@@ -116,11 +118,13 @@ def _bare(args: argparse.Namespace) -> dict[str, Any]:
 
     loaded = load_base(args.base, weights=args.weights)
     taps = parse_taps(args.layers, trace_base(loaded))
-    requested = runtime.resolve_runtime(args.runtime, "cpu")
-    runner = runner_for(requested, args.work, taps, loaded, args.batch_size, dataset=args.root.resolve().name)
+    requested = runtime.resolve_runtime(args.runtime, args.device)
+    runner = runner_for(requested, args.work, taps, loaded, args.batch_size, dataset=args.root.resolve().name,
+                        device=args.device)  # fmt: skip
     index = discover_splits(args.root)["train"]
     data = runner.image_files(index, range(args.images))
-    images = runner.preprocessing.normalize(torch.stack([data[i][0] for i in range(args.images)]))
+    pixels = torch.stack([data[i][0] for i in range(args.images)]).to(args.device)  # on a GPU: there already
+    images = runner.preprocessing.normalize(pixels)
     runner.prepare(index)  # loads the export (written by the warm-up round) and checks it against eager
     if runner.runtime != requested:
         raise SystemExit(f"{requested} was refused against eager; no bare forward to time")
@@ -224,6 +228,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=BARE_IMAGES)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the extraction's on the CPU")
     parser.add_argument("--decode", default="full", help="featurecache extract --decode")
+    parser.add_argument("--device", default="cpu", help="split and bare: featurecache extract --device")
     return parser
 
 
