@@ -17,6 +17,8 @@ Children:
   decode the decode worker's share (PIL decode + resize + crop to uint8, one thread) and the batched normalize.
   draft  that share for 12 MP JPEGs decoded in full and with ``--decode draft``, alternating, and how far apart
          the pixels end up; the ``split`` child with ``--decode`` gives the same comparison end to end.
+  tensor that share by PIL and by ``--decode gpu``'s path run on the CPU (libjpeg-turbo, torch's resize),
+         alternating, and how far apart the pixels end up.
 """
 
 from __future__ import annotations
@@ -210,8 +212,40 @@ def _draft(args: argparse.Namespace) -> dict[str, Any]:
             "mean_diff": float(diff.mean()), "max_diff": int(diff.max())}  # fmt: skip
 
 
+def _tensor(args: argparse.Namespace) -> dict[str, Any]:
+    """PIL's decode + resize + crop against ``--decode gpu``'s path run on the CPU (libjpeg-turbo + torch's uint8
+    resize, one thread), alternating, and how far apart the pixels end up: why that path is not offered on the CPU."""
+    import torch
+
+    from featurecache import gpu_decode
+    from featurecache.bases import load_base
+    from featurecache.data import Decoding, load_image
+    from featurecache.preprocess import Preprocessing
+
+    torch.set_num_threads(1)  # as one decoder
+    preprocessing = Preprocessing(load_base(args.base, weights=args.weights).spec.transforms())
+    geometry = gpu_decode.device_geometry_for(preprocessing, "gpu")
+    files = sorted((args.root / "train").rglob("*.jpg"))[: args.images]
+
+    def tensor_path() -> list[np.ndarray]:
+        items = [gpu_decode.read_encoded(f, Decoding()) for f in files]
+        return list(gpu_decode.decode_batch(items, [""] * len(items), geometry, "cpu")[0].numpy())
+
+    paths = {"pil": lambda: [preprocessing.per_image(load_image(f)).numpy() for f in files], "tensor": tensor_path}
+    spent: dict[str, list[float]] = {name: [] for name in paths}
+    pixels: dict[str, list[np.ndarray]] = {}
+    for r in range(5):  # alternating, medians
+        for name in paths if r % 2 == 0 else reversed(paths):
+            t0 = time.perf_counter()
+            pixels[name] = paths[name]()
+            spent[name].append(1000 * (time.perf_counter() - t0) / len(files))
+    diff = np.abs(np.stack(pixels["pil"]).astype(np.int16) - np.stack(pixels["tensor"]))
+    return {"pil_ms": float(np.median(spent["pil"])), "tensor_ms": float(np.median(spent["tensor"])),
+            "max_diff": int(diff.max()), "differ": float((diff > 0).mean())}  # fmt: skip
+
+
 CHILDREN: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "split": _split, "bare": _bare, "peer": _peer, "decode": _decode, "draft": _draft,
+    "split": _split, "bare": _bare, "peer": _peer, "decode": _decode, "draft": _draft, "tensor": _tensor,
 }  # fmt: skip
 
 
@@ -283,6 +317,7 @@ def _jobs(work: Path, names: list[str], default: str) -> dict[str, tuple[str, di
         "big-split": ("split", {**big, "runtime": default}),
         "big-split-draft": ("split", {**big, "runtime": default, "decode": "draft"}),
         "draft": ("draft", {**big, "images": 8}),
+        "tensor": ("tensor", {**lite, "images": 64}),
     }
 
 
@@ -351,6 +386,11 @@ def _report(report: Callable[..., None], m: dict[str, Any], names: list[str], de
     report("extraction", "12 MP photo decode + resize + crop: full / draft ms", pixels["full_ms"] / pixels["draft_ms"],
            "report", None, f"{pixels['full_ms']:.1f} vs {pixels['draft_ms']:.1f} ms per image, 1 thread; pixels "
            f"differ by {pixels['mean_diff']:.2f} of 255 on average, at most {pixels['max_diff']:.0f}")  # fmt: skip
+    tensor = m["tensor"]
+    report("extraction", "decode + resize + crop: PIL / the --decode gpu path on the CPU", tensor["pil_ms"] /
+           tensor["tensor_ms"], "report", None, f"{tensor['pil_ms']:.2f} vs {tensor['tensor_ms']:.2f} ms per 320x240 "
+           f"JPEG, 1 thread (libjpeg-turbo + torch's uint8 resize); {100 * tensor['differ']:.1f}% of pixels differ, "
+           f"at most {tensor['max_diff']:.0f} of 255")  # fmt: skip
     pooled = m["bare-pooled-head"]["img_s"]
     report("multitap", f"time of all {taps} stage taps / pooled head only", pooled / same, "<= 1.10",
            pooled / same <= 1.10, f"{same:.1f} vs {pooled:.1f} img/s on {default} (a pass each: {taps}x)")  # fmt: skip

@@ -14,6 +14,8 @@ def test_a_child_reports_its_figures_and_a_failing_one_raises_with_its_stderr(tm
     root = make_photos(tmp_path / "photos", 4)
     result = _child("decode", {"root": root, "work": tmp_path / "home", "images": 4})
     assert set(result) == {"decode_ms", "normalize_ms"} and result["decode_ms"] > 0 < result["normalize_ms"]
+    tensor = _child("tensor", {"root": root, "work": tmp_path / "home", "images": 4})
+    assert set(tensor) == {"pil_ms", "tensor_ms", "max_diff", "differ"} and tensor["max_diff"] <= 2
     with pytest.raises(RuntimeError, match=r"(?s)failed \(exit \d+\).*unknown --runtime 'nonsense'"):
         _child("bare", {"root": root, "work": tmp_path / "home", "runtime": "nonsense", "images": 4})
 
