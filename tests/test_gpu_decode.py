@@ -175,3 +175,49 @@ def test_the_exported_runtime_is_checked_on_a_gpu_decoded_first_batch(tmp_path, 
     assert read_metadata(exported.path)["runtime"] == "onnxruntime"  # passed the first-batch check against eager
     X_exported, X_eager = (load_features(r.path, "flatten")[0] for r in (exported, eager))
     assert np.abs(X_exported - X_eager).max() <= 1e-4 * np.abs(X_eager).max()
+
+
+# --- On a CUDA device (skipped in CI; `sh benchmarks/gpu_check.sh` runs them on a lent GPU) --------------------
+
+cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (nvjpeg)")
+
+
+@cuda
+def test_on_cuda_nvjpeg_decodes_a_batch_as_the_cpu_path_does_within_its_idct(tmp_path):
+    import torch
+
+    transform = load_base("resnet18", weights="none").spec.transforms()
+    geometry = geometry_of(transform)
+    for seed, size in enumerate([(500, 375), (375, 500), (1600, 1200), (64, 48)]):
+        photo(tmp_path / f"{seed}.jpg", size, seed)
+    Image.open(tmp_path / "0.jpg").convert("L").save(tmp_path / "grey.jpg")
+    Image.open(tmp_path / "1.jpg").save(tmp_path / "progressive.jpg", progressive=True, quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 counter-clockwise to view"
+    Image.open(tmp_path / "0.jpg").save(tmp_path / "turned.jpg", exif=exif)
+    payload = (tmp_path / "2.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(payload[: len(payload) // 2])
+    files = sorted(tmp_path.glob("*.jpg"))
+    items = [G.read_encoded(f, Decoding()) for f in files]
+    on_cpu, cpu_errors = G.decode_batch(items, [""] * len(items), geometry, "cpu")
+    on_gpu, gpu_errors = G.decode_batch(items, [""] * len(items), geometry, torch.device("cuda"))
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape
+    assert [bool(e) for e in gpu_errors] == [bool(e) for e in cpu_errors] == [f.name == "truncated.jpg" for f in files]
+    difference = (on_gpu.cpu().int() - on_cpu.int()).abs()
+    print(
+        "nvjpeg vs libjpeg-turbo after the resize: max", int(difference.max()), "mean", float(difference.float().mean())
+    )
+    assert float(difference.float().mean()) < 1.5  # IDCT and chroma upsampling may differ; a wrong turn or channel
+    # order differs by tens
+
+
+@cuda
+def test_on_cuda_an_extraction_with_decode_gpu_is_near_the_full_decode(tmp_path):
+    root = photo_folder(tmp_path / "photos")
+    request = ExtractRequest(root, base="resnet18", weights="none", layers="layer2,avgpool", splits=["train"])
+    options = {"dtype": "float32", "progress": False, "device": "cuda", "amp": "off"}
+    (full,) = extract(request, paths=Paths(tmp_path / "full"), options=ExtractOptions(**options))
+    (gpu,) = extract(request, paths=Paths(tmp_path / "gpu"), options=ExtractOptions(decode="gpu", **options))
+    assert read_metadata(gpu.path)["decode"] == "gpu" and "decode" not in read_metadata(full.path)
+    X_full, X_gpu = (load_features(r.path, "avgpool")[0] for r in (full, gpu))
+    assert np.abs(X_full - X_gpu).max() / np.abs(X_full).max() < 0.05
