@@ -213,22 +213,22 @@ def _draft(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tensor(args: argparse.Namespace) -> dict[str, Any]:
-    """PIL's decode + resize + crop against ``--decode gpu``'s path run on the CPU (libjpeg-turbo + torch's uint8
+    """PIL's decode + resize + crop against ``--decode gpu``'s path run on the CPU (libjpeg-turbo + torch's float32
     resize, one thread), alternating, and how far apart the pixels end up: why that path is not offered on the CPU."""
     import torch
 
     from featurecache import gpu_decode
     from featurecache.bases import load_base
-    from featurecache.data import Decoding, load_image
-    from featurecache.preprocess import Preprocessing
+    from featurecache.data import Decoding, load_image, read_encoded
+    from featurecache.preprocess import Preprocessing, device_geometry_for
 
     torch.set_num_threads(1)  # as one decoder
     preprocessing = Preprocessing(load_base(args.base, weights=args.weights).spec.transforms())
-    geometry = gpu_decode.device_geometry_for(preprocessing, "gpu")
+    geometry = device_geometry_for(preprocessing, "gpu")
     files = sorted((args.root / "train").rglob("*.jpg"))[: args.images]
 
     def tensor_path() -> list[np.ndarray]:
-        items = [gpu_decode.read_encoded(f, Decoding()) for f in files]
+        items = [read_encoded(f, Decoding(), geometry) for f in files]
         return list(gpu_decode.decode_batch(items, [""] * len(items), geometry, "cpu")[0].numpy())
 
     paths = {"pil": lambda: [preprocessing.per_image(load_image(f)).numpy() for f in files], "tensor": tensor_path}
@@ -389,7 +389,7 @@ def _report(report: Callable[..., None], m: dict[str, Any], names: list[str], de
     tensor = m["tensor"]
     report("extraction", "decode + resize + crop: PIL / the --decode gpu path on the CPU", tensor["pil_ms"] /
            tensor["tensor_ms"], "report", None, f"{tensor['pil_ms']:.2f} vs {tensor['tensor_ms']:.2f} ms per 320x240 "
-           f"JPEG, 1 thread (libjpeg-turbo + torch's uint8 resize); {100 * tensor['differ']:.1f}% of pixels differ, "
+           f"JPEG, 1 thread (libjpeg-turbo + torch's float32 resize); {100 * tensor['differ']:.1f}% of pixels differ, "
            f"at most {tensor['max_diff']:.0f} of 255")  # fmt: skip
     pooled = m["bare-pooled-head"]["img_s"]
     report("multitap", f"time of all {taps} stage taps / pooled head only", pooled / same, "<= 1.10",

@@ -615,13 +615,13 @@ class ImageFiles:
 
     Decoding is :func:`load_image` as ``decoding`` says (PIL, converted to RGB like every torchvision dataset),
     so grey or palette images become 3-channel inputs; resizing is the base's own transforms. ``encoded``
-    (``--decode gpu``): items are :class:`featurecache.gpu_decode.Encoded` (None where unreadable), decoded and
-    resized later on the device, and ``transform`` is not used.
+    (``--decode gpu``: the base's :class:`featurecache.preprocess.DeviceGeometry`): items are :class:`Encoded` (None
+    where unreadable), see :func:`read_encoded`, and ``transform`` is not used.
     """
 
     def __init__(
         self, index: SplitIndex, transform: Any, *, input_size: int, rows: Sequence[int],
-        decoding: Decoding = Decoding(), draft: DraftFor | None = None, encoded: bool = False,
+        decoding: Decoding = Decoding(), draft: DraftFor | None = None, encoded: Callable | None = None,
     ) -> None:  # fmt: skip
         self.index = index
         self.encoded = encoded
@@ -641,7 +641,7 @@ class ImageFiles:
         if self._bad is None:
             self._bad = bad_image_errors()
         row = self.rows[i]
-        if self.encoded:
+        if self.encoded is not None:
             return self._encoded(row)
         try:
             image = load_image(self.index.root / self.index.paths[row], self.decoding, draft=self.draft)
@@ -656,9 +656,44 @@ class ImageFiles:
         return self.transform(image), row, ""
 
     def _encoded(self, row: int) -> tuple[Any, int, str]:
-        from featurecache.gpu_decode import read_encoded
-
         try:
-            return read_encoded(self.index.root / self.index.paths[row], self.decoding), row, ""
+            return read_encoded(self.index.root / self.index.paths[row], self.decoding, self.encoded), row, ""
         except self._bad as exc:
             return None, row, bad_image_reason(exc)
+
+
+NVJPEG_MODES = ("RGB", "L")  # JPEG colour modes nvjpeg decodes to RGB as PIL does; CMYK goes through PIL
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One image as a decode worker hands it over under ``--decode gpu`` (``featurecache.gpu_decode``): a JPEG's
+    bytes and the turn that makes it upright, or (any other file) its pixels decoded by PIL, upright and resized.
+
+    Plain bytes and numpy, not tensors: a DataLoader worker shares each tensor it sends through a file descriptor of
+    its own, and a batch of separate images (8 workers x 4 batches ahead x 256 images) would pass the usual limit of
+    1024 open files; pickled, they travel through the worker's pipe.
+    """
+
+    jpeg: bytes | None = None  # the file's bytes
+    turn: Any = None  # PIL Image.Transpose from the EXIF orientation tag, applied after decoding; None: as stored
+    pixels: Any = None  # (3, h, w) uint8 numpy array, already at the geometry's output size
+
+
+def read_encoded(path: str | os.PathLike, decoding: Decoding, geometry: Callable) -> Encoded:
+    """What a decode worker does under ``--decode gpu``: read the header and keep an RGB or grey JPEG's bytes;
+    decode anything else as every stage does (:func:`load_image`) and resize it here with ``geometry`` (the base's
+    ``featurecache.preprocess.DeviceGeometry``, the same arithmetic as on the device), so no full-size pixels wait in
+    the loader. Raises :func:`bad_image_errors` for unreadable files; a JPEG whose payload is broken is found when
+    it is decoded (``featurecache.gpu_decode.decode_batch``)."""
+    import numpy as np
+    import torch
+
+    with open(path, "rb") as f:
+        image = _open(f, path)  # the header only; PIL refuses decompression bombs here
+        if _is_jpeg(image) and image.mode in NVJPEG_MODES:
+            turn = _upright_turn(image) if decoding.orientation == "exif" else None
+            f.seek(0)
+            return Encoded(jpeg=f.read(), turn=turn)
+    pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(load_image(path, decoding)).transpose(2, 0, 1)))
+    return Encoded(pixels=geometry(pixels).numpy())

@@ -44,7 +44,15 @@ from featurecache.data import (
 from featurecache.distributed import World
 from featurecache.errors import FeaturecacheError
 from featurecache.layers import TapSpec, build_extractor, parse_taps, trace_base
-from featurecache.preprocess import DRAFT_RULE, DraftSize, Preprocessing, draft_for
+from featurecache.preprocess import (
+    DEVICE_DECODE_RULE,
+    DRAFT_RULE,
+    DeviceGeometry,
+    DraftSize,
+    Preprocessing,
+    device_geometry_for,
+    draft_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +67,8 @@ DECODE_HELP = (
     "twice what the resize keeps are decoded at 1/2-1/8 scale by libjpeg (a 12 MP photo ~9x faster; pixels differ "
     "by ~0.5-0.6 of 255; recorded in the cache, so a full-decode cache is not reused). gpu (CUDA only): JPEGs "
     "decoded by nvjpeg in batches and every image resized on the GPU by torch, for a GPU that the CPU's decoding "
-    "cannot keep busy (pixels within 1-2 of 255 of PIL's; recorded in the cache)"
+    "cannot keep busy (resized pixels within 1-2 of 255 of PIL's on the CPU, nvjpeg unmeasured; recorded in the "
+    "cache)"
 )
 ORIENTATION_HELP = (
     "exif (default): photos are turned upright by their EXIF orientation tag, as every viewer shows them (phones "
@@ -454,10 +463,10 @@ class _Runner:
         default, and augmentations, which crop at random scales)."""
         return draft_for(self.preprocessing, self.options.decode)
 
-    def _device_geometry(self) -> gpu_decode.DeviceGeometry | None:
+    def _device_geometry(self) -> DeviceGeometry | None:
         """What ``--decode gpu`` resizes on the device under this preprocessing; None: decoded on the CPU (the
         default, and augmentations)."""
-        return gpu_decode.device_geometry_for(self.preprocessing, self.options.decode)
+        return device_geometry_for(self.preprocessing, self.options.decode)
 
     def on_device(self, batch: tuple) -> tuple:
         """A decoded batch as :meth:`forward` takes it: under ``--decode gpu`` its JPEGs are decoded and every image
@@ -500,7 +509,7 @@ class _Runner:
         options' decoding and the draft size its preprocessing allows."""
         return ImageFiles(index, self.preprocessing.per_image, input_size=self.loaded.spec.input_size, rows=rows,
                           decoding=self.options.decoding, draft=self.draft,
-                          encoded=self.device_geometry is not None)  # fmt: skip
+                          encoded=self.device_geometry)  # fmt: skip
 
     def check(self, images: Any) -> bool:
         """Load the exported runtime and compare it with eager on ``images``; True when it fell back to eager."""
@@ -606,7 +615,7 @@ class _Runner:
         if self.draft is not None:  # decoding in full adds no key either: caches made before --decode stay valid
             choice.update(decode="draft", draft_rule=DRAFT_RULE)
         if self.device_geometry is not None:
-            choice.update(decode="gpu", device_decode_rule=gpu_decode.DEVICE_DECODE_RULE)
+            choice.update(decode="gpu", device_decode_rule=DEVICE_DECODE_RULE)
         return {
             "base": self.loaded.spec.name,
             "weights": self.loaded.weights_id,

@@ -216,11 +216,20 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
     splits = Splits(index=index, labels={s: np.asarray(index[s].labels) for s in index},
                     eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,
                     batch_size=options.batch_size, seed=options.seed, workers=options.workers,
-                    decoding=Decoding.recorded(metas["train"]))  # fmt: skip
-    if splits.decoding.decode == "gpu":
-        log.info("the caches' JPEGs were decoded by nvjpeg and resized by torch (--decode gpu); fine-tuning decodes "
-                 "and resizes with PIL on the CPU: the same images within 1-2 of 255 per pixel")  # fmt: skip
+                    decoding=_finetune_decoding(Decoding.recorded(metas["train"])))  # fmt: skip
     return Rebuilt(dataset, base_tag, head_dir, head_record, estimator, files, loaded, model.to(device), splits, device)
+
+
+def _finetune_decoding(cached: Decoding) -> Decoding:
+    """How fine-tuning decodes: as the caches did, except ``--decode gpu``, whose device resize fine-tuning's loaders
+    do not run; they decode in full with PIL, and the fine-tuned model records that (predict follows it)."""
+    if cached.decode != "gpu":
+        return cached
+    log.info(
+        "the caches' JPEGs were decoded by nvjpeg and resized by torch (--decode gpu); fine-tuning decodes and "
+        "resizes with PIL (full), the same images within 1-2 of 255 per pixel, and its model records that"
+    )
+    return dataclasses.replace(cached, decode="full")
 
 
 def load_finetuned(directory: Path, *, weights_file: Any = None) -> tuple[FinetunedModel, HeadRecord, LoadedBase]:

@@ -1,183 +1,152 @@
 """``--decode gpu``: JPEGs decoded by nvjpeg on the GPU that runs the base, and resized there by torch.
 
 On a GPU the base is rarely what limits stage 1: a CPU decoding and resizing every JPEG with PIL is. With
-``--decode gpu`` the decode workers only read a JPEG's bytes and its header (its EXIF orientation); the batch's
-JPEGs are decoded together by ``torchvision.io.decode_jpeg(..., device="cuda")`` (nvjpeg), turned upright, and
-resized and cropped by torchvision's tensor ``resize``/``center_crop`` on the device, so uint8 pixels never cross
-the bus at full size. Files that are not RGB or grey JPEGs (PNG, CMYK JPEG, HEIC ...) are decoded by PIL in the
-workers as always (:func:`featurecache.data.load_image`: alpha, orientation) and resized on the device by the same
-tensor ops.
+``--decode gpu`` the decode workers only read a JPEG's bytes and its header (its EXIF orientation:
+``featurecache.data.read_encoded``); the batch's JPEGs are decoded together by
+``torchvision.io.decode_jpeg(..., device="cuda")`` (nvjpeg), turned upright, and resized and cropped on the device
+(``featurecache.preprocess.DeviceGeometry``), so uint8 pixels never cross the bus at full size. Files that are not
+RGB or grey JPEGs (PNG, CMYK JPEG, HEIC ...) are decoded by PIL in the workers as always and resized there by the
+same arithmetic. A JPEG nvjpeg refuses is decoded by libjpeg-turbo on the CPU instead (with a warning); one neither
+reads is skipped like any unreadable file.
 
-The numbers change, so the choice enters the cache fingerprint (``decode: gpu`` and :data:`DEVICE_DECODE_RULE`):
-torch's antialiased resize is not PIL's bit for bit (measured on the 2-core VM over 600 random JPEGs, 16 px to
-2200 px a side: at most 1-2 of 255 apart, on up to a quarter of the pixels), and nvjpeg's IDCT need not be
-libjpeg's. Only a geometry that is a fixed ``Resize`` (and ``CenterCrop``) runs this way
-(:func:`device_geometry_for`); augmentations crop at random and are decoded on the CPU in full.
+The numbers change, so the choice enters the cache fingerprint (``decode: gpu`` and
+``featurecache.preprocess.DEVICE_DECODE_RULE``): torch's antialiased resize is not PIL's bit for bit (on the CPU,
+over 600 random JPEGs 16-2200 px a side: 1-2 of 255 apart at most), and nvjpeg's IDCT need not be libjpeg's (not
+measured: no GPU has been lent to this project; ``sh benchmarks/gpu_check.sh`` measures it where one is).
 
 Every step but nvjpeg runs on any device: on the CPU, ``decode_jpeg`` is libjpeg-turbo (the same pixels as PIL's
 decoder, 0 of 60 random JPEGs differing), which is how the tests run this path and how ``predict`` decodes for a
-head whose cache was made this way.
+head whose cache was made this way. torchvision 0.29 deprecates its image decoders in favour of TorchCodec, which
+is not on this project's package index yet; the calls are in this module alone.
 """
 
 from __future__ import annotations
 
-import os
+import io
+import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from featurecache.data import Encoded, bad_image_reason
 from featurecache.errors import FeaturecacheError
+from featurecache.preprocess import DeviceGeometry
 
-# Part of a gpu-decoded cache's fingerprint: a change to what this module does to the pixels must bump it, so that
-# caches made under the old rule are re-extracted rather than reused.
-DEVICE_DECODE_RULE = 1
-NVJPEG_MODES = ("RGB", "L")  # JPEG colour modes nvjpeg decodes to RGB as PIL does; CMYK goes through PIL
+log = logging.getLogger(__name__)
+
+# JPEGs per decode_jpeg call: nvjpeg holds a whole call's images in GPU memory at full size (256 12 MP photos:
+# ~9 GB), and a call that fails is retried image by image.
+DECODE_CHUNK = 64
 _TORCH_SOURCE = re.compile(r"^\w+, \S+:\d+, ")  # the prefix torchvision puts before a decoder's message
+_warned_fallback: set[str] = set()  # devices whose nvjpeg refusal was warned about (once per process)
 
 
 def check_device(device: str) -> None:
-    """Refuse ``--decode gpu`` on a device without nvjpeg (one line, naming the fix)."""
-    if not device.startswith("cuda"):
+    """Refuse ``--decode gpu`` in one line, naming the fix, where it cannot run: not on CUDA, or a torchvision
+    without nvjpeg (a ROCm or source build), found by decoding a tiny JPEG there once."""
+    if not str(device).startswith("cuda"):
         raise FeaturecacheError(
             f"--decode gpu decodes JPEGs with nvjpeg on a CUDA device, and this run is on {device!r}; leave --decode "
             f"out (full) or use --decode draft on the CPU"
         )
+    from PIL import Image
 
-
-@dataclass(frozen=True)
-class DeviceGeometry:
-    """A base's fixed resize (and center crop) as tensor ops on any device: ``(C, H, W) uint8 -> uint8``."""
-
-    size: tuple[int, ...]  # torchvision's Resize size: (shorter side,) or (height, width)
-    interpolation: Any  # torchvision InterpolationMode
-    max_size: int | None
-    crop: tuple[int, int] | None  # (height, width) of the center crop; None: no crop (size is then (h, w))
-
-    def __call__(self, image: Any) -> Any:
-        from torchvision.transforms.v2 import functional as F
-
-        image = F.resize(image, list(self.size), interpolation=self.interpolation, max_size=self.max_size,
-                         antialias=True)  # fmt: skip
-        return F.center_crop(image, list(self.crop)) if self.crop else image
-
-    @property
-    def output_size(self) -> tuple[int, int]:
-        return self.crop or (self.size[0], self.size[1])
-
-
-def device_geometry_for(preprocessing: Any, decode: str) -> DeviceGeometry | None:
-    """The one decision of what runs on the device under ``--decode`` (or what a cache records): the base's
-    geometry when ``decode`` is ``"gpu"`` and that geometry is a fixed-size Resize (+ CenterCrop) of every image to
-    one shape; None otherwise (decoded on the CPU as the base's own transforms do)."""
-    if decode != "gpu" or not preprocessing.split:
-        return None
-    from torchvision import transforms as T
-
-    from featurecache.preprocess import _PresetGeometry
-
-    geometry = preprocessing.per_image.geometry
-    if isinstance(geometry, _PresetGeometry):
-        preset = geometry.preset
-        resize = T.Resize(preset.resize_size, interpolation=preset.interpolation, antialias=preset.antialias)
-        steps = [resize, T.CenterCrop(preset.crop_size)]
-    else:
-        steps = list(getattr(geometry, "transforms", None) or [])
-    if not steps or type(steps[0]) is not T.Resize or steps[0].antialias is False:
-        return None
-    if len(steps) > 2 or (len(steps) == 2 and type(steps[1]) is not T.CenterCrop):
-        return None
-    resize = steps[0]
-    size = (resize.size,) if isinstance(resize.size, int) else tuple(resize.size)
-    crop = _pair(steps[1].size) if len(steps) == 2 else None
-    if crop is None and len(size) != 2:
-        return None  # the shorter side alone: images of one batch would differ in shape
-    return DeviceGeometry(size=size, interpolation=resize.interpolation, max_size=resize.max_size, crop=crop)
-
-
-def _pair(size: Any) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One image as a decode worker hands it over under ``--decode gpu``: a JPEG's bytes and the turn that makes it
-    upright, or (any other file) its RGB pixels decoded by PIL at full size, already upright.
-
-    Plain bytes and numpy, not tensors: a DataLoader worker shares each tensor it sends through a file descriptor of
-    its own, and a batch of separate images (8 workers x 4 batches ahead x 256 images) would pass the usual limit of
-    1024 open files; pickled, they travel through the worker's pipe."""
-
-    jpeg: bytes | None = None  # the file's bytes
-    turn: Any = None  # PIL Image.Transpose from the EXIF orientation tag, applied after decoding; None: as stored
-    pixels: Any = None  # (3, H, W) uint8 numpy array
-
-
-def read_encoded(path: str | os.PathLike, decoding: Any) -> Encoded:
-    """What a decode worker does under ``--decode gpu``: read the header, keep an RGB or grey JPEG's bytes; decode
-    anything else as every stage does. Raises :func:`featurecache.data.bad_image_errors` for unreadable files (a
-    JPEG whose payload is broken is found when it is decoded: :func:`decode_batch`)."""
-    import numpy as np
-
-    from featurecache.data import _is_jpeg, _open, _upright_turn, load_image
-
-    with open(path, "rb") as f:
-        image = _open(f, path)  # the header only; PIL refuses decompression bombs here
-        if _is_jpeg(image) and image.mode in NVJPEG_MODES:
-            turn = _upright_turn(image) if decoding.orientation == "exif" else None
-            f.seek(0)
-            return Encoded(jpeg=f.read(), turn=turn)
-    return Encoded(pixels=np.ascontiguousarray(np.asarray(load_image(path, decoding)).transpose(2, 0, 1)))
+    probe = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 60, 30)).save(probe, "JPEG")
+    try:
+        _decode_call([probe.getvalue()], device)
+    except RuntimeError as exc:
+        raise FeaturecacheError(
+            f"--decode gpu: torchvision cannot decode JPEGs on {device} ({_message(exc)}); leave --decode out (full)"
+        ) from exc
 
 
 def decode_batch(
     items: Sequence[Encoded | None], errors: Sequence[str], geometry: DeviceGeometry, device: Any
 ) -> tuple[Any, list[str]]:
-    """``(uint8 (B, 3, h, w) on device, errors)`` for a batch from :func:`read_encoded` (None where the worker
-    found the file unreadable, with its reason in ``errors``). The JPEGs are decoded in one call; a JPEG that fails
-    to decode is found alone and reported like any unreadable file (zeros in its place)."""
+    """``(uint8 (B, 3, h, w) on device, errors)`` for a batch from ``featurecache.data.read_encoded`` (None where the
+    worker found the file unreadable, with its reason in ``errors``). A JPEG that no decoder reads gets its reason in
+    ``errors`` and zeros in its place (its feature rows are zeroed anyway)."""
     import torch
 
-    from featurecache.data import bad_image_reason
-
     errors = list(errors)
-    height, width = geometry.output_size
-    out = torch.zeros(len(items), 3, height, width, dtype=torch.uint8, device=device)
+    out = torch.zeros(len(items), 3, *geometry.output_size, dtype=torch.uint8, device=device)
     jpegs = [i for i, item in enumerate(items) if item is not None and not errors[i] and item.jpeg is not None]
     decoded = dict(zip(jpegs, _decode_jpegs([items[i].jpeg for i in jpegs], device), strict=True))
     for i, item in enumerate(items):
         if item is None or errors[i]:
             continue
-        pixels = decoded[i] if i in decoded else torch.from_numpy(item.pixels).to(device, non_blocking=True)
-        if isinstance(pixels, Exception):
-            errors[i] = bad_image_reason(pixels)
-            continue
-        out[i] = geometry(_turned(pixels, item.turn))
+        if i not in decoded:  # decoded and resized by PIL + the same geometry in the worker
+            out[i] = torch.from_numpy(item.pixels).to(device, non_blocking=True)
+        elif isinstance(decoded[i], Exception):
+            errors[i] = bad_image_reason(decoded[i])
+        else:
+            out[i] = geometry(_turned(decoded[i], item.turn))
     return out, errors
 
 
-def _decode_jpegs(data: list[Any], device: Any) -> list[Any]:
-    """Each JPEG as a (3, H, W) uint8 tensor on ``device``, or the exception that refused it: nvjpeg decodes the
-    batch in one call and fails it whole, so a failed batch is retried image by image to name the broken file."""
+def _decode_jpegs(data: list[bytes], device: Any) -> list[Any]:
+    """Each JPEG as a (3, H, W) uint8 tensor on ``device``, or the OSError that says why it cannot be read."""
+    import torch
+
+    out: list[Any] = []
+    for start in range(0, len(data), DECODE_CHUNK):
+        chunk = data[start : start + DECODE_CHUNK]
+        try:
+            out += _decode_call(chunk, device)
+        except _device_failures():
+            raise  # out of memory, a failing device: not the file's fault, so not a skipped image
+        except RuntimeError:  # a call fails whole: find the file, and read it otherwise if nvjpeg alone refuses it
+            out += [_decode_one(one, device) for one in chunk]
+    if torch.device(device).type == "cuda":
+        # nvjpeg writes on a stream of its own; whether torchvision makes the caller's stream wait for it has varied
+        # between releases, so the resize after this waits for the whole device once per batch.
+        torch.cuda.synchronize(device)
+    return out
+
+
+def _decode_call(data: list[bytes], device: Any) -> list[Any]:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    if not data:
-        return []
-    data = [torch.frombuffer(bytearray(one), dtype=torch.uint8) for one in data]  # a writable copy, as torch wants
+    tensors = [torch.frombuffer(bytearray(one), dtype=torch.uint8) for one in data]  # writable copies, as torch wants
+    return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+
+
+def _decode_one(data: bytes, device: Any) -> Any:
+    """One JPEG after its batch failed: on ``device``, else by libjpeg-turbo on the CPU (PIL's decoder, moved to the
+    device), else the OSError that says why neither reads it."""
+    import torch
+
     try:
-        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        pass
-    out: list[Any] = []
-    for one in data:
-        try:
-            out.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError as exc:  # "decode_jpeg, <source file>:<line>, <what>": the what is the user's part
-            out.append(OSError(f"cannot decode JPEG: {_TORCH_SOURCE.sub('', str(exc))}"))
-    return out
+        return _decode_call([data], device)[0]
+    except _device_failures():
+        raise
+    except RuntimeError as exc:
+        refused = _message(exc)
+    if torch.device(device).type == "cpu":
+        return OSError(f"cannot decode JPEG: {refused}")
+    try:
+        pixels = _decode_call([data], "cpu")[0]
+    except RuntimeError as exc:
+        return OSError(f"cannot decode JPEG: {_message(exc)}")
+    if str(device) not in _warned_fallback:
+        _warned_fallback.add(str(device))
+        log.warning("nvjpeg refused a JPEG that libjpeg-turbo reads (%s): such JPEGs are decoded on the CPU", refused)
+    return pixels.to(device)
+
+
+def _device_failures() -> tuple[type[BaseException], ...]:
+    """The RuntimeErrors that are the device's, not the file's: out of memory, a failed kernel."""
+    import torch
+
+    names = ("OutOfMemoryError", "AcceleratorError")
+    return tuple(getattr(torch, name) for name in names if isinstance(getattr(torch, name, None), type))
+
+
+def _message(exc: BaseException) -> str:
+    """A decoder's message without torchvision's ``"decode_jpeg, <source file>:<line>, "`` prefix."""
+    return _TORCH_SOURCE.sub("", " ".join(str(exc).split()))
 
 
 def _turned(pixels: Any, turn: Any) -> Any:

@@ -14,13 +14,13 @@ import numpy as np
 from featurecache import store
 from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
-from featurecache.data import Decoding, bad_image_errors, bad_image_reason, load_image
+from featurecache.data import Decoding, bad_image_errors, bad_image_reason, load_image, read_encoded
 from featurecache.errors import FeaturecacheError
 from featurecache.freshness import stale_reason
-from featurecache.gpu_decode import decode_batch, device_geometry_for, read_encoded
+from featurecache.gpu_decode import decode_batch
 from featurecache.layers import TapSpec
 from featurecache.persist import HEAD_FILE, LEGACY_HEAD_FILE, load_head, read_sidecar
-from featurecache.preprocess import Preprocessing, draft_for
+from featurecache.preprocess import Preprocessing, device_geometry_for, draft_for
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord, kind_of, retrain_command
 
 log = logging.getLogger(__name__)
@@ -127,22 +127,22 @@ def _image_batches(
     preprocessing = Preprocessing(transform)  # the split extract runs: uint8 per image, normalized per batch
     draft = draft_for(preprocessing, decoding.decode)
     # --decode gpu: resized by torch as on the GPU; JPEGs decoded here by libjpeg-turbo (PIL's decoder), not nvjpeg
-    on_device = device_geometry_for(preprocessing, decoding.decode)
+    geometry = device_geometry_for(preprocessing, decoding.decode)
     for start in range(0, len(images), batch_size):
-        paths, tensors, unreadable = [], [], []
+        paths, decoded, unreadable = [], [], []
         for p in (Path(p) for p in images[start : start + batch_size]):
             try:
-                tensors.append(read_encoded(p, decoding) if on_device else
+                decoded.append(read_encoded(p, decoding, geometry) if geometry else
                                preprocessing.per_image(load_image(p, decoding, draft=draft)))  # fmt: skip
                 paths.append(p)
             except bad_image_errors() as exc:  # OSError covers a missing file and a folder
                 unreadable.append((p, bad_image_reason(exc)))
-        if on_device and tensors:
-            pixels, errors = decode_batch(tensors, [""] * len(tensors), on_device, "cpu")
+        if geometry and decoded:
+            pixels, errors = decode_batch(decoded, [""] * len(decoded), geometry, "cpu")
             unreadable += [(p, reason) for p, reason in zip(paths, errors, strict=True) if reason]
             keep = [i for i, reason in enumerate(errors) if not reason]
-            paths, tensors = [paths[i] for i in keep], list(pixels[keep])
-        yield paths, preprocessing.normalize(torch.stack(tensors)) if tensors else None, unreadable
+            paths, decoded = [paths[i] for i in keep], list(pixels[keep])
+        yield paths, preprocessing.normalize(torch.stack(decoded)) if decoded else None, unreadable
 
 
 def predict_images(

@@ -19,9 +19,9 @@ from featurecache import gpu_decode as G
 from featurecache.augment import train_transform
 from featurecache.bases import load_base
 from featurecache.config import Paths
-from featurecache.data import Decoding, load_image
+from featurecache.data import Decoding, load_image, read_encoded
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
-from featurecache.preprocess import Preprocessing
+from featurecache.preprocess import DEVICE_DECODE_RULE, Preprocessing, device_geometry_for
 from featurecache.store import read_skipped
 from tests.test_decode import photo, photo_folder
 
@@ -35,8 +35,15 @@ def gpu_path_on_cpu(monkeypatch):
     monkeypatch.setattr(G, "check_device", lambda device: None)
 
 
+def near(X, reference) -> bool:
+    """Features of the same images decoded another way: every row within a few degrees of the reference's, and the
+    whole within 10% of its norm (measured for mobilenet_v2_offline's pooled layer: cosine >= 0.997, 5% apart)."""
+    cosines = (X * reference).sum(1) / np.linalg.norm(X, axis=1) / np.linalg.norm(reference, axis=1)
+    return bool(cosines.min() > 0.99 and np.linalg.norm(X - reference) < 0.1 * np.linalg.norm(reference))
+
+
 def geometry_of(transform, decode: str = "gpu"):
-    return G.device_geometry_for(Preprocessing(transform), decode)
+    return device_geometry_for(Preprocessing(transform), decode)
 
 
 def test_the_device_geometry_is_the_bases_fixed_resize_and_crop():
@@ -54,6 +61,17 @@ def test_the_device_geometry_is_the_bases_fixed_resize_and_crop():
     tail = [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
     assert geometry_of(T.Compose([T.Resize(256), T.CenterCrop(224), T.Grayscale(3), *tail])) is None
     assert geometry_of(T.Compose([T.Resize(256), *tail])) is None  # the shorter side only: shapes would differ
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"])
+def test_only_interpolations_torch_computes_as_pil_does_on_every_device_run_there(mode):
+    """NEAREST is not PIL's nearest (21 of 255 apart), LANCZOS is CPU-only in torch, BOX and HAMMING run nowhere."""
+    from torchvision import transforms as T
+
+    interpolation = T.InterpolationMode(mode)
+    tail = [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+    geometry = geometry_of(T.Compose([T.Resize(256, interpolation=interpolation), T.CenterCrop(224), *tail]))
+    assert (geometry is not None) == (mode in ("bilinear", "bicubic"))
 
 
 @pytest.mark.parametrize("turn", list(Image.Transpose))
@@ -78,12 +96,12 @@ def test_a_batch_of_jpegs_grey_png_and_turned_photos_comes_out_near_pil_and_brok
     (tmp_path / "truncated.jpg").write_bytes(payload[: len(payload) * 4 // 5])
     (tmp_path / "scrambled.jpg").write_bytes(payload[:400] + bytes(200) + payload[600:])
     names = ["colour.jpg", "grey.jpg", "lossless.png", "portrait.jpg", "truncated.jpg", "scrambled.jpg"]
-    items = [G.read_encoded(tmp_path / name, Decoding()) for name in names]
-    assert items[2].jpeg is None and items[2].pixels is not None  # not a JPEG: PIL decodes it in the worker
+    items = [read_encoded(tmp_path / name, Decoding(), geometry) for name in names]
+    assert items[2].jpeg is None and items[2].pixels.shape == (3, 224, 224)  # not a JPEG: PIL + resize in the worker
     assert items[3].turn == Image.Transpose.ROTATE_270 and items[0].turn is None
     with pytest.raises(OSError):  # a header PIL cannot read fails in the worker, like any unreadable file
         (tmp_path / "stub.jpg").write_bytes(payload[:300])
-        G.read_encoded(tmp_path / "stub.jpg", Decoding())
+        read_encoded(tmp_path / "stub.jpg", Decoding(), geometry)
 
     pixels, errors = G.decode_batch([*items, None], [""] * len(items) + ["OSError: unreadable"], geometry, "cpu")
     assert pixels.shape == (7, 3, 224, 224) and pixels.dtype.is_floating_point is False
@@ -91,12 +109,77 @@ def test_a_batch_of_jpegs_grey_png_and_turned_photos_comes_out_near_pil_and_brok
     assert errors[4] == "OSError: cannot decode JPEG: Image is incomplete or truncated"
     assert errors[5].startswith("OSError: cannot decode JPEG: ") and "decode_jpeg.cpp" not in errors[5]
     assert not pixels[4:].any()  # unreadable rows are zeros (their features are zeroed anyway)
-    for i, name in enumerate(names[:4]):  # torch's antialiased resize is PIL's within 1-2 of 255
+    for i, name in enumerate(names[:4]):  # torch's antialiased resize in float32 is PIL's within 1-2 of 255
         reference = preprocessing.per_image(load_image(tmp_path / name, Decoding())).numpy().astype(int)
         difference = np.abs(reference - pixels[i].numpy())
-        assert difference.max() <= 2 and difference.mean() < 0.05, name
-    ignored = G.read_encoded(tmp_path / "portrait.jpg", Decoding(orientation="ignore"))
+        assert difference.max() <= 2 and difference.mean() < 0.2, name
+    ignored = read_encoded(tmp_path / "portrait.jpg", Decoding(orientation="ignore"), geometry)
     assert ignored.turn is None  # --orientation ignore: as stored
+
+
+def jpeg_batch(tmp_path, count: int = 5):
+    """``count`` JPEG items with a truncated one in the middle, and the geometry of Lite0."""
+    geometry = geometry_of(load_base("efficientnet_lite0").spec.transforms())
+    paths = [photo(tmp_path / f"{i}.jpg", (320, 240), i) for i in range(count)]
+    payload = paths[count // 2].read_bytes()
+    paths[count // 2].write_bytes(payload[: len(payload) // 2])
+    return [read_encoded(p, Decoding(), geometry) for p in paths], geometry
+
+
+def test_the_jpegs_are_decoded_in_chunks_and_a_failed_chunk_image_by_image_with_the_same_result(tmp_path, monkeypatch):
+    items, geometry = jpeg_batch(tmp_path)
+    whole, whole_errors = G.decode_batch(items, [""] * 5, geometry, "cpu")
+    monkeypatch.setattr(G, "DECODE_CHUNK", 2)
+    chunked, chunked_errors = G.decode_batch(items, [""] * 5, geometry, "cpu")
+    assert whole.equal(chunked) and whole_errors == chunked_errors
+    assert [bool(e) for e in whole_errors] == [False, False, True, False, False]
+
+
+def test_a_device_failure_is_raised_not_recorded_as_unreadable_images(tmp_path, monkeypatch):
+    """Out of memory, a failed kernel: under --on-bad-image skip these would turn good images into skipped rows for
+    good (the cache's fingerprint does not change, so they would never be retried)."""
+    import torch
+
+    items, geometry = jpeg_batch(tmp_path)
+
+    def out_of_memory(data, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(G, "_decode_call", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        G.decode_batch(items, [""] * 5, geometry, "cpu")
+
+
+def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu_with_one_warning(tmp_path, monkeypatch, caplog):
+    """nvjpeg refusing what libjpeg-turbo reads (an unusual JPEG): the image is kept, decoded on the CPU. The device
+    is torch's "meta" here, which runs every step without data."""
+    items, geometry = jpeg_batch(tmp_path)
+    calls = []
+    real = G._decode_call
+
+    def refusing_on_the_device(data, device):
+        calls.append(str(device))
+        if str(device) != "cpu":
+            raise RuntimeError("nvjpegDecode failed: JPEG stream is not supported")
+        return real(data, device)
+
+    monkeypatch.setattr(G, "_decode_call", refusing_on_the_device)
+    with caplog.at_level(logging.WARNING, logger="featurecache.gpu_decode"):
+        pixels, errors = G.decode_batch(items, [""] * 5, geometry, "meta")
+        G.decode_batch(items, [""] * 5, geometry, "meta")
+    assert pixels.device.type == "meta" and pixels.shape == (5, 3, 224, 224)
+    assert errors[2] == "OSError: cannot decode JPEG: Image is incomplete or truncated"
+    assert errors[:2] == errors[3:] == ["", ""]  # refused by the device, read on the CPU
+    assert calls.count("cpu") == 2 * 5 and caplog.text.count("nvjpeg refused a JPEG") == 1
+
+
+def test_decode_gpu_is_refused_where_torchvision_has_no_nvjpeg(monkeypatch):
+    def without_nvjpeg(data, device):
+        raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support")
+
+    monkeypatch.setattr(G, "_decode_call", without_nvjpeg)
+    with pytest.raises(FeaturecacheError, match=r"^--decode gpu: torchvision cannot decode JPEGs on cuda:0 \(.*nvJPEG"):
+        G.check_device("cuda:0")
 
 
 def test_decode_gpu_on_the_cpu_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
@@ -123,14 +206,14 @@ def test_a_gpu_decoded_cache_is_recorded_near_a_full_one_and_followed_by_predict
     full = {r.split: r for r in extract(request, paths=full_home, options=ExtractOptions(**OPTIONS))}
     gpu = {r.split: r for r in extract(request, paths=gpu_home, options=ExtractOptions(decode="gpu", **OPTIONS))}
     full_meta, gpu_meta = read_metadata(full["train"].path), read_metadata(gpu["train"].path)
-    assert gpu_meta["decode"] == "gpu" and gpu_meta["device_decode_rule"] == G.DEVICE_DECODE_RULE
+    assert gpu_meta["decode"] == "gpu" and gpu_meta["device_decode_rule"] == DEVICE_DECODE_RULE
     assert gpu_meta["config_fingerprint"] != full_meta["config_fingerprint"]
     skipped = [[(path, reason.split(":")[0]) for _, path, reason in read_skipped(r["train"].path)] for r in (full, gpu)]
     assert skipped[0] == skipped[1] == [("train/dark/3.jpeg", "OSError")]
     X_full, y, _ = load_features(full["train"].path, "flatten")
     X_gpu, y_gpu, _ = load_features(gpu["train"].path, "flatten")
     assert np.array_equal(y, y_gpu) and not np.array_equal(X_full, X_gpu)
-    assert np.abs(X_full - X_gpu).max() / np.abs(X_full).max() < 0.05  # the same images, resized by another kernel
+    assert near(X_gpu, X_full)  # the same images, resized by another kernel: 1 of 255 apart on ~9% of pixels
 
     # The same pixels whichever decoder runs the batches: worker processes (CUDA's default) or decode threads.
     train_only = ExtractRequest(root, base=BASE, layers="features.6,flatten", splits=["train"])
@@ -157,6 +240,13 @@ def test_a_gpu_decoded_cache_is_recorded_near_a_full_one_and_followed_by_predict
     cached = head.predict(X_test.astype(np.float32))
     assert [r["label"] for r in rows[:-1]] == [record.class_names[i] for i in cached]
     assert rows[-1]["error"] == "OSError: cannot decode JPEG: Image is incomplete or truncated"
+
+
+def test_fine_tuning_decodes_a_gpu_decoded_cache_in_full_and_records_that():
+    from featurecache.finetune import _finetune_decoding
+
+    assert _finetune_decoding(Decoding(decode="gpu")) == Decoding(decode="full")  # its loaders run PIL: predict too
+    assert _finetune_decoding(Decoding(decode="draft", alpha="white")) == Decoding(decode="draft", alpha="white")
 
 
 def test_augmented_views_are_decoded_on_the_cpu_beside_a_gpu_decoded_train_split(tmp_path, gpu_path_on_cpu):
@@ -186,29 +276,31 @@ cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="n
 def test_on_cuda_nvjpeg_decodes_a_batch_as_the_cpu_path_does_within_its_idct(tmp_path):
     import torch
 
-    transform = load_base("resnet18", weights="none").spec.transforms()
-    geometry = geometry_of(transform)
+    geometry = geometry_of(load_base("resnet18", weights="none").spec.transforms())
     for seed, size in enumerate([(500, 375), (375, 500), (1600, 1200), (64, 48)]):
         photo(tmp_path / f"{seed}.jpg", size, seed)
-    Image.open(tmp_path / "0.jpg").convert("L").save(tmp_path / "grey.jpg")
-    Image.open(tmp_path / "1.jpg").save(tmp_path / "progressive.jpg", progressive=True, quality=90)
+    colour = Image.open(tmp_path / "0.jpg")
+    colour.convert("L").save(tmp_path / "grey.jpg")
+    colour.save(tmp_path / "progressive.jpg", progressive=True, quality=90)
+    colour.save(tmp_path / "rgb-not-ycbcr.jpg", keep_rgb=True)  # Adobe transform 0: stored as RGB
+    colour.save(tmp_path / "phone.jpg", "MPO", save_all=True, append_images=[Image.open(tmp_path / "3.jpg")])
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 counter-clockwise to view"
-    Image.open(tmp_path / "0.jpg").save(tmp_path / "turned.jpg", exif=exif)
+    colour.save(tmp_path / "turned.jpg", exif=exif)
     payload = (tmp_path / "2.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(payload[: len(payload) // 2])
     files = sorted(tmp_path.glob("*.jpg"))
-    items = [G.read_encoded(f, Decoding()) for f in files]
+    items = [read_encoded(f, Decoding(), geometry) for f in files]
     on_cpu, cpu_errors = G.decode_batch(items, [""] * len(items), geometry, "cpu")
     on_gpu, gpu_errors = G.decode_batch(items, [""] * len(items), geometry, torch.device("cuda"))
     assert on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape
     assert [bool(e) for e in gpu_errors] == [bool(e) for e in cpu_errors] == [f.name == "truncated.jpg" for f in files]
-    difference = (on_gpu.cpu().int() - on_cpu.int()).abs()
-    print(
-        "nvjpeg vs libjpeg-turbo after the resize: max", int(difference.max()), "mean", float(difference.float().mean())
-    )
-    assert float(difference.float().mean()) < 1.5  # IDCT and chroma upsampling may differ; a wrong turn or channel
-    # order differs by tens
+    for f, gpu, cpu in zip(files, on_gpu.cpu().int(), on_cpu.int(), strict=True):
+        difference = (gpu - cpu).abs()
+        print(f"{f.name}: nvjpeg vs libjpeg-turbo after the resize, max {int(difference.max())}, "
+              f"mean {float(difference.float().mean()):.3f}")  # fmt: skip
+        # IDCT and chroma upsampling may differ by a few levels; a wrong turn or channel order by tens
+        assert float(difference.float().mean()) < 1.5, f.name
 
 
 @cuda
@@ -220,4 +312,4 @@ def test_on_cuda_an_extraction_with_decode_gpu_is_near_the_full_decode(tmp_path)
     (gpu,) = extract(request, paths=Paths(tmp_path / "gpu"), options=ExtractOptions(decode="gpu", **options))
     assert read_metadata(gpu.path)["decode"] == "gpu" and "decode" not in read_metadata(full.path)
     X_full, X_gpu = (load_features(r.path, "avgpool")[0] for r in (full, gpu))
-    assert np.abs(X_full - X_gpu).max() / np.abs(X_full).max() < 0.05
+    assert near(X_gpu, X_full)
