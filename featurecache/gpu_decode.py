@@ -107,7 +107,14 @@ def _decode_jpegs(data: list[bytes], device: Any) -> list[Any]:
 
 def _decode_call(data: list[bytes], device: Any) -> list[Any]:
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError as exc:  # deprecated in 0.29 for TorchCodec: a later torchvision may not have it
+        raise FeaturecacheError(
+            f"--decode gpu needs torchvision.io.decode_jpeg, which this torchvision lacks ({exc}); install "
+            f"torchvision<0.30 or leave --decode out (full)"
+        ) from exc
 
     tensors = [torch.frombuffer(bytearray(one), dtype=torch.uint8) for one in data]  # writable copies, as torch wants
     return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))

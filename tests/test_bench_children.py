@@ -35,3 +35,25 @@ def test_the_gpu_section_says_it_is_skipped_without_cuda_and_its_children_run(tm
     assert split["whole"] > 0 < bare["img_s"] and split["runtime"] == "eager" and bare["batch"] == 256
     with pytest.raises(RuntimeError, match=r"--decode gpu decodes JPEGs with nvjpeg on a CUDA device"):
         _child(*jobs["split-gpu"])
+
+
+def test_the_gpu_section_reports_each_figure_from_the_medians_of_its_rounds(tmp_path, monkeypatch):
+    """bench_gpu's rounds, medians and report lines, with the children stood in for (no GPU here)."""
+    import torch
+
+    from benchmarks import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a stand-in GPU")
+    monkeypatch.setattr(gpu, "gpu_jobs", lambda work: {key: (key, {}) for key in ("split", "split-gpu", "bare")})
+    figures = {"split": [{"whole": w, "loop": 1000.0, "runtime": "eager"} for w in (900.0, 950.0, 990.0, 100.0)],
+               "split-gpu": [{"whole": w, "loop": 1100.0, "runtime": "eager"} for w in (990.0, 980.0, 970.0, 0.0)],
+               "bare": [{"img_s": b} for b in (1000.0, 1000.0, 1000.0, 1.0)]}  # fmt: skip
+    monkeypatch.setattr(gpu, "_child", lambda mode, flags: figures[mode].pop())  # the warm-up takes the last
+    reported = []
+    gpu.bench_gpu(tmp_path, lambda *row: reported.append(row))
+    rows = {name: (value, ok) for _, name, value, _, ok, *_ in reported}
+    assert rows["bare forward img/s"][0] == 1000.0
+    assert rows["end-to-end / bare forward (PIL decode)"] == (0.95, True)  # the median of 0.90, 0.95, 0.99
+    assert rows["end-to-end / bare forward (--decode gpu)"] == (0.98, True)
+    assert rows["forward loop alone / bare forward (--decode gpu)"][0] == 1.1
