@@ -13,5 +13,5 @@ log="${OUT:-$FEATURECACHE_HOME}/log"
     python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')"
     python3 -m pytest -q -p no:cacheprovider -rs -s -k on_cuda tests/test_cuda.py tests/test_gpu_decode.py || echo "TESTS FAILED"
-    python3 -m benchmarks.bench --only gpu
+    python3 -m benchmarks.bench --only gpu || echo "BENCH FAILED"
 } 2>&1 | tee "$log"

@@ -691,7 +691,8 @@ def read_encoded(path: str | os.PathLike, decoding: Decoding, geometry: Callable
 
     with open(path, "rb") as f:
         image = _open(f, path)  # the header only; PIL refuses decompression bombs here
-        if _is_jpeg(image) and image.mode in NVJPEG_MODES:
+        # An Adobe "transform 0" JPEG stores RGB, not YCbCr: PIL honours the marker; nvjpeg is not known to.
+        if _is_jpeg(image) and image.mode in NVJPEG_MODES and image.info.get("adobe_transform") != 0:
             turn = _upright_turn(image) if decoding.orientation == "exif" else None
             f.seek(0)
             return Encoded(jpeg=f.read(), turn=turn)

@@ -34,9 +34,10 @@ from featurecache.preprocess import DeviceGeometry
 
 log = logging.getLogger(__name__)
 
-# JPEGs per decode_jpeg call: nvjpeg holds a whole call's images in GPU memory at full size (256 12 MP photos:
-# ~9 GB), and a call that fails is retried image by image.
+# JPEGs per decode_jpeg call, each chunk resized before the next: nvjpeg holds a call's images in GPU memory at full
+# size (256 12 MP photos: ~9 GB), and a call that fails is retried image by image.
 DECODE_CHUNK = 64
+_DEVICE_FAILURE_SIGNS = ("out of memory", "CUDA error", "cudaError", "NVJPEG_STATUS_ALLOCATOR_FAILURE")
 _TORCH_SOURCE = re.compile(r"^\w+, \S+:\d+, ")  # the prefix torchvision puts before a decoder's message
 _warned_fallback: set[str] = set()  # devices whose nvjpeg refusal was warned about (once per process)
 
@@ -71,36 +72,39 @@ def decode_batch(
 
     errors = list(errors)
     out = torch.zeros(len(items), 3, *geometry.output_size, dtype=torch.uint8, device=device)
-    jpegs = [i for i, item in enumerate(items) if item is not None and not errors[i] and item.jpeg is not None]
-    decoded = dict(zip(jpegs, _decode_jpegs([items[i].jpeg for i in jpegs], device), strict=True))
+    jpegs = []
     for i, item in enumerate(items):
         if item is None or errors[i]:
             continue
-        if i not in decoded:  # decoded and resized by PIL + the same geometry in the worker
+        if item.jpeg is not None:
+            jpegs.append(i)
+        else:  # decoded and resized by PIL + the same geometry in the worker
             out[i] = torch.from_numpy(item.pixels).to(device, non_blocking=True)
-        elif isinstance(decoded[i], Exception):
-            errors[i] = bad_image_reason(decoded[i])
-        else:
-            out[i] = geometry(_turned(decoded[i], item.turn))
+    # Chunk by chunk, each resized before the next is decoded: only one chunk's full-size images at a time.
+    for start in range(0, len(jpegs), DECODE_CHUNK):
+        chunk = jpegs[start : start + DECODE_CHUNK]
+        for i, pixels in zip(chunk, _decode_jpegs([items[i].jpeg for i in chunk], device), strict=True):
+            if isinstance(pixels, Exception):
+                errors[i] = bad_image_reason(pixels)
+            else:
+                out[i] = geometry(_turned(pixels, items[i].turn))
     return out, errors
 
 
 def _decode_jpegs(data: list[bytes], device: Any) -> list[Any]:
-    """Each JPEG as a (3, H, W) uint8 tensor on ``device``, or the OSError that says why it cannot be read."""
+    """Each JPEG of one chunk as a (3, H, W) uint8 tensor on ``device``, or the OSError that says why it cannot be
+    read."""
     import torch
 
-    out: list[Any] = []
-    for start in range(0, len(data), DECODE_CHUNK):
-        chunk = data[start : start + DECODE_CHUNK]
-        try:
-            out += _decode_call(chunk, device)
-        except _device_failures():
+    try:
+        out = _decode_call(data, device)
+    except RuntimeError as exc:
+        if _is_device_failure(exc):
             raise  # out of memory, a failing device: not the file's fault, so not a skipped image
-        except RuntimeError:  # a call fails whole: find the file, and read it otherwise if nvjpeg alone refuses it
-            out += [_decode_one(one, device) for one in chunk]
+        out = [_decode_one(one, device) for one in data]  # find the file; read it on the CPU if nvjpeg alone refuses
     if torch.device(device).type == "cuda":
         # nvjpeg writes on a stream of its own; whether torchvision makes the caller's stream wait for it has varied
-        # between releases, so the resize after this waits for the whole device once per batch.
+        # between releases, so the resize after this waits for the whole device once per chunk.
         torch.cuda.synchronize(device)
     return out
 
@@ -127,9 +131,9 @@ def _decode_one(data: bytes, device: Any) -> Any:
 
     try:
         return _decode_call([data], device)[0]
-    except _device_failures():
-        raise
     except RuntimeError as exc:
+        if _is_device_failure(exc):
+            raise
         refused = _message(exc)
     if torch.device(device).type == "cpu":
         return OSError(f"cannot decode JPEG: {refused}")
@@ -143,12 +147,15 @@ def _decode_one(data: bytes, device: Any) -> Any:
     return pixels.to(device)
 
 
-def _device_failures() -> tuple[type[BaseException], ...]:
-    """The RuntimeErrors that are the device's, not the file's: out of memory, a failed kernel."""
+def _is_device_failure(exc: RuntimeError) -> bool:
+    """Whether a decoder's RuntimeError is the device's, not the file's: out of memory, a failed kernel. torchvision
+    re-raises what its CUDA decoder meets as a plain RuntimeError ("Error while decoding JPEG images: ..."), so the
+    message is read as well as the type."""
     import torch
 
-    names = ("OutOfMemoryError", "AcceleratorError")
-    return tuple(getattr(torch, name) for name in names if isinstance(getattr(torch, name, None), type))
+    types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None))
+                  if isinstance(t, type))  # fmt: skip
+    return isinstance(exc, types) or any(sign in str(exc) for sign in _DEVICE_FAILURE_SIGNS)
 
 
 def _message(exc: BaseException) -> str:

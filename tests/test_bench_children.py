@@ -22,7 +22,7 @@ def test_a_child_reports_its_figures_and_a_failing_one_raises_with_its_stderr(tm
 
 def test_the_gpu_section_says_it_is_skipped_without_cuda_and_its_children_run(tmp_path, capsys, monkeypatch):
     """The GPU bench is prepared for a session that has a GPU: its children run here on the CPU (resnet50, batch
-    256), and --decode gpu is refused there in its one line."""
+    256); the --decode gpu child is the split child with that flag (its refusal on the CPU: test_gpu_decode.py)."""
     import torch
 
     from benchmarks.gpu import bench_gpu, gpu_jobs
@@ -33,8 +33,7 @@ def test_the_gpu_section_says_it_is_skipped_without_cuda_and_its_children_run(tm
     jobs = gpu_jobs(tmp_path, device="cpu", images=4)
     split, bare = _child(*jobs["split"]), _child(*jobs["bare"])
     assert split["whole"] > 0 < bare["img_s"] and split["runtime"] == "eager" and bare["batch"] == 256
-    with pytest.raises(RuntimeError, match=r"--decode gpu decodes JPEGs with nvjpeg on a CUDA device"):
-        _child(*jobs["split-gpu"])
+    assert jobs["split-gpu"] == ("split", {**jobs["split"][1], "decode": "gpu"})  # refused on the CPU: not run here
 
 
 def test_the_gpu_section_reports_each_figure_from_the_medians_of_its_rounds(tmp_path, monkeypatch):

@@ -99,6 +99,9 @@ def test_a_batch_of_jpegs_grey_png_and_turned_photos_comes_out_near_pil_and_brok
     items = [read_encoded(tmp_path / name, Decoding(), geometry) for name in names]
     assert items[2].jpeg is None and items[2].pixels.shape == (3, 224, 224)  # not a JPEG: PIL + resize in the worker
     assert items[3].turn == Image.Transpose.ROTATE_270 and items[0].turn is None
+    Image.open(colour).save(tmp_path / "adobe-rgb.jpg", keep_rgb=True)  # stores RGB, not YCbCr: PIL decodes it
+    assert Image.open(tmp_path / "adobe-rgb.jpg").info["adobe_transform"] == 0
+    assert read_encoded(tmp_path / "adobe-rgb.jpg", Decoding(), geometry).jpeg is None
     with pytest.raises(OSError):  # a header PIL cannot read fails in the worker, like any unreadable file
         (tmp_path / "stub.jpg").write_bytes(payload[:300])
         read_encoded(tmp_path / "stub.jpg", Decoding(), geometry)
@@ -142,12 +145,20 @@ def test_a_device_failure_is_raised_not_recorded_as_unreadable_images(tmp_path, 
 
     items, geometry = jpeg_batch(tmp_path)
 
-    def out_of_memory(data, device):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+    wrapped = "Error while decoding JPEG images: "  # how torchvision's CUDA decoder re-raises what it meets
+    failures = [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"),
+        RuntimeError(wrapped + "CUDA out of memory. Tried to allocate 9.00 GiB"),
+        RuntimeError(wrapped + "CUDA error: an illegal memory access was encountered"),
+    ]
+    for failure in failures:
 
-    monkeypatch.setattr(G, "_decode_call", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError):
-        G.decode_batch(items, [""] * 5, geometry, "cpu")
+        def failing(data, device, failure=failure):
+            raise failure
+
+        monkeypatch.setattr(G, "_decode_call", failing)
+        with pytest.raises(RuntimeError, match="out of memory|CUDA error"):
+            G.decode_batch(items, [""] * 5, geometry, "cpu")
 
 
 def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu_with_one_warning(tmp_path, monkeypatch, caplog):
@@ -282,7 +293,7 @@ def test_on_cuda_nvjpeg_decodes_a_batch_as_the_cpu_path_does_within_its_idct(tmp
     colour = Image.open(tmp_path / "0.jpg")
     colour.convert("L").save(tmp_path / "grey.jpg")
     colour.save(tmp_path / "progressive.jpg", progressive=True, quality=90)
-    colour.save(tmp_path / "rgb-not-ycbcr.jpg", keep_rgb=True)  # Adobe transform 0: stored as RGB
+    colour.save(tmp_path / "rgb-not-ycbcr.jpg", keep_rgb=True)  # Adobe transform 0: stored as RGB, read by PIL
     colour.save(tmp_path / "phone.jpg", "MPO", save_all=True, append_images=[Image.open(tmp_path / "3.jpg")])
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 counter-clockwise to view"
