@@ -564,8 +564,12 @@ class _Runner:
         batch is decoded by the thread that runs it (:class:`featurecache.decoders.LaneBatches`)."""
         lanes = self.lanes
         if lanes == 1:
-            for item in batches:
-                batch = self.on_device(decoders.loaded(item))
+            if self.device_geometry is None:
+                ready: Iterable[tuple] = (decoders.loaded(item) for item in batches)
+            else:  # --decode gpu: the next batch decoded on the device while this one runs
+                ready = gpu_decode.decoded_ahead(batches, lambda item: self.on_device(decoders.loaded(item)),
+                                                 self.device)  # fmt: skip
+            for batch in ready:
                 yield batch, self.forward(module, batch[0])
             return
 

@@ -4,7 +4,8 @@ On a GPU the base is rarely what limits stage 1: a CPU decoding and resizing eve
 ``--decode gpu`` the decode workers only read a JPEG's bytes and its header (its EXIF orientation:
 ``featurecache.data.read_encoded``); the batch's JPEGs are decoded together by
 ``torchvision.io.decode_jpeg(..., device="cuda")`` (nvjpeg), turned upright, and resized and cropped on the device
-(``featurecache.preprocess.DeviceGeometry``), so uint8 pixels never cross the bus at full size. Files that are not
+(``featurecache.preprocess.DeviceGeometry``), so uint8 pixels never cross the bus at full size; a thread does that
+for the next batch while the base runs this one (:func:`decoded_ahead`). Files that are not
 RGB or grey JPEGs (PNG, CMYK JPEG, HEIC ...) are decoded by PIL in the workers as always and resized there by the
 same arithmetic. A JPEG nvjpeg refuses is decoded by libjpeg-turbo on the CPU instead (with a warning); one neither
 reads is skipped like any unreadable file.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from featurecache.data import Encoded, bad_image_reason
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 # JPEGs per decode_jpeg call, each chunk resized before the next: nvjpeg holds a call's images in GPU memory at full
 # size (256 12 MP photos: ~9 GB), and a call that fails is retried image by image.
 DECODE_CHUNK = 64
+AHEAD = 2  # batches decoded ahead of the forward pass (decoded_ahead): one in hand, one in the making
 _DEVICE_FAILURE_SIGNS = ("out of memory", "CUDA error", "cudaError", "NVJPEG_STATUS_ALLOCATOR_FAILURE")
 _TORCH_SOURCE = re.compile(r"^\w+, \S+:\d+, ")  # the prefix torchvision puts before a decoder's message
 _warned_fallback: set[str] = set()  # devices whose nvjpeg refusal was warned about (once per process)
@@ -60,6 +62,39 @@ def check_device(device: str) -> None:
         raise FeaturecacheError(
             f"--decode gpu: torchvision cannot decode JPEGs on {device} ({_message(exc)}); leave --decode out (full)"
         ) from exc
+
+
+def decoded_ahead(items: Iterable[Any], decode: Callable[[Any], tuple], device: Any) -> Iterator[tuple]:
+    """``decode(item)`` of every item, in order, by one thread working up to :data:`AHEAD` batches ahead: under
+    ``--decode gpu`` the next batch is decoded (nvjpeg's Huffman stage runs on the CPU) while the base runs this one,
+    instead of after it. On CUDA that thread decodes on a stream of its own; each batch is handed over behind an
+    event, and recorded on the consumer's stream so that its memory is not reused before the consumer is done."""
+    import torch
+
+    from featurecache.decoders import in_order
+
+    cuda = torch.device(device).type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+
+    def run(_i: int, item: Any) -> tuple[tuple, Any]:
+        if not cuda:
+            return decode(item), None
+        with torch.cuda.stream(side):
+            batch = decode(item)
+            done = torch.cuda.Event()
+            done.record(side)
+        return batch, done
+
+    ahead = in_order(run, items, threads=1, in_flight=AHEAD, name="featurecache-device-decode")
+    try:
+        for _item, (batch, done) in ahead:
+            if done is not None:
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(done)
+                batch[0].record_stream(consumer)
+            yield batch
+    finally:
+        ahead.close()  # stops the thread now when the loop stops early, not when the generator is collected
 
 
 def decode_batch(
@@ -96,17 +131,17 @@ def _decode_jpegs(data: list[bytes], device: Any) -> list[Any]:
     read."""
     import torch
 
+    if torch.device(device).type == "cuda":
+        # nvjpeg writes on a stream of its own into memory allocated on this (the caller's) stream; torchvision then
+        # makes this stream wait for it (an event), but not the other way round: memory this stream freed while its
+        # kernels still use it could be written early (pytorch/vision#9606). So this stream's pending work ends first.
+        torch.cuda.current_stream(device).synchronize()
     try:
-        out = _decode_call(data, device)
+        return _decode_call(data, device)
     except RuntimeError as exc:
         if _is_device_failure(exc):
             raise  # out of memory, a failing device: not the file's fault, so not a skipped image
-        out = [_decode_one(one, device) for one in data]  # find the file; read it on the CPU if nvjpeg alone refuses
-    if torch.device(device).type == "cuda":
-        # nvjpeg writes on a stream of its own; whether torchvision makes the caller's stream wait for it has varied
-        # between releases, so the resize after this waits for the whole device once per chunk.
-        torch.cuda.synchronize(device)
-    return out
+    return [_decode_one(one, device) for one in data]  # find the file; read it on the CPU if nvjpeg alone refuses
 
 
 def _decode_call(data: list[bytes], device: Any) -> list[Any]:

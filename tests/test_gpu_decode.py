@@ -184,6 +184,22 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu_with_one_warnin
     assert calls.count("cpu") == 2 * 5 and caplog.text.count("nvjpeg refused a JPEG") == 1
 
 
+def test_batches_are_decoded_ahead_in_order_and_the_thread_stops_with_the_loop():
+    import threading
+
+    calls = []
+
+    def decode(item):
+        calls.append(item)
+        return (item * 2,)
+
+    ahead = G.decoded_ahead(iter(range(10)), decode, "cpu")
+    assert [next(ahead)[0] for _ in range(3)] == [0, 2, 4]  # in order, whichever thread decoded them
+    ahead.close()  # the loop stops early (an error, --on-bad-image fail)
+    assert len(calls) <= 3 + G.AHEAD  # no more than one batch in hand and AHEAD in the making
+    assert not [t for t in threading.enumerate() if t.name.startswith("featurecache-device-decode")]
+
+
 def test_decode_gpu_is_refused_where_torchvision_has_no_nvjpeg(monkeypatch):
     def without_nvjpeg(data, device):
         raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support")
