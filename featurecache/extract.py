@@ -569,8 +569,11 @@ class _Runner:
             else:  # --decode gpu: the next batch decoded on the device while this one runs
                 ready = gpu_decode.decoded_ahead(batches, lambda item: self.on_device(decoders.loaded(item)),
                                                  self.device)  # fmt: skip
-            for batch in ready:
-                yield batch, self.forward(module, batch[0])
+            try:
+                for batch in ready:
+                    yield batch, self.forward(module, batch[0])
+            finally:  # a forward that raises would otherwise keep the decode-ahead thread until the error is freed
+                getattr(ready, "close", lambda: None)()
             return
 
         def run(i: int, item: tuple | decoders.Deferred) -> tuple[tuple, dict[str, np.ndarray]]:

@@ -79,6 +79,9 @@ def decoded_ahead(items: Iterable[Any], decode: Callable[[Any], tuple], device: 
     def run(_i: int, item: Any) -> tuple[tuple, Any]:
         if not cuda:
             return decode(item), None
+        # A new thread starts on GPU 0, and leaving the stream's context would switch back to it, which creates a
+        # CUDA context there: under torchrun every rank would hold memory on GPU 0. This thread works on the device.
+        torch.cuda.set_device(side.device)
         with torch.cuda.stream(side):
             batch = decode(item)
             done = torch.cuda.Event()
@@ -136,11 +139,16 @@ def _decode_jpegs(data: list[bytes], device: Any) -> list[Any]:
         # makes this stream wait for it (an event), but not the other way round: memory this stream freed while its
         # kernels still use it could be written early (pytorch/vision#9606). So this stream's pending work ends first.
         torch.cuda.current_stream(device).synchronize()
-    try:
-        return _decode_call(data, device)
-    except RuntimeError as exc:
-        if _is_device_failure(exc):
-            raise  # out of memory, a failing device: not the file's fault, so not a skipped image
+    for attempt in (1, 2):
+        try:
+            return _decode_call(data, device)
+        except RuntimeError as exc:
+            if not _is_device_failure(exc):
+                break  # a file's fault: found below
+            if attempt == 2 or torch.device(device).type != "cuda":
+                raise  # out of memory, a failing device: not the file's fault, so not a skipped image
+            # nvjpeg allocates outside torch's caching allocator: give it what torch holds cached but unused, once.
+            torch.cuda.empty_cache()
     return [_decode_one(one, device) for one in data]  # find the file; read it on the CPU if nvjpeg alone refuses
 
 

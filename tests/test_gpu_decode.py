@@ -200,6 +200,49 @@ def test_batches_are_decoded_ahead_in_order_and_the_thread_stops_with_the_loop()
     assert not [t for t in threading.enumerate() if t.name.startswith("featurecache-device-decode")]
 
 
+def test_the_decode_ahead_thread_stops_when_the_forward_pass_raises(tmp_path, gpu_path_on_cpu):
+    """A forward that raises (float16 out of range, out of memory): the thread and its decoded batches go with the
+    loop, not when the exception is freed."""
+    import threading
+
+    from featurecache import decoders
+    from featurecache.data import discover_splits
+    from featurecache.extract import _Runner
+
+    runner = _Runner(load_base(BASE), "cpu", ExtractOptions(decode="gpu", batch_size=2, **OPTIONS))
+    index = discover_splits(photo_folder(tmp_path / "photos"))["train"]
+    data = runner.image_files(index, range(len(index)))
+    batches = (decoders.decode_batch(data, (start, start + 2)) for start in range(0, len(index), 2))
+
+    def failing(images):
+        raise ValueError("features of layer 'flatten' fall outside float16's range")
+
+    with pytest.raises(ValueError) as raised:
+        for _ in runner.forward_batches(failing, batches):
+            pass
+    assert raised.value is not None  # the exception, and the frames it holds, are still referenced here
+    assert not [t for t in threading.enumerate() if t.name.startswith("featurecache-device-decode")]
+
+
+def test_out_of_memory_in_nvjpeg_is_retried_once_with_torchs_cache_emptied(tmp_path, monkeypatch):
+    import torch
+
+    items, geometry = jpeg_batch(tmp_path)
+    calls, emptied = [], []
+
+    def short_of_memory_once(data, device):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise RuntimeError("Error while decoding JPEG images: NVJPEG_STATUS_ALLOCATOR_FAILURE")
+        return [torch.zeros(3, 240, 320, dtype=torch.uint8) for _ in data]
+
+    monkeypatch.setattr(G, "_decode_call", short_of_memory_once)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: type("S", (), {"synchronize": lambda s: 0})())
+    out = G._decode_jpegs([item.jpeg for item in items], torch.device("cuda"))  # no GPU here: the calls stood in
+    assert len(out) == 5 and calls == [5, 5] and emptied == [True]
+
+
 def test_decode_gpu_is_refused_where_torchvision_has_no_nvjpeg(monkeypatch):
     def without_nvjpeg(data, device):
         raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support")
