@@ -66,7 +66,7 @@ class Decoding:
     EXIF orientation tag is applied (``--orientation``); ``decode``: ``"draft"`` decodes large JPEGs at a reduced
     scale where the base's resize allows (``--decode``; what that scale is depends on the base, see
     ``featurecache.preprocess.draft_for``); ``"gpu"`` decodes JPEGs with nvjpeg and resizes every image with torch on
-    the device that runs the base (``featurecache.gpu_decode.device_geometry_for``).
+    the device that runs the base (``featurecache.preprocess.device_geometry_for``).
     """
 
     alpha: str = DEFAULT_ALPHA
@@ -686,8 +686,7 @@ def read_encoded(path: str | os.PathLike, decoding: Decoding, geometry: Callable
     ``featurecache.preprocess.DeviceGeometry``, the same arithmetic as on the device), so no full-size pixels wait in
     the loader. Raises :func:`bad_image_errors` for unreadable files; a JPEG whose payload is broken is found when
     it is decoded (``featurecache.gpu_decode.decode_batch``)."""
-    import numpy as np
-    import torch
+    from featurecache.preprocess import uint8_chw
 
     with open(path, "rb") as f:
         image = _open(f, path)  # the header only; PIL refuses decompression bombs here
@@ -696,5 +695,4 @@ def read_encoded(path: str | os.PathLike, decoding: Decoding, geometry: Callable
             turn = _upright_turn(image) if decoding.orientation == "exif" else None
             f.seek(0)
             return Encoded(jpeg=f.read(), turn=turn)
-    pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(load_image(path, decoding)).transpose(2, 0, 1)))
-    return Encoded(pixels=geometry(pixels).numpy())
+    return Encoded(pixels=geometry(uint8_chw(load_image(path, decoding))).numpy())

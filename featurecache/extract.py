@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -425,7 +425,7 @@ class _Runner:
             log.warning(
                 "--decode %s has no effect on %s: its preprocessing does not start with a fixed-size Resize%s, so "
                 "images are decoded on the CPU in full (and the cache says so)", options.decode, loaded.spec.name,
-                " (+ CenterCrop) to one shape" if options.decode == "gpu" else "",
+                ", bilinear or bicubic, (+ CenterCrop) to one shape" if options.decode == "gpu" else "",
             )  # fmt: skip
         on_cuda = device.startswith("cuda")
         amp = options.amp
@@ -565,7 +565,7 @@ class _Runner:
         lanes = self.lanes
         if lanes == 1:
             if self.device_geometry is None:
-                ready: Iterable[tuple] = (decoders.loaded(item) for item in batches)
+                ready: Generator[tuple, None, None] = (decoders.loaded(item) for item in batches)
             else:  # --decode gpu: the next batch decoded on the device while this one runs
                 ready = gpu_decode.decoded_ahead(batches, lambda item: self.on_device(decoders.loaded(item)),
                                                  self.device)  # fmt: skip
@@ -573,7 +573,7 @@ class _Runner:
                 for batch in ready:
                     yield batch, self.forward(module, batch[0])
             finally:  # a forward that raises would otherwise keep the decode-ahead thread until the error is freed
-                getattr(ready, "close", lambda: None)()
+                ready.close()
             return
 
         def run(i: int, item: tuple | decoders.Deferred) -> tuple[tuple, dict[str, np.ndarray]]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any
 
 from featurecache.data import Encoded, bad_image_reason
@@ -64,7 +64,7 @@ def check_device(device: str) -> None:
         ) from exc
 
 
-def decoded_ahead(items: Iterable[Any], decode: Callable[[Any], tuple], device: Any) -> Iterator[tuple]:
+def decoded_ahead(items: Iterable[Any], decode: Callable[[Any], tuple], device: Any) -> Generator[tuple, None, None]:
     """``decode(item)`` of every item, in order, by one thread working up to :data:`AHEAD` batches ahead: under
     ``--decode gpu`` the next batch is decoded (nvjpeg's Huffman stage runs on the CPU) while the base runs this one,
     instead of after it. On CUDA that thread decodes on a stream of its own; each batch is handed over behind an

@@ -141,7 +141,7 @@ class PerImage:
 
     def __call__(self, image: Any, row: int = 0) -> Any:
         image = self.geometry(image, row) if getattr(self.geometry, "per_row", False) else self.geometry(image)
-        return _pixels(image) if self.to_uint8 else image
+        return uint8_chw(image) if self.to_uint8 else image
 
     def blank(self, size: int) -> Any:
         """The stand-in of an unreadable image (its feature rows are zeroed anyway): zeros of the output dtype."""
@@ -150,7 +150,7 @@ class PerImage:
         return torch.zeros(3, size, size, dtype=torch.uint8 if self.to_uint8 else torch.float32)
 
 
-def _pixels(image: Any) -> Any:
+def uint8_chw(image: Any) -> Any:
     """A PIL image's 8-bit channels as a contiguous uint8 (C, H, W) tensor: ``ToTensor`` before its ``/ 255``."""
     import numpy as np
     import torch
@@ -247,16 +247,10 @@ def device_geometry_for(preprocessing: Preprocessing, decode: str) -> DeviceGeom
     if len(rest) > 1 or (rest and type(rest[0]) is not T.CenterCrop):
         return None
     size = (resize.size,) if isinstance(resize.size, int) else tuple(resize.size)
-    crop = _pair(rest[0].size) if rest else None
+    crop = tuple(rest[0].size) if rest else None  # CenterCrop keeps its size as (height, width)
     if crop is None and len(size) != 2:
         return None  # the shorter side alone: images of one batch would differ in shape
     return DeviceGeometry(size=size, interpolation=resize.interpolation, max_size=resize.max_size, crop=crop)
-
-
-def _pair(size: Any) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
 
 @dataclass(frozen=True)
