@@ -192,6 +192,22 @@ def _decode(args: argparse.Namespace) -> dict[str, Any]:
     return {"decode_ms": 1000 * decode / args.images, "normalize_ms": 1000 * normalize / args.images}
 
 
+def _alternated(
+    decoders: dict[str, Callable[[], list[np.ndarray]]], images: int, rounds: int
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Each decoder's median ms per image over ``rounds`` rounds run in alternating order, and the pixels the first
+    and the second gave, as (images, C, H, W) int16 arrays."""
+    spent: dict[str, list[float]] = {name: [] for name in decoders}
+    pixels: dict[str, list[np.ndarray]] = {}
+    for r in range(rounds):
+        for name in decoders if r % 2 == 0 else reversed(decoders):
+            t0 = time.perf_counter()
+            pixels[name] = decoders[name]()
+            spent[name].append(1000 * (time.perf_counter() - t0) / images)
+    first, second = (np.stack(pixels[name]).astype(np.int16) for name in decoders)
+    return {name: float(np.median(ms)) for name, ms in spent.items()}, first, second
+
+
 def _draft(args: argparse.Namespace) -> dict[str, Any]:
     from featurecache.bases import load_base
     from featurecache.data import load_image
@@ -200,16 +216,16 @@ def _draft(args: argparse.Namespace) -> dict[str, Any]:
     preprocessing = Preprocessing(load_base(args.base, weights=args.weights).spec.transforms())
     files = sorted((args.root / "train").rglob("*.jpg"))[: args.images]
     modes = {"full": None, "draft": preprocessing.draft_size()}
-    spent: dict[str, list[float]] = {mode: [] for mode in modes}
-    pixels: dict[str, list[np.ndarray]] = {}
-    for r in range(3):  # alternating, medians
-        for mode in modes if r % 2 == 0 else reversed(modes):
-            t0 = time.perf_counter()
-            pixels[mode] = [preprocessing.per_image(load_image(f, draft=modes[mode])).numpy() for f in files]
-            spent[mode].append(1000 * (time.perf_counter() - t0) / len(files))
-    diff = np.abs(np.stack(pixels["full"]).astype(np.int16) - np.stack(pixels["draft"]))
-    return {"full_ms": float(np.median(spent["full"])), "draft_ms": float(np.median(spent["draft"])),
-            "mean_diff": float(diff.mean()), "max_diff": int(diff.max())}  # fmt: skip
+    decoders = {mode: (lambda draft=draft: [preprocessing.per_image(load_image(f, draft=draft)).numpy()
+                                            for f in files]) for mode, draft in modes.items()}  # fmt: skip
+    ms, full, draft = _alternated(decoders, len(files), rounds=3)
+    diff = np.abs(full - draft)
+    return {
+        "full_ms": ms["full"],
+        "draft_ms": ms["draft"],
+        "mean_diff": float(diff.mean()),
+        "max_diff": int(diff.max()),
+    }
 
 
 def _tensor(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,17 +247,15 @@ def _tensor(args: argparse.Namespace) -> dict[str, Any]:
         items = [read_encoded(f, Decoding(), geometry) for f in files]
         return list(gpu_decode.decode_batch(items, [""] * len(items), geometry, "cpu")[0].numpy())
 
-    paths = {"pil": lambda: [preprocessing.per_image(load_image(f)).numpy() for f in files], "tensor": tensor_path}
-    spent: dict[str, list[float]] = {name: [] for name in paths}
-    pixels: dict[str, list[np.ndarray]] = {}
-    for r in range(5):  # alternating, medians
-        for name in paths if r % 2 == 0 else reversed(paths):
-            t0 = time.perf_counter()
-            pixels[name] = paths[name]()
-            spent[name].append(1000 * (time.perf_counter() - t0) / len(files))
-    diff = np.abs(np.stack(pixels["pil"]).astype(np.int16) - np.stack(pixels["tensor"]))
-    return {"pil_ms": float(np.median(spent["pil"])), "tensor_ms": float(np.median(spent["tensor"])),
-            "max_diff": int(diff.max()), "differ": float((diff > 0).mean())}  # fmt: skip
+    decoders = {"pil": lambda: [preprocessing.per_image(load_image(f)).numpy() for f in files], "tensor": tensor_path}
+    ms, pil, tensor = _alternated(decoders, len(files), rounds=5)
+    diff = np.abs(pil - tensor)
+    return {
+        "pil_ms": ms["pil"],
+        "tensor_ms": ms["tensor"],
+        "max_diff": int(diff.max()),
+        "differ": float((diff > 0).mean()),
+    }
 
 
 CHILDREN: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
