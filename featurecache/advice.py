@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from featurecache.answer import MIN_IMAGES_PER_CLASS, Answer, HeadResult
+from featurecache.metrics import PairedGain
 
 # "Large" is where fine-tuning a CNN stops overfitting quickly; cs231n gives no number, ~1000 per class is ImageNet's
 # own scale per class and the usual reading of the rule.
@@ -142,8 +143,10 @@ def _verdict(answer: Answer, kind: str) -> str:
         )
     if answer.finetune is None:
         return "was not taken: run `featurecache compare-layers --finetune`"
-    low = answer.finetune["gain"][1]
-    return "agrees: fine-tuning gains significantly" if low > 0 else "disagrees: fine-tuning shows no measurable gain"
+    return {
+        "helps": "agrees: fine-tuning gains significantly",
+        "hurts": "disagrees: fine-tuning loses significantly",
+    }.get(answer.finetune.gain.verdict, "disagrees: fine-tuning shows no measurable gain")
 
 
 def warnings(answer: Answer) -> list[str]:
@@ -179,12 +182,9 @@ def warnings(answer: Answer) -> list[str]:
     return out
 
 
-def gain_text(gain: tuple[float, float, float] | None) -> str:
-    """A paired gain in points: ``+1.2 [-0.5, +3.0]``."""
-    if gain is None:
-        return "n/a"
-    diff, low, high = gain
-    return f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+def gain_text(gain: PairedGain | None) -> str:
+    """A paired gain in points: ``+1.2 [-0.5, +3.0]``, or ``n/a`` when it was not measured."""
+    return "n/a" if gain is None else gain.points()
 
 
 def transfer_sentence(answer: Answer) -> str:

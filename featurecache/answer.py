@@ -26,7 +26,7 @@ from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
 from featurecache.freshness import current_sidecars
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
-from featurecache.metrics import mcnemar_worse_p, paired_difference, wilson_interval
+from featurecache.metrics import PairedGain, mcnemar_worse_p, paired_difference, wilson_interval
 from featurecache.selection import Candidate, pick_best, ranked
 from featurecache.weights import is_random_tag, random_tag
 
@@ -152,14 +152,23 @@ class TransferCheck:
     pixels: HeadResult | None  # logistic regression on downsampled pixels
     chance: float  # the majority class's share of test
     control: HeadResult | None = None  # the better control on val
-    gain: tuple[float, float, float] | None = None  # recommended minus control: difference, 95% low, high
+    gain: PairedGain | None = None  # recommended minus control
 
     @property
     def verdict(self) -> str:
-        if self.gain is None:
-            return "unmeasured"
-        _, low, high = self.gain
-        return "helps" if low > 0 else "hurts" if high < 0 else "no measurable gain"
+        return "unmeasured" if self.gain is None else self.gain.verdict
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A head against the one it is measured from, on the same test images: a multilayer head against the best
+    single layer, a fine-tuned or augmented-views model against its frozen start, fine-tuning against the
+    recommendation."""
+
+    result: HeadResult
+    reference: HeadResult
+    gain: PairedGain  # result minus reference
+    route: str = ""  # how the result was reached, where it says more than its name ("fine-tuned", ...)
 
 
 def transfer_check(
@@ -212,9 +221,9 @@ class Answer:
     n_classes: int
     distance: dict[str, float] | None  # ImageNet confidence of the reference classifier (featurecache.report)
     quadrant: dict[str, Any] = field(default_factory=dict)
-    finetune: dict[str, Any] | None = None
-    beyond: list[dict[str, Any]] = field(default_factory=list)  # fine-tuned / +aug routes (featurecache.report)
-    multilayer: list[dict[str, Any]] = field(default_factory=list)  # multi-tap heads vs the best single layer
+    finetune: Comparison | None = None  # fine-tuned from the recommendation, against it (compare-layers --finetune)
+    beyond: list[Comparison] = field(default_factory=list)  # fine-tuned / +aug routes (featurecache.report)
+    multilayer: list[Comparison] = field(default_factory=list)  # multi-tap heads vs the best single layer
     layer_scores: Any = None  # featurecache.layer_scores.LayerTauTable of the recommended base (the report adds it)
     sentence: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -266,7 +275,9 @@ def compute_answer(
     return answer
 
 
-def multilayer_comparisons(heads: dict[str, list[HeadResult]], bases: Sequence[str], *, seed: int = 0) -> list[dict]:
+def multilayer_comparisons(
+    heads: dict[str, list[HeadResult]], bases: Sequence[str], *, seed: int = 0
+) -> list[Comparison]:
     """Each multi-tap head against the best single-layer head of its base (chosen on val), on the same test
     images: paired difference with a bootstrap 95% interval."""
     out = []
@@ -276,5 +287,5 @@ def multilayer_comparisons(heads: dict[str, list[HeadResult]], bases: Sequence[s
             if single:
                 best = pick_best(single, _candidate)
                 gain = paired_difference(multi.test_correct, best.test_correct, seed=seed)
-                out.append({"result": multi, "best_single": best, "gain": gain})
+                out.append(Comparison(result=multi, reference=best, gain=gain))
     return out

@@ -18,7 +18,7 @@ from typing import Any
 
 from featurecache import store
 from featurecache.advice import explain
-from featurecache.answer import Answer, LabelReader, compute_answer, result_of_sidecar
+from featurecache.answer import Answer, Comparison, LabelReader, compute_answer, result_of_sidecar
 from featurecache.baselines import pixel_baseline
 from featurecache.bases import WEIGHTS_NONE, get_base_spec
 from featurecache.config import Paths, default_paths
@@ -126,7 +126,7 @@ def _random_init(dataset: str, root: Any, base: str, *, options: CompareOptions,
     )
 
 
-def finetune_recommended(answer: Answer, *, options: CompareOptions, paths: Paths) -> dict[str, Any]:
+def finetune_recommended(answer: Answer, *, options: CompareOptions, paths: Paths) -> Comparison:
     """Fine-tune from the recommended head (or, when its kind cannot be rebuilt in torch, from the best logreg at
     the same layer) and measure the paired gain over the recommendation on the same test images."""
     from featurecache.finetune import FinetuneOptions, finetune
@@ -141,5 +141,4 @@ def finetune_recommended(answer: Answer, *, options: CompareOptions, paths: Path
     result = finetune(dataset=answer.dataset, base_tag=rec.base, options=ft_options, paths=paths)
     tuned = result_of_sidecar(result.sidecar, LabelReader())
     gain = paired_difference(tuned.test_correct, rec.test_correct, seed=options.seed)
-    return {"name": tuned.name(), "started_from": f"{rec.layer} / {head}", "test_accuracy": tuned.test_accuracy,
-            "gain": gain, "result": tuned}  # fmt: skip
+    return Comparison(result=tuned, reference=rec, gain=gain, route=f"fine-tuned from {rec.layer} / {head}")

@@ -38,7 +38,7 @@ from featurecache.fileio import atomic_write, file_sha256
 from featurecache.freshness import current_sidecars, feature_fingerprint
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
-from featurecache.metrics import bootstrap_ci, classification_scores
+from featurecache.metrics import PairedGain, classification_scores, paired_difference
 from featurecache.preprocess import Preprocessing, draft_for
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord
 from featurecache.selection import candidate_of_record, pick_best
@@ -526,27 +526,25 @@ def train_epochs(trainer: Trainer, frozen_val: float) -> tuple[TrainState, dict[
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def gain_verdict(state: TrainState, frozen_val: float, gain_points: float, ci: tuple[float, float]) -> str:
-    """One plain sentence: did fine-tuning help?"""
+def gain_verdict(state: TrainState, frozen_val: float, gain: PairedGain) -> str:
+    """One plain sentence: did fine-tuning help? (``gain``: over the frozen head on test, judged as every gain is)"""
     if state.best_epoch == 0:
         return (
             f"no gain: no epoch beat the frozen head's val accuracy ({100 * frozen_val:.1f}%), so the saved model "
             f"is the frozen head rebuilt; try more epochs, --lr-base, or --unfreeze-last 2"
         )
-    interval = f"{gain_points:+.1f} points, 95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"
-    if ci[0] <= 0 <= ci[1]:
+    interval = f"{100 * gain.difference:+.1f} points, 95% CI [{100 * gain.low:+.1f}, {100 * gain.high:+.1f}]"
+    if gain.verdict == "no measurable gain":
         return f"no clear gain on test: {interval} includes 0"
-    return f"{'gain' if gain_points > 0 else 'loss'} on test: {interval}"
+    return f"{'gain' if gain.verdict == 'helps' else 'loss'} on test: {interval}"
 
 
-def paired_test_gain(rebuilt: Rebuilt, test_pred: np.ndarray, seed: int) -> tuple[float, tuple[float, float]]:
-    """Paired gain over the frozen head on test, in points, with its bootstrap interval (same images resampled)."""
+def paired_test_gain(rebuilt: Rebuilt, test_pred: np.ndarray, seed: int) -> PairedGain:
+    """Gain over the frozen head on test, with its paired bootstrap interval (the same images resampled)."""
     y_test = rebuilt.splits.labels["test"]
     X_test, _, _ = store.load_features(rebuilt.files["test"], rebuilt.layer, include_invalid=True)
     frozen_correct = rebuilt.estimator.predict(X_test.astype(np.float32)) == y_test
-    gain = (test_pred == y_test).astype(float) - frozen_correct.astype(float)
-    low, high = bootstrap_ci(gain, seed=seed)
-    return 100 * float(gain.mean()), (100 * low, 100 * high)
+    return paired_difference(test_pred == y_test, frozen_correct, seed=seed)
 
 
 def score_and_record(
@@ -563,7 +561,7 @@ def score_and_record(
     # Per-image predictions of the valid rows, as stage-2 heads record them: the report pairs models on them.
     test_scores["predictions"] = test_pred[store.read_rows(rebuilt.files["test"])[2]].tolist()
     val_scores["predictions"] = val_pred[store.read_rows(rebuilt.files["val"])[2]].tolist()
-    gain_points, ci = paired_test_gain(rebuilt, test_pred, options.seed)
+    gain = paired_test_gain(rebuilt, test_pred, options.seed)
     atomic_write(out_dir / MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
     return HeadRecord(
         kind=FINETUNED_KIND,
@@ -590,13 +588,13 @@ def score_and_record(
         selection_val_accuracy=state.best_val,
         best_epoch=state.best_epoch,
         improved_on_val=state.best_epoch > 0,
-        verdict=gain_verdict(state, frozen_val, gain_points, ci),
+        verdict=gain_verdict(state, frozen_val, gain),
         history=state.history,
         val=val_scores,
         test=test_scores,
         frozen_test_accuracy=hr.test["accuracy"],
-        gain_over_frozen_points=gain_points,
-        gain_ci95_points=ci,
+        gain_over_frozen_points=100 * gain.difference,
+        gain_ci95_points=(100 * gain.low, 100 * gain.high),
         n_train=len(rebuilt.splits.index["train"]),
         files={MODEL_FILE: file_sha256(out_dir / MODEL_FILE)},
     )

@@ -295,12 +295,12 @@ def multilayer_vs_best_single(
     :func:`featurecache.answer.multilayer_comparisons`, which the report uses too)."""
     paths = paths or default_paths()
     results = head_results(dataset, base_tag, paths)
-    found = [c for c in multilayer_comparisons({base_tag: results}, [base_tag], seed=seed) if c["result"].head == head]
+    found = [c for c in multilayer_comparisons({base_tag: results}, [base_tag], seed=seed) if c.result.head == head]
     if not found:
         raise FeaturecacheError(
             f"no {head} head and single-layer heads for {dataset} x {base_tag}; train them with `featurecache "
             f"train-heads --dataset {dataset} --bases {base_tag}`"
         )
-    multi, single, (diff, low, high) = found[0]["result"], found[0]["best_single"], found[0]["gain"]
+    multi, single, (diff, low, high) = found[0].result, found[0].reference, found[0].gain
     return PairedDifference(dataset, base_tag, multi.test_accuracy, single.layer, single.head, single.test_accuracy,
                             diff, (low, high), len(multi.test_correct))  # fmt: skip

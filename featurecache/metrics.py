@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -62,13 +62,33 @@ def mcnemar_worse_p(reference_correct: np.ndarray, other_correct: np.ndarray) ->
     return float(binom.sf(b - 1, b + c, 0.5))
 
 
+class PairedGain(NamedTuple):
+    """Accuracy of one model minus another's on the same test items (fractions), with a paired bootstrap interval.
+
+    Every "did it pay?" in featurecache (pretraining against its controls, fine-tuning, augmented views, the
+    multilayer head) is judged by :attr:`verdict`, so the report, the terminal and the fine-tuning record agree."""
+
+    difference: float
+    low: float
+    high: float
+
+    @property
+    def verdict(self) -> str:
+        """``helps`` when the whole interval is above 0, ``hurts`` when it is below, else ``no measurable gain``."""
+        return "helps" if self.low > 0 else "hurts" if self.high < 0 else "no measurable gain"
+
+    def points(self) -> str:
+        """In points: ``+1.2 [-0.5, +3.0]``."""
+        return f"{100 * self.difference:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
+
+
 def paired_difference(
     a_correct: np.ndarray, b_correct: np.ndarray, *, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
+) -> PairedGain:
     """Accuracy of ``a`` minus accuracy of ``b`` on the same items, with a paired bootstrap interval."""
     diff = np.asarray(a_correct, dtype=np.float64) - np.asarray(b_correct, dtype=np.float64)
     low, high = bootstrap_ci(diff, seed=seed, level=level)
-    return float(diff.mean()), low, high
+    return PairedGain(float(diff.mean()), low, high)
 
 
 def classification_scores(y_true: np.ndarray, y_pred: np.ndarray, *, n_classes: int) -> dict[str, Any]:

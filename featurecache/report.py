@@ -24,7 +24,15 @@ import numpy as np
 
 from featurecache import store
 from featurecache.advice import explain, gain_text, names, pts, transfer_sentence
-from featurecache.answer import Answer, HeadResult, LabelReader, compute_answer, is_control, result_of_sidecar
+from featurecache.answer import (
+    Answer,
+    Comparison,
+    HeadResult,
+    LabelReader,
+    compute_answer,
+    is_control,
+    result_of_sidecar,
+)
 from featurecache.config import Paths
 from featurecache.fileio import atomic_write_text
 from featurecache.freshness import current_sidecars
@@ -75,7 +83,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 # ------------------------------------------------------------------------------------------- beyond frozen
 
 
-def beyond_frozen(answer: Answer, paths: Paths) -> list[dict[str, Any]]:
+def beyond_frozen(answer: Answer, paths: Paths) -> list[Comparison]:
     """Fine-tuned models, and the best head trained with augmented views, each against the frozen head it starts
     from (same layer, same head kind) on the same test images: paired difference with a bootstrap 95% interval."""
     labels, routes, plain = LabelReader(), [], {}
@@ -96,9 +104,8 @@ def beyond_frozen(answer: Answer, paths: Paths) -> list[dict[str, Any]]:
                         s["head"], s["layer"])  # fmt: skip
             continue
         result, frozen = result_of_sidecar(s, labels), result_of_sidecar(start, labels)
-        rows.append({"route": "fine-tuned" if s["head"].startswith(FINETUNED_PREFIX) else "augmented views",
-                     "result": result, "frozen": frozen,
-                     "gain": paired_difference(result.test_correct, frozen.test_correct)})  # fmt: skip
+        route = "fine-tuned" if s["head"].startswith(FINETUNED_PREFIX) else "augmented views"
+        rows.append(Comparison(result, frozen, paired_difference(result.test_correct, frozen.test_correct), route))
     return rows
 
 
@@ -129,8 +136,8 @@ def answer_block(answer: Answer) -> list[str]:
     if answer.finetune is not None:
         f = answer.finetune
         lines.append(
-            f"**Fine-tuning** (`{f['name']}`): test {pts(f['test_accuracy'])}%, {gain_text(f['gain'])} points over the "
-            f"recommendation (paired bootstrap 95%)."
+            f"**Fine-tuning** (`{f.result.name()}`): test {pts(f.result.test_accuracy)}%, {f.gain.points()} points "
+            f"over the recommendation (paired bootstrap 95%)."
         )
     return lines
 
@@ -184,8 +191,8 @@ def _control_table(answer: Answer) -> list[Block]:
 
 
 def _multilayer_table(answer: Answer) -> list[Block]:
-    rows = [[f"`{m['result'].name(with_base=True)}`", pts(m["result"].val_accuracy), pts(m["result"].test_accuracy),
-             f"`{m['best_single'].name()}`", pts(m["best_single"].test_accuracy), gain_text(m["gain"])]
+    rows = [[f"`{m.result.name(with_base=True)}`", pts(m.result.val_accuracy), pts(m.result.test_accuracy),
+             f"`{m.reference.name()}`", pts(m.reference.test_accuracy), m.gain.points()]
             for m in answer.multilayer]  # fmt: skip
     if not rows:
         return []
@@ -198,8 +205,8 @@ def _multilayer_table(answer: Answer) -> list[Block]:
 
 
 def _beyond_table(answer: Answer) -> list[Block]:
-    rows = [[r["route"], f"`{r['result'].name()}`", pts(r["result"].val_accuracy), pts(r["result"].test_accuracy),
-             pts(r["frozen"].test_accuracy), gain_text(r["gain"])] for r in answer.beyond]  # fmt: skip
+    rows = [[r.route, f"`{r.result.name()}`", pts(r.result.val_accuracy), pts(r.result.test_accuracy),
+             pts(r.reference.test_accuracy), r.gain.points()] for r in answer.beyond]  # fmt: skip
     if not rows:
         return []
     return [("h2", "Beyond frozen features"),
@@ -283,21 +290,25 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
             "verdict": t.verdict,
         },  # fmt: skip
         "quadrant": answer.quadrant,
-        "finetune": None if answer.finetune is None else {k: v for k, v in answer.finetune.items() if k != "result"},
+        "finetune": None if answer.finetune is None else _finetune_summary(answer.finetune),
         "class_counts_min": answer.class_counts,
         "imagenet": answer.distance,
         "curves": {b: [head(r) for r in c] for b, c in answer.curves.items()},
         "multilayer": [
-            {**head(m["result"]), "best_single": head(m["best_single"]), "gain": list(m["gain"])}
-            for m in answer.multilayer
+            {**head(m.result), "best_single": head(m.reference), "gain": list(m.gain)} for m in answer.multilayer
         ],
         "beyond_frozen": [
-            {"route": r["route"], **head(r["result"]), "frozen": head(r["frozen"]), "gain": list(r["gain"])}
+            {"route": r.route, **head(r.result), "frozen": head(r.reference), "gain": list(r.gain)}
             for r in answer.beyond
         ],
         "seconds": answer.seconds,
         "layer_scores": None if answer.layer_scores is None else _tau_summary(answer.layer_scores),
     }
+
+
+def _finetune_summary(finetune: Comparison) -> dict[str, Any]:
+    return {"name": finetune.result.name(), "route": finetune.route, "test_accuracy": finetune.result.test_accuracy,
+            "gain": list(finetune.gain), "verdict": finetune.gain.verdict}  # fmt: skip
 
 
 def _tau_summary(table: Any) -> dict[str, Any]:

@@ -42,3 +42,20 @@ def test_the_2x2_rule_agrees_only_where_the_test_images_can_tell_the_layers_apar
     assert _verdict(answer(best_top, [lower, best_top], ties=[lower]), "top") == (
         "is consistent with it: the top layer is recommended, earlier ones tied"
     )
+
+
+def test_fine_tuning_is_judged_by_the_one_gain_rule_a_significant_loss_included():
+    from featurecache.answer import Comparison
+    from featurecache.metrics import PairedGain
+
+    top = result("view", 1.0, 5 / 6)
+    judged = {}
+    for gain in (PairedGain(0.1, 0.02, 0.2), PairedGain(0.01, -0.05, 0.06), PairedGain(-0.1, -0.2, -0.03)):
+        a = answer(top, [top], ties=[])
+        a.finetune = Comparison(result("view", 1.0, 1.0, head="finetuned-logreg"), top, gain, "fine-tuned from view")
+        judged[gain.verdict] = _verdict(a, "finetune")
+    assert judged == {
+        "helps": "agrees: fine-tuning gains significantly",
+        "no measurable gain": "disagrees: fine-tuning shows no measurable gain",
+        "hurts": "disagrees: fine-tuning loses significantly",
+    }

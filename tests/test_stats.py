@@ -46,6 +46,17 @@ def test_paired_difference_is_the_accuracy_gap_with_an_interval_around_it():
     assert 0 < low <= diff <= high
 
 
+def test_a_paired_gain_helps_or_hurts_only_when_its_whole_interval_is_one_side_of_zero():
+    from featurecache.metrics import PairedGain
+
+    assert PairedGain(0.05, 0.01, 0.09).verdict == "helps"
+    assert PairedGain(-0.05, -0.09, -0.01).verdict == "hurts"
+    assert PairedGain(0.05, 0.0, 0.09).verdict == PairedGain(0.0, -0.01, 0.0).verdict == "no measurable gain"
+    assert PairedGain(0.012, -0.005, 0.03).points() == "+1.2 [-0.5, +3.0]"
+    diff, low, high = paired_difference(np.ones(30, bool), np.r_[np.ones(20, bool), np.zeros(10, bool)])
+    assert (diff, low > 0) == (pytest.approx(1 / 3), True)
+
+
 def test_selection_rule_breaks_ties_by_simpler_head_then_shallower_layer():
     c = [
         Candidate("b", "deep", "mlp", 0.9, 0.8),
