@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from featurecache.answer import MIN_IMAGES_PER_CLASS, Answer, HeadResult
+from featurecache.answer import MIN_IMAGES_PER_CLASS, Answer, HeadResult, Quadrant
 from featurecache.metrics import PairedGain
 
 # "Large" is where fine-tuning a CNN stops overfitting quickly; cs231n gives no number, ~1000 per class is ImageNet's
@@ -100,19 +100,17 @@ def _noise(answer: Answer, other: HeadResult) -> str:
     return f", a gap within noise (`{other.name()}` is statistically tied with it)" if tied else ""
 
 
-def quadrant(answer: Answer) -> dict[str, str | float | None]:
+def quadrant(answer: Answer) -> Quadrant:
     """The 2x2 cell of the dataset, what the rule advises there, and whether the measured curve agrees."""
     per_class = answer.class_counts["train"]
     size = "large" if per_class >= LARGE_IMAGES_PER_CLASS else "small"
     confidence = None if answer.distance is None else answer.distance["confidence"]
-    similarity = None if confidence is None else "similar" if confidence >= SIMILAR_CONFIDENCE else "different"
-    if similarity is None:
-        return {"size": size, "images_per_class": per_class, "similarity": "unknown", "confidence": None,
-                "advice": "unknown: no ImageNet-classifier logits cached to measure similarity",
-                "verdict": "n/a"}  # fmt: skip
+    if confidence is None:
+        return Quadrant(size, per_class, "unknown", None,
+                        "unknown: no ImageNet-classifier logits cached to measure similarity", "n/a")  # fmt: skip
+    similarity = "similar" if confidence >= SIMILAR_CONFIDENCE else "different"
     advice, kind = RULE[(size, similarity)]
-    return {"size": size, "images_per_class": per_class, "similarity": similarity, "confidence": confidence,
-            "advice": advice, "verdict": _verdict(answer, kind)}  # fmt: skip
+    return Quadrant(size, per_class, similarity, confidence, advice, _verdict(answer, kind))
 
 
 def _verdict(answer: Answer, kind: str) -> str:

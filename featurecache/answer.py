@@ -160,6 +160,19 @@ class TransferCheck:
 
 
 @dataclass(frozen=True)
+class Quadrant:
+    """The dataset's cell of the 2x2 rule of thumb (size x similarity to ImageNet), what the rule advises there, and
+    whether the measured curve agrees (:func:`featurecache.advice.quadrant`)."""
+
+    size: str  # "small" or "large": train images in the smallest class
+    images_per_class: int
+    similarity: str  # "similar", "different", or "unknown" without ImageNet logits cached
+    confidence: float | None  # the reference classifier's mean top-1 probability on the images
+    advice: str
+    verdict: str
+
+
+@dataclass(frozen=True)
 class Comparison:
     """A head against the one it is measured from, on the same test images: a multilayer head against the best
     single layer, a fine-tuned or augmented-views model against its frozen start, fine-tuning against the
@@ -220,7 +233,7 @@ class Answer:
     class_counts: dict[str, int]  # smallest class per split
     n_classes: int
     distance: dict[str, float] | None  # ImageNet confidence of the reference classifier (featurecache.report)
-    quadrant: dict[str, Any] = field(default_factory=dict)
+    quadrant: Quadrant | None = None  # filled with the words (featurecache.advice.explain)
     finetune: Comparison | None = None  # fine-tuned from the recommendation, against it (compare-layers --finetune)
     beyond: list[Comparison] = field(default_factory=list)  # fine-tuned / +aug routes (featurecache.report)
     multilayer: list[Comparison] = field(default_factory=list)  # multi-tap heads vs the best single layer

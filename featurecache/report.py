@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -126,12 +127,11 @@ def answer_block(answer: Answer) -> list[str]:
         answer.sentence,
         f"**Does transfer help?** {transfer_sentence(answer)}",
     ]  # fmt: skip
-    if q.get("confidence") is not None:
+    if q is not None and q.confidence is not None:
         lines.append(
-            f"**The 2×2 rule:** {q['size']} ({q['images_per_class']} train images in the smallest class) and "
-            f"{'similar to' if q['similarity'] == 'similar' else 'different from'} ImageNet (classifier confidence "
-            f"{q['confidence']:.2f}) → {q['advice']}; the "
-            f"measurement {q['verdict']}."
+            f"**The 2×2 rule:** {q.size} ({q.images_per_class} train images in the smallest class) and "
+            f"{'similar to' if q.similarity == 'similar' else 'different from'} ImageNet (classifier confidence "
+            f"{q.confidence:.2f}) → {q.advice}; the measurement {q.verdict}."
         )
     if answer.finetune is not None:
         f = answer.finetune
@@ -289,7 +289,7 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
             "gain": None if t.gain is None else list(t.gain),
             "verdict": t.verdict,
         },  # fmt: skip
-        "quadrant": answer.quadrant,
+        "quadrant": None if answer.quadrant is None else dataclasses.asdict(answer.quadrant),
         "finetune": None if answer.finetune is None else _finetune_summary(answer.finetune),
         "class_counts_min": answer.class_counts,
         "imagenet": answer.distance,
@@ -373,7 +373,7 @@ def write_index(answers: Sequence[Answer], paths: Paths, *, command: str = "") -
         r, q = a.recommended, a.quadrant
         rows.append([a.dataset, f"`{r.name(with_base=a.several_bases)}`", _depth(r),
                      f"{pts(r.test_accuracy)} [{pts(r.test_interval[0])}, {pts(r.test_interval[1])}]", str(len(a.ties)),
-                     gain_text(a.transfer.gain), f"{q.get('size')}/{q.get('similarity')}", str(len(a.warnings)),
+                     gain_text(a.transfer.gain), f"{q.size}/{q.similarity}" if q else "n/a", str(len(a.warnings)),
                      f"[report]({a.dataset}/report.html)"])  # fmt: skip
     blocks: list[Block] = [
         ("h1", "Which layer transfers? The answer per dataset"),
