@@ -65,6 +65,14 @@ class Paths:
         """``reports/<dataset>/``: the stage-2 leaderboard (results.csv/md, best.json)."""
         return self.reports / dataset
 
+    def leaderboard_file(self, dataset: str, suffix: str) -> Path:
+        """The leaderboard of every saved head: ``reports/<dataset>/results.csv`` or ``results.md``."""
+        return self.leaderboard_dir(dataset) / f"results{suffix}"
+
+    def best_file(self, dataset: str) -> Path:
+        """``reports/<dataset>/best.json``: the head the selection rule picks."""
+        return self.leaderboard_dir(dataset) / "best.json"
+
     def bench_dir(self) -> Path:
         """Where ``make bench`` writes its results.json."""
         return self.reports / "bench"
@@ -72,6 +80,10 @@ class Paths:
     def compare_dir(self, dataset: str | None = None) -> Path:
         """``reports/compare/`` (the cross-dataset page) or ``reports/compare/<dataset>/`` (one dataset's answer)."""
         return self.reports / "compare" if dataset is None else self.reports / "compare" / dataset
+
+    def compare_report(self, dataset: str | None = None, suffix: str = ".html") -> Path:
+        """``report.html`` or ``report.md`` of one dataset's answer, or of the cross-dataset page (``dataset=None``)."""
+        return self.compare_dir(dataset) / f"report{suffix}"
 
 
 def default_paths() -> Paths:

@@ -73,14 +73,13 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
     rows = leaderboard_rows(dataset, paths)
     if not rows:
         raise FeaturecacheError(f"no trained heads under {paths.models / dataset}; run `make train-heads` first")
-    out = paths.leaderboard_dir(dataset)
-    out.mkdir(parents=True, exist_ok=True)
+    paths.leaderboard_dir(dataset).mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buffer.getvalue())
-    atomic_write_text(out / "results.md", format_leaderboard(dataset, rows))
+    atomic_write_text(paths.leaderboard_file(dataset, ".csv"), buffer.getvalue())
+    atomic_write_text(paths.leaderboard_file(dataset, ".md"), format_leaderboard(dataset, rows))
     dense = [r for r in rows if r["dense"]]
     best = {
         "dataset": dataset,
@@ -88,7 +87,7 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
         "best": rows[0],
         "best_dense": dense[0] if dense else None,
     }
-    atomic_write_text(out / "best.json", json.dumps(best, indent=1))
+    atomic_write_text(paths.best_file(dataset), json.dumps(best, indent=1))
     return best
 
 

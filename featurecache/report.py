@@ -356,8 +356,10 @@ def write_dataset_report(answer: Answer, paths: Paths, *, command: str = "") -> 
     out.mkdir(parents=True, exist_ok=True)
     plot_answers([answer], out / FIGURE, columns=1)
     blocks = dataset_blocks(answer, paths, command=command)
-    atomic_write_text(out / "report.md", render_markdown(blocks))
-    atomic_write_text(out / "report.html", render_html(blocks, {FIGURE: out / FIGURE}, title=answer.dataset))
+    atomic_write_text(paths.compare_report(answer.dataset, ".md"), render_markdown(blocks))
+    atomic_write_text(
+        paths.compare_report(answer.dataset), render_html(blocks, {FIGURE: out / FIGURE}, title=answer.dataset)
+    )
     atomic_write_text(out / "results.csv", results_csv([answer]))
     atomic_write_text(out / "summary.json", json.dumps(answer_summary(answer), indent=1, default=float))
     return out
@@ -386,8 +388,8 @@ def write_index(answers: Sequence[Answer], paths: Paths, *, command: str = "") -
     for a in answers:
         blocks += [("h2", a.dataset), ("box", [a.sentence, *[f"⚠ {w}" for w in a.warnings]])]
     blocks += _score_summary_blocks(answers)
-    atomic_write_text(out / "report.md", render_markdown(blocks))
-    atomic_write_text(out / "report.html", render_html(blocks, {FIGURE: out / FIGURE}, title="compare-layers"))
+    atomic_write_text(paths.compare_report(suffix=".md"), render_markdown(blocks))
+    atomic_write_text(paths.compare_report(), render_html(blocks, {FIGURE: out / FIGURE}, title="compare-layers"))
     atomic_write_text(out / "results.csv", results_csv(answers))
     atomic_write_text(out / "summary.json", json.dumps({"datasets": [answer_summary(a) for a in answers]}, indent=1))
     return out

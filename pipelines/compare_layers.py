@@ -76,10 +76,10 @@ def main(args: argparse.Namespace) -> int:
     paths = default_paths()
     for answer in answers:
         print("\n".join(terminal_lines(answer)))
-        print(f"-> {paths.compare_dir(answer.dataset)}/report.html (and report.md; accuracy vs depth: "
+        print(f"-> {paths.compare_report(answer.dataset)} (and report.md; accuracy vs depth: "
               f"{_curves_in_words(answer.curves)})\n")  # fmt: skip
     if len(answers) > 1:
-        print(f"cross-dataset page: {paths.compare_dir()}/report.html")
+        print(f"cross-dataset page: {paths.compare_report()}")
     print(f"compare-layers took {time.perf_counter() - t0:.0f}s")
     return 0
 

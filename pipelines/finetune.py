@@ -39,6 +39,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     # Imported here, not at the top: featurecache.finetune imports torch, and the console script imports every
     # entry point to build its help, so `featurecache --help` / `--version` stay fast.
+    from featurecache.config import default_paths
     from featurecache.finetune import FinetuneOptions, finetune
     from featurecache.leaderboard import write_leaderboard
 
@@ -73,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
           f"{s['gain_over_frozen_points']:+.1f} points, 95% CI [{s['gain_ci95_points'][0]:+.1f}, "
           f"{s['gain_ci95_points'][1]:+.1f}]")  # fmt: skip
     print(f"verdict: {result.verdict}")
-    print(f"saved {result.model_dir}; leaderboard updated: reports/{args.dataset}/results.md")
+    print(f"saved {result.model_dir}; leaderboard updated: {default_paths().leaderboard_file(args.dataset, '.md')}")
     return 0
 
 

@@ -67,14 +67,15 @@ def main(args: argparse.Namespace) -> int:
                                    options=options):  # fmt: skip
             counts[sidecar["status"]] += 1
     best = write_leaderboard(args.dataset)
-    report = default_paths().leaderboard_dir(args.dataset)
-    print((report / "results.md").read_text())
+    paths = default_paths()
+    table = paths.leaderboard_file(args.dataset, ".md")
+    print(table.read_text())
     b = best["best"]
     print(f"{counts['trained']} heads trained, {counts['reused']} reused (--overwrite retrains)")
     print(f"best on val: {b['base']} / {b['layer']} / {b['head']}: val {b['val_accuracy']:.3f}, "
           f"test {b['test_accuracy']:.3f} ({b['test_ci_low']:.3f}–{b['test_ci_high']:.3f})")  # fmt: skip
-    print(f"wrote {report}/results.csv, {report}/results.md, {report}/best.json")
-    counts = smallest_class_counts(args.dataset, args.bases[0], default_paths())
+    print(f"wrote {paths.leaderboard_file(args.dataset, '.csv')}, {table}, {paths.best_file(args.dataset)}")
+    counts = smallest_class_counts(args.dataset, args.bases[0], paths)
     small = {s: n for s, n in counts.items() if s != "train" and n < MIN_IMAGES_PER_CLASS}
     if small:
         where = ", ".join(f"{s}: {n} image(s) in the smallest class" for s, n in small.items())
