@@ -149,6 +149,7 @@ class Splits:
 
     index: dict[str, SplitIndex]
     labels: dict[str, np.ndarray]
+    valid: dict[str, np.ndarray]  # the caches' readable rows: every score counts these, as stage 2's heads did
     eval_transform: Any
     input_size: int
     batch_size: int
@@ -163,6 +164,10 @@ class Splits:
         generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
                           num_workers=self.workers)  # fmt: skip
+
+    def valid_labels(self, split: str) -> np.ndarray:
+        """The labels of the images of ``split`` the cache could read, in cache order (what predictions score)."""
+        return self.labels[split][self.valid[split]]
 
 
 @dataclass
@@ -214,6 +219,7 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
     index = discover_splits(root, record_path=paths.split_record(dataset), seed=None)  # the split of the caches
     _check_dataset_unchanged(root, index, files, head_record.class_names)
     splits = Splits(index=index, labels={s: np.asarray(index[s].labels) for s in index},
+                    valid={s: store.read_rows(files[s])[2] for s in index},
                     eval_transform=loaded.spec.transforms(), input_size=loaded.spec.input_size,
                     batch_size=options.batch_size, seed=options.seed, workers=options.workers,
                     decoding=_finetune_decoding(Decoding.recorded(metas["train"])))  # fmt: skip
@@ -267,13 +273,14 @@ def _check_dataset_unchanged(
 
 
 def predict_split(model: nn.Module, splits: Splits, split: str, device: torch.device) -> np.ndarray:
-    """Predicted class of every image of ``split`` (eval transforms, dataset order)."""
+    """Predicted class of every image of ``split`` the cache could read (eval transforms, cache order): an unreadable
+    file is no answer, and stage 2 scored its heads without it."""
     model.eval()
     preds = []
     with torch.inference_mode():
         for images, _rows, _errors in splits.loader(split, splits.eval_transform, shuffle=False):
             preds.append(model(images.to(device)).argmax(1).cpu().numpy())
-    return np.concatenate(preds)
+    return np.concatenate(preds)[splits.valid[split]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +290,7 @@ def predict_split(model: nn.Module, splits: Splits, split: str, device: torch.de
 
 def verify_agreement(rebuilt: Rebuilt) -> tuple[float, float]:
     """Agreement of the rebuilt model with the stage-2 head on val, and the frozen model's val accuracy."""
-    X_val, _, _ = store.load_features(rebuilt.files["val"], rebuilt.layer, include_invalid=True)
+    X_val, _, _ = store.load_features(rebuilt.files["val"], rebuilt.layer)
     head_pred = rebuilt.estimator.predict(X_val.astype(np.float32))
     rebuilt_pred = predict_split(rebuilt.model, rebuilt.splits, "val", rebuilt.device)
     agreement = float((head_pred == rebuilt_pred).mean())
@@ -293,7 +300,7 @@ def verify_agreement(rebuilt: Rebuilt) -> tuple[float, float]:
             f"(need {100 * CHECK_AGREEMENT:.0f}%); the cache may be stale: re-run extract and train-heads"
         )
     log.info("rebuilt model reproduces the head: %.1f%% agreement on val", 100 * agreement)
-    return agreement, float((rebuilt_pred == rebuilt.splits.labels["val"]).mean())
+    return agreement, float((rebuilt_pred == rebuilt.splits.valid_labels("val")).mean())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,7 +516,7 @@ def train_epochs(trainer: Trainer, frozen_val: float) -> tuple[TrainState, dict[
     while state.epoch < options.max_epochs and state.stale < options.patience:
         train_acc = run_epoch(trainer, state.epoch, train_tf)
         val_pred = predict_split(rebuilt.model, rebuilt.splits, "val", rebuilt.device)
-        val_acc = float((val_pred == rebuilt.splits.labels["val"]).mean())
+        val_acc = float((val_pred == rebuilt.splits.valid_labels("val")).mean())
         state.history.append({"epoch": state.epoch + 1, "train_accuracy": train_acc, "val_accuracy": val_acc})
         if val_acc > state.best_val:
             state.best_val, state.best_epoch, state.stale = val_acc, state.epoch + 1, 0
@@ -541,8 +548,8 @@ def gain_verdict(state: TrainState, frozen_val: float, gain: PairedGain) -> str:
 
 def paired_test_gain(rebuilt: Rebuilt, test_pred: np.ndarray, seed: int) -> PairedGain:
     """Gain over the frozen head on test, with its paired bootstrap interval (the same images resampled)."""
-    y_test = rebuilt.splits.labels["test"]
-    X_test, _, _ = store.load_features(rebuilt.files["test"], rebuilt.layer, include_invalid=True)
+    y_test = rebuilt.splits.valid_labels("test")
+    X_test, _, _ = store.load_features(rebuilt.files["test"], rebuilt.layer)
     frozen_correct = rebuilt.estimator.predict(X_test.astype(np.float32)) == y_test
     return paired_difference(test_pred == y_test, frozen_correct, seed=seed)
 
@@ -550,19 +557,17 @@ def paired_test_gain(rebuilt: Rebuilt, test_pred: np.ndarray, seed: int) -> Pair
 def score_and_record(
     rebuilt: Rebuilt, trainer: Trainer, state: TrainState, *, out_dir: Path, agreement: float, frozen_val: float
 ) -> HeadRecord:
-    """Score the model on test once and write ``model.pt``; returns its record (the caller writes it last)."""
-    options, hr = trainer.options, rebuilt.head_record
-    y_test = rebuilt.splits.labels["test"]
-    test_pred = predict_split(rebuilt.model, rebuilt.splits, "test", rebuilt.device)
-    n_classes = len(hr.class_names)
-    test_scores = classification_scores(y_test, test_pred, n_classes=n_classes)
-    val_pred = predict_split(rebuilt.model, rebuilt.splits, "val", rebuilt.device)
-    val_scores = classification_scores(rebuilt.splits.labels["val"], val_pred, n_classes=n_classes)
-    # Per-image predictions of the valid rows, as stage-2 heads record them: the report pairs models on them.
-    test_scores["predictions"] = test_pred[store.read_rows(rebuilt.files["test"])[2]].tolist()
-    val_scores["predictions"] = val_pred[store.read_rows(rebuilt.files["val"])[2]].tolist()
-    gain = paired_test_gain(rebuilt, test_pred, options.seed)
-    atomic_write(out_dir / MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
+    """Score the model on test once (and on val); returns its record. ``model.pt`` must already be in ``out_dir``:
+    the record holds its checksum (the caller writes the record last)."""
+    options, hr, splits = trainer.options, rebuilt.head_record, rebuilt.splits
+    scores = {}
+    for split in ("val", "test"):
+        pred = predict_split(rebuilt.model, splits, split, rebuilt.device)
+        # With the per-image predictions (valid rows, cache order), as stage-2 heads record them: the report pairs
+        # models on them.
+        scores[split] = {**classification_scores(splits.valid_labels(split), pred, n_classes=len(hr.class_names)),
+                         "predictions": pred.tolist()}  # fmt: skip
+    gain = paired_test_gain(rebuilt, np.asarray(scores["test"]["predictions"]), options.seed)
     return HeadRecord(
         kind=FINETUNED_KIND,
         dataset=rebuilt.dataset,
@@ -590,8 +595,8 @@ def score_and_record(
         improved_on_val=state.best_epoch > 0,
         verdict=gain_verdict(state, frozen_val, gain),
         history=state.history,
-        val=val_scores,
-        test=test_scores,
+        val=scores["val"],
+        test=scores["test"],
         frozen_test_accuracy=hr.test["accuracy"],
         gain_over_frozen_points=100 * gain.difference,
         gain_ci95_points=(100 * gain.low, 100 * gain.high),
@@ -628,6 +633,7 @@ def finetune(
 
     state, best_weights, resumed = train_epochs(trainer, frozen_val)
     rebuilt.model.load_state_dict(best_weights)
+    atomic_write(out_dir / MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
     record = score_and_record(rebuilt, trainer, state, out_dir=out_dir, agreement=agreement, frozen_val=frozen_val)
     record = dataclasses.replace(record, timings={"total_seconds": round(time.perf_counter() - t_start, 3)})
     persist.write_record(out_dir, record)

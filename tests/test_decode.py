@@ -167,8 +167,8 @@ def test_fine_tuning_decodes_evaluation_images_as_the_cache_did_and_augmented_on
     root = photo_folder(tmp_path / "photos")
     transform = load_base(BASE).spec.transforms()
     index = discover_splits(root)
-    splits = Splits(index=index, labels={}, eval_transform=transform, input_size=224, batch_size=2, seed=0, workers=0,
-                    decoding=Decoding(alpha="white", decode="draft"))  # fmt: skip
+    splits = Splits(index=index, labels={}, valid={}, eval_transform=transform, input_size=224, batch_size=2, seed=0,
+                    workers=0, decoding=Decoding(alpha="white", decode="draft"))  # fmt: skip
     assert isinstance(splits.loader("test", transform, shuffle=False).dataset.draft, DraftSize)
     augmented = train_transform(transform, 224, "light")
     assert splits.loader("train", augmented, shuffle=True).dataset.draft is None

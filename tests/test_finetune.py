@@ -66,6 +66,27 @@ def test_short_finetune_reproduces_head_then_trains(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_unreadable_images_are_no_answers_fine_tuning_scores_the_images_stage_2_scored(tmp_path):
+    root = make_image_folder(tmp_path / "shapes", per_class={"train": 8, "val": 4, "test": 4})
+    for split in ("val", "test"):
+        (root / split / "circle" / "zero.png").write_bytes(b"")  # skipped by extract: a row marked invalid
+    paths = Paths(tmp_path / "project")
+    extract(
+        ExtractRequest(root, base=BASE, layers=LAYER), paths=paths, options=ExtractOptions(workers=0, progress=False)
+    )
+    train_heads(dataset="shapes", base_tag=BASE, heads=["logreg"], options=TrainOptions(progress=False), paths=paths)
+    frozen = json.loads((paths.head_dir("shapes", BASE, LAYER, "logreg") / "sidecar.json").read_text())
+    options = FinetuneOptions(**{**QUICK, "head": "logreg", "max_epochs": 1, "max_batches": 1})
+    result = finetune(dataset="shapes", base_tag=BASE, paths=paths, options=options)
+    s = result.sidecar
+    for split in ("val", "test"):
+        n = frozen[split]["n"]
+        assert n == 12 and s[split]["n"] == n and len(s[split]["predictions"]) == n
+        assert sum(map(sum, s[split]["confusion_matrix"])) == n
+    assert s["gain_over_frozen_points"] == pytest.approx(100 * (s["test"]["accuracy"] - frozen["test"]["accuracy"]))
+
+
+@pytest.mark.slow
 def test_interrupt_and_resume_gives_the_same_weights(trained, tmp_path):
     straight = copy_of(trained, tmp_path / "a")
     finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**QUICK, patience=99), paths=straight)
