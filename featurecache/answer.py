@@ -28,13 +28,12 @@ from featurecache.freshness import current_sidecars
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.metrics import PairedGain, mcnemar_worse_p, paired_difference, wilson_interval
 from featurecache.selection import Candidate, pick_best, ranked
-from featurecache.weights import is_random_tag, random_tag
+from featurecache.weights import PIXELS_TAG, is_control, is_random_tag, random_tag
 
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
 MIN_IMAGES_PER_CLASS = 20  # below this in val or test, one image moves a class's accuracy by 5 points or more
-PIXELS_TAG = "raw-pixels"  # the raw-pixel baseline (featurecache.baselines) is saved under this base tag
 
 
 @dataclass(frozen=True, eq=False)
@@ -246,11 +245,6 @@ class Answer:
     def several_bases(self) -> bool:
         """More than one pretrained base was compared (names then carry the base)."""
         return sum(not is_control(b) for b in self.curves) > 1
-
-
-def is_control(base_tag: str) -> bool:
-    """A control's base tag: a random-init base or the raw-pixel baseline."""
-    return is_random_tag(base_tag) or base_tag == PIXELS_TAG
 
 
 def compute_answer(

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from featurecache import persist, store
-from featurecache.answer import PIXELS_TAG
 from featurecache.config import Paths
 from featurecache.data import Decoding
+from featurecache.freshness import pixels_fingerprint
 from featurecache.heads import get_head_spec
 from featurecache.metrics import classification_scores
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
+from featurecache.weights import PIXELS_TAG
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,15 @@ def pixel_rows(cache_file: Path, *, side: int = PIXELS_SIDE) -> tuple[np.ndarray
     return np.stack(rows), labels[valid]
 
 
-def _pixels_fingerprint(meta: dict[str, Any], side: int) -> str:
-    """What the baseline's rows depend on: the image files and how they were decoded (alpha, orientation)."""
-    decoding = ",".join(f"{k}={v}" for k, v in sorted(Decoding.recorded(meta).cache_keys().items()))
-    return f"{meta['data_fingerprint']}:{pixel_layer(side)}:{decoding}"
-
-
 def pixel_baseline(
     dataset: str, base_tag: str, paths: Paths, *, seed: int = 0, side: int = PIXELS_SIDE
 ) -> dict[str, Any]:
     """Train (or reuse) the raw-pixel logistic regression on the rows of ``base_tag``'s caches; returns its sidecar."""
     files = {s: paths.feature_file(dataset, base_tag, s) for s in ("train", "val", "test")}
     metas = {s: store.read_metadata(f) for s, f in files.items()}
-    features = {s: {"file": str(files[s]), "fingerprint": _pixels_fingerprint(metas[s], side)} for s in files}
-    out_dir = paths.head_dir(dataset, PIXELS_TAG, pixel_layer(side), "logreg")
+    layer = pixel_layer(side)
+    features = {s: {"file": str(files[s]), "fingerprint": pixels_fingerprint(metas[s], layer)} for s in files}
+    out_dir = paths.head_dir(dataset, PIXELS_TAG, layer, "logreg")
     try:
         previous = persist.read_record(out_dir)
     except SidecarVersionError:

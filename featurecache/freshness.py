@@ -18,8 +18,10 @@ from typing import Any
 
 from featurecache import persist, store
 from featurecache.config import Paths
+from featurecache.data import Decoding
 from featurecache.errors import FeaturecacheError
 from featurecache.records import retrain_command, retrain_commands
+from featurecache.weights import PIXELS_TAG
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,13 @@ def feature_fingerprint(meta: dict[str, Any], layer: str) -> str:
     return f"{fingerprint}:valid={meta['num_valid']}" if skipped else fingerprint
 
 
+def pixels_fingerprint(meta: dict[str, Any], layer: str) -> str:
+    """What the raw-pixel baseline (:mod:`featurecache.baselines`), which reads the images of a base's cache at
+    ``layer`` (``pixels16x16``), records for that split: the image files and how they were decoded."""
+    decoding = ",".join(f"{k}={v}" for k, v in sorted(Decoding.recorded(meta).cache_keys().items()))
+    return f"{meta['data_fingerprint']}:{layer}:{decoding}"
+
+
 def stale_reason(
     sidecar: Mapping[str, Any], paths: Paths, metas: dict[Path, dict[str, Any]] | None = None
 ) -> str | None:
@@ -51,9 +60,8 @@ def stale_reason(
     if not all(isinstance(sidecar.get(k), str) for k in ("dataset", "base_tag", "layer")):
         return None  # another sidecar version: its reader refuses it with the retrain command
     metas = {} if metas is None else metas
-    taps = sidecar.get("taps") or (sidecar["layer"],)
     for split, trained_on in sidecar.get("features", {}).items():
-        file = paths.feature_file(sidecar["dataset"], sidecar["base_tag"], split)
+        file = _cache_read(sidecar, split, trained_on, paths)
         if not file.is_file():
             continue
         if file not in metas:
@@ -61,13 +69,29 @@ def stale_reason(
                 metas[file] = store.read_metadata(file)
             except (FeaturecacheError, OSError) as exc:
                 return f"its {split} cache cannot be read: {exc}"
-        meta = metas[file]
-        missing = [t for t in taps if t not in meta["taps"]]
-        if missing:
-            return f"{file} no longer holds {', '.join(missing)}"
-        if " + ".join(feature_fingerprint(meta, t) for t in taps) != trained_on.get("fingerprint"):
-            return f"{file} was re-extracted after it was trained"
+        if (reason := _changed(sidecar, metas[file], trained_on, file)) is not None:
+            return reason
     return None
+
+
+def _cache_read(sidecar: Mapping[str, Any], split: str, trained_on: Mapping[str, Any], paths: Paths) -> Path:
+    """The cache in this home that a head read for ``split``: its own base's, or for the raw-pixel baseline the
+    base cache whose rows (files, labels) it decoded."""
+    tag = sidecar["base_tag"]
+    if tag == PIXELS_TAG and isinstance(trained_on.get("file"), str):
+        tag = Path(trained_on["file"]).parent.name
+    return paths.feature_file(sidecar["dataset"], tag, split)
+
+
+def _changed(sidecar: Mapping[str, Any], meta: dict[str, Any], trained_on: Mapping[str, Any], file: Path) -> str | None:
+    if sidecar["base_tag"] == PIXELS_TAG:
+        now = pixels_fingerprint(meta, sidecar["layer"])
+    else:
+        taps = sidecar.get("taps") or (sidecar["layer"],)
+        if missing := [t for t in taps if t not in meta["taps"]]:
+            return f"{file} no longer holds {', '.join(missing)}"
+        now = " + ".join(feature_fingerprint(meta, t) for t in taps)
+    return None if now == trained_on.get("fingerprint") else f"{file} was re-extracted after it was trained"
 
 
 def current_sidecars(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[Path, dict[str, Any]]]:

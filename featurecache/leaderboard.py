@@ -18,12 +18,13 @@ from featurecache.fileio import atomic_write_text
 from featurecache.freshness import current_sidecars
 from featurecache.records import HeadRecord, SidecarVersionError
 from featurecache.selection import candidate_of_record, ranked
+from featurecache.weights import is_control
 
 log = logging.getLogger(__name__)
 
 LEADERBOARD_COLUMNS = [
     "base", "layer", "relative_depth", "head", "params", "val_accuracy", "test_accuracy", "test_ci_low",
-    "test_ci_high", "test_balanced_accuracy", "test_macro_f1", "fit_seconds", "n_train", "model_dir",
+    "test_ci_high", "test_balanced_accuracy", "test_macro_f1", "fit_seconds", "n_train", "control", "model_dir",
 ]  # fmt: skip
 
 
@@ -48,6 +49,7 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
                 "test_macro_f1": round(r.test["macro_f1"], 4),
                 "fit_seconds": (r.timings or {}).get("total_seconds", 0.0),
                 "n_train": r.n_train,
+                "control": is_control(r.base_tag),
                 "model_dir": str(paths.head_dir(dataset, r.base_tag, r.layer, r.head)),
             }
         )
@@ -80,11 +82,15 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
     writer.writerows(rows)
     atomic_write_text(paths.leaderboard_file(dataset, ".csv"), buffer.getvalue())
     atomic_write_text(paths.leaderboard_file(dataset, ".md"), format_leaderboard(dataset, rows))
-    dense = [r for r in rows if r["dense"]]
+    # The controls (random-init bases, raw pixels) are ranked for reference but never named best: they are what a
+    # pretrained base is measured against, and predict cannot run a raw-pixel head.
+    pretrained = [r for r in rows if not r["control"]] or rows
+    dense = [r for r in pretrained if r["dense"]]
     best = {
         "dataset": dataset,
-        "selected_by": "val_accuracy; ties: simpler head, then shallower layer (featurecache.selection)",
-        "best": rows[0],
+        "selected_by": "val_accuracy; ties: simpler head, then shallower layer (featurecache.selection); controls "
+        "(random-init bases, raw pixels) are ranked but never best",
+        "best": pretrained[0],
         "best_dense": dense[0] if dense else None,
     }
     atomic_write_text(paths.best_file(dataset), json.dumps(best, indent=1))
@@ -102,8 +108,9 @@ def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
         "|---:|---|---|---:|---|---:|---|---:|---:|---:|",
     ]
     for i, r in enumerate(rows, 1):
+        base = f"{r['base']} (control)" if r["control"] else r["base"]
         lines.append(
-            f"| {i} | {r['base']} | {r['layer']} | {r['relative_depth']:.2f} | {r['head']} | {r['val_accuracy']:.3f} "
+            f"| {i} | {base} | {r['layer']} | {r['relative_depth']:.2f} | {r['head']} | {r['val_accuracy']:.3f} "
             f"| {r['test_accuracy']:.3f} ({r['test_ci_low']:.3f}–{r['test_ci_high']:.3f}) "
             f"| {r['test_balanced_accuracy']:.3f} | {r['test_macro_f1']:.3f} | {r['fit_seconds']:.1f} |"
         )

@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from featurecache.answer import PIXELS_TAG, Answer, HeadResult, is_control
-from featurecache.weights import is_random_tag, random_tag
+from featurecache.answer import Answer, HeadResult
+from featurecache.weights import PIXELS_TAG, is_control, is_random_tag, random_tag
 
 PRETRAINED_COLOUR = "#1f77b4"
 CONTROL_COLOUR = "0.55"

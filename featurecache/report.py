@@ -31,7 +31,6 @@ from featurecache.answer import (
     HeadResult,
     LabelReader,
     compute_answer,
-    is_control,
     result_of_sidecar,
 )
 from featurecache.config import Paths
@@ -42,6 +41,7 @@ from featurecache.layer_scores import SCORES, cross_dataset_summary, layer_tau_t
 from featurecache.metrics import mcnemar_worse_p, paired_difference
 from featurecache.plots import plot_answers
 from featurecache.selection import pick_best
+from featurecache.weights import is_control
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ WEIGHTS_DEFAULT = "default"  # the base's pretrained ImageNet weights
 WEIGHTS_NONE = "none"  # random init: for tests, and the "is pretraining worth it?" control
 RANDOM_INIT_PREFIX = "random-init"  # weights_id of random-init weights: "random-init(seed=0)"
 RANDOM_TAG_SUFFIX = "-random"  # the random-init control of a base is cached and trained under "<base>-random"
+PIXELS_TAG = "raw-pixels"  # the raw-pixel baseline (featurecache.baselines) is saved under this base tag
 FILE_DIGEST_LENGTH = 12  # hex digits of a weights file's sha256 kept in its identity
 
 _RANDOM = re.compile(rf"{RANDOM_INIT_PREFIX}\(seed=(-?\d+)\)")
@@ -108,6 +109,12 @@ def random_tag(base: str) -> str:
 
 def is_random_tag(base_tag: str) -> bool:
     return base_tag.endswith(RANDOM_TAG_SUFFIX)
+
+
+def is_control(base_tag: str) -> bool:
+    """A control's base tag: a random-init base or the raw-pixel baseline. Controls are measured against, never
+    recommended (the leaderboard's best, the comparison's answer)."""
+    return is_random_tag(base_tag) or base_tag == PIXELS_TAG
 
 
 def base_of_tag(base_tag: str) -> str:

@@ -6,7 +6,6 @@ import argparse
 import sys
 import time
 
-from featurecache.answer import is_control
 from featurecache.compare import COMPARE_HEADS, CompareOptions, run_comparison
 from featurecache.config import default_paths
 from featurecache.data import DECODE_MODES, DEFAULT_ORIENTATION, ORIENTATION_MODES
@@ -15,6 +14,7 @@ from featurecache.extract import DECODE_HELP, ORIENTATION_HELP, ExtractOptions
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
 from featurecache.report import terminal_lines
 from featurecache.train import TrainOptions
+from featurecache.weights import is_control
 from pipelines.common import comma_list, run_main
 
 

@@ -236,13 +236,13 @@ def test_train_heads_refuses_augmented_views_turned_otherwise_than_the_splits(tm
 
 
 def test_the_raw_pixel_baseline_is_retrained_when_the_decoding_changes():
-    from featurecache.baselines import _pixels_fingerprint
+    from featurecache.freshness import pixels_fingerprint
 
     meta = {"data_fingerprint": "files", "alpha": "mean"}
     prints = {
-        _pixels_fingerprint(meta, 16),
-        _pixels_fingerprint({**meta, "orientation": "exif"}, 16),
-        _pixels_fingerprint({**meta, "alpha": "white"}, 16),
-        _pixels_fingerprint(meta, 8),
+        pixels_fingerprint(meta, "pixels16x16"),
+        pixels_fingerprint({**meta, "orientation": "exif"}, "pixels16x16"),
+        pixels_fingerprint({**meta, "alpha": "white"}, "pixels16x16"),
+        pixels_fingerprint(meta, "pixels8x8"),
     }
     assert len(prints) == 4

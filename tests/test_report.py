@@ -137,8 +137,8 @@ def test_imagenet_distance_from_cached_logits(trained):
 def test_the_legend_and_the_summary_name_only_what_is_drawn(trained):
     import dataclasses
 
-    from featurecache.answer import is_control
     from featurecache.plots import _legend_handles
+    from featurecache.weights import is_control
     from pipelines.compare_layers import _curves_in_words
 
     (answer,) = build_report(["shapes"], [BASE], trained, command="featurecache compare-layers shapes")
@@ -153,3 +153,31 @@ def test_an_undefined_rank_correlation_reads_as_tied_layers_not_nan():
     from featurecache.report import _tau
 
     assert _tau(float("nan")) == "n/a (layers tie)" and _tau(0.5) == "+0.50" and _tau(-0.25) == "-0.25"
+
+
+def test_controls_are_ranked_but_never_best_and_a_stale_pixel_baseline_is_left_out(trained, tmp_path, caplog):
+    import csv
+    import shutil
+
+    import h5py
+
+    from featurecache.leaderboard import leaderboard_rows, write_leaderboard
+
+    paths = Paths(tmp_path / "p")
+    shutil.copytree(trained.root, paths.root)
+    pixels = next((paths.models / "shapes" / "raw-pixels").glob("*/*/sidecar.json"))
+    sidecar = json.loads(pixels.read_text())
+    pixels.write_text(json.dumps({**sidecar, "selection_val_accuracy": 1.01}))  # above every pretrained head
+    best = write_leaderboard("shapes", paths)
+    rows = list(csv.DictReader(paths.leaderboard_file("shapes", ".csv").open()))
+    assert rows[0]["base"] == "raw-pixels" and rows[0]["control"] == "True"
+    assert {r["base"] for r in rows if r["control"] == "True"} == {"raw-pixels", f"{BASE}-random"}
+    assert best["best"]["base"] == BASE and not best["best"]["control"]
+    assert "| 1 | raw-pixels (control) |" in paths.leaderboard_file("shapes", ".md").read_text()
+
+    with h5py.File(paths.feature_file("shapes", BASE, "test"), "a") as f:
+        f.attrs["data_fingerprint"] = "content:other-images"  # what a re-extraction of another folder records
+    with caplog.at_level("WARNING"):
+        bases = {r["base"] for r in leaderboard_rows("shapes", paths)}
+    assert "raw-pixels" not in bases and BASE in bases
+    assert "raw-pixels" in caplog.text and "re-extracted after it was trained" in caplog.text
