@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable
 
 from featurecache import distributed
+from featurecache.config import default_paths
 from featurecache.errors import FeaturecacheError
 
 
@@ -63,6 +64,13 @@ def filesystem_error(exc: OSError) -> str | None:
         return f"cannot write to {where} (read-only file system); set FEATURECACHE_HOME to a writable folder"
     if exc.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied on {where}; make it accessible, or set FEATURECACHE_HOME to a folder you own"
+    if exc.errno == errno.ENOTDIR:
+        return (
+            f"cannot create {where}: a file stands where a folder of its path should be; set FEATURECACHE_HOME to a "
+            f"folder"
+        )
+    if exc.errno == errno.ENOENT and not default_paths().root.is_dir():  # the home itself could not be made
+        return f"cannot create {where}; set FEATURECACHE_HOME to a folder that exists or can be made"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
             f"no space left writing {where}; free space there (or set FEATURECACHE_HOME to a larger disk) and re-run: "

@@ -344,6 +344,27 @@ def read_only_home_train(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     return ["train-heads", "--dataset", "shapes", "--bases", BASE_TAG, "--heads", "logreg", "--no-progress"]
 
 
+def home_below_a_file(w: World, mp: pytest.MonkeyPatch) -> list[str]:
+    make_image_folder(w.data, per_class=SMALL)
+    (w.home / "notes.txt").write_text("a file where FEATURECACHE_HOME wants a folder")
+    mp.setenv("FEATURECACHE_HOME", str(w.home / "notes.txt" / "home"))
+    return ["extract", str(w.data), "--layers", LAYER, *FAST]
+
+
+def home_that_cannot_be_made(w: World, mp: pytest.MonkeyPatch) -> list[str]:
+    make_image_folder(w.data, per_class=SMALL)
+    mp.setenv("FEATURECACHE_HOME", str(w.home / "gone" / "home"))
+    refuse = Path.mkdir
+
+    def mkdir(self: Path, *args, **kwargs) -> None:  # as /proc or an unmounted path answers: no such file
+        if w.home / "gone" in (self, *self.parents):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self))
+        return refuse(self, *args, **kwargs)
+
+    mp.setattr(Path, "mkdir", mkdir)
+    return ["extract", str(w.data), "--layers", LAYER, *FAST]
+
+
 def disk_full_extract(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     make_image_folder(w.data, per_class=SMALL)
 
@@ -528,6 +549,12 @@ CASES = {
         2,
         r"cannot write to .*home/models.* \(read-only file system\); set FEATURECACHE_HOME",
         finals_absent=HEAD_FINALS,
+    ),
+    "home below a file": Case(
+        home_below_a_file, 2, r"cannot create .*notes\.txt/home/.*a file stands where a folder of its path should be"
+    ),
+    "home that cannot be made (simulated ENOENT)": Case(
+        home_that_cannot_be_made, 2, r"cannot create .*gone/home.*; set FEATURECACHE_HOME to a folder that exists"
     ),
     "disk full (simulated ENOSPC)": Case(
         disk_full_extract, 2, r"disk full while writing under .*: free space", finals_absent=EXTRACT_FINALS
