@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -606,8 +607,13 @@ def bad_image_errors() -> tuple[type[BaseException], ...]:
 
 
 def bad_image_reason(exc: BaseException) -> str:
-    """Why a file could not be read, on one line (some decoders end their messages with a newline)."""
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
+    """Why a file could not be read, on one line (some decoders end their messages with a newline), with the file
+    named as a name: PIL names it by the repr of its file object (``<_io.BufferedReader name='a.txt'>``)."""
+    text = _FILE_OBJECT.sub(r"\1", f"{type(exc).__name__}: {exc}")
+    return " ".join(text.split())
+
+
+_FILE_OBJECT = re.compile(r"<_io\.\w+ name=('[^']*'|\"[^\"]*\")>")
 
 
 class ImageFiles:

@@ -136,6 +136,8 @@ def test_bad_images_are_skipped_listed_and_nothing_else_is_lost(tiny, paths):
         reasons = f["skipped/reason"].asstr()[:]
         assert f["valid"][:].sum() == len(X_clean)
     assert skipped == sorted(bad) and all(reasons)
+    assert not any("<_io." in r for r in reasons)  # the file by name, not by the repr of PIL's file object
+    assert any(r.startswith("UnidentifiedImageError: cannot identify image file '") for r in reasons), reasons
     X, _, m = load_features(result.path, "flatten")
     assert m["paths"].tolist() == m_clean["paths"].tolist()
     np.testing.assert_array_equal(X, X_clean)
