@@ -41,8 +41,11 @@ def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace
 
 
 def _reported(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return main(args)
+        with logging_redirect_tqdm():  # a warning during a progress bar gets a line of its own, not the bar's
+            return main(args)
     except FeaturecacheError as exc:
         print(f"featurecache: error: {exc}", file=sys.stderr)
         return 2

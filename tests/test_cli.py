@@ -97,3 +97,31 @@ def test_version(capsys):
         run(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out == f"featurecache {featurecache.__version__}\n"
+
+
+def test_a_warning_during_a_progress_bar_starts_a_line_of_its_own(capsys):
+    import argparse
+    import logging
+    import re
+
+    from tqdm import tqdm
+
+    from pipelines.common import run_main
+
+    def main(args: argparse.Namespace) -> int:
+        with tqdm(total=4, desc="extract") as bar:
+            bar.update(2)
+            logging.getLogger("featurecache.extract").warning("skipping broken.jpg")
+            bar.update(2)
+        return 0
+
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    root.handlers = []  # basicConfig inside run_main then installs its stderr handler, as in a fresh process
+    try:
+        assert run_main(main, argparse.Namespace(verbose=False)) == 0
+    finally:
+        root.handlers = handlers
+    err = capsys.readouterr().err
+    (line,) = [part for part in re.split(r"[\r\n]", err) if "skipping broken.jpg" in part]
+    assert re.match(r"\d\d:\d\d:\d\d WARNING featurecache\.extract: skipping broken\.jpg$", line.strip()), err
