@@ -11,7 +11,8 @@ FC := $(BIN)/featurecache
 
 DATASET ?= digits
 # Your own images: DATA=path/to/folder (ROOT/<class>/<image>, with or without train/val/test), DATA=name=path, or
-# several for compare-layers (DATA="path/a path/b"). Without DATA the built-in DATASET is used.
+# several for compare-layers (DATA="path/a path/b"), so a path with a space in it cannot go through DATA: run
+# featurecache with it directly. Without DATA the built-in DATASET is used.
 DATA ?=
 FIRST := $(firstword $(DATA))
 # The name caches, models and reports go under: NAME of NAME=PATH, else the folder's name, else DATASET.
