@@ -145,6 +145,21 @@ def _image_batches(
         yield paths, preprocessing.normalize(torch.stack(decoded)) if decoded else None, unreadable
 
 
+def _head_folder(given: Path) -> Path:
+    """The saved head's folder: a model file names its folder, and a relative path that is not here is looked up
+    under the home (heads are saved as ``models/...`` below ``$FEATURECACHE_HOME``, which need not be here)."""
+    directory = given.parent if given.name in (HEAD_FILE, LEGACY_HEAD_FILE, FINETUNED_MODEL_FILE) else given
+    if directory.exists():
+        return directory
+    home = default_paths().root
+    if not directory.is_absolute() and (home / directory).exists():
+        return home / directory
+    raise FeaturecacheError(
+        f"no folder {directory} (here or under FEATURECACHE_HOME, {home}); saved heads are "
+        f"{home / 'models'}/<dataset>/<base>/<layer>/<head>, as train-heads' leaderboard lists them (model_dir)"
+    )
+
+
 def predict_images(
     head_dir: str | os.PathLike,
     images: Sequence[str | os.PathLike],
@@ -165,9 +180,7 @@ def predict_images(
     if batch_size is not None and batch_size < 1:
         raise FeaturecacheError("batch_size must be at least 1")
     batch_size = batch_size or default_batch_size("cpu")
-    directory = Path(head_dir)
-    if directory.name in (HEAD_FILE, LEGACY_HEAD_FILE, FINETUNED_MODEL_FILE):
-        directory = directory.parent
+    directory = _head_folder(Path(head_dir))
     sidecar = read_sidecar(directory)
     if sidecar is not None and kind_of(sidecar) == FINETUNED_KIND:
         from featurecache.finetune import load_finetuned

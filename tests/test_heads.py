@@ -211,6 +211,10 @@ def test_predict_classifies_a_folder_and_reports_unreadable_files_without_losing
     (tmp_path / "empty").mkdir()
     assert run(["predict", "--head", str(model_dir), str(tmp_path / "empty")]) == 2
     assert "holds no files to classify" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "empty")  # the README's relative --head, run outside the home
+    assert predict_images(model_dir.relative_to(paths.root), images) == rows
+    with pytest.raises(FeaturecacheError, match=r"no folder models/shapes/nope .*under FEATURECACHE_HOME"):
+        predict_images("models/shapes/nope", images)
 
 
 def test_foreign_or_stale_heads_are_refused(cached, tmp_path):
