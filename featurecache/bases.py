@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, close_names
 from featurecache.registry import Registry
 from featurecache.weights import RANDOM_INIT_PREFIX as RANDOM_INIT_PREFIX  # re-exported: extract reads it here
 from featurecache.weights import WEIGHTS_DEFAULT, WEIGHTS_NONE, WeightsRef
@@ -163,8 +163,8 @@ def get_base_spec(name: str) -> BaseSpec:
     if name not in BASES.names():
         names = BASES.names()
         offline = BASES.names(where=lambda s: s.family == "offline")
-        close = [n for n in names if name.split("_")[0].lower() in n]
-        hint = f" Did you mean: {', '.join(close[:8])}?" if close else ""
+        close = close_names(name, names)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise FeaturecacheError(
             f"unknown base {name!r}.{hint} Offline bases (no download needed): {', '.join(offline)}. "
             f"Run `featurecache list-bases` for all names (timm models: timm:<name>)."

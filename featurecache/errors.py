@@ -6,3 +6,15 @@ class FeaturecacheError(Exception):
 
     Entry points print the message (no traceback) and exit with status 2.
     """
+
+
+def close_names(query: str, names: list[str] | tuple[str, ...], *, n: int = 8) -> list[str]:
+    """The ``names`` a mistyped ``query`` most likely meant, best first: near spellings (difflib), then names that
+    contain its first word. Typos are rarely in the first word alone (``efficientnet_lite`` for
+    ``efficientnet_lite0``, ``_blocks.2.ad`` for ``_blocks.2.add``), so spelling ranks first."""
+    import difflib
+
+    near = difflib.get_close_matches(query, names, n=n, cutoff=0.75)
+    word = query.replace("-", "_").split("_")[0].split(".")[0].lower()
+    containing = [name for name in names if word and word in name.lower() and name not in near]
+    return (near + containing)[:n]

@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from featurecache.bases import PENULTIMATE
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, close_names
 
 if TYPE_CHECKING:
     from featurecache.bases import LoadedBase
@@ -384,7 +384,7 @@ def resolve_node(traced: TracedBase, query: str) -> str:
     inside = [n for n in names if pattern.match(n)]
     if inside:
         return inside[-1]
-    close = [n for n in names if query.split(".")[0] in n][:10]
+    close = close_names(query, [*ALL_STAGES[:1], *names], n=10)
     raise FeaturecacheError(
         f"layer {query!r} is not a node of this base. "
         + (f"Close names: {', '.join(close)}. " if close else "")

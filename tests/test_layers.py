@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,3 +100,16 @@ def test_pooling_layouts_agree(pool):
     tokens = torch.randn(2, 7, 6)
     if pool in ("avg", "max"):
         assert pool_activation(tokens, pool, "tokens").shape == (2, pooled_dim((7, 6), "tokens", pool))
+
+
+def test_a_mistyped_base_or_layer_is_answered_with_the_name_it_meant_first():
+    from featurecache.bases import get_base_spec, load_base
+    from featurecache.layers import resolve_node, trace_base
+
+    for typo, meant in (("efficientnet_lite", "efficientnet_lite0"), ("efficientnetlite0", "efficientnet_lite0")):
+        with pytest.raises(FeaturecacheError, match=rf"Did you mean: {meant}, "):
+            get_base_spec(typo)
+    traced = trace_base(load_base("efficientnet_lite0"))
+    for typo, meant in (("_blocks.2.ad", "_blocks.2.add"), ("all-stage", "all-stages")):
+        with pytest.raises(FeaturecacheError, match=rf"Close names: {re.escape(meant)}[,.]"):
+            resolve_node(traced, typo)
