@@ -24,7 +24,7 @@ import numpy as np
 from featurecache import decoders, gpu_decode, store
 from featurecache import runtime as runtimes
 from featurecache.augment import AUGMENTATIONS, SeededPerRow, train_transform
-from featurecache.bases import RANDOM_INIT_PREFIX, WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, load_base
+from featurecache.bases import RANDOM_INIT_PREFIX, WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, get_base_spec, load_base
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import (
     AUGMENTED_TRAIN,
@@ -199,6 +199,7 @@ class ExtractRequest:
         unknown = [s for s in self.splits if s not in SPLITS]
         if unknown:
             raise FeaturecacheError(f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
+        get_base_spec(self.base)  # a mistyped base is refused before a split is drawn and recorded
 
 
 def extract(

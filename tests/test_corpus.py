@@ -344,6 +344,11 @@ def read_only_home_train(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     return ["train-heads", "--dataset", "shapes", "--bases", BASE_TAG, "--heads", "logreg", "--no-progress"]
 
 
+def mistyped_base(w: World, mp: pytest.MonkeyPatch) -> list[str]:
+    make_image_folder(w.data, per_class=SMALL, splits=False)  # no val/test: a first run would record a split
+    return ["extract", str(w.data), "--base", "efficientnet_lite", "--layers", LAYER, *FAST]
+
+
 def home_below_a_file(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     make_image_folder(w.data, per_class=SMALL)
     (w.home / "notes.txt").write_text("a file where FEATURECACHE_HOME wants a folder")
@@ -549,6 +554,12 @@ CASES = {
         2,
         r"cannot write to .*home/models.* \(read-only file system\); set FEATURECACHE_HOME",
         finals_absent=HEAD_FINALS,
+    ),
+    "mistyped base": Case(
+        mistyped_base,
+        2,
+        r"unknown base 'efficientnet_lite'\. Did you mean: efficientnet_lite0, ",
+        finals_absent=("data/features/data/splits.json",),
     ),
     "home below a file": Case(
         home_below_a_file, 2, r"cannot create .*notes\.txt/home/.*a file stands where a folder of its path should be"
