@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 CHECK_AGREEMENT = 0.98  # rebuilt model vs stage-2 head on val (float16 cache rounding flips a few near-ties)
 CHECKPOINT_FILE = "checkpoint.pt"
-MODEL_FILE = FINETUNED_MODEL_FILE
 # Options that change how a run executes but not what it computes: a checkpoint made with other values resumes.
 _EXECUTION_ONLY = ("progress", "workers", "device")
 
@@ -249,7 +248,7 @@ def load_finetuned(directory: Path, *, weights_file: Any = None) -> tuple[Finetu
             f"{directory} cannot be rebuilt: the stage-2 head it started from ({start}) is gone, and the model's "
             f"architecture comes from it. Retrain that head, then fine-tune again"
         )
-    model_path = persist.verified_file(directory, record, MODEL_FILE)
+    model_path = persist.verified_file(directory, record, FINETUNED_MODEL_FILE)
     estimator, head_record = persist.load_head(start)
     model, loaded = build_model(head_record, estimator, weights_file=weights_file)
     try:
@@ -601,7 +600,7 @@ def score_and_record(
         gain_over_frozen_points=100 * gain.difference,
         gain_ci95_points=(100 * gain.low, 100 * gain.high),
         n_train=len(rebuilt.splits.index["train"]),
-        files={MODEL_FILE: file_sha256(out_dir / MODEL_FILE)},
+        files={FINETUNED_MODEL_FILE: file_sha256(out_dir / FINETUNED_MODEL_FILE)},
     )
 
 
@@ -633,7 +632,7 @@ def finetune(
 
     state, best_weights, resumed = train_epochs(trainer, frozen_val)
     rebuilt.model.load_state_dict(best_weights)
-    atomic_write(out_dir / MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
+    atomic_write(out_dir / FINETUNED_MODEL_FILE, lambda tmp: torch.save(rebuilt.model.state_dict(), tmp))
     record = score_and_record(rebuilt, trainer, state, out_dir=out_dir, agreement=agreement, frozen_val=frozen_val)
     record = dataclasses.replace(record, timings={"total_seconds": round(time.perf_counter() - t_start, 3)})
     persist.write_record(out_dir, record)

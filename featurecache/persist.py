@@ -18,9 +18,8 @@ from typing import Any
 
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, atomic_write_text, file_sha256
-from featurecache.records import HEAD_KIND, HeadRecord, retrain_command
+from featurecache.records import HEAD_FILE, HEAD_KIND, HeadRecord, retrain_command
 
-HEAD_FILE = "head.skops"
 STATE_DICT_FILE = "state_dict.pt"
 SIDECAR_FILE = "sidecar.json"
 # What older versions saved: a pickle, which runs code when loaded. Recognised only to refuse it clearly.

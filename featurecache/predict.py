@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,21 +33,45 @@ def _runtime_for(record: HeadRecord, runtime: str | None) -> tuple[str, str]:
     if runtime is not None:
         return runtime, "f32"
     try:
-        meta = store.read_metadata(record.features["train"]["file"])
-    except (FeaturecacheError, KeyError, OSError):
+        meta = store.read_metadata(_home_of(record).feature_file(record.dataset, record.base_tag, "train"))
+    except (FeaturecacheError, OSError):
         return "auto", "f32"  # the cache is gone (a head copied to another machine): the device's default
     return meta.get("runtime", "eager"), meta.get("precision", "f32")
 
 
 def _home_of(record: HeadRecord) -> Paths:
-    """The project home of the head's training cache (its exports live beside it), else ``default_paths()``."""
-    dataset, tag = record.dataset, record.base_tag
+    """The project home that holds the head's training cache (its exports live beside it): this home
+    (``$FEATURECACHE_HOME``) when it does, which is where a home that was moved or copied now is; else the home the
+    sidecar recorded, while that cache is still there; else this home."""
+    here = default_paths()
+    if here.feature_file(record.dataset, record.base_tag, "train").is_file():
+        return here
     with contextlib.suppress(KeyError, TypeError, IndexError):
         train_file = Path(record.features["train"]["file"]).resolve()
-        home = Paths(train_file.parents[4])  # <home>/data/features/<dataset>/<base_tag>/train.h5
-        if home.feature_file(dataset, tag, "train") == train_file:
-            return home
-    return default_paths()
+        recorded = Paths(train_file.parents[4])  # <home>/data/features/<dataset>/<base_tag>/train.h5
+        if recorded.feature_file(record.dataset, record.base_tag, "train") == train_file and train_file.is_file():
+            return recorded
+    return here
+
+
+def _export_file(record: HeadRecord, digest: str) -> Path:
+    """Where predict keeps the exported extractor: beside the training cache, or, where that folder cannot be
+    written (a read-only or shared home), in a folder of this process's own that goes with it."""
+    export = _home_of(record).export_file(record.dataset, record.base_tag, digest)
+    if export.is_file() or _writable(export.parent):
+        return export
+    return Path(_private_exports().name) / export.name
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` can be written: the nearest existing folder on its path admits a write."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing is not None and existing.is_dir() and os.access(existing, os.W_OK)
+
+
+@functools.cache
+def _private_exports() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="featurecache-exports-")
 
 
 class _HeadOnFeatures:
@@ -73,7 +99,7 @@ class _HeadOnFeatures:
         name, precision = _runtime_for(record, self.runtime)
         identity = runtimes.export_identity(base=loaded.spec.name, weights=loaded.weights_id,
                                             input_size=loaded.spec.input_size, taps=[tap])  # fmt: skip
-        export_file = _home_of(record).export_file(record.dataset, record.base_tag, runtimes.export_digest(identity))
+        export_file = _export_file(record, runtimes.export_digest(identity))
         options = ExtractOptions(device="cpu", runtime=name, precision=precision)
         runner = _Runner(loaded, "cpu", options, taps=[tap], export_file=export_file)
         runner.check(first)

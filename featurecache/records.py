@@ -25,6 +25,7 @@ SIDECAR_VERSION = 2  # 2: val/test scores carry per-image predictions (paired te
 HEAD_KIND = "head"  # a stage-2 head on cached features: head.skops (+ state_dict.pt for torch heads)
 FINETUNED_KIND = "finetuned"  # base + head fine-tuned together: model.pt (a state dict)
 FINETUNED_MODEL_FILE = "model.pt"
+HEAD_FILE = "head.skops"  # a stage-2 head, saved with skops (featurecache.persist)
 
 
 _NOT_IN_JSON = frozenset({"kind", "extra", "null_keys"})
@@ -86,10 +87,16 @@ class HeadRecord:
     def weights_ref(self) -> WeightsRef:
         return WeightsRef.parse(self.weights)
 
+    def trained_on(self, features: Mapping[str, Mapping[str, str]]) -> bool:
+        """Whether the head was trained on ``features`` (split -> {file, fingerprint}). Only the fingerprints count:
+        a home that was moved or copied changes every file's path and none of the numbers."""
+        fingerprints = {split: dict(f).get("fingerprint") for split, f in self.features.items()}
+        return fingerprints == {split: dict(f).get("fingerprint") for split, f in features.items()}
+
     @property
     def model_file(self) -> str:
         """The file that holds the model: ``head.skops`` or ``model.pt``."""
-        return FINETUNED_MODEL_FILE if self.kind == FINETUNED_KIND else "head.skops"
+        return FINETUNED_MODEL_FILE if self.kind == FINETUNED_KIND else HEAD_FILE
 
     def to_json(self) -> dict[str, Any]:
         """The sidecar as plain JSON values (tuples as lists, numpy values as Python ones), without the kind."""

@@ -352,7 +352,7 @@ def _reusable(plan: JobPlan) -> HeadRecord | None:
     if previous is None or opts.overwrite or not (out_dir / persist.HEAD_FILE).is_file():
         return None
     same = (
-        previous.features == plan.features
+        previous.trained_on(plan.features)
         and previous.grid == json.loads(json.dumps(plan.grid, default=list))
         and previous.refit == opts.refit
         and previous.seed == opts.seed

@@ -415,3 +415,21 @@ def test_the_imagenet_logits_are_what_the_cache_records_or_for_an_older_cache_th
     meta = {"taps": {"a": stage, "pool": headless_last, "fc": old_logits}}
     jobs = _multi_tap_jobs(["a", "pool", "fc"], ["multilayer"], meta, lambda layer, head, taps: taps)
     assert jobs == [("a", "pool")]
+
+
+def test_a_moved_home_keeps_its_heads_and_predict_writes_only_into_the_home_it_runs_in(cached, tmp_path, monkeypatch):
+    old = fresh_copy(cached, tmp_path / "old")
+    _, root = cached
+    first = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=QUIET,
+                        paths=old)  # fmt: skip
+    images = sorted((root / "test").rglob("*.png"))[:3]
+    new = Paths(tmp_path / "new")
+    shutil.move(old.root, new.root)
+    monkeypatch.setenv("FEATURECACHE_HOME", str(new.root))
+    again = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=QUIET,
+                        paths=new)  # fmt: skip
+    assert [s["status"] for s in again] == ["reused"] and again[0]["test"] == first[0]["test"]
+    rows = predict_images(new.head_dir("shapes", BASE, "flatten", "logreg"), images)
+    assert all("label" in r for r in rows)
+    assert not old.root.exists()  # nothing re-created where the sidecar says the home used to be
+    assert list((new.features / "shapes" / BASE / "exports").glob("*.onnx"))  # the export sits in the new home
