@@ -43,7 +43,7 @@ from featurecache.data import (
 )
 from featurecache.distributed import World
 from featurecache.errors import FeaturecacheError
-from featurecache.layers import TapSpec, build_extractor, parse_taps, trace_base
+from featurecache.layers import TapSpec, TracedBase, build_extractor, parse_taps, trace_base
 from featurecache.preprocess import (
     DEVICE_DECODE_RULE,
     DRAFT_RULE,
@@ -235,7 +235,11 @@ def extract(
         discover_splits(request.dataset_root, record_path=record, seed=request.seed) if world.is_main else None
     )
     loaded = load_base(request.base, weights=request.weights, weights_file=request.weights_file, seed=request.seed)
-    taps = parse_taps(request.layers, trace_base(loaded), default_pool=request.pool)
+    traced = trace_base(loaded)
+    taps = parse_taps(request.layers, traced, default_pool=request.pool)
+    caches = [paths.feature_file(dataset, loaded.tag, s) for s in request.splits]
+    caches += [paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN)] if request.train_views else []
+    taps = world.broadcast(taps + _cached_taps(caches, traced, taps) if world.is_main else None)
     _warn_raw_size(taps, indexes, options)
     runner = _Runner(loaded, _rank_device(options.device, world), options, taps=taps,
                      export_file=_export_file(loaded, taps, dataset, paths))  # fmt: skip
@@ -253,6 +257,30 @@ def extract(
         view_rows = augmented_views(train, request.train_views)
         results.append(_require_readable(split(view_rows, final, runner=view_runner, files_of=train), view_rows, world))
     return results
+
+
+def _cached_taps(caches: Sequence[Path], traced: TracedBase, requested: Sequence[TapSpec]) -> list[TapSpec]:
+    """The taps the split caches hold beyond ``requested``, resolved on this base again: a cache that must be made
+    again (its images or options changed) keeps the layers it had, as one that only gains a layer does."""
+    have, kept = {t.key for t in requested}, []
+    for cache in caches:
+        with contextlib.suppress(FeaturecacheError, OSError):  # no cache, or an unreadable one: nothing to keep
+            for key, attrs in store.read_metadata(cache)["taps"].items() if cache.is_file() else ():
+                if key in have:
+                    continue
+                have.add(key)
+                entry = attrs["query"] if attrs["pool"] == "none" else f"{attrs['query']}:{attrs['pool']}"  # vectors
+                try:
+                    (tap,) = parse_taps(entry, traced)
+                except (FeaturecacheError, KeyError, ValueError, TypeError):
+                    tap = None
+                if tap is None or tap.key != key:
+                    log.warning("%s holds layer %s, which this base no longer resolves: not kept", cache, key)
+                    continue
+                kept.append(tap)
+    if kept:
+        log.info("keeping the layers already cached: %s", ", ".join(t.key for t in kept))
+    return kept
 
 
 def _require_readable(result: SplitResult, index: SplitIndex, world: World) -> SplitResult:

@@ -115,6 +115,17 @@ def test_new_taps_are_added_without_rewriting_old_ones(tiny, paths):
         np.testing.assert_array_equal(f["features/features.3"][:], old)
 
 
+def test_a_cache_made_again_keeps_the_layers_it_had(tiny, paths):
+    before = run(tiny, paths, splits=["val"], layers="features.3,features.6:grid2,flatten")["val"]
+    shutil.copy(next((tiny / "val" / "circle").iterdir()), tiny / "val" / "circle" / "added.png")  # the folder grew
+    again = run(tiny, paths, splits=["val"], layers="features.3")["val"]
+    assert again.status == "extracted" and again.num_samples == before.num_samples + 1
+    assert again.taps == ["features.3", "features.6@grid2", "flatten"]  # asked for first, then the kept ones
+    kept = read_metadata(again.path)["taps"]
+    assert {k: kept[k] for k in before.taps} == read_metadata(again.path)["taps"]
+    assert kept["features.6@grid2"] == {**kept["features.6@grid2"], "pool": "grid2", "out_dim": 32 * 4}
+
+
 def test_random_init_control_gets_its_own_cache(tiny, paths):
     pretrained = run(tiny, paths, splits=["val"])["val"].path
     f16 = ExtractOptions(dtype="float16", workers=0, progress=False)
