@@ -878,7 +878,7 @@ def _assemble(
         "library_versions": _library_versions(),
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "extraction_seconds": round(seconds, 3),
-        "dataset_root": str(index.root),
+        "dataset_root": str(Path(index.root).resolve()),  # fine-tuning and the pixel baseline read the images here
         "world_size": world.size,
         "runtime": runner.runtime,
         "precision": runner.precision,

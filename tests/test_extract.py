@@ -115,6 +115,12 @@ def test_new_taps_are_added_without_rewriting_old_ones(tiny, paths):
         np.testing.assert_array_equal(f["features/features.3"][:], old)
 
 
+def test_the_cache_records_where_its_images_are_wherever_extract_ran(tiny, paths, monkeypatch):
+    monkeypatch.chdir(tiny.parent)  # `featurecache extract tiny`: fine-tuning, run elsewhere, must still find them
+    result = run(Path(tiny.name), paths, splits=["val"], layers="features.3")["val"]
+    assert read_metadata(result.path)["dataset_root"] == str(tiny.resolve())
+
+
 def test_a_cache_made_again_keeps_the_layers_it_had(tiny, paths):
     before = run(tiny, paths, splits=["val"], layers="features.3,features.6:grid2,flatten")["val"]
     shutil.copy(next((tiny / "val" / "circle").iterdir()), tiny / "val" / "circle" / "added.png")  # the folder grew
