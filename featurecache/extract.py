@@ -84,7 +84,7 @@ class ExtractOptions:
     batch_size: int | None = None  # None: default_batch_size(device)
     workers: int | None = None  # decode processes; None: decode threads on the CPU, worker processes on CUDA
     device: str = "auto"
-    dtype: str = "auto"  # storage dtype; auto: float16, float32 for random-init weights (see storage_dtype)
+    dtype: str = "auto"  # storage dtype; auto: float16, float32 for random-init weights (see store.storage_dtype)
     amp: str = "auto"  # autocast on CUDA: bf16 by default; never on CPU (keeps CPU runs bit-exact)
     channels_last: bool = True
     compression: str = "none"  # see store._compression_kwargs for the measurements behind it
@@ -226,7 +226,7 @@ def extract(
     options = options or ExtractOptions()
     _check_options(options)
     request.check()
-    dtype = storage_dtype(options.dtype, random_init=request.weights == WEIGHTS_NONE)
+    dtype = store.storage_dtype(options.dtype, random_init=request.weights == WEIGHTS_NONE)
     options = dataclasses.replace(options, dtype=dtype)
     dataset = request.dataset_name
     # Rank 0 alone may write the split record of a dataset without val/test; the others get its result.
@@ -363,14 +363,6 @@ def default_batch_size(device: str) -> int:
     return 32 if device.startswith("cuda") else 8
 
 
-def storage_dtype(requested: str, *, random_init: bool) -> str:
-    """``auto`` stores float16 (half the disk, the same head accuracy), except for random-init weights, whose deep
-    activations shrink below float16's range; an explicit dtype is kept (float16 is still range-checked)."""
-    if requested != "auto":
-        return requested
-    return "float32" if random_init else "float16"
-
-
 def _check_options(options: ExtractOptions) -> None:
     if options.dtype not in (*store.STORAGE_DTYPES, "auto"):
         raise FeaturecacheError(f"unknown --dtype {options.dtype!r}; choose one of: {', '.join(store.STORAGE_DTYPES)}")
@@ -439,7 +431,7 @@ class _Runner:
         self.device = device
         # Callers that build a runner directly (predict, the benchmark) skip extract(): check and decide here too.
         _check_options(options)
-        dtype = storage_dtype(options.dtype, random_init=loaded.weights_id.startswith(RANDOM_INIT_PREFIX))
+        dtype = store.storage_dtype(options.dtype, random_init=loaded.weights_id.startswith(RANDOM_INIT_PREFIX))
         batch_size = default_batch_size(device) if options.batch_size is None else options.batch_size
         self.options = options = dataclasses.replace(options, dtype=dtype, batch_size=batch_size)
         self.transform = loaded.spec.transforms()

@@ -24,12 +24,12 @@ import numpy as np
 
 from featurecache import store
 from featurecache.answer import head_results, is_frozen_plain, multilayer_comparisons
+from featurecache.commands import extract_command
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
 from featurecache.freshness import current_sidecars
 from featurecache.selection import Candidate, pick_best
 from featurecache.transferability import knn_loo_accuracy, logme, ncti, ncti_components, sfda
-from featurecache.weights import base_of_tag
 
 # name -> (features, labels) -> score, for the scores that judge one layer on its own. NCTI is relative to the
 # layers ranked together (min-max normalized over them), so it is computed over the set in score_layers.
@@ -87,8 +87,8 @@ def score_layers(
     train = paths.feature_file(dataset, base_tag, "train")
     if not train.is_file():
         raise FeaturecacheError(
-            f"no train cache for {dataset} x {base_tag} at {train}; run `featurecache extract data/raw/{dataset} "
-            f"--base {base_of_tag(base_tag)} --layers all-stages` first"
+            f"no train cache for {dataset} x {base_tag} at {train}; run "
+            f"`{extract_command(dataset, base_tag, '--layers', 'all-stages', paths=paths)}` first"
         )
     meta = store.read_metadata(train)
     taps = meta["taps"]

@@ -52,6 +52,14 @@ STORAGE_DTYPES = ("float16", "float32")
 IMAGENET_CLASSES = 1000
 
 
+def storage_dtype(requested: str, *, random_init: bool) -> str:
+    """``auto`` stores float16 (half the disk, the same head accuracy), except for random-init weights, whose deep
+    activations shrink below float16's range; an explicit dtype is kept (float16 is still range-checked)."""
+    if requested != "auto":
+        return requested
+    return "float32" if random_init else "float16"
+
+
 # ------------------------------------------------------------------------------------------- locking
 
 

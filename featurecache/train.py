@@ -29,15 +29,15 @@ import numpy as np
 
 from featurecache import persist, store
 from featurecache.backends import check_backend, joblib_backend
+from featurecache.commands import extract_command
 from featurecache.config import Paths, check_path_name, default_paths
-from featurecache.data import AUGMENTED_TRAIN, Decoding
+from featurecache.data import AUGMENTED_TRAIN, SPLITS, Decoding
 from featurecache.errors import FeaturecacheError
 from featurecache.freshness import feature_fingerprint
 from featurecache.heads import HeadSpec, get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
-from featurecache.weights import base_of_tag, is_random_tag
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +78,23 @@ class Job:
 
 def cache_files(dataset: str, base_tag: str, paths: Paths, *, augmented: bool = False) -> dict[str, Path]:
     """The split caches of a dataset x base (plus the augmented train views), or an error naming the command."""
-    files = {s: paths.feature_file(dataset, base_tag, s) for s in ("train", "val", "test")}
+    files = {s: paths.feature_file(dataset, base_tag, s) for s in SPLITS}
     views = paths.feature_file(dataset, base_tag, AUGMENTED_TRAIN)
     if augmented and not views.is_file():
         raise FeaturecacheError(
             f"--augmented needs cached augmented views of {dataset} x {base_tag} ({views} is missing); make them "
-            f"once with `featurecache extract data/raw/{dataset} --base {base_tag} --train-views 4` "
-            f"(or drop --augmented)"
+            f"once with `{extract_command(dataset, base_tag, '--train-views', '4', paths=paths)}` (or drop "
+            f"--augmented)"
         )
     if augmented:
         files[AUGMENTED_TRAIN] = views
     missing = [s for s, p in files.items() if not p.is_file()]
     if missing:
-        base = base_of_tag(base_tag)
-        weights = " --weights none --dtype float32" if is_random_tag(base_tag) else ""
+        splits = [s for s in missing if s != AUGMENTED_TRAIN]
+        only = ["--splits", ",".join(splits)] if 0 < len(splits) < len(SPLITS) else []
         raise FeaturecacheError(
             f"no feature cache for {dataset} x {base_tag} ({', '.join(missing)} missing under "
-            f"{files[missing[0]].parent}); run make extract first: `make extract DATASET={dataset} BASE={base}` "
-            f"or `featurecache extract data/raw/{dataset} --base {base}{weights}` (a folder of your own: "
-            f"`featurecache extract path/to/{dataset} --base {base}{weights}`, the folder's name is the dataset)"
+            f"{files[missing[0]].parent}); extract it first: `{extract_command(dataset, base_tag, *only, paths=paths)}`"
         )
     return files
 
@@ -230,10 +228,16 @@ def check_layers_in_every_split(
         raise FeaturecacheError(
             f"layer {layer} is cached in {', '.join(having) or 'no split'} but not in {', '.join(lacking)} "
             f"({files[lacking[0]]}); the splits of {dataset} x {base_tag} were extracted with different --layers. "
-            f"Add it with `featurecache extract data/raw/{dataset} --layers {layer} --splits "
-            f"{','.join(s for s in lacking if s != AUGMENTED_TRAIN) or 'train'}` (cached taps are kept), or use "
-            f"a layer every split has: {', '.join(cached) or 'none'}"
+            f"Add it with `{extract_command(dataset, base_tag, *_add_layer(layer, lacking), meta=metas['train'])}` "
+            f"(cached taps are kept), or use a layer every split has: {', '.join(cached) or 'none'}"
         )
+
+
+def _add_layer(layer: str, lacking: Sequence[str]) -> list[str]:
+    """The ``extract`` arguments that add ``layer`` to the splits that lack it (the views come from train's)."""
+    splits = [s for s in lacking if s != AUGMENTED_TRAIN] or ["train"]
+    node, _, pool = layer.partition("@")  # a tap key is node@pool for a pooling other than the default
+    return ["--layers", f"{node}:{pool}" if pool else node, "--splits", ",".join(splits)]
 
 
 # The pseudo layer of heads that read every stage tap: models/<ds>/<base>/all-stages/<head>. Its sidecar's `tap`

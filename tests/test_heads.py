@@ -231,10 +231,14 @@ def test_foreign_or_stale_heads_are_refused(cached, tmp_path):
 
 
 def test_missing_cache_says_run_extract(tmp_path):
-    with pytest.raises(FeaturecacheError, match=r"run make extract first: `make extract DATASET=shapes BASE=resnet18`"):
+    with pytest.raises(
+        FeaturecacheError, match=r"extract it first: `featurecache extract path/to/shapes --base resnet18`"
+    ):
         train_heads(dataset="shapes", base_tag="resnet18", options=QUIET, paths=Paths(tmp_path))
-    with pytest.raises(FeaturecacheError, match=r"a folder of your own: `featurecache extract path/to/shapes --base"):
-        train_heads(dataset="shapes", base_tag="resnet18", options=QUIET, paths=Paths(tmp_path))
+    with pytest.raises(
+        FeaturecacheError, match=r"first: `featurecache extract path/to/shapes --base resnet18 --weights none`"
+    ):
+        train_heads(dataset="shapes", base_tag="resnet18-random", options=QUIET, paths=Paths(tmp_path))
 
 
 def test_larger_than_memory_streams_the_dense_head_and_refuses_the_rest(cached, tmp_path):
