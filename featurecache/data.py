@@ -128,10 +128,23 @@ def augmented_views(train: SplitIndex, views: int) -> SplitIndex:
     )
 
 
+# Files a photo folder holds beside its images that are never images: phone sidecars (an iPhone's .AAE edit record,
+# the .MOV of a Live Photo), camera thumbnails, notes and metadata. They take no place in a split: drawn into val or
+# test they would shrink it silently (they are skipped at extraction). Any other file is a candidate, whatever its
+# extension, and is reported, and listed in the cache, if it cannot be read.
+NOT_IMAGES = frozenset((
+    ".aae", ".mov", ".mp4", ".m4v", ".avi", ".mkv", ".3gp", ".thm", ".lrv", ".xmp", ".txt", ".md", ".json", ".csv",
+    ".tsv", ".xml", ".yaml", ".yml", ".pdf", ".doc", ".docx", ".zip", ".tar", ".gz", ".db", ".ini", ".log", ".html",
+))  # fmt: skip
+
+
 def files_under(folder: Path) -> list[Path]:
-    # Every non-hidden regular file is a sample candidate: a non-image file is reported as skipped
-    # (and listed in the cache) rather than silently ignored by an extension filter. So is a symlink whose
-    # target is gone: it is listed as unreadable instead of vanishing from the dataset.
+    """Every candidate sample below ``folder``: non-hidden regular files, and symlinks whose target is gone (listed
+    as unreadable instead of vanishing from the dataset), except the known non-images (:data:`NOT_IMAGES`)."""
+    return [p for p in _visible_files(folder) if p.suffix.lower() not in NOT_IMAGES]
+
+
+def _visible_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
@@ -142,11 +155,21 @@ def files_under(folder: Path) -> list[Path]:
 def _scan_classes(folder: Path, root: Path) -> dict[str, list[str]]:
     classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     out: dict[str, list[str]] = {}
+    ignored: list[Path] = []
     for d in classes:
-        files = [p.relative_to(root).as_posix() for p in files_under(d)]
+        every = _visible_files(d)
+        files = [p.relative_to(root).as_posix() for p in every if p.suffix.lower() not in NOT_IMAGES]
+        ignored += [p for p in every if p.suffix.lower() in NOT_IMAGES]
         if not files:
-            raise FeaturecacheError(f"class folder {d} has no files; add images to it or remove it")
+            kind = f" ({len(every)} that are not images)" if every else ""
+            raise FeaturecacheError(f"class folder {d} has no image files{kind}; add images to it or remove it")
         out[d.name] = files
+    if ignored:
+        kinds = collections.Counter(p.suffix.lower() for p in ignored)
+        log.warning(
+            "%s: %d files that are not images take no place in any split (%s; e.g. %s)", folder, len(ignored),
+            ", ".join(f"{n} {ext}" for ext, n in kinds.most_common()), ignored[0].relative_to(root).as_posix(),
+        )  # fmt: skip
     return out
 
 

@@ -54,13 +54,13 @@ def add_bad_files(class_dir: Path) -> list[str]:
     """Put one of each kind of unreadable file into a class folder; returns their names."""
     good = next(p for p in sorted(class_dir.iterdir()) if p.suffix == ".png")
     (class_dir / "zero.jpg").write_bytes(b"")
-    (class_dir / "notes.txt").write_text("not an image")
+    (class_dir / "notes.dat").write_text("not an image, under a name that does not say so")
     jpeg = class_dir / "truncated.jpg"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(jpeg, quality=95)
     data = jpeg.read_bytes()
     jpeg.write_bytes(data[: len(data) // 2])
     (class_dir / "corrupt.png").write_bytes(good.read_bytes()[:40] + b"\x00garbage" * 20)
-    return ["zero.jpg", "notes.txt", "truncated.jpg", "corrupt.png"]
+    return ["zero.jpg", "notes.dat", "truncated.jpg", "corrupt.png"]
 
 
 SAFETY_TIMEOUT_S = 600.0  # only a net under a hung subprocess: no outcome depends on it

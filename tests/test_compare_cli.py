@@ -86,7 +86,7 @@ def empty_class(root: Path) -> Path:
         (one_class, "only one class"),
         (tiny_class, "needs at least 3"),
         (no_images, "no class folders with images"),
-        (empty_class, "has no files"),
+        (empty_class, "has no image files"),
     ],
 )
 def test_bad_folders_get_one_clear_line_and_nothing_under_a_final_name(make, message, tmp_path, home, capsys):

@@ -516,7 +516,7 @@ CASES = {
     "rgba-icons (default alpha)": Case(icons(None), 0, check=default_icons_stay_distinct),
     "rgba-icons --alpha black (collapse warned)": Case(icons("black"), 0, check=collapsed_icons_warn),
     "empty class": Case(
-        folder(empty_class), 2, r"class folder .*train/triangle has no files", finals_absent=EXTRACT_FINALS
+        folder(empty_class), 2, r"class folder .*train/triangle has no image files", finals_absent=EXTRACT_FINALS
     ),
     "one class": Case(folder(one_class), 2, r"only one class \('circle'\)", finals_absent=EXTRACT_FINALS),
     "no images": Case(folder(no_images), 2, r"no class folders with images in", finals_absent=EXTRACT_FINALS),

@@ -256,7 +256,7 @@ def test_dataset_errors(tmp_path, paths):
         run(one, paths)
     hollow = make_image_folder(tmp_path / "hollow")
     (hollow / "train" / "zebra").mkdir()
-    with pytest.raises(FeaturecacheError, match="class folder .*zebra has no files"):
+    with pytest.raises(FeaturecacheError, match="class folder .*zebra has no image files"):
         run(hollow, paths)
     few = make_image_folder(tmp_path / "few", per_class={"all": 2}, splits=False)  # too few to split 3 ways
     with pytest.raises(FeaturecacheError, match=r"class 0 \(folder circle\) has 2 image\(s\)"):
@@ -445,3 +445,22 @@ def test_crash_while_assembling_leaves_no_final_file_and_resumes(tiny, paths, mo
     for layer in SHALLOW.split(","):
         np.testing.assert_array_equal(load_features(final, layer)[0], load_features(reference, layer)[0])
     assert not final.with_name("train.h5.partial").exists()
+
+
+def test_phone_sidecars_and_notes_take_no_place_in_a_split_and_are_named(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "phone", per_class={"train": 10, "val": 0, "test": 0}, splits=False)
+    images = {s: discover_splits(root, seed=0)[s].paths for s in ("train", "val", "test")}
+    for photo in sorted((root / "circle").iterdir())[:4]:  # what an iPhone export leaves beside its photos
+        photo.with_suffix(".AAE").write_text("<plist/>")
+        photo.with_suffix(".MOV").write_bytes(b"\x00\x00\x00\x18ftypqt  ")
+    (root / "square" / "notes.txt").write_text("shot on holiday")
+    with caplog.at_level("WARNING"):
+        again = {s: discover_splits(root, seed=0)[s].paths for s in ("train", "val", "test")}
+    assert again == images  # the same draw, as if they were not there
+    assert "9 files that are not images take no place in any split (4 .aae, 4 .mov, 1 .txt; e.g. " in caplog.text
+    only_notes = tmp_path / "notes"
+    for name in ("a", "b"):
+        (only_notes / name).mkdir(parents=True)
+        (only_notes / name / "readme.txt").write_text("images to come")
+    with pytest.raises(FeaturecacheError, match=r"class folder .*/a has no image files \(1 that are not images\)"):
+        discover_splits(only_notes)
