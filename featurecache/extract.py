@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from featurecache import decoders, gpu_decode, store
+from featurecache import decoders, fileio, gpu_decode, store
 from featurecache import runtime as runtimes
 from featurecache.augment import AUGMENTATIONS, SeededPerRow, train_transform
 from featurecache.bases import RANDOM_INIT_PREFIX, WEIGHTS_DEFAULT, WEIGHTS_NONE, LoadedBase, get_base_spec, load_base
@@ -806,17 +806,17 @@ def _extract_split(
 ) -> SplitResult:
     t0 = time.perf_counter()
     options = runner.options  # the batch size and dtype resolved for the runner's device
+    plan_split = functools.partial(_plan_split, index, final, runner=runner, taps=taps, options=options,
+                                   files_of=files_of)  # fmt: skip
+    if world.broadcast(world.is_main and not fileio.writable(final.parent) and not plan_split().todo):
+        return _cached_result(index, final)  # a read-only home whose cache is complete: nothing to lock or write
     # Rank 0 holds the writer lock for the whole split (a foreign job is refused) and alone decides, opens the
     # journal (which may discard stale progress) and assembles; the other ranks only commit their batches.
     with store.writer_lock(final) if world.is_main else contextlib.nullcontext():
         plan, journal = _decide(index, final, runner=runner, taps=taps, options=options, world=world,
                                 files_of=files_of)  # fmt: skip
         if not plan.todo:
-            meta = plan.cached_meta
-            return SplitResult(
-                index.split, final, "cached", meta["num_samples"], meta["num_samples"] - meta["num_valid"],
-                list(meta["taps"]), file_bytes=final.stat().st_size,
-            )  # fmt: skip
+            return _cached_result(index, final)
         seconds, processed = _run_batches(index, journal, runner=runner, taps=plan.todo, options=options, world=world)
         # The split's speed is all ranks' images over the slowest rank's forward loop.
         counts = world.gather((seconds, processed))
@@ -833,6 +833,12 @@ def _extract_split(
         )  # fmt: skip
         result.identical_rows = _warn_identical_rows(final, alpha=options.alpha)
     return result
+
+
+def _cached_result(index: SplitIndex, final: Path) -> SplitResult:
+    meta = store.read_metadata(final)
+    return SplitResult(index.split, final, "cached", meta["num_samples"], meta["num_samples"] - meta["num_valid"],
+                       list(meta["taps"]), file_bytes=final.stat().st_size)  # fmt: skip
 
 
 def _decide(

@@ -33,3 +33,10 @@ def file_sha256(path: Path, *, length: int | None = None) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:length]
+
+
+def writable(folder: Path) -> bool:
+    """Whether ``folder`` can be written to (or made): the nearest existing folder on its path admits a write. A
+    read-only mount says no here, before any lock or temporary file is attempted."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing is not None and existing.is_dir() and os.access(existing, os.W_OK)

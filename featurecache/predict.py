@@ -18,6 +18,7 @@ from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
 from featurecache.data import Decoding, bad_image_errors, bad_image_reason, load_image, read_encoded
 from featurecache.errors import FeaturecacheError
+from featurecache.fileio import writable
 from featurecache.freshness import stale_reason
 from featurecache.gpu_decode import decode_batch
 from featurecache.layers import TapSpec
@@ -58,15 +59,9 @@ def _export_file(record: HeadRecord, digest: str) -> Path:
     """Where predict keeps the exported extractor: beside the training cache, or, where that folder cannot be
     written (a read-only or shared home), in a folder of this process's own that goes with it."""
     export = _home_of(record).export_file(record.dataset, record.base_tag, digest)
-    if export.is_file() or _writable(export.parent):
+    if export.is_file() or writable(export.parent):
         return export
     return Path(_private_exports().name) / export.name
-
-
-def _writable(folder: Path) -> bool:
-    """Whether ``folder`` can be written: the nearest existing folder on its path admits a write."""
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    return existing is not None and existing.is_dir() and os.access(existing, os.W_OK)
 
 
 @functools.cache

@@ -710,6 +710,19 @@ def test_real_read_only_home(tmp_path: Path, template: tuple[Path, Path]) -> Non
 
 @pytest.mark.slow
 @needs_mount
+def test_a_read_only_home_still_answers_what_it_holds(tmp_path: Path, template: tuple[Path, Path]) -> None:
+    home, data = template
+    cached = run_on_mount(tmp_path / "home", "size=64m,ro", ["extract", str(data), "--layers", LAYER, *FAST],
+                          copy_from=home)  # fmt: skip
+    assert cached.returncode == 0, cached.stderr
+    assert "Traceback" not in cached.stderr and cached.stdout.count(" cached ") == 3, cached.stdout
+    more = run_on_mount(tmp_path / "home2", "size=64m,ro", ["extract", str(data), "--layers", "view", *FAST],
+                        copy_from=home)  # fmt: skip
+    assert more.returncode == 2 and "(read-only file system); set FEATURECACHE_HOME" in more.stderr, more.stderr
+
+
+@pytest.mark.slow
+@needs_mount
 def test_real_full_disk(tmp_path: Path, template: tuple[Path, Path]) -> None:
     _, data = template
     done = run_on_mount(tmp_path / "home", "size=16k", ["extract", str(data), "--dataset", "full", *FAST])
