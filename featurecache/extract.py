@@ -748,6 +748,7 @@ def _plan_split(
     elif meta:
         log.info("%s is stale (%s changed); re-extracting", final, ", ".join(_stale_keys(config, meta)))
     manifest = {
+        "config": config,  # the fingerprint's inputs, so that discarded progress names what changed
         "config_fingerprint": config_fp,
         "taps": [t.as_attrs() for t in todo],
         "batch_size": options.batch_size,

@@ -92,6 +92,20 @@ def writer_lock(final_path: Path) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------- journal
 
 
+def _changed_settings(previous: Any, manifest: dict[str, Any]) -> list[str]:
+    """The manifest entries that differ, naming the settings inside ``config`` (the cache's fingerprint inputs)
+    rather than the fingerprint itself: "runtime", not "config_fingerprint"."""
+    if not isinstance(previous, dict):
+        return ["unreadable manifest"]
+    keys = sorted(set(manifest) | set(previous))
+    changed = [k for k in keys if previous.get(k) != manifest.get(k)]
+    old, new = previous.get("config"), manifest.get("config")
+    if isinstance(old, dict) and isinstance(new, dict) and "config" in changed:
+        inside = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        changed = [k for k in changed if k not in ("config", "config_fingerprint")] + inside
+    return changed
+
+
 class Journal:
     """Committed batches of an extraction in progress, one ``.npz`` per batch in ``<file>.partial/``."""
 
@@ -113,8 +127,7 @@ class Journal:
                 previous = None
             if previous == manifest:
                 return cls(directory, manifest)
-            keys = set(manifest) | (set(previous) if isinstance(previous, dict) else set())
-            changed = sorted(k for k in keys if not isinstance(previous, dict) or previous.get(k) != manifest.get(k))
+            changed = _changed_settings(previous, manifest)
             # The batch size is part of it: resuming at another --batch-size (or after its default changed) would
             # mix batch boundaries, so the split starts over; passing the old --batch-size keeps the progress.
             log.warning("discarding progress in %s: made with other settings (%s)", directory, ", ".join(changed))

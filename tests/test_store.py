@@ -50,6 +50,12 @@ def test_journal_resumes_only_with_the_same_manifest(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="featurecache.store"):
         assert store.Journal.open(final, {"manifest": 2}).committed() == set()  # other settings: started afresh
     assert "made with other settings (manifest)" in caplog.text  # names what changed (e.g. batch_size)
+    settings = {"config": {"runtime": "eager", "dtype": "float16"}, "config_fingerprint": "a", "batch_size": 8}
+    store.Journal.open(final, settings)
+    with caplog.at_level("WARNING", logger="featurecache.store"):
+        store.Journal.open(final, {**settings, "config": {"runtime": "onnxruntime", "dtype": "float16"},
+                                   "config_fingerprint": "b", "batch_size": 16})  # fmt: skip
+    assert "made with other settings (batch_size, runtime)" in caplog.text  # the setting, not its fingerprint
 
 
 def test_a_second_writer_is_refused_and_the_lock_is_released(tmp_path):
