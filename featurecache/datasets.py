@@ -26,6 +26,7 @@ import numpy as np
 from featurecache.config import check_path_name
 from featurecache.data import stratified_split
 from featurecache.errors import FeaturecacheError
+from featurecache.fileio import temporary_for
 from featurecache.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def debian_package(package: str, external: Path) -> Path:
             f"dataset needs Debian's {package}; on a Debian/Ubuntu machine run `apt-get download {package}` "
             f"and `dpkg-deb -x {package}_*.deb {dest}`, then `touch {dest}/.complete`"
         )
-    work = external / f".{package}.tmp-{os.getpid()}"
+    work = temporary_for(external / package)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -318,7 +319,7 @@ def prepare_dataset(name: str, raw_dir: Path, *, external_dir: Path | None = Non
     ids = [f"{i:06d}" for i in range(len(items))]
     labels = [class_names.index(cls) for _, cls in items]
     parts = stratified_split(ids, labels, fractions=SPLIT_FRACTIONS, seed=SPLIT_SEED)
-    tmp = raw_dir / f".{name}.tmp-{os.getpid()}"
+    tmp = temporary_for(raw_dir / name)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         record: dict[str, list[str]] = {}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from featurecache.devices import resolve_device
 from featurecache.errors import FeaturecacheError
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def init_from_environment(device: str = "auto", *, timeout: timedelta = DEFAULT_
 
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    on_cuda = resolve_device(device).startswith("cuda")
     if on_cuda:
         if local_rank >= torch.cuda.device_count():
             raise FeaturecacheError(

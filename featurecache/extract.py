@@ -41,6 +41,7 @@ from featurecache.data import (
     fingerprint_files,
     heif_readable,
 )
+from featurecache.devices import resolve_device
 from featurecache.distributed import World
 from featurecache.errors import FeaturecacheError
 from featurecache.layers import TapSpec, TracedBase, build_extractor, parse_taps, trace_base
@@ -116,18 +117,6 @@ class SplitResult:
     file_bytes: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     identical_rows: int = 0  # valid rows whose features repeat another row's exactly (see _warn_identical_rows)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeaturecacheError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise FeaturecacheError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
-    return device
 
 
 def _library_versions() -> dict[str, str]:

@@ -14,12 +14,18 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     Readers see the old file or the new one, never a partial one; the temporary is removed on any error.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_for(path)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_for(path: Path, pid: int | str | None = None) -> Path:
+    """The hidden name a file is written under before it is renamed into place: the writer's process id is in it,
+    so a temporary whose process is gone can be told from one being written (``pid="*"``: the glob of all)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

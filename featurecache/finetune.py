@@ -33,6 +33,7 @@ from featurecache.augment import AUGMENTATIONS, train_transform
 from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
 from featurecache.data import Decoding, ImageFiles, SplitIndex, discover_splits
+from featurecache.devices import resolve_device
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, file_sha256
 from featurecache.freshness import current_sidecars, feature_fingerprint
@@ -189,12 +190,6 @@ class Rebuilt:
         return self.head_record.layer
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_model(
     record: HeadRecord, estimator: Any, *, seed: int = 0, weights_file: Any = None
 ) -> tuple[FinetunedModel, LoadedBase]:
@@ -213,7 +208,7 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
     expect = {s: feature_fingerprint(metas[s], layer) for s in files}
     estimator, head_record = persist.load_head(head_dir, expect_features=expect)
     model, loaded = build_model(head_record, estimator, seed=options.seed)
-    device = resolve_device(options.device)
+    device = torch.device(resolve_device(options.device))
     root = Path(metas["train"]["dataset_root"])
     index = discover_splits(root, record_path=paths.split_record(dataset), seed=None)  # the split of the caches
     _check_dataset_unchanged(root, index, files, head_record.class_names)

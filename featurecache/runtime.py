@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import FeaturecacheError
-from featurecache.fileio import atomic_write_text
+from featurecache.fileio import atomic_write, atomic_write_text, file_sha256, temporary_for
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,6 @@ def _onnx_version() -> str:
         return onnx.__version__
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
@@ -159,7 +151,7 @@ def export_status(path: Path, fingerprint: dict[str, Any]) -> str:
         return "corrupt"
     if record.get("fingerprint") != fingerprint:
         return "stale"
-    return "ok" if record.get("sha256") == _sha256(path) else "corrupt"
+    return "ok" if record.get("sha256") == file_sha256(path) else "corrupt"
 
 
 def write_export(module: Any, path: Path, fingerprint: dict[str, Any], *, keys: Sequence[str]) -> None:
@@ -169,11 +161,10 @@ def write_export(module: Any, path: Path, fingerprint: dict[str, Any], *, keys: 
     import torch
 
     size = fingerprint["input_size"]
-    path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     batch_axis = {0: "batch"}
-    try:
+
+    def export(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about shape arithmetic in the bases' padding code
             torch.onnx.export(
@@ -181,16 +172,15 @@ def write_export(module: Any, path: Path, fingerprint: dict[str, Any], *, keys: 
                 input_names=[INPUT_NAME], output_names=list(keys),
                 dynamic_axes={INPUT_NAME: batch_axis, **dict.fromkeys(keys, batch_axis)},
             )  # fmt: skip
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    atomic_write_text(_sidecar(path), json.dumps({"fingerprint": fingerprint, "sha256": _sha256(path)}, indent=1))
+
+    atomic_write(path, export)
+    atomic_write_text(_sidecar(path), json.dumps({"fingerprint": fingerprint, "sha256": file_sha256(path)}, indent=1))
     log.info("exported the extractor graph to %s", path)
 
 
 def _remove_orphans(path: Path) -> None:
     """Delete temporaries of exports whose process died (``kill -9`` mid-export); a live exporter's are kept."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+    for tmp in path.parent.glob(temporary_for(path, "*").name):
         pid = tmp.name.rsplit("-", 1)[-1]
         try:
             os.kill(int(pid), 0)

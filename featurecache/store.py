@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import FeaturecacheError
-from featurecache.fileio import atomic_write_text
+from featurecache.fileio import atomic_write_text, temporary_for
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def assemble(
             f"cannot assemble {final_path}: rows {shown}{' ...' if len(gaps) > 5 else ''} were never committed; "
             f"re-run the same extract command to finish them"
         )
-    tmp = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
+    tmp = temporary_for(final_path)
     tmp.unlink(missing_ok=True)  # a temporary from an earlier crash of this same pid number
     try:
         with h5py.File(tmp, "x") as f:

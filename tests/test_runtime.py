@@ -14,6 +14,7 @@ import torch
 from featurecache import FeaturecacheError, load_features, read_metadata, runtime, store
 from featurecache.config import Paths
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
+from featurecache.fileio import file_sha256
 from tests.helpers import add_bad_files, make_image_folder
 
 F32 = {"dtype": "float32", "workers": 0, "progress": False}
@@ -156,7 +157,7 @@ def test_a_corrupt_export_is_refused_with_a_warning_and_rebuilt(tmp_path, caplog
     path.write_bytes(b"\x08\x07not a graph" * 50)
     if damage == "unloadable":  # the checksum matches (e.g. a sidecar rewritten by hand); the runtime refuses it
         record = json.loads(path.with_suffix(".json").read_text())
-        record["sha256"] = runtime._sha256(path)
+        record["sha256"] = file_sha256(path)
         path.with_suffix(".json").write_text(json.dumps(record))
     with caplog.at_level(logging.WARNING, logger="featurecache.runtime"):
         check_matches_eager(load(path))

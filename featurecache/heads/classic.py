@@ -16,6 +16,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featurecache.devices import resolve_device
+
 FLOATS = [np.float64, np.float32]
 PRIMAL_SVM_ABOVE_N_PER_FEATURE = 6  # LinearSVC solves the primal when rows >= 6 x features (see LinearSVMHead)
 
@@ -206,8 +208,7 @@ class _TorchLogregPath:
         import torch
         from sklearn.preprocessing import StandardScaler
 
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(auto if device == "auto" else device)
+        dev = torch.device(resolve_device(device))
         self.scaler = StandardScaler().fit(np.asarray(X_train, dtype=np.float32))
         self.classes, y_idx = np.unique(y_train, return_inverse=True)
         self.X = torch.as_tensor(self.scaler.transform(np.asarray(X_train, dtype=np.float32)), device=dev)

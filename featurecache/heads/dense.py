@@ -19,6 +19,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featurecache.devices import resolve_device
+
 # A split as lazy chunks: each callable reads one block of rows, so epochs can visit blocks in a random
 # order while only one block is in memory.
 ChunkLoader = Callable[[], tuple[np.ndarray, np.ndarray]]
@@ -276,9 +278,7 @@ def _safe_scale(std: np.ndarray) -> np.ndarray:
 def _device(name: str) -> Any:
     import torch
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device(resolve_device(name))
 
 
 @contextlib.contextmanager
