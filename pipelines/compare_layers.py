@@ -8,14 +8,12 @@ import time
 
 from featurecache.compare import COMPARE_HEADS, CompareOptions, run_comparison
 from featurecache.config import default_paths
-from featurecache.data import DECODE_MODES, DEFAULT_ORIENTATION, ORIENTATION_MODES
 from featurecache.datasets import list_datasets
-from featurecache.extract import DECODE_HELP, ORIENTATION_HELP, ExtractOptions
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
 from featurecache.report import terminal_lines
 from featurecache.train import TrainOptions
 from featurecache.weights import is_control
-from pipelines.common import comma_list, run_main
+from pipelines.common import add_image_options, comma_list, extract_options, run_main
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -37,11 +35,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--shortlist-score", default=DEFAULT_SHORTLIST_SCORE, choices=SCORES,
                    help="training-free score that ranks the layers for --shortlist")  # fmt: skip
     p.add_argument("--n-jobs", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 8 on the CPU, 32 on a GPU)")
-    p.add_argument("--orientation", default=DEFAULT_ORIENTATION, choices=ORIENTATION_MODES, help=ORIENTATION_HELP)
-    p.add_argument("--decode", default="full", choices=DECODE_MODES, help=DECODE_HELP)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_image_options(p)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -62,13 +56,7 @@ def main(args: argparse.Namespace) -> int:
         finetune_epochs=args.finetune_epochs,
         shortlist=args.shortlist,
         shortlist_score=args.shortlist_score,
-        extract=ExtractOptions(
-            device=args.device,
-            batch_size=args.batch_size,
-            progress=args.progress,
-            orientation=args.orientation,
-            decode=args.decode,
-        ),
+        extract=extract_options(args),
         train=TrainOptions(n_jobs=args.n_jobs, progress=args.progress),
     )
     command = "featurecache compare-layers " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])

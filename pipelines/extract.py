@@ -11,11 +11,10 @@ import sys
 
 from featurecache import distributed
 from featurecache.config import default_paths
-from featurecache.data import ALPHA_MODES, DECODE_MODES, DEFAULT_ALPHA, DEFAULT_ORIENTATION, ORIENTATION_MODES
 from featurecache.datasets import parse_dataset
-from featurecache.extract import DECODE_HELP, ORIENTATION_HELP, ExtractOptions, ExtractRequest, extract
-from featurecache.runtime import PRECISIONS, RUNTIMES
-from pipelines.common import comma_list, run_main
+from featurecache.extract import ExtractRequest, extract
+from featurecache.runtime import PRECISIONS
+from pipelines.common import add_image_options, comma_list, extract_options, run_main
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -36,23 +35,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--splits", type=comma_list, default=["train", "val", "test"], help="comma-separated splits")
     p.add_argument("--weights", default="default", help="default (pretrained), none (random init) or a variant")
     p.add_argument("--weights-file", help="local state_dict file to load instead of the cached weights")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 8 on the CPU, 32 on a GPU)")
     p.add_argument(
         "--workers",
         type=int,
         help="decode processes (DataLoader workers; 0: decode in the main thread). "
         "Default: decode threads on the CPU (1 on 2 cores), up to 8 worker processes on CUDA",
     )
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"],
                    help="storage dtype (auto: float16, float32 for --weights none)")  # fmt: skip
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast on CUDA")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument(
-        "--runtime", default="auto", choices=RUNTIMES,
-        help="where the base runs: auto = ONNX Runtime on the CPU (5-6x eager here, same numbers within 1e-5; "
-        "checked against eager on the first batch), eager PyTorch with bf16 autocast on CUDA",
-    )  # fmt: skip
     p.add_argument(
         "--precision", default="f32", choices=PRECISIONS,
         help="bf16: OpenVINO's bf16 hint (~1.8x faster on CPUs with bf16, errors ~5e-2; recorded in the cache)",
@@ -60,12 +52,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--compression", default="none", choices=["gzip", "lzf", "none"],
                    help="none reads ~12x faster; gzip halves the file (see BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
-    p.add_argument(
-        "--alpha", default=DEFAULT_ALPHA, choices=list(ALPHA_MODES),
-        help="background for transparent pixels (RGBA, LA, palette): white, black or mean (ImageNet's mean colour)",
-    )  # fmt: skip
-    p.add_argument("--orientation", default=DEFAULT_ORIENTATION, choices=ORIENTATION_MODES, help=ORIENTATION_HELP)
-    p.add_argument("--decode", default="full", choices=DECODE_MODES, help=DECODE_HELP)
     p.add_argument("--fingerprint", default="content", choices=["content", "stat"], help="how input files are hashed")
     p.add_argument("--seed", type=int, default=0, help="seed of a missing val/test split, random init, and views")
     p.add_argument(
@@ -76,29 +62,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--augment", default="light", choices=["light", "standard"],
         help="augmentation of those views: light (crop, small rotation/colour) or standard (+ flips)",
     )  # fmt: skip
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_image_options(p)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    options = ExtractOptions(
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        dtype=args.dtype,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        compression=args.compression,
-        on_bad_image=args.on_bad_image,
-        fingerprint=args.fingerprint,
-        progress=args.progress,
-        runtime=args.runtime,
-        precision=args.precision,
-        alpha=args.alpha,
-        orientation=args.orientation,
-        decode=args.decode,
-    )
+    options = extract_options(args)
     source = parse_dataset(args.dataset_root)
     paths = default_paths()
     world = distributed.init_from_environment(args.device)  # a world of one unless launched by torchrun

@@ -125,3 +125,18 @@ def test_a_warning_during_a_progress_bar_starts_a_line_of_its_own(capsys):
     err = capsys.readouterr().err
     (line,) = [part for part in re.split(r"[\r\n]", err) if "skipping broken.jpg" in part]
     assert re.match(r"\d\d:\d\d:\d\d WARNING featurecache\.extract: skipping broken\.jpg$", line.strip()), err
+
+
+def test_compare_layers_reads_images_with_every_option_extract_has_for_them():
+    from pipelines import compare_layers, extract
+    from pipelines.common import extract_options
+
+    argv = ["--alpha", "white", "--orientation", "ignore", "--decode", "draft", "--runtime", "eager",
+            "--device", "cpu", "--batch-size", "4"]  # fmt: skip
+    by_extract = extract_options(extract.get_args_parser().parse_args(["photos", *argv]))
+    by_compare = extract_options(compare_layers.get_args_parser().parse_args(["photos", *argv]))
+    assert by_compare == by_extract and (by_compare.alpha, by_compare.runtime, by_compare.batch_size) == (
+        "white",
+        "eager",
+        4,
+    )
