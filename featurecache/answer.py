@@ -24,7 +24,7 @@ import numpy as np
 from featurecache import store
 from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
-from featurecache.freshness import current_sidecars
+from featurecache.freshness import cache_read, current_sidecars
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.metrics import PairedGain, mcnemar_worse_p, paired_difference, wilson_interval
 from featurecache.selection import Candidate, pick_best, ranked
@@ -82,7 +82,7 @@ class LabelReader:
         return self._cache[file]
 
 
-def result_of_sidecar(sidecar: dict[str, Any], labels: LabelReader) -> HeadResult:
+def result_of_sidecar(sidecar: dict[str, Any], labels: LabelReader, paths: Paths) -> HeadResult:
     """A :class:`HeadResult` from a sidecar (predictions) and its caches (labels)."""
     correct = {}
     for split in ("val", "test"):
@@ -93,7 +93,7 @@ def result_of_sidecar(sidecar: dict[str, Any], labels: LabelReader) -> HeadResul
                 f"saved by an older featurecache without per-image predictions; retrain it with "
                 f"`featurecache train-heads --dataset {sidecar['dataset']} --bases {sidecar['base_tag']} --overwrite`"
             )
-        correct[split] = np.asarray(predictions) == labels(sidecar["features"][split]["file"])
+        correct[split] = np.asarray(predictions) == labels(str(cache_read(sidecar, split, paths)))
     n_test = len(correct["test"])
     return HeadResult(
         dataset=sidecar["dataset"],
@@ -116,7 +116,7 @@ def head_results(dataset: str, base_tag: str, paths: Paths, labels: LabelReader 
     out = []
     for _directory, sidecar in current_sidecars(paths.head_dirs(dataset, base_tag), paths):
         if is_frozen_plain(sidecar["head"]):
-            out.append(result_of_sidecar(sidecar, labels))
+            out.append(result_of_sidecar(sidecar, labels, paths))
     return out
 
 

@@ -139,6 +139,6 @@ def finetune_recommended(answer: Answer, *, options: CompareOptions, paths: Path
     ft_options = FinetuneOptions(head=head, layer=rec.layer, max_epochs=options.finetune_epochs, seed=options.seed,
                                  progress=options.train.progress)  # fmt: skip
     result = finetune(dataset=answer.dataset, base_tag=rec.base, options=ft_options, paths=paths)
-    tuned = result_of_sidecar(result.sidecar, LabelReader())
+    tuned = result_of_sidecar(result.sidecar, LabelReader(), paths)
     gain = paired_difference(tuned.test_correct, rec.test_correct, seed=options.seed)
     return Comparison(result=tuned, reference=rec, gain=gain, route=f"fine-tuned from {rec.layer} / {head}")

@@ -61,7 +61,7 @@ def stale_reason(
         return None  # another sidecar version: its reader refuses it with the retrain command
     metas = {} if metas is None else metas
     for split, trained_on in sidecar.get("features", {}).items():
-        file = _cache_read(sidecar, split, trained_on, paths)
+        file = cache_read(sidecar, split, paths)
         if not file.is_file():
             continue
         if file not in metas:
@@ -74,10 +74,11 @@ def stale_reason(
     return None
 
 
-def _cache_read(sidecar: Mapping[str, Any], split: str, trained_on: Mapping[str, Any], paths: Paths) -> Path:
-    """The cache in this home that a head read for ``split``: its own base's, or for the raw-pixel baseline the
-    base cache whose rows (files, labels) it decoded."""
-    tag = sidecar["base_tag"]
+def cache_read(sidecar: Mapping[str, Any], split: str, paths: Paths) -> Path:
+    """The cache in this home that a head read for ``split`` (its rows, labels and features): its own base's, or
+    for the raw-pixel baseline the base cache whose images it decoded. Found in ``paths``, not at the path the
+    sidecar recorded: a home that was moved or copied keeps its heads."""
+    tag, trained_on = sidecar["base_tag"], sidecar.get("features", {}).get(split, {})
     if tag == PIXELS_TAG and isinstance(trained_on.get("file"), str):
         tag = Path(trained_on["file"]).parent.name
     return paths.feature_file(sidecar["dataset"], tag, split)

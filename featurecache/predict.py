@@ -121,7 +121,7 @@ def _alpha_of(record: HeadRecord) -> str:
     """
     if record.alpha:
         return record.alpha
-    train_file = Path(record.features["train"]["file"])
+    train_file = _home_of(record).feature_file(record.dataset, record.base_tag, "train")
     alpha = store.read_metadata(train_file).get("alpha") if train_file.is_file() else None
     if alpha is None:
         raise FeaturecacheError(

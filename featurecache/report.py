@@ -104,7 +104,7 @@ def beyond_frozen(answer: Answer, paths: Paths) -> list[Comparison]:
             log.warning("cannot compare %s at %s with its frozen head (missing, or saved without predictions)",
                         s["head"], s["layer"])  # fmt: skip
             continue
-        result, frozen = result_of_sidecar(s, labels), result_of_sidecar(start, labels)
+        result, frozen = result_of_sidecar(s, labels, paths), result_of_sidecar(start, labels, paths)
         route = "fine-tuned" if s["head"].startswith(FINETUNED_PREFIX) else "augmented views"
         rows.append(Comparison(result, frozen, paired_difference(result.test_correct, frozen.test_correct), route))
     return rows

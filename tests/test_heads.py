@@ -433,6 +433,10 @@ def test_a_moved_home_keeps_its_heads_and_predict_writes_only_into_the_home_it_r
     again = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=QUIET,
                         paths=new)  # fmt: skip
     assert [s["status"] for s in again] == ["reused"] and again[0]["test"] == first[0]["test"]
+    from featurecache.answer import head_results
+
+    (result,) = head_results("shapes", BASE, new)  # scored against the labels of the caches where they are now
+    assert result.test_accuracy == first[0]["test"]["accuracy"]
     rows = predict_images(new.head_dir("shapes", BASE, "flatten", "logreg"), images)
     assert all("label" in r for r in rows)
     assert not old.root.exists()  # nothing re-created where the sidecar says the home used to be
