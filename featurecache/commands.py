@@ -15,7 +15,7 @@ from typing import Any
 
 from featurecache import store
 from featurecache.config import Paths
-from featurecache.data import DEFAULT_ALPHA, DEFAULT_ORIENTATION, SPLITS, Decoding
+from featurecache.data import DEFAULT_ALPHA, DEFAULT_DECODE, DEFAULT_ORIENTATION, SPLITS, Decoding
 from featurecache.errors import FeaturecacheError
 from featurecache.weights import WeightsRef, base_of_tag, is_random_tag
 
@@ -55,7 +55,7 @@ def cache_flags(meta: Mapping[str, Any], base_tag: str) -> list[str]:
     if meta.get("amp") == "fp16":  # bf16 is what auto gives on CUDA, off what it gives on the CPU
         flags += ["--amp", "fp16"]
     decoding = Decoding.recorded(meta)
-    if decoding.decode != "full":
+    if decoding.decode != DEFAULT_DECODE:
         flags += ["--decode", decoding.decode]
     if meta.get("alpha") not in (None, DEFAULT_ALPHA):
         flags += ["--alpha", str(meta["alpha"])]

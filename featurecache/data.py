@@ -56,6 +56,7 @@ ORIENTATION_MODES = ("exif", "ignore")
 DEFAULT_ORIENTATION = "exif"
 # --decode; see featurecache.preprocess.DraftSize (draft) and featurecache.gpu_decode (gpu)
 DECODE_MODES = ("full", "draft", "gpu")
+DEFAULT_DECODE = "full"  # every image decoded at its size: the base's own preprocessing, bit for bit
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Decoding:
 
     alpha: str = DEFAULT_ALPHA
     orientation: str = DEFAULT_ORIENTATION
-    decode: str = "full"
+    decode: str = DEFAULT_DECODE
 
     def __post_init__(self) -> None:
         check_alpha(self.alpha)
@@ -98,7 +99,7 @@ class Decoding:
         return cls(
             alpha=meta.get("alpha") or DEFAULT_ALPHA,
             orientation=meta.get("orientation") or "ignore",
-            decode=meta.get("decode") or "full",
+            decode=meta.get("decode") or DEFAULT_DECODE,
         )
 
 

@@ -29,6 +29,7 @@ from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import (
     AUGMENTED_TRAIN,
     DEFAULT_ALPHA,
+    DEFAULT_DECODE,
     DEFAULT_ORIENTATION,
     HEIF_MISSING,
     SPLITS,
@@ -96,7 +97,7 @@ class ExtractOptions:
     precision: str = "f32"  # "bf16": OpenVINO's bf16 hint, only when asked for (in the fingerprint)
     alpha: str = DEFAULT_ALPHA  # background of transparent pixels (featurecache.data.ALPHA_MODES)
     orientation: str = DEFAULT_ORIENTATION  # "exif": photos turned upright by their EXIF tag (in the fingerprint)
-    decode: str = "full"  # "draft": JPEGs decoded at a reduced scale the resize allows (in the fingerprint)
+    decode: str = DEFAULT_DECODE  # "draft": JPEGs decoded at a reduced scale the resize allows (in the fingerprint)
 
     @property
     def decoding(self) -> Decoding:
@@ -314,7 +315,7 @@ def _suggest_draft(index: SplitIndex, runner: _Runner, sample: int = 8) -> None:
     """Say so when most of a few evenly spaced images of ``index`` are JPEGs large enough for ``--decode draft``
     to decode at a reduced scale: on phone photos the decoder, not the base, sets the speed (see DraftSize)."""
     draft = runner.preprocessing.draft_size()
-    if runner.options.decode != "full" or draft is None or len(index) == 0:
+    if runner.options.decode != DEFAULT_DECODE or draft is None or len(index) == 0:
         return
     rows = sorted({round(i * (len(index) - 1) / max(1, sample - 1)) for i in range(sample)})
     large = sum(draft_would_shrink(index.root / index.paths[r], draft, runner.options.decoding) for r in rows)
@@ -431,7 +432,7 @@ class _Runner:
         self.device_geometry = self._device_geometry()
         if options.decode == "gpu":
             gpu_decode.check_device(device)
-        if options.decode != "full" and self.draft is None and self.device_geometry is None:
+        if options.decode != DEFAULT_DECODE and self.draft is None and self.device_geometry is None:
             log.warning(
                 "--decode %s has no effect on %s: its preprocessing does not start with a fixed-size Resize%s, so "
                 "images are decoded on the CPU in full (and the cache says so)", options.decode, loaded.spec.name,
@@ -756,7 +757,7 @@ def _stale_keys(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     draft itself stayed (a switch to or from draft names ``decode``); so does ``--orientation ignore``
     (``featurecache.data.Decoding.cache_keys``).
     """
-    defaults = {"runtime": "eager", "precision": "f32", "decode": "full", "draft_rule": None,
+    defaults = {"runtime": "eager", "precision": "f32", "decode": DEFAULT_DECODE, "draft_rule": None,
                 "device_decode_rule": None, "orientation": "ignore"}  # fmt: skip
     keys = sorted((set(config) | set(defaults)) - {"class_names"})
     changed = [k for k in keys if meta.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]

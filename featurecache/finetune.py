@@ -32,7 +32,7 @@ from featurecache import persist, store
 from featurecache.augment import AUGMENTATIONS, train_transform
 from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
-from featurecache.data import Decoding, ImageFiles, SplitIndex, discover_splits
+from featurecache.data import DEFAULT_DECODE, Decoding, ImageFiles, SplitIndex, discover_splits
 from featurecache.devices import resolve_device
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, file_sha256
@@ -229,7 +229,7 @@ def _finetune_decoding(cached: Decoding) -> Decoding:
         "the caches' JPEGs were decoded by nvjpeg and resized by torch (--decode gpu); fine-tuning decodes and "
         "resizes with PIL (full), the same images within 1-2 of 255 per pixel, and its model records that"
     )
-    return dataclasses.replace(cached, decode="full")
+    return dataclasses.replace(cached, decode=DEFAULT_DECODE)
 
 
 def load_finetuned(directory: Path, *, weights_file: Any = None) -> tuple[FinetunedModel, HeadRecord, LoadedBase]:

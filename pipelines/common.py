@@ -90,7 +90,14 @@ def comma_list(text: str) -> list[str]:
 def add_image_options(p: argparse.ArgumentParser) -> None:
     """The extraction options that say how a user's images are read and run, shared by ``extract`` and
     ``compare-layers`` (which extracts too): one definition, one help text, one default each."""
-    from featurecache.data import ALPHA_MODES, DECODE_MODES, DEFAULT_ALPHA, DEFAULT_ORIENTATION, ORIENTATION_MODES
+    from featurecache.data import (
+        ALPHA_MODES,
+        DECODE_MODES,
+        DEFAULT_ALPHA,
+        DEFAULT_DECODE,
+        DEFAULT_ORIENTATION,
+        ORIENTATION_MODES,
+    )
     from featurecache.extract import DECODE_HELP, ORIENTATION_HELP
     from featurecache.runtime import RUNTIMES
 
@@ -106,7 +113,7 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
         help="background for transparent pixels (RGBA, LA, palette): white, black or mean (ImageNet's mean colour)",
     )  # fmt: skip
     p.add_argument("--orientation", default=DEFAULT_ORIENTATION, choices=ORIENTATION_MODES, help=ORIENTATION_HELP)
-    p.add_argument("--decode", default="full", choices=DECODE_MODES, help=DECODE_HELP)
+    p.add_argument("--decode", default=DEFAULT_DECODE, choices=DECODE_MODES, help=DECODE_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
