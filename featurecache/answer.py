@@ -27,6 +27,7 @@ from featurecache.errors import FeaturecacheError
 from featurecache.freshness import cache_read, current_sidecars
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.metrics import PairedGain, mcnemar_worse_p, paired_difference, wilson_interval
+from featurecache.records import retrain_command
 from featurecache.selection import Candidate, pick_best, ranked
 from featurecache.weights import PIXELS_TAG, is_control, is_random_tag, random_tag
 
@@ -91,7 +92,7 @@ def result_of_sidecar(sidecar: dict[str, Any], labels: LabelReader, paths: Paths
             raise FeaturecacheError(
                 f"the {sidecar['head']} head at {sidecar['dataset']}/{sidecar['base_tag']}/{sidecar['layer']} was "
                 f"saved by an older featurecache without per-image predictions; retrain it with "
-                f"`featurecache train-heads --dataset {sidecar['dataset']} --bases {sidecar['base_tag']} --overwrite`"
+                f"`{retrain_command(sidecar)}`"
             )
         correct[split] = np.asarray(predictions) == labels(str(cache_read(sidecar, split, paths)))
     n_test = len(correct["test"])

@@ -31,6 +31,7 @@ from featurecache.answer import (
     HeadResult,
     LabelReader,
     compute_answer,
+    is_frozen_plain,
     result_of_sidecar,
 )
 from featurecache.config import Paths
@@ -89,7 +90,7 @@ def beyond_frozen(answer: Answer, paths: Paths) -> list[Comparison]:
     from (same layer, same head kind) on the same test images: paired difference with a bootstrap 95% interval."""
     labels, routes, plain = LabelReader(), [], {}
     for _directory, s in current_sidecars(paths.head_dirs(answer.dataset, answer.recommended.base), paths):
-        if s["head"].startswith(FINETUNED_PREFIX) or s["head"].endswith(AUGMENTED_SUFFIX):
+        if not is_frozen_plain(s["head"]):
             routes.append(s)
         else:
             plain[(s["layer"], s["head"])] = s
