@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from featurecache.answer import MIN_IMAGES_PER_CLASS, Answer, HeadResult, Quadrant
+from featurecache.answer import ALPHA, MIN_IMAGES_PER_CLASS, Answer, HeadResult, Quadrant
 from featurecache.metrics import PairedGain
 
 # "Large" is where fine-tuning a CNN stops overfitting quickly; cs231n gives no number, ~1000 per class is ImageNet's
@@ -161,7 +161,7 @@ def warnings(answer: Answer) -> list[str]:
     if answer.val_ties:
         out.append(
             f"The val choice is within noise: {len(answer.val_ties)} other layer(s) ({names(answer.val_ties)}) are "
-            f"not significantly worse than `{answer.recommended.layer}` on val (exact McNemar, α = 0.05)."
+            f"not significantly worse than `{answer.recommended.layer}` on val (exact McNemar, α = {ALPHA})."
         )
     if answer.better_on_test:
         out.append(

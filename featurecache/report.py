@@ -26,6 +26,7 @@ import numpy as np
 from featurecache import store
 from featurecache.advice import explain, gain_text, names, pts, transfer_sentence
 from featurecache.answer import (
+    ALPHA,
     Answer,
     Comparison,
     HeadResult,
@@ -123,7 +124,7 @@ def answer_block(answer: Answer) -> list[str]:
         f"**Recommended: `{rec.name(with_base=True)}`**: test {pts(rec.test_accuracy)}% [{pts(lo)}, {pts(hi)}] "
         f"(95% Wilson, {n_test} test images), chosen on val ({pts(rec.val_accuracy)}%).",
         f"**Tied with it** ({len(answer.ties)} of {_candidates(answer)} other heads not significantly worse on the "
-        f"same test images; one-sided exact McNemar, α = 0.05): "
+        f"same test images; one-sided exact McNemar, α = {ALPHA}): "
         + (names(answer.ties, with_base=answer.several_bases, accuracy=True, limit=8) if answer.ties else "none."),
         answer.sentence,
         f"**Does transfer help?** {transfer_sentence(answer)}",
@@ -176,7 +177,7 @@ def _tie_table(answer: Answer) -> list[Block]:
             for r in [rec, *answer.ties]]  # fmt: skip
     return [("h2", "The recommendation and its tie set"),
             ("p", "p = one-sided exact McNemar p-value that the head is worse than the recommendation on the same test "
-                  "images; every row has p ≥ 0.05."),
+                  f"images; every row has p ≥ {ALPHA}."),
             ("table", (["head", "depth", "val %", "test % [95% Wilson]", "p (worse)"], rows))]  # fmt: skip
 
 
@@ -277,7 +278,7 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
         "dataset": answer.dataset,
         "recommended": head(answer.recommended),
         "ties": [head(r) for r in answer.ties],
-        "tie_test": "one-sided exact McNemar on the same test images, alpha 0.05",
+        "tie_test": f"one-sided exact McNemar on the same test images, alpha {ALPHA}",
         "better_on_test": [head(r) for r in answer.better_on_test],
         "val_ties": [head(r) for r in answer.val_ties],
         "sentence": answer.sentence,
