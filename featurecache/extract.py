@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from featurecache.preprocess import (
     device_geometry_for,
     draft_for,
 )
+from featurecache.records import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -118,24 +118,6 @@ class SplitResult:
     file_bytes: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     identical_rows: int = 0  # valid rows whose features repeat another row's exactly (see _warn_identical_rows)
-
-
-def _library_versions() -> dict[str, str]:
-    import h5py
-    import torch
-    import torchvision
-
-    from featurecache import __version__
-
-    return {
-        "featurecache": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "h5py": h5py.__version__,
-        "hdf5": h5py.version.hdf5_version,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _digest(obj: Any) -> str:
@@ -864,7 +846,7 @@ def _assemble(
         "dataset": dataset,
         "config_fingerprint": plan.config_fp,
         "compression": options.compression,
-        "library_versions": _library_versions(),
+        "library_versions": library_versions("torchvision", "h5py"),
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "extraction_seconds": round(seconds, 3),
         "dataset_root": str(Path(index.root).resolve()),  # fine-tuning and the pixel baseline read the images here

@@ -198,3 +198,20 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def library_versions(*modules: str) -> dict[str, str]:
+    """The versions a cache or a head records of what made it: featurecache, numpy, torch, Python, and the
+    ``modules`` (import names: ``sklearn`` is recorded as scikit-learn, ``h5py`` with its HDF5 library)."""
+    import importlib
+    import platform
+
+    from featurecache import __version__
+
+    out = {"featurecache": __version__}
+    for name in ("numpy", "torch", *modules):
+        module = importlib.import_module(name)
+        out["scikit-learn" if name == "sklearn" else name] = module.__version__
+        if name == "h5py":
+            out["hdf5"] = module.version.hdf5_version
+    return {**out, "python": platform.python_version()}

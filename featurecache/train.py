@@ -36,7 +36,7 @@ from featurecache.errors import FeaturecacheError
 from featurecache.freshness import feature_fingerprint
 from featurecache.heads import HeadSpec, get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
-from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
+from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError, library_versions
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
 
 log = logging.getLogger(__name__)
@@ -436,18 +436,5 @@ def _test_and_record(plan: JobPlan, rows: JobRows, fitted: Fitted, t_start: floa
         streamed=rows.train.streamed,
         timings={"sweep_seconds": round(sweep_seconds, 3), "refit_seconds": round(fitted.refit_seconds, 3),
                  "total_seconds": round(time.perf_counter() - t_start, 3)},
-        library_versions=_library_versions(),
+        library_versions=library_versions("sklearn", "joblib"),
     )  # fmt: skip
-
-
-def _library_versions() -> dict[str, str]:
-    import platform
-
-    import joblib
-    import sklearn
-    import torch
-
-    from featurecache import __version__
-
-    return {"featurecache": __version__, "scikit-learn": sklearn.__version__, "torch": torch.__version__,
-            "joblib": joblib.__version__, "numpy": np.__version__, "python": platform.python_version()}  # fmt: skip
