@@ -319,9 +319,14 @@ def _rank_device(requested: str, world: World) -> str:
 
 def _export_file(loaded: LoadedBase, taps: Sequence[TapSpec], dataset: str, paths: Paths) -> Path:
     """Where the exported graph of this base x weights x taps lives (beside the dataset's caches)."""
+    return paths.export_file(dataset, loaded.tag, export_digest_of(loaded, taps))
+
+
+def export_digest_of(loaded: LoadedBase, taps: Sequence[TapSpec]) -> str:
+    """The name of the exported graph of this base x weights x taps: a digest of what it computes."""
     identity = runtimes.export_identity(base=loaded.spec.name, weights=loaded.weights_id,
                                         input_size=loaded.spec.input_size, taps=taps)  # fmt: skip
-    return paths.export_file(dataset, loaded.tag, runtimes.export_digest(identity))
+    return runtimes.export_digest(identity)
 
 
 def default_batch_size(device: str) -> int:

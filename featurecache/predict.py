@@ -87,14 +87,11 @@ class _HeadOnFeatures:
         return np.asarray(self.estimator.predict(rows)), proba
 
     def _build_extractor(self, first: Any) -> Any:
-        from featurecache import runtime as runtimes
-        from featurecache.extract import ExtractOptions, _Runner
+        from featurecache.extract import ExtractOptions, _Runner, export_digest_of
 
         loaded, record, tap = self.loaded, self.record, self.tap
         name, precision = _runtime_for(record, self.runtime)
-        identity = runtimes.export_identity(base=loaded.spec.name, weights=loaded.weights_id,
-                                            input_size=loaded.spec.input_size, taps=[tap])  # fmt: skip
-        export_file = _export_file(record, runtimes.export_digest(identity))
+        export_file = _export_file(record, export_digest_of(loaded, [tap]))
         options = ExtractOptions(device="cpu", runtime=name, precision=precision)
         runner = _Runner(loaded, "cpu", options, taps=[tap], export_file=export_file)
         runner.check(first)
