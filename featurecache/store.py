@@ -92,6 +92,12 @@ def writer_lock(final_path: Path) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------- journal
 
 
+def _settings(manifest: Any) -> Any:
+    """What decides whether a journal can be resumed: its manifest without ``config``, which only names the
+    inputs of ``config_fingerprint`` for the log."""
+    return {k: v for k, v in manifest.items() if k != "config"} if isinstance(manifest, dict) else manifest
+
+
 def _changed_settings(previous: Any, manifest: dict[str, Any]) -> list[str]:
     """The manifest entries that differ, naming the settings inside ``config`` (the cache's fingerprint inputs)
     rather than the fingerprint itself: "runtime", not "config_fingerprint"."""
@@ -125,7 +131,9 @@ class Journal:
                 previous = json.loads(manifest_path.read_text())
             except (OSError, ValueError):
                 previous = None
-            if previous == manifest:
+            if _settings(previous) == _settings(manifest):
+                if previous != manifest:  # a journal from before manifests named the config: the ranks must agree
+                    atomic_write_text(manifest_path, json.dumps(manifest, sort_keys=True))
                 return cls(directory, manifest)
             changed = _changed_settings(previous, manifest)
             # The batch size is part of it: resuming at another --batch-size (or after its default changed) would

@@ -56,6 +56,11 @@ def test_journal_resumes_only_with_the_same_manifest(tmp_path, caplog):
         store.Journal.open(final, {**settings, "config": {"runtime": "onnxruntime", "dtype": "float16"},
                                    "config_fingerprint": "b", "batch_size": 16})  # fmt: skip
     assert "made with other settings (batch_size, runtime)" in caplog.text  # the setting, not its fingerprint
+    older = {"config_fingerprint": "c", "batch_size": 8}  # a journal written before manifests named the config
+    store.Journal.open(final, older).commit(0, {"toy": np.ones((4, DIM), np.float32)}, [""] * 4)
+    resumed = store.Journal.open(final, {**older, "config": {"runtime": "eager"}})
+    assert resumed.committed() == {(0, 4)}  # same settings: its progress is kept
+    assert store.Journal.attach(final, {**older, "config": {"runtime": "eager"}}).committed() == {(0, 4)}
 
 
 def test_a_second_writer_is_refused_and_the_lock_is_released(tmp_path):
