@@ -7,16 +7,18 @@ them does not add to the cache: it makes the whole split again. So the command i
 
 from __future__ import annotations
 
-import json
+import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from featurecache import store
+from featurecache.bases import list_bases
 from featurecache.config import Paths
-from featurecache.data import DEFAULT_ALPHA, DEFAULT_DECODE, DEFAULT_ORIENTATION, SPLITS, Decoding
+from featurecache.data import DEFAULT_ALPHA, DEFAULT_DECODE, DEFAULT_ORIENTATION, SPLITS, Decoding, images_folder
 from featurecache.errors import FeaturecacheError
+from featurecache.runtime import EXPORTED_RUNTIMES
 from featurecache.weights import WeightsRef, base_of_tag, is_random_tag
 
 
@@ -28,33 +30,53 @@ def extract_command(
     folder featurecache knows for the dataset, else a placeholder."""
     if meta is None and paths is not None:
         meta = _any_cache_meta(dataset, base_tag, paths)
-    folder = meta.get("dataset_root") if meta else None
-    folder = folder or (_known_folder(dataset, paths) if paths is not None else f"path/to/{dataset}")
+    recorded = meta.get("dataset_root") if meta else None
+    folder = _known_folder(dataset, paths, recorded)
     flags = cache_flags(meta, base_tag) if meta else _flags_of_tag(base_tag)
-    named = [] if Path(folder).name == dataset else ["--dataset", dataset]
-    return shlex.join(["featurecache", "extract", folder, *flags, *named, *extra])
+    # NAME=PATH where the folder's name is not the dataset's, or where its path holds "=" (read as NAME=PATH)
+    named = Path(folder).name == dataset and "=" not in folder
+    source = folder if named else f"{dataset}={folder}"
+    return shlex.join(["featurecache", "extract", source, *flags, *extra])
 
 
 def cache_flags(meta: Mapping[str, Any], base_tag: str) -> list[str]:
-    """The ``extract`` options that reproduce a cache's fingerprint (beyond its images and layers), from its
-    metadata; options at the value their default gives are left out, except the runtime, whose default depends on
-    the device and on what is installed."""
+    """The ``extract`` options that reproduce a cache's fingerprint (beyond its images and layers) and its storage,
+    from its metadata; options at the value their default gives are left out, except the runtime and autocast,
+    whose defaults depend on the device and on what is installed."""
     weights = WeightsRef.parse(str(meta.get("weights", "")))
-    flags = ["--base", str(meta.get("base") or base_of_tag(base_tag))]
-    if weights.is_random:
-        flags += ["--weights", "none"] + (["--seed", str(weights.seed)] if weights.seed else [])
-    elif weights.is_file:
-        flags += ["--weights-file", f"PATH/TO/{weights.name}"]
-    elif base_tag != flags[1]:
-        flags += ["--weights", base_tag.removeprefix(f"{flags[1]}-")]
+    base = str(meta.get("base") or base_of_tag(base_tag))
+    flags = ["--base", base, *_weights_flags(weights, base, base_tag)]
     if meta.get("dtype") not in (None, store.storage_dtype("auto", random_init=weights.is_random)):
         flags += ["--dtype", str(meta["dtype"])]
-    flags += ["--runtime", str(meta.get("runtime", "eager"))]
+    runtime = str(meta.get("runtime", "eager"))
+    flags += ["--runtime", runtime] + (["--device", "cpu"] if runtime in EXPORTED_RUNTIMES else [])
+    if runtime == "eager" or meta.get("amp", "off") != "off":  # auto: bf16 on CUDA, off on the CPU
+        flags += ["--amp", str(meta.get("amp", "off"))]
     if meta.get("precision", "f32") != "f32":
         flags += ["--precision", str(meta["precision"])]
-    if meta.get("amp") == "fp16":  # bf16 is what auto gives on CUDA, off what it gives on the CPU
-        flags += ["--amp", "fp16"]
-    decoding = Decoding.recorded(meta)
+    if meta.get("compression", "none") != "none":
+        flags += ["--compression", str(meta["compression"])]
+    return flags + _decoding_flags(meta)
+
+
+def views_flags(meta: Mapping[str, Any]) -> list[str]:
+    """The options that make the augmented train views a ``train-aug`` cache records (count, recipe, seed)."""
+    seed = re.search(r"SeededPerRow\(seed=(\d+)", str(meta.get("transforms", "")))
+    return ["--train-views", str(meta.get("views", 4)), "--augment", str(meta.get("augment", "light"))] + (
+        ["--seed", seed.group(1)] if seed and seed.group(1) != "0" else []
+    )
+
+
+def _weights_flags(weights: WeightsRef, base: str, base_tag: str) -> list[str]:
+    if weights.is_random:
+        return ["--weights", "none"] + (["--seed", str(weights.seed)] if weights.seed else [])
+    if weights.is_file:
+        return ["--weights-file", f"PATH/TO/{weights.name}"]
+    return ["--weights", base_tag.removeprefix(f"{base}-")] if base_tag != base else []
+
+
+def _decoding_flags(meta: Mapping[str, Any]) -> list[str]:
+    decoding, flags = Decoding.recorded(meta), []
     if decoding.decode != DEFAULT_DECODE:
         flags += ["--decode", decoding.decode]
     if meta.get("alpha") not in (None, DEFAULT_ALPHA):
@@ -76,15 +98,18 @@ def _any_cache_meta(dataset: str, base_tag: str, paths: Paths) -> dict[str, Any]
 
 
 def _flags_of_tag(base_tag: str) -> list[str]:
-    return ["--base", base_of_tag(base_tag)] + (["--weights", "none"] if is_random_tag(base_tag) else [])
+    """``--base`` (and ``--weights``) of a tag without a cache to read: ``<base>``, ``<base>-random`` or
+    ``<base>-<variant>`` (a pretrained variant, told apart by the base name being registered)."""
+    if is_random_tag(base_tag):
+        return ["--base", base_of_tag(base_tag), "--weights", "none"]
+    base, _, variant = base_tag.rpartition("-")
+    if base and variant and base in list_bases() and base_tag not in list_bases():
+        return ["--base", base, "--weights", variant]
+    return ["--base", base_tag]
 
 
-def _known_folder(dataset: str, paths: Paths) -> str:
-    """A built-in dataset's folder, or the folder a recorded split was drawn from, else a placeholder."""
-    if (paths.raw / dataset).is_dir():
-        return str(paths.raw / dataset)
-    try:
-        root = json.loads(paths.split_record(dataset).read_text()).get("root")
-    except (OSError, ValueError, AttributeError):
-        root = None
-    return root if isinstance(root, str) else f"path/to/{dataset}"
+def _known_folder(dataset: str, paths: Paths | None, recorded: str | None) -> str:
+    """Where the dataset's images are now (:func:`featurecache.data.images_folder`; without ``paths``, where its
+    caches recorded them), else a placeholder."""
+    folder = images_folder(recorded, dataset, paths) if paths is not None else recorded
+    return str(folder) if folder else f"path/to/{dataset}"

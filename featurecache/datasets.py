@@ -95,10 +95,10 @@ def parse_dataset(item: str) -> DatasetSource:
     A folder is named after itself; a folder whose name is also a registered dataset's shares that dataset's
     caches, so pass ``NAME=PATH`` to keep them apart.
     """
-    name, sep, folder = item.partition("=")
-    if sep:
-        return DatasetSource(_checked_name(name.strip(), item), Path(folder).expanduser())
     path = Path(item).expanduser()
+    name, sep, folder = item.partition("=")
+    if sep and not path.is_dir():  # a folder whose path holds "=" is that folder
+        return DatasetSource(_checked_name(name.strip(), item), Path(folder).expanduser())
     if path.is_dir():
         name = path.resolve().name
         if name in _DATASETS.names():

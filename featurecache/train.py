@@ -29,7 +29,7 @@ import numpy as np
 
 from featurecache import persist, store
 from featurecache.backends import check_backend, joblib_backend
-from featurecache.commands import extract_command
+from featurecache.commands import extract_command, views_flags
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN, SPLITS, Decoding
 from featurecache.errors import FeaturecacheError
@@ -225,19 +225,21 @@ def check_layers_in_every_split(
             continue
         having = [s for s in metas if s not in lacking]
         cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
+        add = extract_command(dataset, base_tag, *_add_layer(layer, lacking, metas), meta=metas["train"])
         raise FeaturecacheError(
             f"layer {layer} is cached in {', '.join(having) or 'no split'} but not in {', '.join(lacking)} "
             f"({files[lacking[0]]}); the splits of {dataset} x {base_tag} were extracted with different --layers. "
-            f"Add it with `{extract_command(dataset, base_tag, *_add_layer(layer, lacking), meta=metas['train'])}` "
-            f"(cached taps are kept), or use a layer every split has: {', '.join(cached) or 'none'}"
+            f"Add it with `{add}` (cached taps are kept), or use a layer every split has: {', '.join(cached) or 'none'}"
         )
 
 
-def _add_layer(layer: str, lacking: Sequence[str]) -> list[str]:
-    """The ``extract`` arguments that add ``layer`` to the splits that lack it (the views come from train's)."""
+def _add_layer(layer: str, lacking: Sequence[str], metas: dict[str, dict[str, Any]]) -> list[str]:
+    """The ``extract`` arguments that add ``layer`` to the caches that lack it: the splits by name, the augmented
+    views by the options that made them (``--splits train`` plus ``--train-views``)."""
     splits = [s for s in lacking if s != AUGMENTED_TRAIN] or ["train"]
+    views = views_flags(metas[AUGMENTED_TRAIN]) if AUGMENTED_TRAIN in lacking else []
     node, _, pool = layer.partition("@")  # a tap key is node@pool for a pooling other than the default
-    return ["--layers", f"{node}:{pool}" if pool else node, "--splits", ",".join(splits)]
+    return ["--layers", f"{node}:{pool}" if pool else node, "--splits", ",".join(splits), *views]
 
 
 # The pseudo layer of heads that read every stage tap: models/<ds>/<base>/all-stages/<head>. Its sidecar's `tap`

@@ -42,3 +42,56 @@ def test_without_a_cache_the_command_names_the_known_folder_or_a_placeholder(tmp
     )
     (paths.raw / "digits").mkdir(parents=True)
     assert extract_command("digits", "resnet50", paths=paths).startswith(f"featurecache extract {paths.raw}/digits ")
+
+
+def test_the_suggested_command_adds_a_layer_to_the_augmented_views_too(tiny, tmp_path, monkeypatch):
+    from featurecache.train import cache_files, check_layers_in_every_split
+
+    paths = Paths(tmp_path / "home")
+    monkeypatch.setenv("FEATURECACHE_HOME", str(paths.root))
+    folder = tmp_path / "run=3" / "tiny"  # a path with "=" in it, which NAME=PATH parsing would misread
+    folder.parent.mkdir()
+    tiny.rename(folder)
+    common = ["--base", BASE, "--runtime", "eager", "--no-progress"]
+    assert run(["extract", str(folder), "--layers", "features.3", "--train-views", "2", "--seed", "3", *common]) == 0
+    assert run(["extract", str(folder), "--layers", "features.6", "--seed", "3", *common]) == 0  # the views lack it
+    files = cache_files("tiny", BASE, paths, augmented=True)
+    metas = {s: store.read_metadata(f) for s, f in files.items()}
+    with pytest.raises(Exception, match="Add it with") as refused:
+        check_layers_in_every_split(["features.6"], metas, files, dataset="tiny", base_tag=BASE)
+    command = str(refused.value).split("Add it with `")[1].split("`")[0]
+    assert f"tiny={folder}" in command and "--train-views 2 --augment light --seed 3" in command
+    assert run([*shlex.split(command)[1:], "--no-progress"]) == 0, command
+    views = store.read_metadata(files["train-aug"])
+    assert views["config_fingerprint"] == metas["train-aug"]["config_fingerprint"], command
+    assert "features.6" in views["taps"]
+
+
+def test_flags_that_depend_on_the_device_are_spelled_out():
+    from featurecache.commands import _flags_of_tag, cache_flags
+
+    recorded = {"base": BASE, "weights": "w", "orientation": "exif"}
+    exported = cache_flags({**recorded, "runtime": "onnxruntime", "amp": "off"}, BASE)
+    assert exported[exported.index("--runtime") :] == ["--runtime", "onnxruntime", "--device", "cpu"]
+    assert cache_flags({**recorded, "runtime": "eager", "amp": "off"}, BASE)[-2:] == ["--amp", "off"]
+    assert cache_flags({**recorded, "runtime": "eager", "amp": "bf16"}, BASE)[-2:] == ["--amp", "bf16"]
+    assert _flags_of_tag("resnet50-IMAGENET1K_V2") == ["--base", "resnet50", "--weights", "IMAGENET1K_V2"]
+    assert _flags_of_tag("efficientnet_lite0") == ["--base", "efficientnet_lite0"]
+
+
+def test_the_images_are_found_where_they_are_now(tmp_path):
+    import json
+
+    from featurecache.data import images_folder
+
+    paths = Paths(tmp_path / "home")
+    gone = str(tmp_path / "old-home" / "data" / "raw" / "digits")  # what a cache recorded before the home moved
+    assert images_folder(gone, "digits", paths) is None
+    (paths.raw / "digits").mkdir(parents=True)
+    assert images_folder(gone, "digits", paths) == paths.raw / "digits"
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    paths.split_record("mine").parent.mkdir(parents=True)
+    paths.split_record("mine").write_text(json.dumps({"root": str(mine)}))
+    assert images_folder(None, "mine", paths) == mine
+    assert images_folder(str(mine), "digits", paths) == mine  # the recorded folder first while it is there
