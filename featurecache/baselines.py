@@ -32,13 +32,13 @@ def pixel_layer(side: int = PIXELS_SIDE) -> str:
     return f"pixels{side}x{side}"
 
 
-def pixel_rows(cache_file: Path, *, side: int = PIXELS_SIDE) -> tuple[np.ndarray, np.ndarray]:
+def pixel_rows(cache_file: Path, paths: Paths, *, side: int = PIXELS_SIDE) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)``: the valid rows of a cache as flattened ``side`` x ``side`` RGB pixels in [0, 1]."""
-    from featurecache.data import load_image
+    from featurecache.data import images_folder, load_image
 
     meta = store.read_metadata(cache_file)
     labels, rel_paths, valid = store.read_rows(cache_file)
-    root = Path(meta["dataset_root"])
+    root = images_folder(meta.get("dataset_root"), meta["dataset"], paths) or Path(meta["dataset_root"])
     rows = []
     for rel in np.asarray(rel_paths, dtype=object)[valid]:
         image = load_image(root / rel, Decoding.recorded(meta)).resize((side, side))
@@ -62,7 +62,7 @@ def pixel_baseline(
     if previous is not None and previous.trained_on(features) and previous.seed == seed:
         return previous.to_json()
     t0 = time.perf_counter()
-    data = {s: pixel_rows(f, side=side) for s, f in files.items()}
+    data = {s: pixel_rows(f, paths, side=side) for s, f in files.items()}
     spec = get_head_spec("logreg")
     grid = [{"C": c} for c in spec.grid["C"]]
     (X_tr, y_tr), (X_val, y_val), (X_te, y_te) = data["train"], data["val"], data["test"]

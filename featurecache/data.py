@@ -13,6 +13,7 @@ tree is never modified.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
 
@@ -130,11 +132,11 @@ def augmented_views(train: SplitIndex, views: int) -> SplitIndex:
 
 
 # Files a photo folder holds beside its images that are never images: phone sidecars (an iPhone's .AAE edit record,
-# the .MOV of a Live Photo), camera thumbnails, notes and metadata. They take no place in a split: drawn into val or
-# test they would shrink it silently (they are skipped at extraction). Any other file is a candidate, whatever its
-# extension, and is reported, and listed in the cache, if it cannot be read.
+# the .MOV of a Live Photo), videos, notes and metadata. They take no place in a split: drawn into val or test they
+# would shrink it silently (they are skipped at extraction). Any other file is a candidate, whatever its extension,
+# and is reported, and listed in the cache, if it cannot be read.
 NOT_IMAGES = frozenset((
-    ".aae", ".mov", ".mp4", ".m4v", ".avi", ".mkv", ".3gp", ".thm", ".lrv", ".xmp", ".txt", ".md", ".json", ".csv",
+    ".aae", ".mov", ".mp4", ".m4v", ".avi", ".mkv", ".3gp", ".lrv", ".xmp", ".txt", ".md", ".json", ".csv",
     ".tsv", ".xml", ".yaml", ".yml", ".pdf", ".doc", ".docx", ".zip", ".tar", ".gz", ".db", ".ini", ".log", ".html",
 ))  # fmt: skip
 
@@ -142,7 +144,12 @@ NOT_IMAGES = frozenset((
 def files_under(folder: Path) -> list[Path]:
     """Every candidate sample below ``folder``: non-hidden regular files, and symlinks whose target is gone (listed
     as unreadable instead of vanishing from the dataset), except the known non-images (:data:`NOT_IMAGES`)."""
-    return [p for p in _visible_files(folder) if p.suffix.lower() not in NOT_IMAGES]
+    return [p for p in _visible_files(folder) if not is_not_image(p)]
+
+
+def is_not_image(path: Path) -> bool:
+    """A file that is never an image, by its extension (:data:`NOT_IMAGES`)."""
+    return path.suffix.lower() in NOT_IMAGES
 
 
 def _visible_files(folder: Path) -> list[Path]:
@@ -159,8 +166,8 @@ def _scan_classes(folder: Path, root: Path) -> dict[str, list[str]]:
     ignored: list[Path] = []
     for d in classes:
         every = _visible_files(d)
-        files = [p.relative_to(root).as_posix() for p in every if p.suffix.lower() not in NOT_IMAGES]
-        ignored += [p for p in every if p.suffix.lower() in NOT_IMAGES]
+        files = [p.relative_to(root).as_posix() for p in every if not is_not_image(p)]
+        ignored += [p for p in every if is_not_image(p)]
         if not files:
             kind = f" ({len(every)} that are not images)" if every else ""
             raise FeaturecacheError(f"class folder {d} has no image files{kind}; add images to it or remove it")
@@ -168,7 +175,8 @@ def _scan_classes(folder: Path, root: Path) -> dict[str, list[str]]:
     if ignored:
         kinds = collections.Counter(p.suffix.lower() for p in ignored)
         log.warning(
-            "%s: %d files that are not images take no place in any split (%s; e.g. %s)", folder, len(ignored),
+            "%s: %d files that are not images take no place in any split (%s; e.g. %s); a split recorded with them "
+            "loses them, and its caches are made again once", folder, len(ignored),
             ", ".join(f"{n} {ext}" for ext, n in kinds.most_common()), ignored[0].relative_to(root).as_posix(),
         )  # fmt: skip
     return out
@@ -336,6 +344,17 @@ def _recorded_or_new_split(
         _write_split_record(record_path, params, split_files, folder)
         log.info("recorded a %s split (seed %d) in %s", "/".join(split_files), seed, record_path)
     return split_files
+
+
+def images_folder(recorded: str | None, dataset: str, paths: Paths) -> Path | None:
+    """Where a dataset's images are now, for the stages that read them again (fine-tuning, the pixel baseline, the
+    commands hints suggest): the folder its caches recorded while it is there, else the dataset's folder below this
+    home (a home moved with its ``data/raw``), else the folder its split record names; None when none exists."""
+    candidates = [Path(recorded)] if recorded else []
+    candidates.append(paths.raw / dataset)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        candidates.append(Path(json.loads(paths.split_record(dataset).read_text())["root"]))
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 def _read_split_record(record_path: Path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from featurecache import persist, store
 from featurecache.augment import AUGMENTATIONS, train_transform
 from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
-from featurecache.data import DEFAULT_DECODE, Decoding, ImageFiles, SplitIndex, discover_splits
+from featurecache.data import DEFAULT_DECODE, Decoding, ImageFiles, SplitIndex, discover_splits, images_folder
 from featurecache.devices import resolve_device
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, file_sha256
@@ -209,7 +209,7 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
     estimator, head_record = persist.load_head(head_dir, expect_features=expect)
     model, loaded = build_model(head_record, estimator, seed=options.seed)
     device = torch.device(resolve_device(options.device))
-    root = Path(metas["train"]["dataset_root"])
+    root = images_folder(metas["train"].get("dataset_root"), dataset, paths) or Path(metas["train"]["dataset_root"])
     index = discover_splits(root, record_path=paths.split_record(dataset), seed=None)  # the split of the caches
     _check_dataset_unchanged(root, index, files, head_record.class_names)
     splits = Splits(index=index, labels={s: np.asarray(index[s].labels) for s in index},
