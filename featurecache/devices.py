@@ -13,6 +13,6 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FeaturecacheError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise FeaturecacheError(f"unknown device {device!r}; choose auto, cpu or cuda[:N]")
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):  # mps: Apple's GPU, for the heads and fine-tuning
+        raise FeaturecacheError(f"unknown device {device!r}; choose auto, cpu, cuda[:N] or mps")
     return device

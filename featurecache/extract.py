@@ -209,8 +209,7 @@ def extract(
     loaded = load_base(request.base, weights=request.weights, weights_file=request.weights_file, seed=request.seed)
     traced = trace_base(loaded)
     taps = parse_taps(request.layers, traced, default_pool=request.pool)
-    caches = [paths.feature_file(dataset, loaded.tag, s) for s in request.splits]
-    caches += [paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN)] if request.train_views else []
+    caches = [paths.feature_file(dataset, loaded.tag, s) for s in (*SPLITS, AUGMENTED_TRAIN)]
     taps = world.broadcast(taps + _cached_taps(caches, traced, taps) if world.is_main else None)
     _warn_raw_size(taps, indexes, options)
     runner = _Runner(loaded, _rank_device(options.device, world), options, taps=taps,
@@ -232,27 +231,34 @@ def extract(
 
 
 def _cached_taps(caches: Sequence[Path], traced: TracedBase, requested: Sequence[TapSpec]) -> list[TapSpec]:
-    """The taps the split caches hold beyond ``requested``, resolved on this base again: a cache that must be made
-    again (its images or options changed) keeps the layers it had, as one that only gains a layer does."""
+    """The taps the dataset's caches of this base hold beyond ``requested`` (any split's: a split made for the first
+    time gets the layers its siblings have), resolved on this base again: a cache that must be made again (its
+    images or options changed) keeps the layers it had, as one that only gains a layer does."""
     have, kept = {t.key for t in requested}, []
     for cache in caches:
         with contextlib.suppress(FeaturecacheError, OSError):  # no cache, or an unreadable one: nothing to keep
             for key, attrs in store.read_metadata(cache)["taps"].items() if cache.is_file() else ():
-                if key in have:
-                    continue
-                have.add(key)
-                entry = attrs["query"] if attrs["pool"] == "none" else f"{attrs['query']}:{attrs['pool']}"  # vectors
-                try:
-                    (tap,) = parse_taps(entry, traced)
-                except (FeaturecacheError, KeyError, ValueError, TypeError):
-                    tap = None
-                if tap is None or tap.key != key:
-                    log.warning("%s holds layer %s, which this base no longer resolves: not kept", cache, key)
-                    continue
-                kept.append(tap)
+                if key not in have:
+                    have.add(key)
+                    kept += _resolved_again(key, attrs, traced, cache)
     if kept:
-        log.info("keeping the layers already cached: %s", ", ".join(t.key for t in kept))
+        log.info("layers already cached, made too wherever a split is made (again): %s",
+                 ", ".join(t.key for t in kept))  # fmt: skip
     return kept
+
+
+def _resolved_again(key: str, attrs: Any, traced: TracedBase, cache: Path) -> list[TapSpec]:
+    """``[the tap]`` a cache's layer ``key`` is on this base now, or ``[]`` (with a warning) when it no longer is."""
+    try:
+        entry = attrs["query"] if attrs["pool"] == "none" else f"{attrs['query']}:{attrs['pool']}"  # "none": vectors
+        (tap,) = parse_taps(entry, traced)
+        if tap.key == key:
+            return [tap]
+    except (FeaturecacheError, KeyError, ValueError, TypeError):
+        pass
+    log.warning("%s holds layer %s, which this base no longer resolves: a split made again goes without it", cache,
+                key)  # fmt: skip
+    return []
 
 
 def _require_readable(result: SplitResult, index: SplitIndex, world: World) -> SplitResult:
