@@ -153,10 +153,12 @@ def is_not_image(path: Path) -> bool:
 
 
 def _visible_files(folder: Path) -> list[Path]:
+    """Files below ``folder``, none of whose names (folders included: ``.thumbnails/``) starts with a dot."""
     return sorted(
         p
         for p in folder.rglob("*")
-        if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith(".")
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -289,7 +291,7 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
             f"(run `make data` for the embedded datasets)"
         )
     has_split_dirs = (root / "train").is_dir()
-    found = {s: _scan_classes(root / s, root) for s in SPLITS if (root / s).is_dir()} if has_split_dirs else {}
+    found = {s: _scan_classes(d, root) for s, d in _split_folders(root).items()} if has_split_dirs else {}
     source = found.get("train") if has_split_dirs else _scan_classes(root, root)
     if not source:
         raise FeaturecacheError(
@@ -307,6 +309,30 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
                 f"{split} has classes that train lacks: {', '.join(unknown)}; every class needs training images"
             )
     return found, source
+
+
+# The folder names a split is found under: Roboflow and many Kaggle sets call val "valid", others "validation".
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The split folders of a dataset laid out as ``ROOT/train/...``, by split; a split under two names is refused
+    and other folders beside them are named in a warning (they are not read)."""
+    out = {}
+    for split, names in SPLIT_FOLDERS.items():
+        present = [root / name for name in names if (root / name).is_dir()]
+        if len(present) > 1:
+            raise FeaturecacheError(
+                f"{root} has both {present[0].name}/ and {present[1].name}/, two {split} splits; keep one of them"
+            )
+        out.update({split: present[0]} if present else {})
+    read = set(out.values())
+    others = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d not in read)
+    if others:
+        log.warning("%s: %s beside the split folders %s not read (a split's folder is named %s)", root,
+                    ", ".join(f"{o}/" for o in others), "is" if len(others) == 1 else "are",
+                    "; ".join("/".join(n) for n in SPLIT_FOLDERS.values()))  # fmt: skip
+    return out
 
 
 def _recorded_or_new_split(

@@ -479,3 +479,19 @@ def test_a_complete_cache_in_a_home_that_cannot_be_written_is_answered_without_i
     assert (again.status, again.path, again.taps) == ("cached", made.path, made.taps)
     with pytest.raises(AssertionError, match="cannot hold a lock"):  # work to do still goes through the lock
         run(tiny, paths, splits=["val"], layers="features.6")
+
+
+def test_a_valid_folder_is_the_val_split_and_other_folders_are_named(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "roboflow")
+    (root / "val").rename(root / "valid")  # Roboflow's and many Kaggle sets' name for it
+    (root / "extra" / "circle").mkdir(parents=True)
+    (root / "train" / "circle" / ".thumbnails").mkdir()
+    shutil.copy(next((root / "train" / "circle").glob("*.png")), root / "train" / "circle" / ".thumbnails" / "t.png")
+    with caplog.at_level("WARNING"):
+        index = discover_splits(root)
+    assert index["val"].paths and all(p.startswith("valid/") for p in index["val"].paths)
+    assert not any(".thumbnails" in p for p in index["train"].paths)  # a hidden folder's files are no samples
+    assert "extra/ beside the split folders is not read" in caplog.text
+    (root / "val").mkdir()
+    with pytest.raises(FeaturecacheError, match=r"has both val/ and valid/, two val splits"):
+        discover_splits(root)
