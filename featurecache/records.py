@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from featurecache.errors import FeaturecacheError
-from featurecache.weights import WeightsRef
+from featurecache.weights import PIXELS_TAG, WeightsRef
 
 SIDECAR_VERSION = 2  # 2: val/test scores carry per-image predictions (paired tests in the report)
 HEAD_KIND = "head"  # a stage-2 head on cached features: head.skops (+ state_dict.pt for torch heads)
@@ -150,12 +151,12 @@ def retrain_command(data: Mapping[str, Any]) -> str:
     """The command that rewrites the head or fine-tuned model a sidecar (dict) describes."""
     if not all(isinstance(data.get(k), str) for k in ("dataset", "base_tag", "layer", "head")):
         return "featurecache train-heads --dataset ... --bases ... --layers ... --heads ... --overwrite"
+    if data["base_tag"] == PIXELS_TAG:  # the raw-pixel baseline is trained by the comparison alone
+        return shlex.join(["featurecache", "compare-layers", f"{data['dataset']}=PATH/TO/ITS/FOLDER"])
     if kind_of(data) == FINETUNED_KIND:
         started = str(data.get("started_from", "")).rstrip("/").rsplit("/", 1)[-1] or "mlp"
-        return (
-            f"featurecache finetune --dataset {data['dataset']} --base {data['base_tag']} --layer {data['layer']} "
-            f"--head {started}"
-        )
+        return shlex.join(["featurecache", "finetune", "--dataset", data["dataset"], "--base", data["base_tag"],
+                           "--layer", data["layer"], "--head", started])  # fmt: skip
     if not isinstance(data.get("head_spec"), str):
         return "featurecache train-heads --dataset ... --bases ... --layers ... --heads ... --overwrite"
     return _train_heads_command(data["dataset"], data["base_tag"], [data["layer"]], [data["head_spec"]],
@@ -184,10 +185,9 @@ def retrain_commands(sidecars: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _train_heads_command(dataset: str, base_tag: str, layers: Sequence[str], heads: Sequence[str], *,
                          augmented: bool) -> str:  # fmt: skip
-    return (
-        f"featurecache train-heads --dataset {dataset} --bases {base_tag} --layers {','.join(layers)} --heads "
-        f"{','.join(heads)}{' --augmented' if augmented else ''} --overwrite"
-    )
+    return shlex.join(["featurecache", "train-heads", "--dataset", dataset, "--bases", base_tag, "--layers",
+                       ",".join(layers), "--heads", ",".join(heads), *(["--augmented"] if augmented else []),
+                       "--overwrite"])  # fmt: skip
 
 
 def _json_default(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -59,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         extract=extract_options(args),
         train=TrainOptions(n_jobs=args.n_jobs, progress=args.progress),
     )
-    command = "featurecache compare-layers " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    command = shlex.join(["featurecache", "compare-layers", *sys.argv[2:]])
     answers = run_comparison(datasets=datasets, bases=args.bases, options=options, command=command.strip())
     paths = default_paths()
     for answer in answers:

@@ -29,10 +29,10 @@ def final_files(home: Path) -> list[Path]:
 def test_compare_layers_on_folders_without_and_with_splits(tmp_path, home, capsys):
     flat = make_image_folder(tmp_path / "my_shapes", per_class={"all": 10}, splits=False, seed=1)
     split = make_image_folder(tmp_path / "elsewhere", per_class={"train": 6, "val": 3, "test": 3}, seed=2)
-    assert run(["compare-layers", str(flat), "--datasets", f"second={split}", *FAST]) == 0
+    assert run(["compare-layers", str(flat), "--datasets", f"my second={split}", *FAST]) == 0
     out = capsys.readouterr().out
 
-    for name in ("my_shapes", "second"):
+    for name in ("my_shapes", "my second"):
         folder = home / "reports" / "compare" / name
         assert {p.name for p in folder.iterdir()} >= {"report.md", "report.html", "accuracy_vs_depth.png",
                                                        "results.csv", "summary.json"}  # fmt: skip
@@ -49,6 +49,7 @@ def test_compare_layers_on_folders_without_and_with_splits(tmp_path, home, capsy
     assert not (flat / "train").exists()  # the user's folder is never touched
     index = home / "reports" / "compare"
     assert (index / "report.html").is_file() and len(json.loads((index / "summary.json").read_text())["datasets"]) == 2
+    assert "<a href='my%20second/report.html'>report</a>" in (index / "report.html").read_text()  # a name with a space
     assert "WARNING: Small sample" in out and "cross-dataset page" in out
 
 

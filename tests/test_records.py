@@ -189,6 +189,14 @@ def test_base_tags_of_the_random_control():
     assert base_of_tag("timm:regnetx_002-random") == "timm:regnetx_002"
 
 
+def test_retrain_commands_quote_names_and_send_the_pixel_baseline_to_the_comparison():
+    from featurecache.records import retrain_command
+
+    head = {"dataset": "my shapes", "base_tag": "b", "layer": "l", "head": "logreg", "head_spec": "logreg"}
+    assert retrain_command(head).startswith("featurecache train-heads --dataset 'my shapes' --bases b ")
+    assert retrain_command({**head, "base_tag": "raw-pixels"}).startswith("featurecache compare-layers 'my shapes=")
+
+
 def test_retrain_commands_ask_for_each_plain_head_once_and_keep_the_others_own():
     from featurecache.records import retrain_commands
 
