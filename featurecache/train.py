@@ -32,12 +32,13 @@ from featurecache.backends import check_backend, joblib_backend
 from featurecache.commands import extract_command, views_flags
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN, SPLITS, Decoding
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, close_names
 from featurecache.freshness import feature_fingerprint
 from featurecache.heads import HeadSpec, get_head_spec, list_heads, saved_head_name
 from featurecache.metrics import classification_scores
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError, library_versions
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
+from featurecache.weights import base_of_tag
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class Job:
 def cache_files(dataset: str, base_tag: str, paths: Paths, *, augmented: bool = False) -> dict[str, Path]:
     """The split caches of a dataset x base (plus the augmented train views), or an error naming the command."""
     files = {s: paths.feature_file(dataset, base_tag, s) for s in SPLITS}
+    if not files["train"].parent.is_dir():
+        _refuse_unknown(dataset, base_tag, paths)
     views = paths.feature_file(dataset, base_tag, AUGMENTED_TRAIN)
     if augmented and not views.is_file():
         raise FeaturecacheError(
@@ -214,6 +217,38 @@ def run_jobs(jobs: Sequence[Job], options: TrainOptions, *, desc: str) -> list[d
     return sorted(results, key=lambda s: order[(s["layer"], s["head"])])
 
 
+def _refuse_unknown(dataset: str, base_tag: str, paths: Paths) -> None:
+    """Nothing is cached for ``dataset`` x ``base_tag``: a mistyped dataset or base tag is answered with the cached
+    names closest to it; a new one with the command that extracts it."""
+    datasets = sorted(p.name for p in paths.features.glob("*") if p.is_dir()) if paths.features.is_dir() else []
+    if dataset not in datasets and datasets:
+        close = close_names(dataset, datasets)
+        raise FeaturecacheError(
+            f"no caches of a dataset {dataset!r} under {paths.features}"
+            + (f"; did you mean: {', '.join(close)}?" if close else "")
+            + f" Cached datasets: {', '.join(datasets)}. A new one: `{extract_command(dataset, base_tag, paths=paths)}`"
+        )
+    tags = sorted(p.name for p in (paths.features / dataset).glob("*") if p.is_dir())
+    close = close_names(base_tag, tags)
+    name = base_of_tag(base_tag)
+    if close and not (_is_base(name) or _is_base(name.rpartition("-")[0])):  # <base>-<variant> is a base too
+        raise FeaturecacheError(
+            f"no caches of {base_tag!r} for {dataset}; did you mean: {', '.join(close)}? Cached: {', '.join(tags)}"
+        )
+
+
+def _is_base(name: str) -> bool:
+    from featurecache.bases import get_base_spec
+
+    if not name:
+        return False
+    try:
+        get_base_spec(name)
+    except FeaturecacheError:
+        return False
+    return True
+
+
 def check_layers_in_every_split(
     layers: Sequence[str], metas: dict[str, dict[str, Any]], files: dict[str, Path], *, dataset: str, base_tag: str
 ) -> None:
@@ -225,6 +260,14 @@ def check_layers_in_every_split(
             continue
         having = [s for s in metas if s not in lacking]
         cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
+        if not having:
+            close = close_names(layer, cached)
+            raise FeaturecacheError(
+                f"layer {layer} is cached in no split of {dataset} x {base_tag}"
+                + (f"; did you mean: {', '.join(close)}?" if close else f" (extract it first: "
+                   f"`{extract_command(dataset, base_tag, *_add_layer(layer, lacking, metas), meta=metas['train'])}`)")
+                + f" Cached layers: {', '.join(cached) or 'none'}"
+            )  # fmt: skip
         add = extract_command(dataset, base_tag, *_add_layer(layer, lacking, metas), meta=metas["train"])
         raise FeaturecacheError(
             f"layer {layer} is cached in {', '.join(having) or 'no split'} but not in {', '.join(lacking)} "

@@ -441,3 +441,14 @@ def test_a_moved_home_keeps_its_heads_and_predict_writes_only_into_the_home_it_r
     assert all("label" in r for r in rows)
     assert not old.root.exists()  # nothing re-created where the sidecar says the home used to be
     assert list((new.features / "shapes" / BASE / "exports").glob("*.onnx"))  # the export sits in the new home
+
+
+def test_a_mistyped_dataset_base_or_layer_is_answered_with_what_is_cached(cached, tmp_path):
+    paths = fresh_copy(cached, tmp_path)
+    with pytest.raises(FeaturecacheError, match=r"no caches of a dataset 'shapez'.*did you mean: shapes\?"):
+        train_heads(dataset="shapez", base_tag=BASE, options=QUIET, paths=paths)
+    typo = "mobilenet_v2_ofline"
+    with pytest.raises(FeaturecacheError, match=rf"no caches of '{typo}' for shapes; did you mean: {BASE}"):
+        train_heads(dataset="shapes", base_tag=typo, options=QUIET, paths=paths)
+    with pytest.raises(FeaturecacheError, match=r"layer flaten is cached in no split .*; did you mean: flatten\?"):
+        train_heads(dataset="shapes", base_tag=BASE, layers=["flaten"], options=QUIET, paths=paths)
