@@ -24,6 +24,7 @@ def setup_logging(verbose: bool = False) -> None:
         format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.captureWarnings(True)  # Python warnings too, so that they also print clear of a progress bar
 
 
 def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
