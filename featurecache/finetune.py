@@ -485,6 +485,10 @@ def run_epoch(trainer: Trainer, epoch: int, train_tf: Any) -> float:
             break
         y = torch.as_tensor(splits.labels["train"][rows.numpy()], device=device)
         keep = torch.as_tensor([not e for e in errors], device=device)
+        if not keep.any():  # every image of the batch unreadable: nothing to learn from (a loss of nan); the
+            trainer.scheduler.step()  # schedule goes on, so that its steps stay those of the epoch
+            bar.update()
+            continue
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits = model(images.to(device))
             loss = loss_fn(logits[keep].float(), y[keep])
@@ -594,7 +598,7 @@ def score_and_record(
         frozen_test_accuracy=hr.test["accuracy"],
         gain_over_frozen_points=100 * gain.difference,
         gain_ci95_points=(100 * gain.low, 100 * gain.high),
-        n_train=len(rebuilt.splits.index["train"]),
+        n_train=int(rebuilt.splits.valid["train"].sum()),  # the images it could learn from, as stage 2 counts
         files={FINETUNED_MODEL_FILE: file_sha256(out_dir / FINETUNED_MODEL_FILE)},
     )
 

@@ -68,7 +68,7 @@ def test_short_finetune_reproduces_head_then_trains(trained, tmp_path):
 @pytest.mark.slow
 def test_unreadable_images_are_no_answers_fine_tuning_scores_the_images_stage_2_scored(tmp_path):
     root = make_image_folder(tmp_path / "shapes", per_class={"train": 8, "val": 4, "test": 4})
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         (root / split / "circle" / "zero.png").write_bytes(b"")  # skipped by extract: a row marked invalid
     paths = Paths(tmp_path / "project")
     extract(
@@ -84,6 +84,7 @@ def test_unreadable_images_are_no_answers_fine_tuning_scores_the_images_stage_2_
         assert n == 12 and s[split]["n"] == n and len(s[split]["predictions"]) == n
         assert sum(map(sum, s[split]["confusion_matrix"])) == n
     assert s["gain_over_frozen_points"] == pytest.approx(100 * (s["test"]["accuracy"] - frozen["test"]["accuracy"]))
+    assert s["n_train"] == frozen["n_train"] == 24  # train's readable images, counted as stage 2 counts them
 
 
 @pytest.mark.slow
