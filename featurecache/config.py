@@ -81,6 +81,13 @@ class Paths:
         """``reports/compare/`` (the cross-dataset page) or ``reports/compare/<dataset>/`` (one dataset's answer)."""
         return self.reports / "compare" if dataset is None else self.reports / "compare" / dataset
 
+    def find(self, given: str | os.PathLike) -> Path:
+        """A path a user typed: as given when it exists (or is absolute), else below the home when it is there, so
+        that the README's ``data/features/...`` and ``models/...`` work from any folder; else as given."""
+        given = Path(given)
+        below = self.root / given
+        return below if not given.is_absolute() and not given.exists() and below.exists() else given
+
     def compare_report(self, dataset: str | None = None, suffix: str = ".html") -> Path:
         """``report.html`` or ``report.md`` of one dataset's answer, or of the cross-dataset page (``dataset=None``)."""
         return self.compare_dir(dataset) / f"report{suffix}"

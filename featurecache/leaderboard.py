@@ -102,7 +102,8 @@ def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
         f"# {dataset}: heads on cached features",
         "",
         "Selected on val (ties: the simpler head, then the shallower layer); test scored once after selection, "
-        "with a 95% Wilson interval.",
+        "with a 95% Wilson interval. Controls (a random-init base, raw pixels) are ranked for reference and never "
+        "named best: best.json holds the first row that is not one.",
         "",
         "| rank | base | layer | depth | head | val acc | test acc (95% CI) | bal. acc | macro-F1 | s |",
         "|---:|---|---|---:|---|---:|---|---:|---:|---:|",

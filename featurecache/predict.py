@@ -167,14 +167,12 @@ def _head_folder(given: Path) -> Path:
     """The saved head's folder: a model file names its folder, and a relative path that is not here is looked up
     under the home (heads are saved as ``models/...`` below ``$FEATURECACHE_HOME``, which need not be here)."""
     directory = given.parent if given.name in (HEAD_FILE, LEGACY_HEAD_FILE, FINETUNED_MODEL_FILE) else given
-    if directory.exists():
-        return directory
-    home = default_paths().root
-    if not directory.is_absolute() and (home / directory).exists():
-        return home / directory
+    paths = default_paths()
+    if (found := paths.find(directory)).exists():
+        return found
     raise FeaturecacheError(
-        f"no folder {directory} (here or under FEATURECACHE_HOME, {home}); saved heads are "
-        f"{home / 'models'}/<dataset>/<base>/<layer>/<head>, as train-heads' leaderboard lists them (model_dir)"
+        f"no folder {directory} (here or under FEATURECACHE_HOME, {paths.root}); saved heads are "
+        f"{paths.models}/<dataset>/<base>/<layer>/<head>, as train-heads' leaderboard lists them (model_dir)"
     )
 
 

@@ -30,7 +30,7 @@ def _shown(text: str) -> str:
 def main(args: argparse.Namespace) -> int:
     import h5py
 
-    files = list(args.files)
+    files = [str(default_paths().find(f)) for f in args.files]  # relative to here, else to the home
     if args.dataset:
         files += [str(p) for s in SPLITS if (p := default_paths().feature_file(args.dataset, args.base, s)).is_file()]
     if not files:

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from featurecache.config import default_paths
 from featurecache.errors import FeaturecacheError
 from featurecache.store import verify_cache
 from pipelines.common import run_main
@@ -22,7 +23,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _cache_files(paths: list[str]) -> list[Path]:
     files = []
-    for given in map(Path, paths):
+    for given in map(default_paths().find, paths):  # relative to here, else to the home
         if given.is_dir():
             found = sorted(p for p in given.rglob("*.h5") if not p.name.startswith("."))
             if not found:
@@ -31,7 +32,10 @@ def _cache_files(paths: list[str]) -> list[Path]:
         elif given.is_file():
             files.append(given)
         else:
-            raise FeaturecacheError(f"{given} does not exist; pass cache files or folders under data/features")
+            raise FeaturecacheError(
+                f"{given} does not exist, here or under FEATURECACHE_HOME ({default_paths().root}); pass cache files "
+                f"or folders under its data/features"
+            )
     return files
 
 

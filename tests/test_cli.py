@@ -69,6 +69,12 @@ def test_extract_then_info(tiny, tmp_path, monkeypatch, capsys):
     info = capsys.readouterr().out
     assert "6 samples" in info and "features.3" in info and "24x56x56" in info
     assert "runtime onnxruntime f32  decode full  orientation exif  alpha mean" in info  # the defaults on the CPU
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the README's relative paths, run outside the home
+    relative = str(path.relative_to(tmp_path))
+    assert run(["info", relative]) == 0 and "6 samples" in capsys.readouterr().out
+    assert run(["verify", relative]) == 0
+    assert run(["verify", "data/features/nope"]) == 2 and "here or under FEATURECACHE_HOME" in capsys.readouterr().err
 
 
 def test_help_lists_subcommands(capsys):
