@@ -729,7 +729,7 @@ def _plan_split(
         keep_from = final
         log.info("%s: adding taps %s (cached taps are kept)", final, ", ".join(t.key for t in todo))
     elif meta:
-        log.info("%s is stale (%s changed); re-extracting", final, ", ".join(_stale_keys(config, meta)))
+        _say_stale(final, _stale_keys(config, meta), meta)
     manifest = {
         "config": config,  # the fingerprint's inputs, so that discarded progress names what changed
         "config_fingerprint": config_fp,
@@ -750,13 +750,28 @@ def _stale_keys(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     draft itself stayed (a switch to or from draft names ``decode``); so does ``--orientation ignore``
     (``featurecache.data.Decoding.cache_keys``).
     """
-    defaults = {"runtime": "eager", "precision": "f32", "decode": DEFAULT_DECODE, "draft_rule": None,
-                "device_decode_rule": None, "orientation": "ignore"}  # fmt: skip
-    keys = sorted((set(config) | set(defaults)) - {"class_names"})
-    changed = [k for k in keys if meta.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
+    keys = sorted((set(config) | set(_ABSENT_MEANS)) - {"class_names"})
+    changed = [k for k in keys if meta.get(k, _ABSENT_MEANS.get(k)) != config.get(k, _ABSENT_MEANS.get(k))]
     if "decode" in changed:
         changed = [k for k in changed if k not in ("draft_rule", "device_decode_rule")]
     return changed or ["inputs"]
+
+
+# What a config key left out of a cache's config means (see _stale_keys), and the options a user sets per run.
+_ABSENT_MEANS = {"runtime": "eager", "precision": "f32", "decode": DEFAULT_DECODE, "draft_rule": None,
+                 "device_decode_rule": None, "orientation": "ignore"}  # fmt: skip
+_OPTIONS = ("alpha", "orientation", "decode", "runtime", "precision", "dtype")
+
+
+def _say_stale(final: Path, changed: list[str], meta: dict[str, Any]) -> None:
+    """Log why a cache is made again: at info when its images, base or weights changed (that is what re-extraction
+    is for), as a warning naming the options that keep it when only this run's options differ from its own."""
+    if not set(changed) <= set(_OPTIONS):
+        log.info("%s is stale (%s changed); re-extracting", final, ", ".join(changed))
+        return
+    keep = " ".join(f"--{k} {meta.get(k, _ABSENT_MEANS.get(k))}" for k in changed)
+    log.warning("%s was made with other options (%s): making it again with this run's, every layer it held "
+                "included; to keep it instead, pass %s", final, ", ".join(changed), keep)  # fmt: skip
 
 
 def _skipped_heif_readable_now(final: Path, meta: dict[str, Any]) -> bool:
