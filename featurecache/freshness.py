@@ -10,6 +10,7 @@ everywhere alike, with a warning naming its retrain command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
@@ -18,7 +19,7 @@ from typing import Any
 
 from featurecache import persist, store
 from featurecache.config import Paths
-from featurecache.data import Decoding
+from featurecache.data import SPLITS, Decoding
 from featurecache.errors import FeaturecacheError
 from featurecache.records import retrain_command, retrain_commands
 from featurecache.weights import PIXELS_TAG
@@ -71,6 +72,28 @@ def stale_reason(
                 return f"its {split} cache cannot be read: {exc}"
         if (reason := _changed(sidecar, metas[file], trained_on, file)) is not None:
             return reason
+        if split in SPLITS and (newer := _newer_images(file, metas)) is not None:
+            return f"{file} holds an older version of the folder than {newer} (re-extract with this base too)"
+    return None
+
+
+def _newer_images(file: Path, metas: dict[Path, dict[str, Any]]) -> Path | None:
+    """A newer cache of the same dataset and split under another base, made from other files than ``file``
+    (fingerprinted the same way), or None: heads of the two would score other test images, and the older cache is
+    the one left behind when the folder changed."""
+    meta = metas[file]
+    fingerprint = str(meta.get("data_fingerprint", ""))
+    for other in sorted(file.parent.parent.glob(f"*/{file.name}")):
+        if other == file:
+            continue
+        if other not in metas:
+            with contextlib.suppress(FeaturecacheError, OSError):
+                metas[other] = store.read_metadata(other)
+        theirs = str(metas.get(other, {}).get("data_fingerprint", ""))
+        same_mode = theirs.split(":")[0] == fingerprint.split(":")[0]
+        newer = str(metas.get(other, {}).get("created_utc", "")) > str(meta.get("created_utc", ""))
+        if same_mode and theirs != fingerprint and newer:
+            return other
     return None
 
 

@@ -177,7 +177,28 @@ def test_controls_are_ranked_but_never_best_and_a_stale_pixel_baseline_is_left_o
 
     with h5py.File(paths.feature_file("shapes", BASE, "test"), "a") as f:
         f.attrs["data_fingerprint"] = "content:other-images"  # what a re-extraction of another folder records
+        f.attrs["created_utc"] = "2999-01-01T00:00:00+00:00"
     with caplog.at_level("WARNING"):
         bases = {r["base"] for r in leaderboard_rows("shapes", paths)}
     assert "raw-pixels" not in bases and BASE in bases
-    assert "raw-pixels" in caplog.text and "re-extracted after it was trained" in caplog.text
+    assert "left out" in caplog.text and "featurecache compare-layers shapes=" in caplog.text  # the pixel head's remedy
+
+
+def test_heads_on_an_older_version_of_the_folder_are_left_out(trained, tmp_path, caplog):
+    import shutil
+
+    import h5py
+
+    from featurecache.leaderboard import leaderboard_rows
+
+    paths = Paths(tmp_path / "p")
+    shutil.copytree(trained.root, paths.root)
+    before = {r["base"] for r in leaderboard_rows("shapes", paths)}
+    assert before == {BASE, f"{BASE}-random", "raw-pixels"}
+    with h5py.File(paths.feature_file("shapes", BASE, "test"), "a") as f:  # re-extracted after the folder changed
+        f.attrs["data_fingerprint"] = "content:the-folder-now"
+        f.attrs["created_utc"] = "2999-01-01T00:00:00+00:00"
+    with caplog.at_level("WARNING"):
+        after = {r["base"] for r in leaderboard_rows("shapes", paths)}
+    assert after == {BASE}  # the control left behind, and the pixel baseline of the old images, are out
+    assert "holds an older version of the folder than" in caplog.text
