@@ -24,10 +24,10 @@ import numpy as np
 from featurecache import store
 from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
-from featurecache.freshness import cache_read, current_sidecars
+from featurecache.freshness import cache_read, current_heads
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.metrics import PairedGain, mcnemar_worse_p, paired_difference, wilson_interval
-from featurecache.records import retrain_command
+from featurecache.records import HeadRecord, retrain_command
 from featurecache.selection import Candidate, pick_best, ranked
 from featurecache.weights import PIXELS_TAG, is_control, is_random_tag, random_tag
 
@@ -83,31 +83,30 @@ class LabelReader:
         return self._cache[file]
 
 
-def result_of_sidecar(sidecar: dict[str, Any], labels: LabelReader, paths: Paths) -> HeadResult:
-    """A :class:`HeadResult` from a sidecar (predictions) and its caches (labels)."""
+def result_of_record(record: HeadRecord, labels: LabelReader, paths: Paths) -> HeadResult:
+    """A :class:`HeadResult` from a head's record (its per-image predictions) and its caches (the labels)."""
     correct = {}
-    for split in ("val", "test"):
-        predictions = sidecar[split].get("predictions")
+    for split, scores in (("val", record.val), ("test", record.test)):
+        predictions = scores.get("predictions")
         if predictions is None:
             raise FeaturecacheError(
-                f"the {sidecar['head']} head at {sidecar['dataset']}/{sidecar['base_tag']}/{sidecar['layer']} was "
-                f"saved by an older featurecache without per-image predictions; retrain it with "
-                f"`{retrain_command(sidecar)}`"
+                f"the {record.head} head at {record.dataset}/{record.base_tag}/{record.layer} was saved by an older "
+                f"featurecache without per-image predictions; retrain it with `{retrain_command(record.to_json())}`"
             )
-        correct[split] = np.asarray(predictions) == labels(str(cache_read(sidecar, split, paths)))
+        correct[split] = np.asarray(predictions) == labels(str(cache_read(record, split, paths)))
     n_test = len(correct["test"])
     return HeadResult(
-        dataset=sidecar["dataset"],
-        base=sidecar["base_tag"],
-        layer=sidecar["layer"],
-        head=sidecar["head"],
-        depth=float(sidecar["tap"]["relative_depth"]),
-        val_accuracy=float(sidecar["selection_val_accuracy"]),
+        dataset=record.dataset,
+        base=record.base_tag,
+        layer=record.layer,
+        head=record.head,
+        depth=float(record.tap["relative_depth"]),
+        val_accuracy=float(record.selection_val_accuracy),
         test_accuracy=float(correct["test"].mean()),
         test_interval=wilson_interval(int(correct["test"].sum()), n_test),
         val_correct=correct["val"],
         test_correct=correct["test"],
-        multi_tap=bool(sidecar["tap"].get("multi_tap", False)),
+        multi_tap=bool(record.tap.get("multi_tap", False)),
     )
 
 
@@ -115,9 +114,9 @@ def head_results(dataset: str, base_tag: str, paths: Paths, labels: LabelReader 
     """Every frozen plain head saved for ``dataset`` x ``base_tag``."""
     labels = labels or LabelReader()
     out = []
-    for _directory, sidecar in current_sidecars(paths.head_dirs(dataset, base_tag), paths):
-        if is_frozen_plain(sidecar["head"]):
-            out.append(result_of_sidecar(sidecar, labels, paths))
+    for _directory, record in current_heads(paths.head_dirs(dataset, base_tag), paths):
+        if is_frozen_plain(record.head):
+            out.append(result_of_record(record, labels, paths))
     return out
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from featurecache import store
 from featurecache.advice import explain
-from featurecache.answer import Answer, Comparison, LabelReader, compute_answer, result_of_sidecar
+from featurecache.answer import Answer, Comparison, LabelReader, compute_answer, result_of_record
 from featurecache.baselines import pixel_baseline
 from featurecache.bases import WEIGHTS_NONE, get_base_spec
 from featurecache.config import Paths, default_paths
@@ -139,6 +139,6 @@ def finetune_recommended(answer: Answer, *, options: CompareOptions, paths: Path
     ft_options = FinetuneOptions(head=head, layer=rec.layer, max_epochs=options.finetune_epochs, seed=options.seed,
                                  progress=options.train.progress)  # fmt: skip
     result = finetune(dataset=answer.dataset, base_tag=rec.base, options=ft_options, paths=paths)
-    tuned = result_of_sidecar(result.sidecar, LabelReader(), paths)
+    tuned = result_of_record(result.record, LabelReader(), paths)
     gain = paired_difference(tuned.test_correct, rec.test_correct, seed=options.seed)
     return Comparison(result=tuned, reference=rec, gain=gain, route=f"fine-tuned from {rec.layer} / {head}")

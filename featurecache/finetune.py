@@ -36,7 +36,7 @@ from featurecache.data import DEFAULT_DECODE, Decoding, ImageFiles, SplitIndex, 
 from featurecache.devices import resolve_device
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write, file_sha256
-from featurecache.freshness import current_sidecars, feature_fingerprint
+from featurecache.freshness import current_heads, feature_fingerprint
 from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import PairedGain, classification_scores, paired_difference
@@ -645,7 +645,7 @@ def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: s
     selection rule (:mod:`featurecache.selection`)."""
     # Only heads trained on the current caches (featurecache.freshness), as the leaderboard ranks them.
     folders = paths.head_dirs(dataset, base_tag, layer=layer or "*", head=head)
-    records = [persist.record_of(d, sidecar) for d, sidecar in current_sidecars(folders, paths)]
+    records = [record for _directory, record in current_heads(folders, paths)]
     if not records:
         raise FeaturecacheError(
             f"no trained {head!r} head for {dataset} x {base_tag}{f' at layer {layer}' if layer else ''}; run "

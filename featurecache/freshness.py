@@ -4,8 +4,8 @@ A head's sidecar records, per split, the fingerprint of the features it was fitt
 (:func:`feature_fingerprint`: the cache's config fingerprint, the tap key and the tap's attributes). Re-extracting a
 cache with other images, another runtime, dtype, base or weights changes it; the head's scores are then of other
 numbers. Every reader that ranks saved heads (the leaderboard, the answer, the report, the layer scores,
-fine-tuning's choice of a starting head) goes through :func:`current_sidecars`, so a stale head is left out
-everywhere alike, with a warning naming its retrain command.
+fine-tuning's choice of a starting head) goes through :func:`current_heads`, which yields records, so a stale head
+is left out everywhere alike, with a warning naming its retrain command.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from featurecache import persist, store
 from featurecache.config import Paths
 from featurecache.data import SPLITS, Decoding
 from featurecache.errors import FeaturecacheError
-from featurecache.records import retrain_command, retrain_commands
+from featurecache.records import HeadRecord, SidecarVersionError, retrain_command, retrain_commands
 from featurecache.weights import PIXELS_TAG
 
 log = logging.getLogger(__name__)
@@ -97,14 +97,16 @@ def _newer_images(file: Path, metas: dict[Path, dict[str, Any]]) -> Path | None:
     return None
 
 
-def cache_read(sidecar: Mapping[str, Any], split: str, paths: Paths) -> Path:
-    """The cache in this home that a head read for ``split`` (its rows, labels and features): its own base's, or
-    for the raw-pixel baseline the base cache whose images it decoded. Found in ``paths``, not at the path the
-    sidecar recorded: a home that was moved or copied keeps its heads."""
-    tag, trained_on = sidecar["base_tag"], sidecar.get("features", {}).get(split, {})
+def cache_read(head: HeadRecord | Mapping[str, Any], split: str, paths: Paths) -> Path:
+    """The cache in this home that a head (its record, or its sidecar as read) read for ``split`` (its rows,
+    labels and features): its own base's, or for the raw-pixel baseline the base cache whose images it decoded.
+    Found in ``paths``, not at the path the sidecar recorded: a home that was moved or copied keeps its heads."""
+    fields = head if isinstance(head, Mapping) else {"dataset": head.dataset, "base_tag": head.base_tag,
+                                                     "features": head.features}  # fmt: skip
+    tag, trained_on = fields["base_tag"], fields.get("features", {}).get(split, {})
     if tag == PIXELS_TAG and isinstance(trained_on.get("file"), str):
         tag = Path(trained_on["file"]).parent.name
-    return paths.feature_file(sidecar["dataset"], tag, split)
+    return paths.feature_file(fields["dataset"], tag, split)
 
 
 def _changed(sidecar: Mapping[str, Any], meta: dict[str, Any], trained_on: Mapping[str, Any], file: Path) -> str | None:
@@ -116,6 +118,17 @@ def _changed(sidecar: Mapping[str, Any], meta: dict[str, Any], trained_on: Mappi
             return f"{file} no longer holds {', '.join(missing)}"
         now = " + ".join(feature_fingerprint(meta, t) for t in taps)
     return None if now == trained_on.get("fingerprint") else f"{file} was re-extracted after it was trained"
+
+
+def current_heads(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[Path, HeadRecord]]:
+    """``(folder, record)`` of the saved heads in ``directories`` trained on this home's current caches: what every
+    reader that ranks heads reads. Stale heads, and sidecars of another featurecache version, are left out with a
+    warning naming their retrain command."""
+    for directory, sidecar in current_sidecars(directories, paths):
+        try:
+            yield directory, persist.record_of(directory, sidecar)
+        except SidecarVersionError as exc:
+            log.warning("left out: %s", exc)
 
 
 def current_sidecars(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[Path, dict[str, Any]]]:

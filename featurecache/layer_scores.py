@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 
@@ -27,8 +27,9 @@ from featurecache.answer import head_results, is_frozen_plain, multilayer_compar
 from featurecache.commands import extract_command
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
-from featurecache.freshness import current_sidecars
-from featurecache.selection import Candidate, pick_best
+from featurecache.freshness import current_heads
+from featurecache.records import HeadRecord
+from featurecache.selection import Candidate, candidate_of_record, pick_best
 from featurecache.transferability import knn_loo_accuracy, logme, ncti, ncti_components, sfda
 
 # name -> (features, labels) -> score, for the scores that judge one layer on its own. NCTI is relative to the
@@ -158,17 +159,16 @@ def selected_heads(dataset: str, base_tag: str, paths: Paths | None = None) -> d
     """Layer -> its val-selected head, from the saved sidecars. Multi-tap heads (not a layer) and fine-tuned
     models (not heads on the cached features) are left out."""
     paths = paths or default_paths()
-    by_layer: dict[str, list[dict[str, Any]]] = {}
-    for directory, s in current_sidecars(paths.head_dirs(dataset, base_tag), paths):
-        if s["tap"].get("multi_tap") or not is_frozen_plain(s["head"]):
-            continue
-        by_layer.setdefault(s["layer"], []).append({**s, "model_dir": str(directory)})
+    by_layer: dict[str, list[tuple[Path, HeadRecord]]] = {}
+    for directory, r in current_heads(paths.head_dirs(dataset, base_tag), paths):
+        if not r.tap.get("multi_tap") and is_frozen_plain(r.head):
+            by_layer.setdefault(r.layer, []).append((directory, r))
     out = {}
     for layer, heads in by_layer.items():
-        best = pick_best(heads)  # the one selection rule (featurecache.selection)
-        out[layer] = SelectedHead(layer, best["head"], best["tap"]["relative_depth"], best["selection_val_accuracy"],
-                                  best["test"]["accuracy"], round(sum(s["timings"]["total_seconds"] for s in heads), 3),
-                                  best["model_dir"])  # fmt: skip
+        directory, best = pick_best(heads, lambda head: candidate_of_record(head[1]))  # the one selection rule
+        seconds = round(sum((r.timings or {}).get("total_seconds", 0.0) for _, r in heads), 3)
+        out[layer] = SelectedHead(layer, best.head, best.tap["relative_depth"], best.selection_val_accuracy,
+                                  best.test["accuracy"], seconds, str(directory))  # fmt: skip
     return out
 
 

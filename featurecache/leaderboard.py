@@ -11,12 +11,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from featurecache import persist
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
-from featurecache.freshness import current_sidecars
-from featurecache.records import HeadRecord, SidecarVersionError
+from featurecache.freshness import current_heads
+from featurecache.records import HeadRecord
 from featurecache.selection import candidate_of_record, ranked
 from featurecache.weights import is_control
 
@@ -58,14 +57,8 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
 
 def _records(directories: Iterable[Path], paths: Paths) -> Iterator[HeadRecord]:
     """The records of the saved heads in ``directories`` trained on the current caches
-    (:func:`featurecache.freshness.current_sidecars`); one from another featurecache version is left out with a
-    warning naming its retrain command. The rest of the leaderboard stands."""
-    for directory, sidecar in current_sidecars(directories, paths):
-        try:
-            record = persist.record_of(directory, sidecar)
-        except SidecarVersionError as exc:
-            log.warning("left out of the leaderboard: %s", exc)
-            continue
+    (:func:`featurecache.freshness.current_heads`); the rest of the leaderboard stands without the others."""
+    for _directory, record in current_heads(directories, paths):
         yield record
 
 

@@ -34,16 +34,16 @@ from featurecache.answer import (
     LabelReader,
     compute_answer,
     is_frozen_plain,
-    result_of_sidecar,
+    result_of_record,
 )
 from featurecache.config import Paths
 from featurecache.fileio import atomic_write_text
-from featurecache.freshness import current_sidecars
+from featurecache.freshness import current_heads
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.layer_scores import SCORES, cross_dataset_summary, layer_tau_table
 from featurecache.metrics import mcnemar_worse_p, paired_difference
 from featurecache.plots import plot_answers
-from featurecache.selection import pick_best
+from featurecache.selection import candidate_of_record, pick_best
 from featurecache.weights import is_control
 
 log = logging.getLogger(__name__)
@@ -91,24 +91,24 @@ def beyond_frozen(answer: Answer, paths: Paths) -> list[Comparison]:
     """Fine-tuned models, and the best head trained with augmented views, each against the frozen head it starts
     from (same layer, same head kind) on the same test images: paired difference with a bootstrap 95% interval."""
     labels, routes, plain = LabelReader(), [], {}
-    for _directory, s in current_sidecars(paths.head_dirs(answer.dataset, answer.recommended.base), paths):
-        if not is_frozen_plain(s["head"]):
-            routes.append(s)
+    for _directory, r in current_heads(paths.head_dirs(answer.dataset, answer.recommended.base), paths):
+        if not is_frozen_plain(r.head):
+            routes.append(r)
         else:
-            plain[(s["layer"], s["head"])] = s
-    augmented = [s for s in routes if not s["head"].startswith(FINETUNED_PREFIX)]
-    chosen = [s for s in routes if s["head"].startswith(FINETUNED_PREFIX)] + (
-        [pick_best(augmented)] if augmented else []
+            plain[(r.layer, r.head)] = r
+    augmented = [r for r in routes if not r.head.startswith(FINETUNED_PREFIX)]
+    chosen = [r for r in routes if r.head.startswith(FINETUNED_PREFIX)] + (
+        [pick_best(augmented, candidate_of_record)] if augmented else []
     )
     rows = []
-    for s in chosen:
-        start = plain.get((s["layer"], s["head"].removeprefix(FINETUNED_PREFIX).removesuffix(AUGMENTED_SUFFIX)))
-        if start is None or "predictions" not in s["test"]:
+    for r in chosen:
+        start = plain.get((r.layer, r.head.removeprefix(FINETUNED_PREFIX).removesuffix(AUGMENTED_SUFFIX)))
+        if start is None or "predictions" not in r.test:
             log.warning("cannot compare %s at %s with its frozen head (missing, or saved without predictions)",
-                        s["head"], s["layer"])  # fmt: skip
+                        r.head, r.layer)  # fmt: skip
             continue
-        result, frozen = result_of_sidecar(s, labels, paths), result_of_sidecar(start, labels, paths)
-        route = "fine-tuned" if s["head"].startswith(FINETUNED_PREFIX) else "augmented views"
+        result, frozen = result_of_record(r, labels, paths), result_of_record(start, labels, paths)
+        route = "fine-tuned" if r.head.startswith(FINETUNED_PREFIX) else "augmented views"
         rows.append(Comparison(result, frozen, paired_difference(result.test_correct, frozen.test_correct), route))
     return rows
 
