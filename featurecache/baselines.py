@@ -18,7 +18,7 @@ from featurecache import persist, store
 from featurecache.config import Paths
 from featurecache.data import Decoding
 from featurecache.freshness import pixels_fingerprint
-from featurecache.heads import get_head_spec
+from featurecache.heads import get_head_spec, quiet_solvers
 from featurecache.metrics import classification_scores
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
 from featurecache.weights import PIXELS_TAG
@@ -66,7 +66,8 @@ def pixel_baseline(
     spec = get_head_spec("logreg")
     grid = [{"C": c} for c in spec.grid["C"]]
     (X_tr, y_tr), (X_val, y_val), (X_te, y_te) = data["train"], data["val"], data["test"]
-    fitted = spec.sweep(X_tr, y_tr, X_val, y_val, grid, seed=seed)
+    with quiet_solvers():
+        fitted = spec.sweep(X_tr, y_tr, X_val, y_val, grid, seed=seed)
     params, final, val_accuracy, _ = max(fitted, key=lambda f: f[2])  # max keeps the first of equal scores
     n_classes = len(metas["train"]["class_names"])
     record = HeadRecord(

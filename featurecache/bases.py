@@ -151,6 +151,15 @@ def list_bases(pattern: str = "*") -> list[str]:
     return BASES.names(pattern, where=lambda s: _family_available(s.family))
 
 
+def is_base(name: str) -> bool:
+    """Whether ``name`` names a base :func:`get_base_spec` resolves (a registered, torchvision or ``timm:`` one)."""
+    try:
+        get_base_spec(name)
+    except FeaturecacheError:
+        return False
+    return bool(name)
+
+
 def get_base_spec(name: str) -> BaseSpec:
     """The spec of a base; an unknown name raises an error listing close and valid names.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from featurecache import store
-from featurecache.bases import list_bases
+from featurecache.bases import is_base
 from featurecache.config import Paths
 from featurecache.data import DEFAULT_ALPHA, DEFAULT_DECODE, DEFAULT_ORIENTATION, SPLITS, Decoding, images_folder
 from featurecache.errors import FeaturecacheError
@@ -103,7 +103,7 @@ def _flags_of_tag(base_tag: str) -> list[str]:
     if is_random_tag(base_tag):
         return ["--base", base_of_tag(base_tag), "--weights", "none"]
     base, _, variant = base_tag.rpartition("-")
-    if base and variant and base in list_bases() and base_tag not in list_bases():
+    if variant and is_base(base) and not is_base(base_tag):
         return ["--base", base, "--weights", variant]
     return ["--base", base_tag]
 

@@ -688,6 +688,7 @@ class _Plan:
     keep_from: Path | None
     manifest: dict[str, Any] | None
     cached_meta: dict[str, Any] | None = None
+    stale: tuple[list[str], dict[str, Any]] | None = None  # what changed since the cache on disk, and its metadata
 
 
 def _plan_split(
@@ -728,8 +729,7 @@ def _plan_split(
             return _Plan(config, config_fp, (), None, None, cached_meta=meta)
         keep_from = final
         log.info("%s: adding taps %s (cached taps are kept)", final, ", ".join(t.key for t in todo))
-    elif meta:
-        _say_stale(final, _stale_keys(config, meta), meta)
+    stale = (_stale_keys(config, meta), meta) if meta and meta.get("config_fingerprint") != config_fp else None
     manifest = {
         "config": config,  # the fingerprint's inputs, so that discarded progress names what changed
         "config_fingerprint": config_fp,
@@ -738,7 +738,7 @@ def _plan_split(
         "channels_last": options.channels_last,
         "num_samples": len(index),
     }
-    return _Plan(config, config_fp, todo, keep_from, manifest)
+    return _Plan(config, config_fp, todo, keep_from, manifest, stale=stale)
 
 
 def _stale_keys(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
@@ -766,12 +766,13 @@ _OPTIONS = ("alpha", "orientation", "decode", "runtime", "precision", "dtype")
 def _say_stale(final: Path, changed: list[str], meta: dict[str, Any]) -> None:
     """Log why a cache is made again: at info when its images, base or weights changed (that is what re-extraction
     is for), as a warning naming the options that keep it when only this run's options differ from its own."""
-    if not set(changed) <= set(_OPTIONS):
+    never_recorded = [k for k in changed if k not in meta and k not in _ABSENT_MEANS]  # from before the option
+    if not set(changed) <= set(_OPTIONS) or never_recorded:
         log.info("%s is stale (%s changed); re-extracting", final, ", ".join(changed))
         return
     keep = " ".join(f"--{k} {meta.get(k, _ABSENT_MEANS.get(k))}" for k in changed)
     log.warning("%s was made with other options (%s): making it again with this run's, every layer it held "
-                "included; to keep it instead, pass %s", final, ", ".join(changed), keep)  # fmt: skip
+                "included; to keep it instead, run with %s", final, ", ".join(changed), keep)  # fmt: skip
 
 
 def _skipped_heif_readable_now(final: Path, meta: dict[str, Any]) -> bool:
@@ -854,6 +855,8 @@ def _decide(
             plan = plan_split()
         if plan.todo:
             journal = store.Journal.open(final, plan.manifest)
+    if world.is_main and plan.stale is not None:  # said once, of the plan that stands (after a runtime fallback)
+        _say_stale(final, *plan.stale)
     plan, chosen = world.broadcast((plan, runner.runtime))
     if plan.todo and not world.is_main:
         runner.adopt(chosen)  # every rank runs the runtime rank 0 checked

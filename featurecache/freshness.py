@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from featurecache import persist, store
+from featurecache.commands import extract_command
 from featurecache.config import Paths
 from featurecache.data import SPLITS, Decoding
 from featurecache.errors import FeaturecacheError
@@ -72,8 +73,20 @@ def stale_reason(
                 return f"its {split} cache cannot be read: {exc}"
         if (reason := _changed(sidecar, metas[file], trained_on, file)) is not None:
             return reason
-        if split in SPLITS and (newer := _newer_images(file, metas)) is not None:
-            return f"{file} holds an older version of the folder than {newer} (re-extract with this base too)"
+    return None
+
+
+def _left_behind(sidecar: Mapping[str, Any], paths: Paths, metas: dict[Path, dict[str, Any]]) -> str | None:
+    """Why a current head must still not be ranked beside the others: a cache it read holds other images than a
+    newer cache of the same split under another base (the folder changed, or another split was drawn, and only that
+    base was extracted again), so the two would be scored on different test images; None when it is not so."""
+    for split in SPLITS:
+        file = cache_read(sidecar, split, paths)
+        if file in metas and (newer := _newer_images(file, metas)) is not None:
+            return (
+                f"{file} holds other images than the newer {newer}; extract this base again "
+                f"(`{extract_command(sidecar['dataset'], file.parent.name, paths=paths)}`), then retrain"
+            )
     return None
 
 
@@ -87,6 +100,7 @@ def _newer_images(file: Path, metas: dict[Path, dict[str, Any]]) -> Path | None:
         if other == file:
             continue
         if other not in metas:
+            metas[other] = {}  # unreadable (another schema, half written): nothing to compare with, asked once
             with contextlib.suppress(FeaturecacheError, OSError):
                 metas[other] = store.read_metadata(other)
         theirs = str(metas.get(other, {}).get("data_fingerprint", ""))
@@ -128,7 +142,9 @@ def current_heads(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[P
         try:
             yield directory, persist.record_of(directory, sidecar)
         except SidecarVersionError as exc:
-            log.warning("left out: %s", exc)
+            if (directory, "version") not in _WARNED:  # once, however many readers rank the heads
+                _WARNED.add((directory, "version"))
+                log.warning("left out: %s", exc)
 
 
 def current_sidecars(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -141,7 +157,7 @@ def current_sidecars(directories: Iterable[Path], paths: Paths) -> Iterator[tupl
         sidecar = persist.read_sidecar(directory)
         if sidecar is None:
             continue
-        reason = stale_reason(sidecar, paths, metas)
+        reason = stale_reason(sidecar, paths, metas) or _left_behind(sidecar, paths, metas)
         if reason is None:
             current.append((directory, sidecar))
         else:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +29,13 @@ import numpy as np
 
 from featurecache import persist, store
 from featurecache.backends import check_backend, joblib_backend
+from featurecache.bases import is_base
 from featurecache.commands import extract_command, views_flags
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN, SPLITS, Decoding
 from featurecache.errors import FeaturecacheError, close_names
 from featurecache.freshness import feature_fingerprint
-from featurecache.heads import HeadSpec, get_head_spec, list_heads, saved_head_name
+from featurecache.heads import HeadSpec, get_head_spec, list_heads, quiet_solvers, saved_head_name
 from featurecache.metrics import classification_scores
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError, library_versions
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
@@ -232,22 +232,10 @@ def _refuse_unknown(dataset: str, base_tag: str, paths: Paths) -> None:
     tags = sorted(p.name for p in (paths.features / dataset).glob("*") if p.is_dir())
     close = close_names(base_tag, tags)
     name = base_of_tag(base_tag)
-    if close and not (_is_base(name) or _is_base(name.rpartition("-")[0])):  # <base>-<variant> is a base too
+    if close and not (is_base(name) or is_base(name.rpartition("-")[0])):  # <base>-<variant> is a base too
         raise FeaturecacheError(
             f"no caches of {base_tag!r} for {dataset}; did you mean: {', '.join(close)}? Cached: {', '.join(tags)}"
         )
-
-
-def _is_base(name: str) -> bool:
-    from featurecache.bases import get_base_spec
-
-    if not name:
-        return False
-    try:
-        get_base_spec(name)
-    except FeaturecacheError:
-        return False
-    return True
 
 
 def check_layers_in_every_split(
@@ -261,15 +249,14 @@ def check_layers_in_every_split(
             continue
         having = [s for s in metas if s not in lacking]
         cached = [k for k in metas["train"]["taps"] if all(k in m["taps"] for m in metas.values())]
+        add = extract_command(dataset, base_tag, *_add_layer(layer, lacking, metas), meta=metas["train"])
         if not having:
             close = close_names(layer, cached)
             raise FeaturecacheError(
                 f"layer {layer} is cached in no split of {dataset} x {base_tag}"
-                + (f"; did you mean: {', '.join(close)}?" if close else f" (extract it first: "
-                   f"`{extract_command(dataset, base_tag, *_add_layer(layer, lacking, metas), meta=metas['train'])}`)")
-                + f" Cached layers: {', '.join(cached) or 'none'}"
-            )  # fmt: skip
-        add = extract_command(dataset, base_tag, *_add_layer(layer, lacking, metas), meta=metas["train"])
+                + (f"; did you mean: {', '.join(close)}?" if close else "")
+                + f" To extract it: `{add}`. Cached layers: {', '.join(cached) or 'none'}"
+            )
         raise FeaturecacheError(
             f"layer {layer} is cached in {', '.join(having) or 'no split'} but not in {', '.join(lacking)} "
             f"({files[lacking[0]]}); the splits of {dataset} x {base_tag} were extracted with different --layers. "
@@ -426,14 +413,8 @@ def _load_job_rows(plan: JobPlan) -> JobRows:
 def _sweep_and_refit(plan: JobPlan, rows: JobRows) -> Fitted:
     """Fit every grid point on train and score it on val; keep the best (ties: the earlier grid point) and refit
     it on train+val when asked (the dense head for the epoch count it early-stopped at, on the same device)."""
-    from sklearn.exceptions import ConvergenceWarning
-
     opts, spec = plan.job.options, plan.spec
-    with warnings.catch_warnings():
-        # A grid point whose solver stops at its iteration budget (a large C on weak features, the random-init
-        # control's) is scored on val like any other; the warning, printed by a joblib worker into the progress
-        # bar, said nothing the sweep does not.
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with quiet_solvers():
         if spec.sweep is not None and not rows.train.streamed:
             fitted = spec.sweep(rows.train.X, rows.train.y, rows.X_val, rows.y_val, plan.grid, seed=opts.seed)
         else:
@@ -448,7 +429,8 @@ def _sweep_and_refit(plan: JobPlan, rows: JobRows) -> Fitted:
             final.set_params(max_epochs=selected.best_epoch_, validation_fraction=0.0)
         X_tr, y_tr = rows.train.materialize()
         both = TrainRows.in_memory(np.concatenate([X_tr, rows.X_val]), np.concatenate([y_tr, rows.y_val]))
-        fit_head(final, both, eval_set=None, dense=spec.dense, device=opts.device)
+        with quiet_solvers():
+            fit_head(final, both, eval_set=None, dense=spec.dense, device=opts.device)
     return Fitted(sweep, params, val_accuracy, final, time.perf_counter() - t_refit)
 
 

@@ -108,7 +108,7 @@ def test_draft_caches_are_recorded_reextracted_when_switched_and_followed_by_pre
     with caplog.at_level(logging.INFO, logger="featurecache.extract"):
         (again,) = extract(train_only, paths=draft_home, options=ExtractOptions(**OPTIONS))
     assert again.status == "extracted" and "made with other options (decode)" in caplog.text
-    assert "to keep it instead, pass --decode draft" in caplog.text
+    assert "to keep it instead, run with --decode draft" in caplog.text
     with pytest.raises(
         FeaturecacheError, match=r"decoded their images differently .*train mean/exif/full, val mean/exif/draft"
     ):

@@ -495,3 +495,16 @@ def test_a_valid_folder_is_the_val_split_and_other_folders_are_named(tmp_path, c
     (root / "val").mkdir()
     with pytest.raises(FeaturecacheError, match=r"has both val/ and valid/, two val splits"):
         discover_splits(root)
+
+
+def test_a_cache_made_again_for_other_options_says_which_keep_it_unless_it_predates_them(tmp_path, caplog):
+    from featurecache.extract import _say_stale
+
+    with caplog.at_level("INFO", logger="featurecache.extract"):
+        _say_stale(tmp_path / "train.h5", ["alpha", "decode"], {"alpha": "white", "decode": "draft"})
+        _say_stale(tmp_path / "val.h5", ["alpha"], {})  # made before --alpha: no option keeps it
+        _say_stale(tmp_path / "test.h5", ["alpha", "data_fingerprint"], {"alpha": "white"})  # the images changed
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].endswith("to keep it instead, run with --alpha white --decode draft")
+    assert "val.h5 is stale (alpha changed)" in caplog.text
+    assert "test.h5 is stale (alpha, data_fingerprint changed)" in caplog.text

@@ -293,7 +293,7 @@ def test_a_gpu_decoded_cache_is_recorded_near_a_full_one_and_followed_by_predict
 
     with caplog.at_level(logging.INFO, logger="featurecache.extract"):
         (again,) = extract(train_only, paths=gpu_home, options=ExtractOptions(**OPTIONS))
-    assert again.status == "extracted" and "to keep it instead, pass --decode gpu" in caplog.text
+    assert again.status == "extracted" and "to keep it instead, run with --decode gpu" in caplog.text
     extract(train_only, paths=gpu_home, options=ExtractOptions(decode="gpu", **OPTIONS))
 
     from featurecache.persist import load_head

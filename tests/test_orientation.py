@@ -162,7 +162,7 @@ def test_the_cache_records_orientation_and_only_turned_images_change(tmp_path, c
     with caplog.at_level(logging.INFO, logger="featurecache.extract"):
         (again,) = extract(ExtractRequest(root, base=BASE, layers="flatten", splits=["train"]), paths=stored_home,
                            options=ExtractOptions(**OPTIONS))  # fmt: skip
-    assert again.status == "extracted" and "to keep it instead, pass --orientation ignore" in caplog.text
+    assert again.status == "extracted" and "to keep it instead, run with --orientation ignore" in caplog.text
     with pytest.raises(FeaturecacheError, match=r"decoded their images differently .*train mean/exif/full, val mean/"
                                                 r"ignore/full"):  # fmt: skip
         train_heads(dataset="photos", base_tag=BASE, layers=["flatten"], heads=["logreg"],
