@@ -1039,7 +1039,9 @@ def _bad_rows(index: SplitIndex, batch_rows: Any, errors: Sequence[str], options
     """Positions of the undecodable images of a batch (logged); raises under ``--on-bad-image fail``."""
     bad = [i for i, e in enumerate(errors) if e]
     for i in bad:
-        log.warning("skipping unreadable %s: %s", index.paths[int(batch_rows[i])], errors[i])
+        row = int(batch_rows[i])
+        if index.paths.index(index.paths[row]) == row:  # said once per file, not once per augmented view of it
+            log.warning("skipping unreadable %s: %s", index.paths[row], errors[i])
     if bad and options.on_bad_image == "fail":
         first = bad[0]
         raise FeaturecacheError(

@@ -39,7 +39,7 @@ from featurecache.heads import HeadSpec, get_head_spec, list_heads, quiet_solver
 from featurecache.metrics import classification_scores
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError, library_versions
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
-from featurecache.weights import base_of_tag
+from featurecache.weights import WeightsRef, base_of_tag
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,9 @@ def _add_layer(layer: str, lacking: Sequence[str], metas: dict[str, dict[str, An
     views by the options that made them (``--splits train`` plus ``--train-views``)."""
     splits = [s for s in lacking if s != AUGMENTED_TRAIN] or ["train"]
     views = views_flags(metas[AUGMENTED_TRAIN]) if AUGMENTED_TRAIN in lacking else []
+    weights = WeightsRef.parse(str(metas["train"].get("weights", "")))
+    if "--seed" in views and weights.is_random and weights.seed:  # the control's flags say --seed already
+        views = views[: views.index("--seed")]
     node, _, pool = layer.partition("@")  # a tap key is node@pool for a pooling other than the default
     return ["--layers", f"{node}:{pool}" if pool else node, "--splits", ",".join(splits), *views]
 

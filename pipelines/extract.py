@@ -98,7 +98,8 @@ def main(args: argparse.Namespace) -> int:
     for r in results:
         speed = f", {r.images_per_second:.1f} img/s{ranks}" if r.status != "cached" and r.images_per_second > 0 else ""
         print(
-            f"{r.split:9s} {r.status:10s} {r.num_samples:6d} images ({r.num_skipped} skipped){speed}, "
+            f"{r.split:9s} {r.status:10s} {r.num_samples:6d} images ({r.num_samples - r.num_skipped} read, "
+            f"{r.num_skipped} skipped){speed}, "
             f"{r.file_bytes / 1024:.0f} KiB -> {r.path}"
         )
     if results:

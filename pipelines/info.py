@@ -55,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
             f"  schema v{meta['schema_version']}  dtype {meta['dtype']}  compression {meta['compression']}  "
             f"created {meta['created_utc']}"
         )
-        print(f"  data fingerprint {meta['data_fingerprint']}")
+        # The config fingerprint decides reuse: a command that adds a layer must leave it unchanged.
+        print(f"  data fingerprint {meta['data_fingerprint']}  config fingerprint {meta['config_fingerprint']}")
         if meta.get("views"):
             n, source = meta["source_rows"], meta["source_split"]
             print(

@@ -508,3 +508,11 @@ def test_a_cache_made_again_for_other_options_says_which_keep_it_unless_it_preda
     assert len(warned) == 1 and warned[0].endswith("to keep it instead, run with --alpha white --decode draft")
     assert "val.h5 is stale (alpha changed)" in caplog.text
     assert "test.h5 is stale (alpha, data_fingerprint changed)" in caplog.text
+
+
+def test_an_unreadable_file_is_named_once_however_many_views_are_cached(tiny, paths, caplog):
+    (tiny / "train" / "circle" / "zero.png").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="featurecache.extract"):
+        run(tiny, paths, splits=["train"], layers="features.3", train_views=3)
+    named = [r for r in caplog.records if r.getMessage().startswith("skipping unreadable train/circle/zero.png")]
+    assert len(named) == 2  # once for train, once for its 3 augmented views

@@ -112,7 +112,7 @@ def test_a_cache_that_skipped_heic_photos_is_re_extracted_once_pillow_heif_reads
     env = {**os.environ, "PYTHONPATH": str(REPO), "FEATURECACHE_HOME": str(home)}
     first = subprocess.run([sys.executable, "-c", cli, *args], capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr
-    assert "4 images (2 skipped)" in first.stdout and "pip install 'featurecache[heic]'" in first.stderr
+    assert "4 images (2 read, 2 skipped)" in first.stdout and "pip install 'featurecache[heic]'" in first.stderr
     request = ExtractRequest(root, base="mobilenet_v2_offline", layers="flatten")
     options = ExtractOptions(progress=False, runtime="eager")
     extract(ExtractRequest(root, base="mobilenet_v2_offline", layers="flatten", splits=["val", "test"]),
