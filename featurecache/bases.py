@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from featurecache.errors import FeaturecacheError, close_names
 from featurecache.registry import Registry
 from featurecache.weights import RANDOM_INIT_PREFIX as RANDOM_INIT_PREFIX  # re-exported: extract reads it here
-from featurecache.weights import WEIGHTS_DEFAULT, WEIGHTS_NONE, WeightsRef
+from featurecache.weights import WEIGHTS_DEFAULT, WEIGHTS_NONE, WeightsRef, base_of_tag
 
 if TYPE_CHECKING:  # typing only: records do not build bases
     from featurecache.records import HeadRecord
@@ -158,6 +158,16 @@ def is_base(name: str) -> bool:
     except FeaturecacheError:
         return False
     return bool(name)
+
+
+def base_and_variant(base_tag: str) -> tuple[str, str] | None:
+    """The base a cache tag names and its pretrained variant (``""``: the base's default weights; a random-init
+    control's tag names its base), or None when the tag names no base featurecache resolves (a mistyped one)."""
+    name = base_of_tag(base_tag)
+    if is_base(name):
+        return name, ""
+    base, _, variant = name.rpartition("-")  # <base>-<variant>
+    return (base, variant) if variant and is_base(base) else None
 
 
 def get_base_spec(name: str) -> BaseSpec:

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from featurecache import store
-from featurecache.bases import is_base
+from featurecache.bases import base_and_variant
 from featurecache.config import Paths
 from featurecache.data import DEFAULT_ALPHA, DEFAULT_DECODE, DEFAULT_ORIENTATION, SPLITS, Decoding, images_folder
 from featurecache.errors import FeaturecacheError
 from featurecache.runtime import EXPORTED_RUNTIMES
-from featurecache.weights import WeightsRef, base_of_tag, is_random_tag
+from featurecache.weights import WEIGHTS_DEFAULT, WeightsRef, base_of_tag, is_random_tag
 
 
 def extract_command(
@@ -68,11 +68,11 @@ def views_flags(meta: Mapping[str, Any]) -> list[str]:
 
 
 def _weights_flags(weights: WeightsRef, base: str, base_tag: str) -> list[str]:
-    if weights.is_random:
-        return ["--weights", "none"] + (["--seed", str(weights.seed)] if weights.seed else [])
-    if weights.is_file:
-        return ["--weights-file", f"PATH/TO/{weights.name}"]
-    return ["--weights", base_tag.removeprefix(f"{base}-")] if base_tag != base else []
+    """The options of what rebuilds these weights (:meth:`WeightsRef.load_kwargs`), defaults left out."""
+    rebuild = weights.load_kwargs(base=base, base_tag=base_tag, weights_file=f"PATH/TO/{weights.name}")
+    flags = ["--weights-file", rebuild["weights_file"]] if "weights_file" in rebuild else []
+    flags += ["--weights", rebuild["weights"]] if rebuild.get("weights", WEIGHTS_DEFAULT) != WEIGHTS_DEFAULT else []
+    return flags + (["--seed", str(rebuild["seed"])] if rebuild.get("seed") else [])
 
 
 def _decoding_flags(meta: Mapping[str, Any]) -> list[str]:
@@ -102,10 +102,8 @@ def _flags_of_tag(base_tag: str) -> list[str]:
     ``<base>-<variant>`` (a pretrained variant, told apart by the base name being registered)."""
     if is_random_tag(base_tag):
         return ["--base", base_of_tag(base_tag), "--weights", "none"]
-    base, _, variant = base_tag.rpartition("-")
-    if variant and is_base(base) and not is_base(base_tag):
-        return ["--base", base, "--weights", variant]
-    return ["--base", base_tag]
+    base, variant = base_and_variant(base_tag) or (base_tag, "")
+    return ["--base", base] + (["--weights", variant] if variant else [])
 
 
 def _known_folder(dataset: str, paths: Paths | None, recorded: str | None) -> str:

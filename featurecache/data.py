@@ -378,8 +378,8 @@ def images_folder(recorded: str | None, dataset: str, paths: Paths) -> Path | No
     home (a home moved with its ``data/raw``), else the folder its split record names; None when none exists."""
     candidates = [Path(recorded)] if recorded else []
     candidates.append(paths.raw / dataset)
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        candidates.append(Path(json.loads(paths.split_record(dataset).read_text())["root"]))
+    with contextlib.suppress(FeaturecacheError, OSError, KeyError, TypeError):  # no record, or one without a root
+        candidates.append(Path(_read_split_record(paths.split_record(dataset))["root"]))
     return next((c for c in candidates if c.is_dir()), None)
 
 

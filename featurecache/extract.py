@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -808,15 +808,15 @@ def _extract_split(
     options = runner.options  # the batch size and dtype resolved for the runner's device
     plan_split = functools.partial(_plan_split, index, final, runner=runner, taps=taps, options=options,
                                    files_of=files_of)  # fmt: skip
-    if world.broadcast(world.is_main and not fileio.writable(final.parent) and not plan_split().todo):
-        return _cached_result(index, final)  # a read-only home whose cache is complete: nothing to lock or write
+    read_only = world.broadcast(plan_split() if world.is_main and not fileio.writable(final.parent) else None)
+    if read_only is not None and not read_only.todo:
+        return _cached_result(index, final, read_only.cached_meta)  # complete in a read-only home: no lock needed
     # Rank 0 holds the writer lock for the whole split (a foreign job is refused) and alone decides, opens the
     # journal (which may discard stale progress) and assembles; the other ranks only commit their batches.
     with store.writer_lock(final) if world.is_main else contextlib.nullcontext():
-        plan, journal = _decide(index, final, runner=runner, taps=taps, options=options, world=world,
-                                files_of=files_of)  # fmt: skip
+        plan, journal = _decide(index, final, plan_split, runner=runner, world=world)
         if not plan.todo:
-            return _cached_result(index, final)
+            return _cached_result(index, final, plan.cached_meta)
         seconds, processed = _run_batches(index, journal, runner=runner, taps=plan.todo, options=options, world=world)
         # The split's speed is all ranks' images over the slowest rank's forward loop.
         counts = world.gather((seconds, processed))
@@ -835,20 +835,17 @@ def _extract_split(
     return result
 
 
-def _cached_result(index: SplitIndex, final: Path) -> SplitResult:
-    meta = store.read_metadata(final)
+def _cached_result(index: SplitIndex, final: Path, meta: dict[str, Any]) -> SplitResult:
     return SplitResult(index.split, final, "cached", meta["num_samples"], meta["num_samples"] - meta["num_valid"],
                        list(meta["taps"]), file_bytes=final.stat().st_size)  # fmt: skip
 
 
 def _decide(
-    index: SplitIndex, final: Path, *, runner: _Runner, taps: Sequence[TapSpec], options: ExtractOptions,
-    world: World, files_of: SplitIndex | None,
-) -> tuple[_Plan, store.Journal | None]:  # fmt: skip
-    """Rank 0 plans the split and checks the runtime; every rank gets the plan and the journal to commit into."""
+    index: SplitIndex, final: Path, plan_split: Callable[[], _Plan], *, runner: _Runner, world: World
+) -> tuple[_Plan, store.Journal | None]:
+    """Rank 0 plans the split (``plan_split``) and checks the runtime; every rank gets the plan and the journal to
+    commit into."""
     plan = journal = None
-    plan_split = functools.partial(_plan_split, index, final, runner=runner, taps=taps, options=options,
-                                   files_of=files_of)  # fmt: skip
     if world.is_main:
         plan = plan_split()
         if plan.todo and runner.prepare(index):  # refused: the config must record the runtime actually used

@@ -103,9 +103,9 @@ def _newer_images(file: Path, metas: dict[Path, dict[str, Any]]) -> Path | None:
             metas[other] = {}  # unreadable (another schema, half written): nothing to compare with, asked once
             with contextlib.suppress(FeaturecacheError, OSError):
                 metas[other] = store.read_metadata(other)
-        theirs = str(metas.get(other, {}).get("data_fingerprint", ""))
+        theirs = str(metas[other].get("data_fingerprint", ""))
         same_mode = theirs.split(":")[0] == fingerprint.split(":")[0]
-        newer = str(metas.get(other, {}).get("created_utc", "")) > str(meta.get("created_utc", ""))
+        newer = str(metas[other].get("created_utc", "")) > str(meta.get("created_utc", ""))
         if same_mode and theirs != fingerprint and newer:
             return other
     return None

@@ -29,7 +29,7 @@ import numpy as np
 
 from featurecache import persist, store
 from featurecache.backends import check_backend, joblib_backend
-from featurecache.bases import is_base
+from featurecache.bases import base_and_variant
 from featurecache.commands import extract_command, views_flags
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN, SPLITS, Decoding
@@ -39,7 +39,7 @@ from featurecache.heads import HeadSpec, get_head_spec, list_heads, quiet_solver
 from featurecache.metrics import classification_scores
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError, library_versions
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
-from featurecache.weights import WeightsRef, base_of_tag
+from featurecache.weights import WeightsRef
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,7 @@ def _refuse_unknown(dataset: str, base_tag: str, paths: Paths) -> None:
         )
     tags = sorted(p.name for p in (paths.features / dataset).glob("*") if p.is_dir())
     close = close_names(base_tag, tags)
-    name = base_of_tag(base_tag)
-    if close and not (is_base(name) or is_base(name.rpartition("-")[0])):  # <base>-<variant> is a base too
+    if close and base_and_variant(base_tag) is None:
         raise FeaturecacheError(
             f"no caches of {base_tag!r} for {dataset}; did you mean: {', '.join(close)}? Cached: {', '.join(tags)}"
         )

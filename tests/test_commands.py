@@ -80,9 +80,7 @@ def test_flags_that_depend_on_the_device_are_spelled_out():
 
 
 def test_the_images_are_found_where_they_are_now(tmp_path):
-    import json
-
-    from featurecache.data import images_folder
+    from featurecache.data import _write_split_record, images_folder
 
     paths = Paths(tmp_path / "home")
     gone = str(tmp_path / "old-home" / "data" / "raw" / "digits")  # what a cache recorded before the home moved
@@ -92,6 +90,7 @@ def test_the_images_are_found_where_they_are_now(tmp_path):
     mine = tmp_path / "photos"
     mine.mkdir()
     paths.split_record("mine").parent.mkdir(parents=True)
-    paths.split_record("mine").write_text(json.dumps({"root": str(mine)}))
+    _write_split_record(paths.split_record("mine"), {"seed": 0, "fractions": {"val": 0.2, "test": 0.2}},
+                        {"train": ["a/1.png"], "val": ["a/2.png"], "test": ["a/3.png"]}, str(mine))  # fmt: skip
     assert images_folder(None, "mine", paths) == mine
     assert images_folder(str(mine), "digits", paths) == mine  # the recorded folder first while it is there
