@@ -558,14 +558,12 @@ def score_and_record(
     """Score the model on test once (and on val); returns its record. ``model.pt`` must already be in ``out_dir``:
     the record holds its checksum (the caller writes the record last)."""
     options, hr, splits = trainer.options, rebuilt.head_record, rebuilt.splits
-    scores = {}
-    for split in ("val", "test"):
-        pred = predict_split(rebuilt.model, splits, split, rebuilt.device)
-        # With the per-image predictions (valid rows, cache order), as stage-2 heads record them: the report pairs
-        # models on them.
-        scores[split] = {**classification_scores(splits.valid_labels(split), pred, n_classes=len(hr.class_names)),
-                         "predictions": pred.tolist()}  # fmt: skip
-    gain = paired_test_gain(rebuilt, np.asarray(scores["test"]["predictions"]), options.seed)
+    preds = {split: predict_split(rebuilt.model, splits, split, rebuilt.device) for split in ("val", "test")}
+    # With the per-image predictions (valid rows, cache order), as stage-2 heads record them: the report pairs models
+    # on them.
+    scores = {split: {**classification_scores(splits.valid_labels(split), pred, n_classes=len(hr.class_names)),
+                      "predictions": pred.tolist()} for split, pred in preds.items()}  # fmt: skip
+    gain = paired_test_gain(rebuilt, preds["test"], options.seed)
     return HeadRecord(
         kind=FINETUNED_KIND,
         dataset=rebuilt.dataset,
