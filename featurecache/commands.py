@@ -48,13 +48,13 @@ def cache_flags(meta: Mapping[str, Any], base_tag: str) -> list[str]:
     flags = ["--base", base, *_weights_flags(weights, base, base_tag)]
     if meta.get("dtype") not in (None, store.storage_dtype("auto", random_init=weights.is_random)):
         flags += ["--dtype", str(meta["dtype"])]
-    runtime = str(meta.get("runtime", "eager"))
+    runtime, amp = str(store.recorded(meta, "runtime")), str(store.recorded(meta, "amp"))
     flags += ["--runtime", runtime] + (["--device", "cpu"] if runtime in EXPORTED_RUNTIMES else [])
-    if runtime == "eager" or meta.get("amp", "off") != "off":  # auto: bf16 on CUDA, off on the CPU
-        flags += ["--amp", str(meta.get("amp", "off"))]
-    if meta.get("precision", "f32") != "f32":
+    if runtime == "eager" or amp != "off":  # auto: bf16 on CUDA, off on the CPU
+        flags += ["--amp", amp]
+    if store.recorded(meta, "precision") != "f32":
         flags += ["--precision", str(meta["precision"])]
-    if meta.get("compression", "none") != "none":
+    if store.recorded(meta, "compression") != "none":
         flags += ["--compression", str(meta["compression"])]
     return flags + _decoding_flags(meta)
 

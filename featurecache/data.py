@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from featurecache import store
 from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
@@ -100,8 +101,8 @@ class Decoding:
         and the checks that must tell them apart read the raw ``alpha`` key.)"""
         return cls(
             alpha=meta.get("alpha") or DEFAULT_ALPHA,
-            orientation=meta.get("orientation") or "ignore",
-            decode=meta.get("decode") or DEFAULT_DECODE,
+            orientation=store.recorded(meta, "orientation"),
+            decode=store.recorded(meta, "decode"),
         )
 
 

@@ -750,27 +750,30 @@ def _stale_keys(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     draft itself stayed (a switch to or from draft names ``decode``); so does ``--orientation ignore``
     (``featurecache.data.Decoding.cache_keys``).
     """
-    keys = sorted((set(config) | set(_ABSENT_MEANS)) - {"class_names"})
-    changed = [k for k in keys if meta.get(k, _ABSENT_MEANS.get(k)) != config.get(k, _ABSENT_MEANS.get(k))]
+    keys = sorted((set(config) | set(_LEFT_OUT_AT_DEFAULT)) - {"class_names"})
+    changed = [k for k in keys if _recorded(meta, k) != _recorded(config, k)]
     if "decode" in changed:
         changed = [k for k in changed if k not in ("draft_rule", "device_decode_rule")]
     return changed or ["inputs"]
 
 
-# What a config key left out of a cache's config means (see _stale_keys), and the options a user sets per run.
-_ABSENT_MEANS = {"runtime": "eager", "precision": "f32", "decode": DEFAULT_DECODE, "draft_rule": None,
-                 "device_decode_rule": None, "orientation": "ignore"}  # fmt: skip
+# The config keys left out at the value their absence means (see _stale_keys), and the options a user sets per run.
+_LEFT_OUT_AT_DEFAULT = ("runtime", "precision", "decode", "draft_rule", "device_decode_rule", "orientation")
 _OPTIONS = ("alpha", "orientation", "decode", "runtime", "precision", "dtype")
+
+
+def _recorded(meta: dict[str, Any], key: str) -> Any:
+    return store.recorded(meta, key) if key in _LEFT_OUT_AT_DEFAULT else meta.get(key)
 
 
 def _say_stale(final: Path, changed: list[str], meta: dict[str, Any]) -> None:
     """Log why a cache is made again: at info when its images, base or weights changed (that is what re-extraction
     is for), as a warning naming the options that keep it when only this run's options differ from its own."""
-    never_recorded = [k for k in changed if k not in meta and k not in _ABSENT_MEANS]  # from before the option
+    never_recorded = [k for k in changed if k not in meta and k not in _LEFT_OUT_AT_DEFAULT]  # from before the option
     if not set(changed) <= set(_OPTIONS) or never_recorded:
         log.info("%s is stale (%s changed); re-extracting", final, ", ".join(changed))
         return
-    keep = " ".join(f"--{k} {meta.get(k, _ABSENT_MEANS.get(k))}" for k in changed)
+    keep = " ".join(f"--{k} {_recorded(meta, k)}" for k in changed)
     log.warning("%s was made with other options (%s): making it again with this run's, every layer it held "
                 "included; to keep it instead, run with %s", final, ", ".join(changed), keep)  # fmt: skip
 

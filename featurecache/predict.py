@@ -37,7 +37,7 @@ def _runtime_for(record: HeadRecord, runtime: str | None) -> tuple[str, str]:
         meta = store.read_metadata(_home_of(record).feature_file(record.dataset, record.base_tag, "train"))
     except (FeaturecacheError, OSError):
         return "auto", "f32"  # the cache is gone (a head copied to another machine): the device's default
-    return meta.get("runtime", "eager"), meta.get("precision", "f32")
+    return store.recorded(meta, "runtime"), store.recorded(meta, "precision")
 
 
 def _home_of(record: HeadRecord) -> Paths:

@@ -31,7 +31,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,19 @@ TARGET_CHUNK_BYTES = 512 * 1024
 COMPRESSIONS = ("gzip", "lzf", "none")
 STORAGE_DTYPES = ("float16", "float32")
 IMAGENET_CLASSES = 1000
+
+# What a key missing from a cache's metadata (or a head's sidecar) means: the file predates the option, so it was made
+# the way featurecache worked then. That is not always today's default: ``--orientation`` defaults to exif, but a cache
+# without the key ignored EXIF. ``alpha`` is not here: caches from before ``--alpha`` flattened transparency and
+# have another fingerprint (``featurecache.data.Decoding.recorded``).
+_ABSENT_MEANS = {"runtime": "eager", "precision": "f32", "amp": "off", "compression": "none", "decode": "full",
+                 "orientation": "ignore", "draft_rule": None, "device_decode_rule": None}  # fmt: skip
+
+
+def recorded(meta: Mapping[str, Any], key: str) -> Any:
+    """``meta[key]``, or what its absence means (a cache made before the option existed)."""
+    value = meta.get(key)
+    return _ABSENT_MEANS[key] if value is None else value
 
 
 def storage_dtype(requested: str, *, random_init: bool) -> str:
