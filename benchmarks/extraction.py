@@ -208,13 +208,19 @@ def _alternated(
     return {name: float(np.median(ms)) for name, ms in spent.items()}, first, second
 
 
-def _draft(args: argparse.Namespace) -> dict[str, Any]:
+def _preprocessing_and_jpegs(args: argparse.Namespace) -> tuple[Any, list[Path]]:
+    """The base's preprocessing and the first ``--images`` train JPEGs: what the decode-path children compare."""
     from featurecache.bases import load_base
-    from featurecache.data import load_image
     from featurecache.preprocess import Preprocessing
 
     preprocessing = Preprocessing(load_base(args.base, weights=args.weights).spec.transforms())
-    files = sorted((args.root / "train").rglob("*.jpg"))[: args.images]
+    return preprocessing, sorted((args.root / "train").rglob("*.jpg"))[: args.images]
+
+
+def _draft(args: argparse.Namespace) -> dict[str, Any]:
+    from featurecache.data import load_image
+
+    preprocessing, files = _preprocessing_and_jpegs(args)
     modes = {"full": None, "draft": preprocessing.draft_size()}
     decoders = {mode: (lambda draft=draft: [preprocessing.per_image(load_image(f, draft=draft)).numpy()
                                             for f in files]) for mode, draft in modes.items()}  # fmt: skip
@@ -234,14 +240,12 @@ def _tensor(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from featurecache import gpu_decode
-    from featurecache.bases import load_base
     from featurecache.data import Decoding, load_image, read_encoded
-    from featurecache.preprocess import Preprocessing, device_geometry_for
+    from featurecache.preprocess import device_geometry_for
 
     torch.set_num_threads(1)  # as one decoder
-    preprocessing = Preprocessing(load_base(args.base, weights=args.weights).spec.transforms())
+    preprocessing, files = _preprocessing_and_jpegs(args)
     geometry = device_geometry_for(preprocessing, "gpu")
-    files = sorted((args.root / "train").rglob("*.jpg"))[: args.images]
 
     def tensor_path() -> list[np.ndarray]:
         items = [read_encoded(f, Decoding(), geometry) for f in files]

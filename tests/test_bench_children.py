@@ -16,6 +16,9 @@ def test_a_child_reports_its_figures_and_a_failing_one_raises_with_its_stderr(tm
     assert set(result) == {"decode_ms", "normalize_ms"} and result["decode_ms"] > 0 < result["normalize_ms"]
     tensor = _child("tensor", {"root": root, "work": tmp_path / "home", "images": 4})
     assert set(tensor) == {"pil_ms", "tensor_ms", "max_diff", "differ"} and tensor["max_diff"] <= 2
+    draft = _child("draft", {"root": root, "work": tmp_path / "home", "images": 4})
+    assert set(draft) == {"full_ms", "draft_ms", "mean_diff", "max_diff"}
+    assert draft["max_diff"] == 0  # 320x240 photos are below the 256 target: draft decodes them in full
     with pytest.raises(RuntimeError, match=r"(?s)failed \(exit \d+\).*unknown --runtime 'nonsense'"):
         _child("bare", {"root": root, "work": tmp_path / "home", "runtime": "nonsense", "images": 4})
 
