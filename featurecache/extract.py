@@ -136,8 +136,8 @@ class ExtractRequest:
         dataset: name of the dataset in the cache layout (default: the folder's name).
         splits: which splits to extract.
         weights, weights_file: see ``featurecache.bases.load_base``.
-        seed: seed of the val/test split made when the dataset lacks one, of random-init weights, and of the
-            augmented views.
+        seed: seed of the val/test split made when the dataset lacks one (None: the recorded split stays, whatever
+            seed drew it; 0 for a first split), of random-init weights and of the augmented views (None: 0).
         train_views: also cache this many augmented views of every train image (``train-aug.h5``, view-major),
             so heads can train with augmentation without running the base every epoch.
         augment: the augmentation of those views (``featurecache.augment.AUGMENTATIONS``).
@@ -151,9 +151,15 @@ class ExtractRequest:
     splits: Sequence[str] = SPLITS
     weights: str = WEIGHTS_DEFAULT
     weights_file: str | os.PathLike | None = None
-    seed: int = 0
+    seed: int | None = None
     train_views: int = 0
     augment: str = "light"
+
+    @property
+    def model_seed(self) -> int:
+        """The seed of random-init weights and of the augmented views: ``--seed``, else 0. Unlike the split's, it
+        has no record to follow, so a hint that leaves ``--seed`` out keeps both the split and seed 0."""
+        return 0 if self.seed is None else self.seed
 
     @property
     def dataset_name(self) -> str:
@@ -206,7 +212,9 @@ def extract(
     indexes = world.broadcast(
         discover_splits(request.dataset_root, record_path=record, seed=request.seed) if world.is_main else None
     )
-    loaded = load_base(request.base, weights=request.weights, weights_file=request.weights_file, seed=request.seed)
+    loaded = load_base(
+        request.base, weights=request.weights, weights_file=request.weights_file, seed=request.model_seed
+    )
     traced = trace_base(loaded)
     taps = parse_taps(request.layers, traced, default_pool=request.pool)
     caches = [paths.feature_file(dataset, loaded.tag, s) for s in (*SPLITS, AUGMENTED_TRAIN)]
@@ -221,7 +229,9 @@ def extract(
                for s in request.splits]  # fmt: skip
     if request.train_views:
         train = indexes["train"]
-        views = SeededPerRow(train_transform(runner.transform, loaded.spec.input_size, request.augment), request.seed)
+        views = SeededPerRow(
+            train_transform(runner.transform, loaded.spec.input_size, request.augment), request.model_seed
+        )
         view_runner = runner.with_transform(views, views=request.train_views, augment=request.augment,
                                             source_split="train", source_rows=len(train))  # fmt: skip
         final = paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN)

@@ -53,7 +53,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="none reads ~12x faster; gzip halves the file (see BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
     p.add_argument("--fingerprint", default="content", choices=["content", "stat"], help="how input files are hashed")
-    p.add_argument("--seed", type=int, default=0, help="seed of a missing val/test split, random init, and views")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of a missing val/test split (default: the recorded split's, 0 for a first one), "
+                        "of random init and of the views (default 0)")  # fmt: skip
     p.add_argument(
         "--train-views", type=int, default=0, metavar="K",
         help="also cache K augmented views of every train image (train-aug.h5), for train-heads --augmented",

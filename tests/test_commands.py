@@ -94,3 +94,31 @@ def test_the_images_are_found_where_they_are_now(tmp_path):
                         {"train": ["a/1.png"], "val": ["a/2.png"], "test": ["a/3.png"]}, str(mine))  # fmt: skip
     assert images_folder(None, "mine", paths) == mine
     assert images_folder(str(mine), "digits", paths) == mine  # the recorded folder first while it is there
+
+
+def test_a_suggested_command_keeps_a_split_drawn_with_another_seed(tmp_path, monkeypatch, caplog):
+    """A folder without val/test split with ``--seed 2``: the hints leave ``--seed`` out (the cache's weights and
+    views do not need it), so running one must keep the recorded split, not draw a seed-0 split over it and make
+    every cache again."""
+    import json
+
+    from tests.helpers import make_image_folder
+
+    paths = Paths(tmp_path / "home")
+    monkeypatch.setenv("FEATURECACHE_HOME", str(paths.root))
+    folder = make_image_folder(tmp_path / "flat", per_class={"all": 10}, splits=False)
+    common = ["--base", BASE, "--runtime", "eager", "--no-progress"]
+    assert run(["extract", str(folder), "--layers", "features.3", "--seed", "2", *common]) == 0
+    record = paths.split_record("flat").read_text()
+    before = store.read_metadata(paths.feature_file("flat", BASE, "test"))
+    command = extract_command("flat", BASE, "--layers", "features.6", paths=paths)
+    assert "--seed" not in command
+    caplog.clear()
+    assert run([*shlex.split(command)[1:], "--no-progress"]) == 0, command
+    assert "split seed or fractions changed" not in caplog.text
+    assert paths.split_record("flat").read_text() == record and json.loads(record)["params"]["seed"] == 2
+    after = store.read_metadata(paths.feature_file("flat", BASE, "test"))
+    assert after["data_fingerprint"] == before["data_fingerprint"]  # the same test images
+    assert list(after["taps"]) == ["features.3", "features.6"]
+    assert run(["extract", str(folder), "--layers", "features.3", "--seed", "5", *common]) == 0  # asked: redrawn
+    assert json.loads(paths.split_record("flat").read_text())["params"]["seed"] == 5
