@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from featurecache.answer import ALPHA, MIN_IMAGES_PER_CLASS, Answer, HeadResult, Quadrant
 from featurecache.metrics import PairedGain
+from featurecache.selection import pick_best
 
 # "Large" is where fine-tuning a CNN stops overfitting quickly; cs231n gives no number, ~1000 per class is ImageNet's
 # own scale per class and the usual reading of the rule.
@@ -62,19 +63,15 @@ def sentence(answer: Answer) -> str:
     rec, top = answer.recommended, top_layer(answer)
     where = region(answer, rec)
     if rec.multi_tap:
-        single = max(answer.curves[rec.base], key=lambda r: r.test_accuracy)
-        gap = 100 * (rec.test_accuracy - single.test_accuracy)
-        side = "above" if gap >= 0 else "below"
-        text = (f"For this data a head on every stage tap at once (`{rec.name()}`) is chosen; on test it is "
-                f"{abs(gap):.1f} points {side} the best single layer (`{single.layer}`)")  # fmt: skip
+        text = _multi_tap_sentence(answer)
     elif where == "top":
         lower = [r for r in answer.curves[rec.base] if r.layer != rec.layer]
-        runner = max(lower, key=lambda r: r.test_accuracy, default=None)
         text = "For this data the top layer is best"
-        if runner is not None:
+        if lower:  # the runner-up as val ranks it: the one rule, never the test scores
+            runner = pick_best(lower, lambda r: r.candidate)
             gap = 100 * (rec.test_accuracy - runner.test_accuracy)
             side = "below" if gap >= 0 else "above"
-            text += f"; the best lower layer (`{runner.layer}`) is {abs(gap):.1f} points {side} it on test"
+            text += f"; the best lower layer on val (`{runner.layer}`) is {abs(gap):.1f} points {side} it on test"
             text += _noise(answer, runner)
     else:
         gap = 100 * (rec.test_accuracy - top.test_accuracy)
@@ -82,9 +79,15 @@ def sentence(answer: Answer) -> str:
         if abs(gap) < 0.05:
             text = f"For this data {where} layers match the top on test {versus}, and val chose the {where} one"
         else:
-            verb = "beat" if gap > 0 else "trail"
-            text = f"For this data the {where} layers {verb} the top by {abs(gap):.1f} points on test {versus}"
-            text += _noise(answer, top)
+            if gap < 0:
+                moved = f"trail the top by {abs(gap):.1f} points"
+            else:  # "beat" only for a gap the test images can tell from zero
+                moved = (
+                    f"score {gap:.1f} points above the top"
+                    if _tied(answer, top)
+                    else f"beat the top by {gap:.1f} points"
+                )
+            text = f"For this data the {where} layers {moved} on test {versus}" + _noise(answer, top)
     if answer.ties:
         verb = "is" if len(answer.ties) == 1 else "are"
         text += f"; {names(answer.ties, with_base=answer.several_bases)} {verb} tied with it."
@@ -93,11 +96,25 @@ def sentence(answer: Answer) -> str:
     return text
 
 
+def _multi_tap_sentence(answer: Answer) -> str:
+    """The multilayer head against the best single layer chosen on val: the comparison its table shows."""
+    rec = answer.recommended
+    text = f"For this data a head on every stage tap at once (`{rec.name()}`) is chosen"
+    versus = next((c for c in answer.multilayer if c.result is rec), None)
+    if versus is None:
+        return text
+    return (f"{text}; against the best single layer chosen on val (`{versus.reference.name()}`) it differs by "
+            f"{versus.gain.points()} points on test (paired bootstrap 95%)")  # fmt: skip
+
+
+def _tied(answer: Answer, other: HeadResult) -> bool:
+    return any((r.base, r.layer, r.head) == (other.base, other.layer, other.head) for r in answer.ties)
+
+
 def _noise(answer: Answer, other: HeadResult) -> str:
     """A gap to ``other`` that the test images cannot tell from zero is said to be so: a point difference alone
     would read as a finding where ``other`` is statistically tied with the recommendation."""
-    tied = any((r.base, r.layer, r.head) == (other.base, other.layer, other.head) for r in answer.ties)
-    return f", a gap within noise (`{other.name()}` is statistically tied with it)" if tied else ""
+    return f", a gap within noise (`{other.name()}` is statistically tied with it)" if _tied(answer, other) else ""
 
 
 def quadrant(answer: Answer) -> Quadrant:
@@ -129,22 +146,29 @@ def _verdict(answer: Answer, kind: str) -> str:
             if top in tied_layers
             else (f"disagrees: `{rec.layer}` beats the top layer significantly")
         )
-    if kind == "earlier":
-        if rec.layer != top:
+    if kind == "earlier":  # earlier: the early or middle layers; an upper layer (depth 0.85 and up) is near the top
+        at = f"`{rec.layer}`, depth {rec.depth:.2f}"
+        if _is_earlier(answer, rec):
             if top in tied_layers:  # the test images cannot tell the earlier layer from the top
-                return f"is consistent with it: an earlier layer (`{rec.layer}`) is recommended, the top one tied"
-            return f"agrees: an earlier layer (`{rec.layer}`) is recommended"
-        return (
-            "is consistent with it: an earlier layer is statistically tied"
-            if tied_layers - {top}
-            else ("disagrees: the top layer beats every earlier layer significantly")
-        )
+                return f"is consistent with it: an earlier layer ({at}) is recommended, the top one tied"
+            return f"agrees: an earlier layer ({at}) is recommended"
+        tied_earlier = [r for r in answer.ties if r.base == rec.base and not r.multi_tap and _is_earlier(answer, r)]
+        if tied_earlier:
+            return (f"is consistent with it: a layer near the top ({at}) is recommended, an earlier one "
+                    f"(`{tied_earlier[0].layer}`, depth {tied_earlier[0].depth:.2f}) statistically tied")  # fmt: skip
+        return f"disagrees: a layer near the top ({at}) is recommended, and no earlier layer is tied with it"
     if answer.finetune is None:
         return "was not taken: run `featurecache compare-layers --finetune`"
     return {
         "helps": "agrees: fine-tuning gains significantly",
         "hurts": "disagrees: fine-tuning loses significantly",
-    }.get(answer.finetune.gain.verdict, "disagrees: fine-tuning shows no measurable gain")
+    }.get(answer.finetune.gain.verdict, "is not borne out: fine-tuning's gain is not significant")
+
+
+def _is_earlier(answer: Answer, result: HeadResult) -> bool:
+    """An early or middle layer: what the rule's "features from earlier layers" means, not just any layer but the
+    last (a layer at depth 0.96 is the top's neighbour, not an earlier one)."""
+    return region(answer, result) in ("early", "middle")
 
 
 def warnings(answer: Answer) -> list[str]:
@@ -160,8 +184,9 @@ def warnings(answer: Answer) -> list[str]:
         )
     if answer.val_ties:
         out.append(
-            f"The val choice is within noise: {len(answer.val_ties)} other layer(s) ({names(answer.val_ties)}) are "
-            f"not significantly worse than `{answer.recommended.layer}` on val (exact McNemar, α = {ALPHA})."
+            f"The val choice is within noise: the heads val chose at {len(answer.val_ties)} other "
+            f"layer{'s' * (len(answer.val_ties) != 1)} ({names(answer.val_ties)}) are not significantly worse than "
+            f"`{answer.recommended.name()}` on val (exact McNemar, α = {ALPHA})."
         )
     if answer.better_on_test:
         out.append(
@@ -172,8 +197,8 @@ def warnings(answer: Answer) -> list[str]:
     if transfer.verdict in ("hurts", "no measurable gain") and transfer.control is not None:
         control = f"the best control ({transfer.control.base}, `{transfer.control.name()}`)"
         out.append(
-            f"Pretraining does not measurably help here: the recommendation's gain over {control} is "
-            f"{gain_text(transfer.gain)} points, an interval that includes 0."
+            f"Pretraining shows no significant gain here: the recommendation's gain over {control} is "
+            f"{gain_text(transfer.gain)} points (paired bootstrap 95%), an interval that includes 0."
             if transfer.verdict != "hurts"
             else f"Pretraining hurts here: {control} beats the recommendation ({gain_text(transfer.gain)} points)."
         )
@@ -191,7 +216,7 @@ def transfer_sentence(answer: Answer) -> str:
         return f"Chance (the largest class) is {pts(t.chance)}%; no control was trained."
     head = f"Against the best control ({t.control.base}, `{t.control.name()}`, test {pts(t.control.test_accuracy)}%)"
     verdict = {"helps": "pretrained features gain", "hurts": "pretrained features lose",
-               "no measurable gain": "pretrained features show no measurable gain"}[t.verdict]  # fmt: skip
+               "no measurable gain": "pretrained features' gain is not significant"}[t.verdict]  # fmt: skip
     return f"{head} {verdict}: {gain_text(t.gain)} points (paired bootstrap 95%); chance is {pts(t.chance)}%."
 
 

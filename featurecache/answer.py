@@ -5,9 +5,12 @@ keep the labels); nothing is trained here. The statistics:
 
 * the recommendation is chosen on val by the one selection rule (:mod:`featurecache.selection`);
 * its test accuracy carries a 95% Wilson interval (it does not collapse to a point at 0% or 100%);
-* the **tie set** is every other (base, layer, head) that is not significantly worse than the recommendation on the
-  same test images: one-sided exact McNemar test on the discordant images, alpha = 0.05, no multiplicity
-  correction (which can only make the tie set larger, never hide a tie);
+* the **tie set** is every other (base, layer, head) that is neither significantly worse nor significantly better
+  than the recommendation on the same test images: one-sided exact McNemar tests on the discordant images, alpha =
+  0.05 each way, no multiplicity correction (which can only make the tie set larger, never hide a tie); the
+  significantly better ones are named apart, as the heads val missed;
+* only the heads the comparison trained are ranked (:class:`Scope`): the answer is what its command gives on a
+  fresh home, not whatever other heads are saved beside them;
 * gains (pretrained over the best control, fine-tuned over the recommendation) are paired differences on the
   same test images with a paired bootstrap 95% interval.
 """
@@ -130,10 +133,16 @@ def layer_curve(results: Sequence[HeadResult]) -> list[HeadResult]:
 
 
 def tie_set(recommended: HeadResult, others: Sequence[HeadResult], *, split: str = "test") -> list[HeadResult]:
-    """The ``others`` not significantly worse than ``recommended`` on the same ``split`` images (exact McNemar)."""
+    """The ``others`` neither significantly worse nor significantly better than ``recommended`` on the same
+    ``split`` images (one-sided exact McNemar each way): a head that beats it is no tie but one val missed
+    (:func:`significantly_better`)."""
     ref = getattr(recommended, f"{split}_correct")
-    tied = [r for r in others if r is not recommended and mcnemar_worse_p(ref, getattr(r, f"{split}_correct")) >= ALPHA]
-    return ranked(tied, _candidate)  # best first under the selection rule
+
+    def tied(r: HeadResult) -> bool:
+        other = getattr(r, f"{split}_correct")
+        return mcnemar_worse_p(ref, other) >= ALPHA and mcnemar_worse_p(other, ref) >= ALPHA
+
+    return ranked([r for r in others if r is not recommended and tied(r)], _candidate)  # best first by the rule
 
 
 def significantly_better(recommended: HeadResult, others: Sequence[HeadResult]) -> list[HeadResult]:
@@ -141,6 +150,24 @@ def significantly_better(recommended: HeadResult, others: Sequence[HeadResult]) 
     return [
         r for r in others if r is not recommended and mcnemar_worse_p(r.test_correct, recommended.test_correct) < ALPHA
     ]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The heads an answer ranks: those its comparison trained, so that ``compare-layers`` gives the same answer on
+    a fresh home as on one where ``train-heads`` left other heads (mlp, knn) or a full run left heads on layers a
+    ``--shortlist`` run dropped. Controls keep their own heads (the raw-pixel baseline is its logistic regression)."""
+
+    heads: frozenset[str]
+    layers: dict[str, frozenset[str]] = field(default_factory=dict)  # base tag -> layers trained; absent: every one
+
+    def holds(self, result: HeadResult) -> bool:
+        if result.base == PIXELS_TAG:
+            return True
+        if result.head not in self.heads:
+            return False
+        layers = self.layers.get(result.base)
+        return layers is None or result.multi_tap or result.layer in layers
 
 
 @dataclass
@@ -248,11 +275,22 @@ class Answer:
 
 
 def compute_answer(
-    dataset: str, bases: Sequence[str], paths: Paths, *, distance: dict[str, float] | None = None, seed: int = 0
+    dataset: str,
+    bases: Sequence[str],
+    paths: Paths,
+    *,
+    distance: dict[str, float] | None = None,
+    seed: int = 0,
+    scope: Scope | None = None,
 ) -> Answer:
-    """The answer for ``dataset`` over the pretrained ``bases`` (base tags), read from the saved heads."""
+    """The answer for ``dataset`` over the pretrained ``bases`` (base tags), read from the saved heads: those in
+    ``scope``, or every current one without it (``featurecache report``)."""
     labels = LabelReader()
-    results = [r for b in bases for r in head_results(dataset, b, paths, labels)]
+
+    def saved(tag: str) -> list[HeadResult]:
+        return [r for r in head_results(dataset, tag, paths, labels) if scope is None or scope.holds(r)]
+
+    results = [r for b in bases for r in saved(b)]
     if not results:
         raise FeaturecacheError(
             f"no trained heads for {dataset} x {', '.join(bases)} under {paths.models / dataset}; run "
@@ -261,7 +299,7 @@ def compute_answer(
     recommended = pick_best(results, _candidate)
     heads = {b: [r for r in results if r.base == b] for b in bases}
     for tag in [random_tag(b) for b in bases] + [PIXELS_TAG]:
-        if control := head_results(dataset, tag, paths, labels):
+        if control := saved(tag):
             heads[tag] = control
     curves = {b: layer_curve(rs) for b, rs in heads.items() if rs}
     same_base_curve = curves[recommended.base]

@@ -18,7 +18,7 @@ from typing import Any
 
 from featurecache import store
 from featurecache.advice import explain
-from featurecache.answer import Answer, Comparison, LabelReader, compute_answer, result_of_record
+from featurecache.answer import Answer, Comparison, LabelReader, Scope, compute_answer, result_of_record
 from featurecache.baselines import pixel_baseline
 from featurecache.bases import WEIGHTS_NONE, get_base_spec
 from featurecache.config import Paths, default_paths
@@ -78,9 +78,10 @@ def run_comparison(
 def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: CompareOptions, paths: Paths) -> Answer:
     """Everything for one dataset: caches, heads, controls, the answer (and fine-tuning when asked)."""
     root = source.root(paths.raw, paths.external)
-    tags = []
+    trained: dict[str, frozenset[str]] = {}  # base tag -> the layers its heads were trained on here
     for base in bases:
-        tags.append(_pretrained(source.name, root, base, options=options, paths=paths))
+        tag, layers = _pretrained(source.name, root, base, options=options, paths=paths)
+        trained[tag] = frozenset(layers)
         if options.controls:
             _random_init(source.name, root, base, options=options, paths=paths)
     if REFERENCE_BASE not in bases:  # the ImageNet classifier's logits measure the distance from ImageNet
@@ -89,15 +90,19 @@ def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: Com
             options=options.extract,
             paths=paths,
         )
+    tags = list(trained)
     if options.controls:
         pixel_baseline(source.name, tags[0], paths, seed=options.seed)
-    answer = compute_answer(source.name, tags, paths, distance=imagenet_distance(source.name, paths))
+    scope = Scope(heads=frozenset(options.heads), layers=trained)
+    answer = compute_answer(source.name, tags, paths, distance=imagenet_distance(source.name, paths), scope=scope)
     if options.finetune:
         answer.finetune = finetune_recommended(answer, options=options, paths=paths)
     return explain(answer)
 
 
-def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> str:
+def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> tuple[str, list[str]]:
+    """Extract ``base``'s stage taps and train the heads on them (or on the shortlist); returns its tag and the
+    layers trained."""
     spec = get_base_spec(base)
     layers = "all-stages,logits" if base == REFERENCE_BASE and spec.has_imagenet_classifier else "all-stages"
     results = extract(
@@ -112,7 +117,7 @@ def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, 
         log.info("%s x %s: shortlist by %s in %.1fs: %s", dataset, tag, options.shortlist_score,
                  time.perf_counter() - t0, ", ".join(stages))  # fmt: skip
     train_heads(dataset=dataset, base_tag=tag, layers=stages, heads=options.heads, options=options.train, paths=paths)
-    return tag
+    return tag, stages
 
 
 def _random_init(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> None:

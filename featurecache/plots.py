@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from featurecache.advice import SIMILAR_CONFIDENCE
 from featurecache.answer import Answer, HeadResult
 from featurecache.weights import PIXELS_TAG, is_control, is_random_tag, random_tag
 
@@ -36,14 +37,15 @@ def plot_answers(answers: Sequence[Answer], out: Path, *, columns: int = 3) -> N
     cells = panels(answers)
     cols = min(columns, len(cells))
     rows = math.ceil(len(cells) / cols)
+    scale = _shared_scale(cells)
     handles = _legend_handles(answers)
     legend_columns = {1: 2, 2: 3}.get(cols, 4)  # what fits the figure's width at fontsize 9
     legend_rows = math.ceil(len(handles) / legend_columns)
-    legend_inches = 0.26 * legend_rows + 0.25
+    legend_inches = 0.24 * legend_rows + 0.08
     height = PANEL_SIZE[1] * rows + legend_inches
     fig, axes = plt.subplots(rows, cols, figsize=(PANEL_SIZE[0] * cols, height), squeeze=False)
     for ax, (answer, base) in zip(axes.flat, cells, strict=False):
-        _panel(ax, answer, base)
+        _panel(ax, answer, base, scale)
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
     fig.legend(handles=handles, loc="lower center", ncol=legend_columns, frameon=False, fontsize=9)
@@ -54,7 +56,7 @@ def plot_answers(answers: Sequence[Answer], out: Path, *, columns: int = 3) -> N
     plt.close(fig)
 
 
-def _panel(ax, answer: Answer, base: str) -> None:  # noqa: ANN001 (a matplotlib Axes)
+def _panel(ax, answer: Answer, base: str, scale: tuple[float, float]) -> None:  # noqa: ANN001 (a matplotlib Axes)
     curve = answer.curves[base]
     x = list(range(len(curve)))
     position = {r.layer: i for i, r in enumerate(curve)}
@@ -62,23 +64,28 @@ def _panel(ax, answer: Answer, base: str) -> None:  # noqa: ANN001 (a matplotlib
                     color=PRETRAINED_COLOUR, alpha=0.15, lw=0)  # fmt: skip
     ax.plot(x, [100 * r.test_accuracy for r in curve], "-o", color=PRETRAINED_COLOUR, ms=4, lw=1.8)
     _controls(ax, answer, base, position)
-    plotted = [r.test_interval[0] for r in curve] + [r.test_accuracy for r in _control_points(answer, base)]
-    _chance(ax, 100 * answer.transfer.chance, [100 * v for v in plotted])
+    _chance(ax, 100 * answer.transfer.chance, scale)
     tied = _tied_points(answer, base)
     ax.scatter([position[r.layer] for r in tied], [100 * r.test_accuracy for r in tied], s=110, facecolors="none",
                edgecolors=TIE_COLOUR, linewidths=1.8, zorder=3)  # fmt: skip
     for m in _multi_tap_heads(answer, base):
         ax.axhline(100 * m.test_accuracy, color=MULTI_COLOUR, ls="-.", lw=1.3)
+    ticks, labels = x, [f"{r.layer}\n{r.depth:.2f}" for r in curve]
     star = star_of(answer, base)
     if star is not None:
-        x_star = len(curve) - 0.6 if star.multi_tap else position[star.layer]  # a multi-tap head: at the right edge
-        ax.plot([x_star], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=4)
-    ax.set_xticks(x, [f"{r.layer}\n{r.depth:.2f}" for r in curve], rotation=35, ha="right", fontsize=7)
+        x_star = len(curve) if star.multi_tap else position[star.layer]  # a multi-tap head: a place of its own
+        if star.multi_tap:
+            ticks, labels = [*x, x_star], [*labels, "every tap\n(multilayer)"]
+        ax.plot([x_star], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=5)
+    ax.set_xticks(ticks, labels, rotation=35, ha="right", fontsize=7)
+    ax.set_xlabel("layer, relative depth under its name (evenly spaced)", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    if ax.get_ylim()[1] > 98:
-        ax.set_ylim(top=102)  # a point at 100% drawn whole, not cut by the frame
+    ax.set_ylim(*scale)
     # How sure an ImageNet classifier is on these images: the 2x2 rule's "similar to ImageNet" axis.
-    conf = "" if answer.distance is None else f"\nImageNet-classifier confidence {answer.distance['confidence']:.2f}"
+    confidence = None if answer.distance is None else answer.distance["confidence"]
+    conf = "" if confidence is None else (
+        f"\nImageNet classifier's mean confidence {confidence:.2f} (similar from {SIMILAR_CONFIDENCE:.2f})"
+    )  # fmt: skip
     ax.set_title(f"{answer.dataset} — {base}{conf}", fontsize=10)
     ax.grid(alpha=0.3)
 
@@ -103,32 +110,53 @@ def _control_points(answer: Answer, base: str) -> list[HeadResult]:
     return answer.curves.get(random_tag(base), []) + answer.curves.get(PIXELS_TAG, [])[:1]
 
 
-def _chance(ax, chance: float, lows: list[float]) -> None:  # noqa: ANN001
-    """Chance as a line when it is near the data; far below it, a note, so the curves keep the panel's height."""
-    bottom = min(lows) - 5
-    if chance >= bottom - 10:
+def _shared_scale(cells: Sequence[tuple[Answer, str]]) -> tuple[float, float]:
+    """One y range (%) for every panel, so a 2-point wiggle in one does not look like a 20-point swing in another:
+    from 5 points under the lowest band or control (down to a chance line within 10 points of it) to just above the
+    highest point (102 where a point is at 100%, drawn whole rather than cut by the frame)."""
+    lows, highs = [], []
+    for answer, base in cells:
+        values = [100 * r.test_interval[0] for r in answer.curves[base]]
+        values += [100 * r.test_accuracy for r in _control_points(answer, base)]
+        bottom = min(values) - 5
+        chance = 100 * answer.transfer.chance
+        lows.append(min(bottom, chance - 3) if chance >= bottom - 10 else bottom)
+        highs.append(max(100 * r.test_interval[1] for r in answer.curves[base]))
+    return max(0.0, min(lows)), min(102.0, max(highs) + 3)
+
+
+def _chance_drawn(cells: Sequence[tuple[Answer, str]], scale: tuple[float, float]) -> bool:
+    return any(100 * answer.transfer.chance >= scale[0] for answer, _ in cells)
+
+
+def _chance(ax, chance: float, scale: tuple[float, float]) -> None:  # noqa: ANN001
+    """Chance as a line where the shared range reaches it; far below it, a note, so the curves keep the height."""
+    if chance >= scale[0]:
         ax.axhline(chance, color="k", lw=0.8)
-        return
-    ax.set_ylim(bottom=max(0.0, bottom))
-    ax.annotate(f"chance {chance:.1f}% (below)", xy=(0.01, 0.02), xycoords="axes fraction", fontsize=8)
+    else:
+        ax.annotate(f"chance {chance:.1f}% (below)", xy=(0.01, 0.02), xycoords="axes fraction", fontsize=8)
 
 
 def _controls(ax, answer: Answer, base: str, position: dict[str, int]) -> None:  # noqa: ANN001
     random_curve: list[HeadResult] = answer.curves.get(random_tag(base), [])
     shared = [r for r in random_curve if r.layer in position]
     if shared:
+        # Above the curve and the tie rings: a control level with the pretrained point must still show.
         ax.plot([position[r.layer] for r in shared], [100 * r.test_accuracy for r in shared], "--x",
-                color=CONTROL_COLOUR, ms=4, lw=1.2)  # fmt: skip
+                color=CONTROL_COLOUR, ms=7, mew=1.6, lw=1.2, zorder=4)  # fmt: skip
     pixels = answer.curves.get(PIXELS_TAG)
     if pixels:
-        ax.axhline(100 * pixels[0].test_accuracy, color=CONTROL_COLOUR, ls=":", lw=1.5)
+        ax.axhline(100 * pixels[0].test_accuracy, color=CONTROL_COLOUR, ls=":", lw=1.5, zorder=4)
 
 
 def _legend_handles(answers: Sequence[Answer]) -> list:
-    """The legend of what the panels draw: a control, the multilayer head or ties only where some panel has one."""
+    """The legend of what the panels draw: a control, chance, the multilayer head or ties only where some panel
+    draws one."""
     from matplotlib.lines import Line2D
 
+    cells = panels(answers)
     drawn = {
+        "chance": _chance_drawn(cells, _shared_scale(cells)),
         "random": any(is_random_tag(b) for a in answers for b in a.curves),
         "pixels": any(PIXELS_TAG in a.curves for a in answers),
         "multi": any(_multi_tap_heads(a, base) for a, base in panels(answers)),
@@ -137,9 +165,10 @@ def _legend_handles(answers: Sequence[Answer]) -> list:
     styles = [
         (None, {"color": PRETRAINED_COLOUR, "marker": "o", "ms": 4,
                 "label": "pretrained (val-selected head), 95% band"}),
-        ("random", {"color": CONTROL_COLOUR, "ls": "--", "marker": "x", "label": "random-init control"}),
+        ("random", {"color": CONTROL_COLOUR, "ls": "--", "marker": "x", "ms": 7, "mew": 1.6,
+                    "label": "random-init control"}),
         ("pixels", {"color": CONTROL_COLOUR, "ls": ":", "lw": 1.5, "label": "raw pixels (logreg)"}),
-        (None, {"color": "k", "lw": 0.8, "label": "chance (largest class)"}),
+        ("chance", {"color": "k", "lw": 0.8, "label": "chance (largest class)"}),
         ("multi", {"color": MULTI_COLOUR, "ls": "-.", "lw": 1.3, "label": "multilayer head (every tap)"}),
         ("ties", {"ls": "", "marker": "o", "mfc": "none", "mec": TIE_COLOUR, "ms": 10, "mew": 1.8,
                   "label": "tied with the recommendation"}),

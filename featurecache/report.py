@@ -124,8 +124,8 @@ def answer_block(answer: Answer) -> list[str]:
     lines = [
         f"**Recommended: `{rec.name(with_base=True)}`**: test {pts(rec.test_accuracy)}% [{pts(lo)}, {pts(hi)}] "
         f"(95% Wilson, {n_test} test images), chosen on val ({pts(rec.val_accuracy)}%).",
-        f"**Tied with it** ({len(answer.ties)} of {_candidates(answer)} other heads not significantly worse on the "
-        f"same test images; one-sided exact McNemar, α = {ALPHA}): "
+        f"**Tied with it** ({len(answer.ties)} of {_candidates(answer)} other heads neither significantly worse nor "
+        f"better on the same test images; one-sided exact McNemar each way, α = {ALPHA}): "
         + (names(answer.ties, with_base=answer.several_bases, accuracy=True, limit=8) if answer.ties else "none."),
         answer.sentence,
         f"**Does transfer help?** {transfer_sentence(answer)}",
@@ -178,7 +178,8 @@ def _tie_table(answer: Answer) -> list[Block]:
             for r in [rec, *answer.ties]]  # fmt: skip
     return [("h2", "The recommendation and its tie set"),
             ("p", "p = one-sided exact McNemar p-value that the head is worse than the recommendation on the same test "
-                  f"images; every row has p ≥ {ALPHA}."),
+                  f"images; every row has p ≥ {ALPHA}, and none is significantly better (those are named under "
+                  "Warnings)."),
             ("table", (["head", "depth", "val %", "test % [95% Wilson]", "p (worse)"], rows))]  # fmt: skip
 
 
@@ -279,7 +280,7 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
         "dataset": answer.dataset,
         "recommended": head(answer.recommended),
         "ties": [head(r) for r in answer.ties],
-        "tie_test": f"one-sided exact McNemar on the same test images, alpha {ALPHA}",
+        "tie_test": f"one-sided exact McNemar each way on the same test images, alpha {ALPHA}",
         "better_on_test": [head(r) for r in answer.better_on_test],
         "val_ties": [head(r) for r in answer.val_ties],
         "sentence": answer.sentence,
@@ -377,7 +378,8 @@ def write_index(answers: Sequence[Answer], paths: Paths, *, command: str = "") -
     for a in answers:
         r, q = a.recommended, a.quadrant
         rows.append([a.dataset, f"`{r.name(with_base=a.several_bases)}`", _depth(r),
-                     f"{pts(r.test_accuracy)} [{pts(r.test_interval[0])}, {pts(r.test_interval[1])}]", str(len(a.ties)),
+                     f"{pts(r.test_accuracy)} [{pts(r.test_interval[0])}, {pts(r.test_interval[1])}]",
+                     f"{len(a.ties)} of {_candidates(a)}",
                      gain_text(a.transfer.gain), f"{q.size}/{q.similarity}" if q else "n/a", str(len(a.warnings)),
                      f"[report]({urllib.parse.quote(a.dataset)}/report.html)"])  # fmt: skip
     blocks: list[Block] = [

@@ -20,22 +20,32 @@ def answer(recommended: HeadResult, curve: list[HeadResult], ties: list[HeadResu
 def test_a_gap_to_a_tied_layer_is_called_noise_and_a_significant_one_is_not():
     early, top = result("early", 0.2, 1.0), result("view", 1.0, 5 / 6)
     tied = sentence(answer(early, [early, top], ties=[top]))
-    assert tied.startswith("For this data the early layers beat the top by 16.7 points on test (`early` vs `view`), a "
-                           "gap within noise (`view / logreg` is statistically tied with it)")  # fmt: skip
+    assert tied.startswith("For this data the early layers score 16.7 points above the top on test (`early` vs "
+                           "`view`), a gap within noise (`view / logreg` is statistically tied with it)")  # fmt: skip
     apart = sentence(answer(early, [early, top], ties=[]))
-    assert "16.7 points" in apart and "noise" not in apart and "nothing else is statistically tied" in apart
+    assert "beat the top by 16.7 points" in apart and "noise" not in apart
+    assert "nothing else is statistically tied" in apart
     lower, best_top = result("early", 0.2, 5 / 6), result("view", 1.0, 1.0)
     on_top = sentence(answer(best_top, [lower, best_top], ties=[lower]))
-    assert "the best lower layer (`early`) is 16.7 points below it on test, a gap within noise" in on_top
+    assert "the best lower layer on val (`early`) is 16.7 points below it on test, a gap within noise" in on_top
 
 
 def test_the_2x2_rule_agrees_only_where_the_test_images_can_tell_the_layers_apart():
     early, top = result("early", 0.2, 1.0), result("view", 1.0, 5 / 6)
-    assert (
-        _verdict(answer(early, [early, top], ties=[]), "earlier") == "agrees: an earlier layer (`early`) is recommended"
+    assert _verdict(answer(early, [early, top], ties=[]), "earlier") == (
+        "agrees: an earlier layer (`early`, depth 0.20) is recommended"
     )
     assert _verdict(answer(early, [early, top], ties=[top]), "earlier") == (
-        "is consistent with it: an earlier layer (`early`) is recommended, the top one tied"
+        "is consistent with it: an earlier layer (`early`, depth 0.20) is recommended, the top one tied"
+    )
+    # A layer at depth 0.96 is the top's neighbour: recommending it does not bear out "earlier layers".
+    upper = result("upper", 0.96, 1.0)
+    assert _verdict(answer(upper, [early, upper, top], ties=[]), "earlier") == (
+        "disagrees: a layer near the top (`upper`, depth 0.96) is recommended, and no earlier layer is tied with it"
+    )
+    assert _verdict(answer(upper, [early, upper, top], ties=[early]), "earlier") == (
+        "is consistent with it: a layer near the top (`upper`, depth 0.96) is recommended, an earlier one "
+        "(`early`, depth 0.20) statistically tied"
     )
     lower, best_top = result("early", 0.2, 5 / 6), result("view", 1.0, 1.0)
     assert _verdict(answer(best_top, [lower, best_top], ties=[]), "top") == "agrees: the top layer is recommended"
@@ -56,6 +66,35 @@ def test_fine_tuning_is_judged_by_the_one_gain_rule_a_significant_loss_included(
         judged[gain.verdict] = _verdict(a, "finetune")
     assert judged == {
         "helps": "agrees: fine-tuning gains significantly",
-        "no measurable gain": "disagrees: fine-tuning shows no measurable gain",
+        "no measurable gain": "is not borne out: fine-tuning's gain is not significant",
         "hurts": "disagrees: fine-tuning loses significantly",
     }
+
+
+def test_a_head_significantly_better_on_test_is_named_apart_not_tied():
+    from featurecache.answer import significantly_better, tie_set
+
+    def head(layer: str, correct: np.ndarray) -> HeadResult:
+        return HeadResult("d", "base", layer, "logreg", 0.5, 1.0, correct.mean(), (0.0, 1.0), correct, correct)
+
+    rec = head("chosen", np.arange(40) < 20)  # 20 of 40 right
+    better = head("better", np.ones(40, bool))  # right on all 20 the recommendation missed: p = 2**-20
+    close = head("close", np.arange(40) < 21)  # one discordant image: no evidence either way
+    assert tie_set(rec, [rec, better, close]) == [close]
+    assert significantly_better(rec, [rec, better, close]) == [better]
+
+
+def test_a_multilayer_recommendation_is_held_against_the_single_layer_val_chose():
+    from featurecache.answer import Comparison
+    from featurecache.metrics import PairedGain
+
+    chosen_on_val = result("mid", 0.5, 0.80)
+    best_on_test = HeadResult("d", "base", "view", "logreg", 1.0, 0.5, 0.95, (0.0, 1.0), np.ones(6, bool),
+                              np.ones(6, bool))  # fmt: skip
+    multi = HeadResult("d", "base", "all-stages", "multilayer", 1.0, 1.0, 0.85, (0.0, 1.0), np.ones(6, bool),
+                       np.ones(6, bool), multi_tap=True)  # fmt: skip
+    a = answer(multi, [chosen_on_val, best_on_test], ties=[])
+    a.multilayer = [Comparison(multi, chosen_on_val, PairedGain(0.05, -0.02, 0.12))]
+    text = sentence(a)
+    assert "against the best single layer chosen on val (`mid / logreg`) it differs by +5.0 [-2.0, +12.0]" in text
+    assert "view" not in text  # the layer best on test is no reference: choosing it there would flatter nothing

@@ -3,6 +3,7 @@ reads what the first one cached."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -60,3 +61,11 @@ def test_run_comparison_answers_writes_the_report_and_a_rerun_reuses_every_cache
     assert _written(paths.root) == first  # nothing re-extracted, no head retrained
     assert again.recommended.name(with_base=True) == answer.recommended.name(with_base=True)
     assert again.recommended.test_accuracy == answer.recommended.test_accuracy
+
+    # Only what this comparison trained is ranked: the knn heads and the layers a shortlist drops stay saved
+    # beside them, and the answer is the one a fresh home would give.
+    narrower = dataclasses.replace(_options(), heads=("logreg",), shortlist=2)
+    (scoped,) = run_comparison(datasets=[source], bases=[BASE], options=narrower, paths=paths)
+    assert {r.head for r in scoped.heads[BASE]} == {"logreg"}
+    assert len({r.layer for r in scoped.heads[BASE]}) == 2
+    assert _written(paths.root) == first  # it trained nothing new

@@ -147,6 +147,13 @@ def test_the_legend_and_the_summary_name_only_what_is_drawn(trained):
     assert controls <= {h.get_label() for h in _legend_handles([answer])}
     assert not controls & {h.get_label() for h in _legend_handles([bare])}  # compare-layers --no-controls
     assert _curves_in_words(answer.curves) == "1 base and 2 controls" and _curves_in_words(bare.curves) == "1 base"
+    # Chance is in the legend only where a panel draws its line: far below the data it is a note in the panel.
+    far_below = dataclasses.replace(answer, transfer=dataclasses.replace(answer.transfer, chance=0.0))
+    assert "chance (largest class)" not in {h.get_label() for h in _legend_handles([far_below])}
+    near = dataclasses.replace(
+        answer, transfer=dataclasses.replace(answer.transfer, chance=answer.recommended.test_accuracy)
+    )
+    assert "chance (largest class)" in {h.get_label() for h in _legend_handles([near])}
 
 
 def test_an_undefined_rank_correlation_reads_as_tied_layers_not_nan():
