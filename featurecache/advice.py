@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from featurecache.answer import ALPHA, MIN_IMAGES_PER_CLASS, Answer, HeadResult, Quadrant
-from featurecache.metrics import PairedGain
+from featurecache.metrics import PairedGain, pts
 from featurecache.selection import pick_best
 
 # "Large" is where fine-tuning a CNN stops overfitting quickly; cs231n gives no number, ~1000 per class is ImageNet's
@@ -31,10 +31,6 @@ RULE = {
     ("large", "similar"): ("fine-tune the top of the base", "finetune"),
     ("large", "different"): ("fine-tune more of the base", "finetune"),
 }
-
-
-def pts(fraction: float) -> str:
-    return f"{100 * fraction:.1f}"
 
 
 def names(

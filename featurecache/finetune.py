@@ -498,7 +498,7 @@ def run_epoch(trainer: Trainer, epoch: int, train_tf: Any) -> float:
         trainer.scheduler.step()
         correct += int((logits.argmax(1) == y)[keep].sum())
         seen += int(keep.sum())
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{correct / max(seen, 1):.3f}")  # augmented batches
         bar.update()
     bar.close()
     return correct / max(seen, 1)
@@ -516,6 +516,7 @@ def train_epochs(trainer: Trainer, frozen_val: float) -> tuple[TrainState, dict[
         val_pred = predict_split(rebuilt.model, rebuilt.splits, "val", rebuilt.device)
         val_acc = float((val_pred == rebuilt.splits.valid_labels("val")).mean())
         state.history.append({"epoch": state.epoch + 1, "train_accuracy": train_acc, "val_accuracy": val_acc})
+        _log_epoch(state, options.max_epochs, val_acc, train_acc)
         if val_acc > state.best_val:
             state.best_val, state.best_epoch, state.stale = val_acc, state.epoch + 1, 0
             best_weights = trainer.snapshot()
@@ -524,6 +525,14 @@ def train_epochs(trainer: Trainer, frozen_val: float) -> tuple[TrainState, dict[
         state.epoch += 1
         save_checkpoint(trainer, state, best_weights)
     return state, best_weights, resumed is not None
+
+
+def _log_epoch(state: TrainState, max_epochs: int, val_acc: float, train_acc: float) -> None:
+    """An epoch's val against what it must beat. Train accuracy is on augmented batches with dropout on, so it runs
+    below val and alarms a first reader if shown alone: only val decides."""
+    holder = "the frozen head's" if state.best_epoch == 0 else f"epoch {state.best_epoch}'s"
+    log.info("epoch %d/%d: val %.1f%% (to beat: %s %.1f%%); train %.1f%% on augmented batches", state.epoch + 1,
+             max_epochs, 100 * val_acc, holder, 100 * state.best_val, 100 * train_acc)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ class PairedGain(NamedTuple):
         return f"{100 * self.difference:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
 
 
+def pts(fraction: float) -> str:
+    """A fraction as percentage points with one decimal, as every report prints accuracies: ``0.953`` -> ``95.3``."""
+    return f"{100 * fraction:.1f}"
+
+
 def paired_difference(
     a_correct: np.ndarray, b_correct: np.ndarray, *, seed: int = 0, level: float = 0.95
 ) -> PairedGain:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from featurecache import store
-from featurecache.advice import explain, gain_text, names, pts, transfer_sentence
+from featurecache.advice import explain, gain_text, names, transfer_sentence
 from featurecache.answer import (
     ALPHA,
     Answer,
@@ -41,7 +41,7 @@ from featurecache.fileio import atomic_write_text
 from featurecache.freshness import current_heads
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.layer_scores import SCORES, cross_dataset_summary, layer_tau_table
-from featurecache.metrics import mcnemar_worse_p, paired_difference
+from featurecache.metrics import mcnemar_worse_p, paired_difference, pts
 from featurecache.plots import plot_answers
 from featurecache.selection import candidate_of_record, pick_best
 from featurecache.weights import is_control

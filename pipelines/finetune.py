@@ -69,7 +69,10 @@ def main(args: argparse.Namespace) -> int:
     started = s["started_from"].rsplit("/", 1)[-1]
     print(f"fine-tuned {s['layer']} + {started} (unfrozen: {unfrozen}){' [resumed]' if result.resumed else ''}")
     print(f"rebuilt model reproduced the frozen head on {100 * s['rebuilt_agreement']:.1f}% of val")
-    print(f"val {100 * s['selection_val_accuracy']:.1f}% (best epoch {s['best_epoch']}); test "
+    per_epoch = ", ".join(f"{100 * h['val_accuracy']:.1f}%" for h in s.get("history", []))
+    chosen = f"epoch {s['best_epoch']}" if s["best_epoch"] else "the frozen head: no epoch beat it"
+    print(f"val per epoch: {per_epoch or 'none run'}")
+    print(f"val {100 * s['selection_val_accuracy']:.1f}% ({chosen}); test "
           f"{100 * s['test']['accuracy']:.1f}% vs frozen {100 * s['frozen_test_accuracy']:.1f}%: gain "
           f"{s['gain_over_frozen_points']:+.1f} points, 95% CI [{s['gain_ci95_points'][0]:+.1f}, "
           f"{s['gain_ci95_points'][1]:+.1f}]")  # fmt: skip

@@ -162,11 +162,18 @@ def test_training_sees_the_features_the_head_was_fitted_on(tmp_path):
 
 def test_a_run_without_gain_says_so(trained, tmp_path):
     """Learning rates of zero: no epoch can beat the frozen head, and the result says so in plain words."""
+    from featurecache.leaderboard import write_leaderboard
+
     options = FinetuneOptions(**{**QUICK, "max_epochs": 1, "max_batches": 1, "lr_head": 0.0, "lr_base": 0.0})
-    result = finetune(dataset="shapes", base_tag=BASE, paths=copy_of(trained, tmp_path), options=options)
+    paths = copy_of(trained, tmp_path)
+    result = finetune(dataset="shapes", base_tag=BASE, paths=paths, options=options)
     assert not result.improved and result.sidecar["improved_on_val"] is False
     assert result.verdict.startswith("no gain: no epoch beat the frozen head") and result.sidecar["best_epoch"] == 0
     assert result.sidecar["verdict"] == result.verdict
+    # The saved model is the frozen head rebuilt: the leaderboard says so rather than list it as a fine-tuned result.
+    write_leaderboard("shapes", paths)
+    board = paths.leaderboard_file("shapes", ".md").read_text()
+    assert "| finetuned-mlp (= the frozen head: no epoch beat it on val) |" in board
 
 
 def test_a_planted_checkpoint_is_refused_and_does_not_run(trained, tmp_path):
