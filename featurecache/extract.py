@@ -54,6 +54,7 @@ from featurecache.preprocess import (
     device_geometry_for,
     draft_for,
 )
+from featurecache.progress import progress_bar
 from featurecache.records import library_versions
 
 log = logging.getLogger(__name__)
@@ -955,7 +956,6 @@ def _run_batches(
 ) -> tuple[float, int]:
     """Forward this rank's not-yet-committed batches and commit each; returns (forward-loop seconds, images)."""
     import torch
-    from tqdm.auto import tqdm
 
     n = len(index)
     mine = rank_batches(n, options.batch_size, world)
@@ -975,7 +975,7 @@ def _run_batches(
     t0 = time.perf_counter()
     mine_rows = sum(stop - start for start, stop in mine)
     todo_rows = sum(stop - start for start, stop in todo)
-    bar = tqdm(
+    bar = progress_bar(
         total=mine_rows,
         initial=mine_rows - todo_rows,
         unit="img",

@@ -41,6 +41,7 @@ from featurecache.heads import FINETUNED_PREFIX
 from featurecache.layers import TapSpec, build_extractor
 from featurecache.metrics import PairedGain, classification_scores, paired_difference
 from featurecache.preprocess import Preprocessing, draft_for
+from featurecache.progress import progress_bar
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord
 from featurecache.selection import candidate_of_record, pick_best
 from featurecache.train import cache_files
@@ -460,7 +461,6 @@ def save_checkpoint(trainer: Trainer, state: TrainState, best_weights: dict[str,
 
 def run_epoch(trainer: Trainer, epoch: int, train_tf: Any) -> float:
     """One pass over the train split (or ``max_batches`` of it); returns the train accuracy."""
-    from tqdm.auto import tqdm
 
     model, splits, device = trainer.rebuilt.model, trainer.rebuilt.splits, trainer.rebuilt.device
     options = trainer.options
@@ -478,7 +478,7 @@ def run_epoch(trainer: Trainer, epoch: int, train_tf: Any) -> float:
     use_amp = options.amp and device.type == "cuda"
     loss_fn = nn.CrossEntropyLoss()
     steps = steps_per_epoch(len(splits.index["train"]), options)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{options.max_epochs}", disable=not options.progress)
+    bar = progress_bar(total=steps, desc=f"epoch {epoch + 1}/{options.max_epochs}", disable=not options.progress)
     correct = seen = 0
     for step, (images, rows, errors) in enumerate(splits.loader("train", train_tf, shuffle=True, epoch=epoch)):
         if options.max_batches and step >= options.max_batches:

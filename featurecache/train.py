@@ -37,6 +37,7 @@ from featurecache.errors import FeaturecacheError, close_names
 from featurecache.freshness import feature_fingerprint
 from featurecache.heads import HeadSpec, get_head_spec, list_heads, quiet_solvers, saved_head_name
 from featurecache.metrics import classification_scores
+from featurecache.progress import progress_bar
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError, library_versions
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
 from featurecache.weights import WeightsRef
@@ -201,10 +202,9 @@ def _check_splits_agree(files: dict[str, Path], metas: dict[str, dict[str, Any]]
 def run_jobs(jobs: Sequence[Job], options: TrainOptions, *, desc: str) -> list[dict[str, Any]]:
     """Run ``jobs`` on the chosen joblib backend with a progress bar; their sidecars, in ``jobs`` order."""
     from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
 
     results = []
-    bar = tqdm(total=len(jobs), unit="head", desc=desc, disable=not options.progress)
+    bar = progress_bar(total=len(jobs), unit="head", desc=desc, disable=not options.progress)
     try:
         with joblib_backend(options.backend, n_jobs=options.n_jobs, address=options.cluster_address):
             runner = Parallel(n_jobs=options.n_jobs, return_as="generator_unordered")
