@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import filecmp
 import functools
 import hashlib
 import json
@@ -154,13 +155,21 @@ def is_not_image(path: Path) -> bool:
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    """Files below ``folder``, none of whose names (folders included: ``.thumbnails/``) starts with a dot."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if (p.is_file() or (p.is_symlink() and not p.exists()))
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    """Files below ``folder``, none of whose names (folders included: ``.thumbnails/``) starts with a dot. Linked
+    folders are followed, as linked class folders and files are, each real folder once (a link back up is no loop)."""
+    out, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            p = Path(top) / name
+            if not name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists())):
+                out.append(p)
+    return sorted(out)
 
 
 def _scan_classes(folder: Path, root: Path) -> dict[str, list[str]]:
@@ -291,12 +300,19 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
             f"dataset folder {root} does not exist; expected ROOT/{{train,val,test}}/<class>/<image> "
             f"(run `make data` for the embedded datasets)"
         )
-    has_split_dirs = (root / "train").is_dir()
-    found = {s: _scan_classes(d, root) for s, d in _split_folders(root).items()} if has_split_dirs else {}
+    split_dirs = _split_folders(root)
+    has_split_dirs = "train" in split_dirs
+    found = {s: _scan_classes(d, root) for s, d in split_dirs.items()} if has_split_dirs else {}
     source = found.get("train") if has_split_dirs else _scan_classes(root, root)
+    if has_split_dirs and not source and any(not is_not_image(p) for p in _visible_files(split_dirs["train"])):
+        raise FeaturecacheError(
+            f"{split_dirs['train']} holds images, not class folders: a folder named like a split "
+            f"({'/'.join(SPLIT_FOLDERS['train'])}) makes {root} read as ROOT/{{train,val,test}}/<class>/<image>; if "
+            f"it is a class, rename that class folder"
+        )
     if not source:
         raise FeaturecacheError(
-            f"no class folders with images in {root / 'train' if has_split_dirs else root}; expected "
+            f"no class folders with images in {split_dirs['train'] if has_split_dirs else root}; expected "
             f"ROOT/{{train,val,test}}/<class>/<image> or ROOT/<class>/<image>"
         )
     if len(source) < 2:
@@ -312,23 +328,30 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
     return found, source
 
 
-# The folder names a split is found under: Roboflow and many Kaggle sets call val "valid", others "validation".
-SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+# The folder names a split is found under, in any case: Roboflow and many Kaggle sets call val "valid", others
+# "validation"; Kaggle sets also come as Training/ and Testing/, or Train/ and Test/.
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
-    """The split folders of a dataset laid out as ``ROOT/train/...``, by split; a split under two names is refused
-    and other folders beside them are named in a warning (they are not read)."""
+    """The split folders of a dataset laid out as ``ROOT/train/...``, by split (names in any case); a split under two
+    names is refused and other folders beside them are named in a warning (they are not read). Without a train
+    folder there are none: the dataset is ``ROOT/<class>/<image>``."""
+    if not root.is_dir():
+        return {}
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not any(d.name.lower() in SPLIT_FOLDERS["train"] for d in folders):
+        return {}
     out = {}
     for split, names in SPLIT_FOLDERS.items():
-        present = [root / name for name in names if (root / name).is_dir()]
+        present = [d for d in folders if d.name.lower() in names]
         if len(present) > 1:
             raise FeaturecacheError(
                 f"{root} has both {present[0].name}/ and {present[1].name}/, two {split} splits; keep one of them"
             )
         out.update({split: present[0]} if present else {})
     read = set(out.values())
-    others = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d not in read)
+    others = [d.name for d in folders if d not in read]
     if others:
         log.warning("%s: %s beside the split folders %s not read (a split's folder is named %s)", root,
                     ", ".join(f"{o}/" for o in others), "is" if len(others) == 1 else "are",
@@ -404,18 +427,31 @@ def _read_split_record(record_path: Path) -> dict[str, Any]:
 
 def _check_same_folder(record: dict[str, Any], record_path: Path, pool: list[tuple[str, int]], folder: str) -> None:
     """Refuse a record of another folder (``folder``: this one, resolved) with the same name: growing it would
-    throw that folder's split away. A folder that moved keeps its files' relative paths, so any recorded file found
-    here means the same one."""
+    throw that folder's split away. Shared file names alone prove nothing (``0.png``, ``IMG_0001.JPG``): the record
+    is this folder's when its folder is gone and some of its files are here (moved), or when the files both hold are
+    the same bytes (copied)."""
     recorded_root = record.get("root")  # records written before roots were kept have none
     if recorded_root is None or recorded_root == folder:
         return
     here = {p for p, _ in pool}
-    if not any(p in here for files in record["splits"].values() for p in files):
-        raise FeaturecacheError(
-            f"{record_path} holds the split of another folder, {recorded_root}, and none of its files is in "
-            f"{folder}; give this folder its own name (extract --dataset NAME, compare-layers NAME={folder}), or "
-            f"delete the record if that folder is gone"
-        )
+    shared = sorted(p for files in record["splits"].values() for p in files if p in here)
+    old = Path(recorded_root)
+    if shared and (not old.is_dir() or _same_bytes(old, Path(folder), shared)):
+        return
+    why = "whose files differ from these" if shared else "and none of its files is here"
+    raise FeaturecacheError(
+        f"{record_path} holds the split of another folder, {recorded_root}, {why}; give this folder its own name "
+        f"(extract --dataset NAME, compare-layers NAME={folder}), or delete the record if that folder is gone"
+    )
+
+
+def _same_bytes(old: Path, new: Path, shared: Sequence[str], sample: int = 20) -> bool:
+    """Whether up to ``sample`` of the files both folders hold, spread over the sorted names, are byte-identical."""
+    step = max(1, len(shared) // sample)
+    try:
+        return all(filecmp.cmp(old / p, new / p, shallow=False) for p in shared[::step][:sample])
+    except OSError:  # a file of the old folder is gone: not a copy of it
+        return False
 
 
 def _write_split_record(

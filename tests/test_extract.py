@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from featurecache import FeaturecacheError, iter_feature_chunks, load_features, read_metadata, store
 from featurecache.config import Paths
@@ -377,6 +378,15 @@ def test_a_split_record_belongs_to_its_folder_wherever_it_moves(tmp_path, paths)
             shutil.copy(next(first.rglob("*.png")), other / name / f"{name}{i}.png")
     with pytest.raises(FeaturecacheError, match=r"holds the split of another folder, .*a/photos.*--dataset NAME"):
         discover_splits(other, record_path=record)
+    # Another project whose files happen to share names (0.png, IMG_0001.JPG) is no move while the first is there.
+    namesake = tmp_path / "c" / "photos"
+    shutil.copytree(first, namesake)
+    for f in namesake.rglob("*.png"):
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(f)
+    with pytest.raises(FeaturecacheError, match=r"another folder, .*a/photos.*whose files differ from these"):
+        discover_splits(namesake, record_path=record)
+    copied = shutil.copytree(first, tmp_path / "copy" / "photos")  # the same bytes: a copy keeps the split
+    assert {s: ix.paths for s, ix in discover_splits(copied, record_path=record).items()} == made
     moved = shutil.move(first, tmp_path / "elsewhere")  # the same folder moved: same relative paths
     assert {s: ix.paths for s, ix in discover_splits(moved, record_path=record).items()} == made
     assert json.loads(record.read_text())["root"] == str(Path(moved).resolve())
@@ -495,6 +505,34 @@ def test_a_valid_folder_is_the_val_split_and_other_folders_are_named(tmp_path, c
     (root / "val").mkdir()
     with pytest.raises(FeaturecacheError, match=r"has both val/ and valid/, two val splits"):
         discover_splits(root)
+
+
+def test_split_folders_are_found_in_any_case_and_under_kaggle_names(tmp_path):
+    root = make_image_folder(tmp_path / "kaggle")
+    (root / "train").rename(root / "Training")
+    (root / "test").rename(root / "Testing")
+    (root / "val").rename(root / "Val")
+    index = discover_splits(root)
+    assert index["train"].class_names == ("circle", "square", "stripes")  # not two classes named Training, Testing
+    assert all(p.startswith("Testing/") for p in index["test"].paths) and index["val"].paths[0].startswith("Val/")
+
+
+def test_a_class_named_train_in_a_flat_folder_is_told_to_rename_it(tmp_path):
+    root = make_image_folder(tmp_path / "flat", per_class={"x": 2}, splits=False)
+    (root / "circle").rename(root / "train")
+    with pytest.raises(FeaturecacheError, match=r"flat/train holds images, not class folders.*rename that class"):
+        discover_splits(root)
+
+
+def test_linked_folders_inside_a_class_are_read_once_each(tmp_path):
+    root = make_image_folder(tmp_path / "flat", per_class={"x": 3}, splits=False)
+    more = make_image_folder(tmp_path / "more", per_class={"y": 2}, splits=False)
+    (root / "circle" / "more").symlink_to(more / "circle", target_is_directory=True)
+    (root / "circle" / "loop").symlink_to(root / "circle", target_is_directory=True)  # a link back up
+    index = discover_splits(root, seed=0)
+    circle = index["train"].class_names.index("circle")
+    files = [p for s in index.values() for p, y in zip(s.paths, s.labels, strict=True) if y == circle]
+    assert len(files) == 3 + 2 and sum(p.startswith("circle/more/") for p in files) == 2
 
 
 def test_a_cache_made_again_for_other_options_says_which_keep_it_unless_it_predates_them(tmp_path, caplog):
