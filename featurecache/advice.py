@@ -126,8 +126,22 @@ def quadrant(answer: Answer) -> Quadrant:
     return Quadrant(size, per_class, similarity, confidence, advice, _verdict(answer, kind))
 
 
+def above_chance(answer: Answer) -> bool:
+    """Whether the recommendation beats always answering the largest class on test (one-sided exact binomial
+    test, α = ALPHA): on imbalanced data a head that learned nothing scores the majority's share."""
+    from scipy.stats import binomtest
+
+    rec, chance = answer.recommended, answer.transfer.chance
+    n = len(rec.test_correct)
+    if n == 0 or not chance < 1:  # no test image, or a single class in test: nothing to beat
+        return False
+    return binomtest(int(rec.test_correct.sum()), n, chance, alternative="greater").pvalue < ALPHA
+
+
 def _verdict(answer: Answer, kind: str) -> str:
     rec = answer.recommended
+    if not above_chance(answer) and kind != "finetune":
+        return "cannot tell: the recommendation is not measurably above chance"
     if rec.multi_tap and kind != "finetune":
         return "cannot tell: the recommendation reads every stage tap at once (multilayer)"
     top = top_layer(answer).layer
@@ -170,6 +184,14 @@ def _is_earlier(answer: Answer, result: HeadResult) -> bool:
 def warnings(answer: Answer) -> list[str]:
     """What a careful reader must know before trusting the recommendation."""
     out = []
+    if not above_chance(answer):
+        rec = answer.recommended
+        out.append(
+            f"Not measurably better than always answering the largest class: test {pts(rec.test_accuracy)}% "
+            f"[{pts(rec.test_interval[0])}, {pts(rec.test_interval[1])}] against chance {pts(answer.transfer.chance)}% "
+            f"(one-sided exact binomial test, α = {ALPHA}). On imbalanced classes read the leaderboard's balanced "
+            f"accuracy, and add images of the small classes."
+        )
     small = {s: n for s, n in answer.class_counts.items() if s != "train" and n < MIN_IMAGES_PER_CLASS}
     if small:
         worst = min(small.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from featurecache.advice import _verdict, sentence
-from featurecache.answer import Answer, HeadResult
+from featurecache.answer import Answer, HeadResult, TransferCheck
 
 
 def result(layer: str, depth: float, test: float, head: str = "logreg") -> HeadResult:
@@ -14,7 +14,8 @@ def result(layer: str, depth: float, test: float, head: str = "logreg") -> HeadR
 
 
 def answer(recommended: HeadResult, curve: list[HeadResult], ties: list[HeadResult]) -> Answer:
-    return Answer("d", recommended, ties, [], [], {"base": curve}, {"base": curve}, None, {"train": 12}, 2, None)
+    chance = TransferCheck(random_init=None, pixels=None, chance=0.5)  # two classes; the heads are right on all 6
+    return Answer("d", recommended, ties, [], [], {"base": curve}, {"base": curve}, chance, {"train": 12}, 2, None)
 
 
 def test_a_gap_to_a_tied_layer_is_called_noise_and_a_significant_one_is_not():
@@ -98,3 +99,16 @@ def test_a_multilayer_recommendation_is_held_against_the_single_layer_val_chose(
     text = sentence(a)
     assert "against the best single layer chosen on val (`mid / logreg`) it differs by +5.0 [-2.0, +12.0]" in text
     assert "view" not in text  # the layer best on test is no reference: choosing it there would flatter nothing
+
+
+def test_a_recommendation_at_the_majority_share_is_said_to_have_learned_nothing_measurable():
+    from featurecache.advice import warnings
+
+    constant = np.arange(15) < 14  # 14 of 15 right: what always answering a 14-image class scores
+    rec = HeadResult("d", "base", "mid", "logreg", 0.5, 1.0, 14 / 15, (0.70, 0.99), constant, constant)
+    a = answer(rec, [rec], ties=[])
+    a.transfer = TransferCheck(random_init=None, pixels=None, chance=14 / 15)
+    assert warnings(a)[0].startswith("Not measurably better than always answering the largest class: test 93.3%")
+    assert _verdict(a, "earlier") == "cannot tell: the recommendation is not measurably above chance"
+    a.transfer = TransferCheck(random_init=None, pixels=None, chance=1 / 3)  # three balanced classes
+    assert not any(w.startswith("Not measurably better") for w in warnings(a))
