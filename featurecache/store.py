@@ -630,7 +630,7 @@ def read_rows(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarra
 
     read_metadata(path)
     with h5py.File(path, "r") as f:
-        return f["labels"][:], list(f["paths"].asstr()[:]), f["valid"][:].astype(bool)
+        return f["labels"][:], list(f["paths"].asstr(errors=PATH_ERRORS)[:]), f["valid"][:].astype(bool)
 
 
 def iter_feature_chunks(

@@ -554,3 +554,15 @@ def test_an_unreadable_file_is_named_once_however_many_views_are_cached(tiny, pa
         run(tiny, paths, splits=["train"], layers="features.3", train_views=3)
     named = [r for r in caplog.records if r.getMessage().startswith("skipping unreadable train/circle/zero.png")]
     assert len(named) == 2  # once for train, once for its 3 augmented views
+
+
+def test_a_name_that_is_not_utf8_reads_back_from_the_cache(tmp_path, paths):
+    """Latin-1 bytes in a class folder's name arrive as surrogates: every reader of the cache's paths decodes them
+    the way they were written (read_rows, which train-heads and the answer use, raised UnicodeDecodeError)."""
+    root = make_image_folder(tmp_path / "names", per_class={"train": 3, "val": 1, "test": 1})
+    for split in ("train", "val", "test"):
+        (root / split / "circle").rename(root / split / os.fsdecode(b"caf\xe9"))
+    extract(ExtractRequest(root, base=BASE, layers="features.3"), paths=paths,
+            options=ExtractOptions(workers=0, progress=False))  # fmt: skip
+    labels, names, valid = store.read_rows(paths.feature_file("names", BASE, "train"))
+    assert valid.all() and sum(n.startswith(os.fsdecode(b"train/caf\xe9/")) for n in names) == 3
