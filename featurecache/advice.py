@@ -192,7 +192,12 @@ def warnings(answer: Answer) -> list[str]:
             f"(one-sided exact binomial test, α = {ALPHA}). On imbalanced classes read the leaderboard's balanced "
             f"accuracy, and add images of the small classes."
         )
-    small = {s: n for s, n in answer.class_counts.items() if s != "train" and n < MIN_IMAGES_PER_CLASS}
+    small = {s: n for s, n in answer.class_counts.items() if s != "train" and 0 < n < MIN_IMAGES_PER_CLASS}
+    if empty := [s for s, n in answer.class_counts.items() if s != "train" and n == 0]:
+        out.append(
+            f"{' and '.join(empty)} {'has' if len(empty) == 1 else 'have'} no image of some class: its accuracy is "
+            f"never measured there, and the scores are over the other classes. Add images of every class."
+        )
     if small:
         worst = min(small.values())
         out.append(

@@ -325,6 +325,10 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
             raise FeaturecacheError(
                 f"{split} has classes that train lacks: {', '.join(unknown)}; every class needs training images"
             )
+        if untested := sorted(set(source) - set(classes)):
+            log.warning("%s has no image of %s: %s accuracy is never measured on %s; add some to %s", split,
+                        ", ".join(untested), "its" if len(untested) == 1 else "their", split,
+                        split_dirs[split])  # fmt: skip
     return found, source
 
 

@@ -566,3 +566,17 @@ def test_a_name_that_is_not_utf8_reads_back_from_the_cache(tmp_path, paths):
             options=ExtractOptions(workers=0, progress=False))  # fmt: skip
     labels, names, valid = store.read_rows(paths.feature_file("names", BASE, "train"))
     assert valid.all() and sum(n.startswith(os.fsdecode(b"train/caf\xe9/")) for n in names) == 3
+
+
+def test_a_class_with_no_test_image_is_named_and_perfect_predictions_score_a_perfect_macro_f1(tmp_path, caplog):
+    from featurecache.metrics import classification_scores
+
+    root = make_image_folder(tmp_path / "partial")
+    shutil.rmtree(root / "test" / "stripes")
+    with caplog.at_level("WARNING"):
+        discover_splits(root)
+    assert "test has no image of stripes: its accuracy is never measured on test" in caplog.text
+    y = np.array([0, 0, 1, 1])  # class 2 has no test image and is never predicted
+    scores = classification_scores(y, y, n_classes=3)
+    assert scores["macro_f1"] == scores["balanced_accuracy"] == scores["accuracy"] == 1.0
+    assert classification_scores(y, np.array([0, 0, 1, 2]), n_classes=3)["macro_f1"] < 1  # predicting it costs
