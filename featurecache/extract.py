@@ -176,8 +176,14 @@ class ExtractRequest:
                 f"--augment must be one of: light, standard for augmented views (got {self.augment!r})"
             )
         unknown = [s for s in self.splits if s not in SPLITS]
-        if unknown:
-            raise FeaturecacheError(f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
+        if unknown or not self.splits:
+            raise FeaturecacheError(
+                f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}"
+                if unknown
+                else f"--splits names no split; choose from {', '.join(SPLITS)}"
+            )
+        if self.seed is not None and self.seed < 0:
+            raise FeaturecacheError(f"--seed {self.seed}: a seed is 0 or a positive integer")
         get_base_spec(self.base)  # a mistyped base is refused before a split is drawn and recorded
 
 

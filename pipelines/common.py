@@ -88,6 +88,14 @@ def comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def seed(text: str) -> int:
+    """``--seed``: numpy and scikit-learn take 0 and up (a negative one failed deep inside them)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; a seed is 0 or a positive integer")
+    return value
+
+
 def add_image_options(p: argparse.ArgumentParser) -> None:
     """The extraction options that say how a user's images are read and run, shared by ``extract`` and
     ``compare-layers`` (which extracts too): one definition, one help text, one default each."""

@@ -14,7 +14,7 @@ from featurecache.config import default_paths
 from featurecache.datasets import parse_dataset
 from featurecache.extract import ExtractRequest, extract
 from featurecache.runtime import PRECISIONS
-from pipelines.common import add_image_options, comma_list, extract_options, run_main
+from pipelines.common import add_image_options, comma_list, extract_options, run_main, seed
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="none reads ~12x faster; gzip halves the file (see BENCHMARKS.md)")  # fmt: skip
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
     p.add_argument("--fingerprint", default="content", choices=["content", "stat"], help="how input files are hashed")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=seed, default=None,
                    help="seed of a missing val/test split (default: the recorded split's, 0 for a first one), "
                         "of random init and of the views (default 0)")  # fmt: skip
     p.add_argument(

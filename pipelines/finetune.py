@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.common import comma_list, run_main
+from pipelines.common import comma_list, run_main, seed
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="light: crop+rotation+colour (safe for digits); standard adds horizontal flips")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("-v", "--verbose", action="store_true")
     return p

@@ -12,7 +12,7 @@ from featurecache.heads import list_heads
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
 from featurecache.leaderboard import write_leaderboard
 from featurecache.train import TrainOptions, train_heads
-from pipelines.common import comma_list, run_main
+from pipelines.common import comma_list, run_main, seed
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="train on train + its cached augmented views (extract --train-views K); saved as <head>+aug",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="retrain even when a matching saved head exists")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--max-memory-gb", type=float, help="memory budget per split (default: half of available)")
     p.add_argument("--device", default="cpu", help="device of the dense head: cpu|cuda|auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -50,6 +50,10 @@ def test_usage_errors_are_one_line_naming_help(capsys):
         ),
         (["extract"], "the following arguments are required: dataset_root"),
         (["nope"], "argument COMMAND: invalid choice: 'nope'"),
+        *(
+            ([*command, "--seed", "-1"], "argument --seed: -1 is negative; a seed is 0 or a positive integer")
+            for command in (["extract", "."], ["train-heads"], ["finetune", "--dataset", "d"])
+        ),
     ):
         with pytest.raises(SystemExit) as exited:
             run(argv)

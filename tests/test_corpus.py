@@ -313,6 +313,11 @@ def workers_negative(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     return ["extract", str(w.data), "--layers", LAYER, *FAST, "--workers", "-1"]
 
 
+def no_split_named(w: World, mp: pytest.MonkeyPatch) -> list[str]:
+    make_image_folder(w.data, per_class=SMALL)
+    return ["extract", str(w.data), "--layers", LAYER, *FAST, "--splits", ","]
+
+
 def crafted_dataset_name(w: World, mp: pytest.MonkeyPatch) -> list[str]:
     make_image_folder(w.data, per_class=SMALL)
     return ["extract", str(w.data), "--dataset", "../../escaped", "--layers", LAYER, *FAST]
@@ -540,6 +545,9 @@ CASES = {
         finals_absent=(f"data/features/data/{BASE_TAG}/train.h5",),
     ),
     "--workers -1": Case(workers_negative, 2, r"--workers -1: must be 0", finals_absent=EXTRACT_FINALS),
+    "--splits ,": Case(
+        no_split_named, 2, r"--splits names no split; choose from train, val, test", finals_absent=EXTRACT_FINALS
+    ),
     "crafted dataset name": Case(
         crafted_dataset_name, 2, r"dataset name '\.\./\.\./escaped' contains a path separator"
     ),
