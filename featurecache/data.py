@@ -572,6 +572,7 @@ def load_image(path: str | os.PathLike, decoding: Decoding = Decoding(), *, draf
 
     with open(path, "rb") as f:
         image = _open(f, path)
+        _refuse_thin(image.size)
         if draft is not None:
             _draft(image, draft, decoding)
         try:
@@ -580,7 +581,7 @@ def load_image(path: str | os.PathLike, decoding: Decoding = Decoding(), *, draf
             raise OSError(f"cannot decode {path}: {exc}") from exc
         # Asked after loading: PIL turns a TIFF by its tag as it loads it (and drops the tag), whatever is asked.
         turn = _upright_turn(image) if decoding.orientation == "exif" else None
-        if image.mode.startswith("I"):
+        if image.mode.startswith("I") or image.mode == "F":
             rgb = _high_bit_depth_to_8(image).convert("RGB")
         elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
             rgba = image.convert("RGBA")
@@ -694,17 +695,42 @@ def _is_jpeg(image: Any) -> bool:
     return isinstance(image, JpegImagePlugin.JpegImageFile)
 
 
-def _high_bit_depth_to_8(image: Any) -> Any:
-    """A 16-bit (or 32-bit integer) grey image scaled to 8 bits.
+# Wider than this many times its height (or the reverse), an image is refused: a base's resize brings the short side
+# to ~256 pixels, so a 12000x1 strip (a file of 100 bytes) became a 786-megapixel image and GBs of memory.
+MAX_ASPECT_RATIO = 1000
 
-    PIL's ``convert`` clips such values at 255, which turns a typical 16-bit scan almost all white; scaling by
-    1/257 maps 0..65535 onto 0..255. Integer images whose values already fit 8 bits are kept as they are.
+
+def _refuse_thin(size: tuple[int, int]) -> None:
+    long, short = max(size), max(1, min(size))
+    if long / short > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"{size[0]}x{size[1]} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1: resizing its short side to 256 "
+            f"would make a {256 * 256 * long / short / 1e6:.0f}-megapixel image; crop it into tiles"
+        )
+
+
+def _high_bit_depth_to_8(image: Any) -> Any:
+    """A 16-bit, 32-bit integer or floating-point grey image scaled to 8 bits.
+
+    PIL's ``convert`` clips such values at 255 (a typical 16-bit scan turns almost all white) and truncates floats
+    (an image in 0..1 turns black). Integers in 0..65535 are scaled by 1/257 unless they already fit 8 bits; floats
+    in 0..1 by 255, floats in 0..255 kept. Any other range (negative values, a float beyond 255, NaN) has no one
+    reading, so the file is refused (ValueError: skipped and listed with the reason) rather than guessed at.
     """
     import numpy as np
     from PIL import Image
 
     values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    floating = image.mode == "F"
+    if not (np.isfinite(values).all() and low >= 0 and high <= (255 if floating else 65535)):
+        raise ValueError(
+            f"a {'floating-point' if floating else '32-bit integer'} image with values {low:g}..{high:g}, a range "
+            f"with no one 8-bit reading; save it as 8- or 16-bit (or as floats in 0..1)"
+        )
+    if floating and high <= 1:
+        values = values * 255
+    elif not floating and (image.mode.startswith("I;16") or high > 255):
         values = values / 257
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 

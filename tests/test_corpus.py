@@ -143,6 +143,21 @@ def sixteen_bit_png(folder: Path) -> str:
     return "scan16.png"
 
 
+def float_tiff(folder: Path) -> str:
+    Image.fromarray(np.full((40, 40), 128 / 255, dtype=np.float32), "F").save(folder / "float01.tif")  # 0..1 floats
+    return "float01.tif"
+
+
+def signed_tiff(folder: Path) -> str:
+    Image.fromarray(np.linspace(-500, 500, 1600).reshape(40, 40).astype(np.int32), "I").save(folder / "signed.tif")
+    return "signed.tif"
+
+
+def thin_strip(folder: Path) -> str:
+    Image.new("RGB", (12000, 1)).save(folder / "strip.png")  # ~100 bytes that a resize turns into 786 MP
+    return "strip.png"
+
+
 def one_pixel(folder: Path) -> str:
     write_png(folder / "dot.png", size=(1, 1))
     return "dot.png"
@@ -187,6 +202,9 @@ BAD_FILES = {
     "huge": BadFile(decompression_bomb, "DecompressionBombError"),
     "cmyk": BadFile(cmyk_jpeg, None),
     "16-bit": BadFile(sixteen_bit_png, None, also=decodes_to_mid_grey),
+    "thin-strip": BadFile(thin_strip, r"12000x1 pixels, an aspect ratio over 1000:1"),
+    "float-tiff": BadFile(float_tiff, None, also=decodes_to_mid_grey),  # PIL's convert made it black
+    "signed-tiff": BadFile(signed_tiff, r"32-bit integer image with values -500\.\.500"),
     "1x1": BadFile(one_pixel, None),
     "animated-gif": BadFile(animated_gif, None),
     "dangling-symlink": BadFile(dangling_symlink, "FileNotFoundError"),
