@@ -30,6 +30,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _files_of(path: Path) -> list[Path]:
     """A file argument as it is; a folder: every file below it (an empty one is a mistake worth a line)."""
+    if path.exists() and not path.is_dir() and not path.is_file():  # reading a FIFO would wait for ever
+        raise FeaturecacheError(f"{path} is not a file (a pipe, socket or device); pass image files or folders")
     if not path.is_dir():
         return [path]
     files = files_under(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -211,6 +212,9 @@ def test_predict_classifies_a_folder_and_reports_unreadable_files_without_losing
     (tmp_path / "empty").mkdir()
     assert run(["predict", "--head", str(model_dir), str(tmp_path / "empty")]) == 2
     assert "holds no files to classify" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it would wait for a writer for ever
+    assert run(["predict", "--head", str(model_dir), str(tmp_path / "pipe.jpg")]) == 2
+    assert "pipe.jpg is not a file (a pipe, socket or device)" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path / "empty")  # the README's relative --head, run outside the home
     assert predict_images(model_dir.relative_to(paths.root), images) == rows
     with pytest.raises(FeaturecacheError, match=r"no folder models/shapes/nope .*under FEATURECACHE_HOME"):
