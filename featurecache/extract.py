@@ -1054,7 +1054,7 @@ def _timed(items: Iterable[Any], spent: dict[str, float], key: str) -> Iterator[
 def _bad_rows(index: SplitIndex, batch_rows: Any, errors: Sequence[str], options: ExtractOptions) -> list[int]:
     """Positions of the undecodable images of a batch (logged); raises under ``--on-bad-image fail``."""
     bad = [i for i, e in enumerate(errors) if e]
-    for i in bad:
+    for i in bad if options.on_bad_image == "skip" else ():  # under "fail" the error below says it, not "skipping"
         row = int(batch_rows[i])
         if index.paths.index(index.paths[row]) == row:  # said once per file, not once per augmented view of it
             log.warning("skipping unreadable %s: %s", index.paths[row], errors[i])

@@ -162,11 +162,12 @@ def test_bad_images_are_skipped_listed_and_nothing_else_is_lost(tiny, paths):
     assert len(X_all) == len(X) + len(bad)
 
 
-def test_on_bad_image_fail_stops_and_leaves_no_cache(tiny, paths):
+def test_on_bad_image_fail_stops_and_leaves_no_cache(tiny, paths, caplog):
     add_bad_files(tiny / "train" / "circle")
     with pytest.raises(FeaturecacheError, match="unreadable image .*--on-bad-image skip"):
         run(tiny, paths, splits=["train"], options=ExtractOptions(on_bad_image="fail", workers=0, progress=False))
     assert not (paths.features / "tiny" / BASE / "train.h5").exists()
+    assert "skipping unreadable" not in caplog.text  # it stopped: no line may say it skipped
 
 
 @pytest.mark.parametrize(
