@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -570,9 +571,12 @@ def load_image(path: str | os.PathLike, decoding: Decoding = Decoding(), *, draf
     """
     from PIL import Image
 
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, warnings.catch_warnings():
+        # PIL's warning between its two bomb limits names neither the file nor what it costs: said here instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = _open(f, path)
         _refuse_thin(image.size)
+        _say_if_huge(image.size, path)
         if draft is not None:
             _draft(image, draft, decoding)
         try:
@@ -698,6 +702,15 @@ def _is_jpeg(image: Any) -> bool:
 # Wider than this many times its height (or the reverse), an image is refused: a base's resize brings the short side
 # to ~256 pixels, so a 12000x1 strip (a file of 100 bytes) became a 786-megapixel image and GBs of memory.
 MAX_ASPECT_RATIO = 1000
+
+
+def _say_if_huge(size: tuple[int, int], path: str | os.PathLike) -> None:
+    from PIL import Image
+
+    pixels = size[0] * size[1]
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:  # under twice that: PIL decodes it (over: error)
+        log.warning("%s is %dx%d pixels (%.0f megapixels): decoding it takes ~%.1f GB of memory, for a base that "
+                    "sees ~224 pixels", path, size[0], size[1], pixels / 1e6, 3 * pixels / 1e9)  # fmt: skip
 
 
 def _refuse_thin(size: tuple[int, int]) -> None:

@@ -581,3 +581,17 @@ def test_a_class_with_no_test_image_is_named_and_perfect_predictions_score_a_per
     scores = classification_scores(y, y, n_classes=3)
     assert scores["macro_f1"] == scores["balanced_accuracy"] == scores["accuracy"] == 1.0
     assert classification_scores(y, np.array([0, 0, 1, 2]), n_classes=3)["macro_f1"] < 1  # predicting it costs
+
+
+def test_an_image_over_pils_warning_limit_is_named_with_what_it_costs(tmp_path, monkeypatch, caplog):
+    import warnings
+
+    from featurecache.data import load_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 = 1600 pixels: between PIL's two limits
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / "big.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's own warning, which names no file, must not be raised
+        with caplog.at_level("WARNING"):
+            assert load_image(tmp_path / "big.png").size == (40, 40)
+    assert f"{tmp_path / 'big.png'} is 40x40 pixels" in caplog.text
