@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import filecmp
 import functools
 import hashlib
@@ -22,7 +23,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -514,22 +515,31 @@ def fingerprint_files(index: SplitIndex, *, mode: str = "content", workers: int 
 
     Any added, removed, relabelled or rewritten file changes it, which is what makes a cache stale.
     """
+    if mode not in ("content", "stat"):
+        raise FeaturecacheError(f"unknown fingerprint mode {mode!r}; choose content or stat")
+    digests = file_digests(index, mode=mode, workers=workers)
+    h = hashlib.sha256()
+    h.update(json.dumps(list(index.class_names)).encode())
+    for rel, label, d in zip(index.paths, index.labels, digests, strict=True):
+        # A name that is not valid UTF-8 reaches Python as lone surrogates; hash the bytes it has on disk.
+        h.update(f"{rel}\0{label}\0{d}\n".encode("utf-8", "surrogateescape"))
+    return f"{mode}:{h.hexdigest()[:32]}"
+
+
+def file_digests(index: SplitIndex, *, mode: str = "content", workers: int = 8) -> list[str]:
+    """Each file's digest, in index order: its content's (``content``) or its size and mtime (``stat``). Inside
+    :func:`remembered_digests`, a file's content is hashed once however many readers ask."""
+    memo = _MEMO.get() if mode == "content" else None
 
     def digest_one(rel: str) -> str:
         path = index.root / rel
-        if path.is_symlink() and not path.exists():
-            return f"dangling-link:{os.readlink(path)}"
-        if mode == "stat":
-            st = path.stat()
-            return f"{st.st_size}:{st.st_mtime_ns}"
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        if memo is not None and str(path) in memo:
+            return memo[str(path)]
+        digest = _digest(path, mode)
+        if memo is not None:
+            memo[str(path)] = digest
+        return digest
 
-    if mode not in ("content", "stat"):
-        raise FeaturecacheError(f"unknown fingerprint mode {mode!r}; choose content or stat")
     # Threads for slow (network) disks, each over a run of files: a future per file cost more than hashing it when
     # other threads held the GIL (0.26 s for 640 small JPEGs inside an extraction, 0.06 s alone).
     paths = list(index.paths)
@@ -538,13 +548,57 @@ def fingerprint_files(index: SplitIndex, *, mode: str = "content", workers: int 
         runs = pool.map(
             lambda run: [digest_one(rel) for rel in run], [paths[i : i + step] for i in range(0, len(paths), step)]
         )
-        digests = [digest for run in runs for digest in run]
-    h = hashlib.sha256()
-    h.update(json.dumps(list(index.class_names)).encode())
-    for rel, label, d in zip(index.paths, index.labels, digests, strict=True):
-        # A name that is not valid UTF-8 reaches Python as lone surrogates; hash the bytes it has on disk.
-        h.update(f"{rel}\0{label}\0{d}\n".encode("utf-8", "surrogateescape"))
-    return f"{mode}:{h.hexdigest()[:32]}"
+        return [digest for run in runs for digest in run]
+
+
+def _digest(path: Path, mode: str) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"dangling-link:{os.readlink(path)}"
+    if mode == "stat":
+        st = path.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_MEMO: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("featurecache_digests", default=None)
+_EMPTY = hashlib.blake2b(b"", digest_size=16).hexdigest()
+
+
+@contextlib.contextmanager
+def remembered_digests() -> Iterator[None]:
+    """Within the block (one ``extract`` call), each file's content is hashed once: for its split's fingerprint and
+    for :func:`copies_across_splits`. Not longer: a file edited between two calls must be hashed again."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def copies_across_splits(indexes: Mapping[str, SplitIndex]) -> dict[str, list[tuple[str, str]]]:
+    """Per val/test split, its files byte-identical to a train file, as ``(file, its train twin)``: a head has seen
+    them, so the split's accuracy overstates what it does on new images. Empty and dangling files are left out
+    (they are unreadable, not leaked)."""
+    train = indexes.get("train")
+    if train is None:
+        return {}
+    twin: dict[str, str] = {}
+    for rel, digest in zip(train.paths, file_digests(train), strict=True):
+        twin.setdefault(digest, rel)
+    out = {}
+    for split in ("val", "test"):
+        index = indexes.get(split)
+        if index is None:
+            continue
+        pairs = [(rel, twin[d]) for rel, d in zip(index.paths, file_digests(index), strict=True)
+                 if d in twin and d != _EMPTY and not d.startswith("dangling-link:")]  # fmt: skip
+        if pairs:
+            out[split] = pairs
+    return out
 
 
 def check_alpha(alpha: str) -> None:

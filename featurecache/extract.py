@@ -36,10 +36,12 @@ from featurecache.data import (
     ImageFiles,
     SplitIndex,
     augmented_views,
+    copies_across_splits,
     discover_splits,
     draft_would_shrink,
     fingerprint_files,
     heif_readable,
+    remembered_digests,
 )
 from featurecache.devices import resolve_device
 from featurecache.distributed import World
@@ -232,8 +234,11 @@ def extract(
     if world.is_main:
         _suggest_draft(indexes[request.splits[0]], runner)
     split = functools.partial(_extract_split, runner=runner, taps=taps, dataset=dataset, world=world)
-    results = [_require_readable(split(indexes[s], paths.feature_file(dataset, loaded.tag, s)), indexes[s], world)
-               for s in request.splits]  # fmt: skip
+    with remembered_digests():  # each file hashed once, for its split's fingerprint and the copies check
+        results = [_require_readable(split(indexes[s], paths.feature_file(dataset, loaded.tag, s)), indexes[s], world)
+                   for s in request.splits]  # fmt: skip
+        if world.is_main and options.fingerprint == "content" and {"val", "test"} & set(request.splits):
+            _warn_copies(indexes)
     if request.train_views:
         train = indexes["train"]
         views = SeededPerRow(
@@ -314,6 +319,17 @@ def _unreadable(result: SplitResult, index: SplitIndex) -> str | None:
         f"no image of class {index.class_names[c]!r} in train could be read (the first, {path}: {reason}); make "
         f"them readable, or remove the class folder"
     )
+
+
+def _warn_copies(indexes: dict[str, SplitIndex]) -> None:
+    """Name val/test images that are byte-identical to train images (copies in the user's folders, or ``x (1).png``
+    twins a drawn split put on both sides)."""
+    for split, pairs in copies_across_splits(indexes).items():
+        shown = ", ".join(f"{copy} = {original}" for copy, original in pairs[:3])
+        more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
+        log.warning("%d of %d %s images are byte-identical to train images (%s%s): the heads have seen them, so %s "
+                    "accuracy overstates what they do on new images; remove the copies from one of the splits",
+                    len(pairs), len(indexes[split]), split, shown, more, split)  # fmt: skip
 
 
 def _suggest_draft(index: SplitIndex, runner: _Runner, sample: int = 8) -> None:

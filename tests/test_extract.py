@@ -595,3 +595,21 @@ def test_an_image_over_pils_warning_limit_is_named_with_what_it_costs(tmp_path, 
         with caplog.at_level("WARNING"):
             assert load_image(tmp_path / "big.png").size == (40, 40)
     assert f"{tmp_path / 'big.png'} is 40x40 pixels" in caplog.text
+
+
+def test_test_images_that_are_copies_of_train_images_are_named(tiny, paths, caplog, monkeypatch):
+    import featurecache.data as data
+
+    for i, original in enumerate(sorted((tiny / "train" / "circle").glob("*.png"))[:2]):
+        shutil.copy(original, tiny / "test" / "circle" / f"copy{i}.png")
+    with caplog.at_level("WARNING"):
+        run(tiny, paths)
+    warned = [r.getMessage() for r in caplog.records if "byte-identical" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("2 of 8 test images are byte-identical to train images (test/")
+    hashed, digest = [], data._digest
+    monkeypatch.setattr(data, "_digest", lambda path, mode: hashed.append(path) or digest(path, mode))
+    index = discover_splits(tiny)["test"]
+    with data.remembered_digests():  # one hash per file however many readers ask (the fingerprint, the check)
+        assert data.file_digests(index) == data.file_digests(index) and len(hashed) == len(index)
+    data.file_digests(index)  # outside the block every call hashes again: a file may have changed since
+    assert len(hashed) == 2 * len(index)
