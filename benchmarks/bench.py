@@ -6,7 +6,9 @@ vs eager, the naive per-layer peer, all stage taps vs one), sweep (logreg C path
 np.load; dtype x compression), memory (peak RSS at 1x and 10x), scaleout (torchrun with 2 gloo ranks vs 1
 process), stage2 (the default head sweep, from benchmarks/stage2.py when present), int8 (ONNX Runtime's int8
 graphs of the extractor vs f32: speed and error), gpu (resnet50 end to end vs its bare forward on a CUDA device,
-decoded by PIL and with --decode gpu: benchmarks/gpu.py; one line saying it was skipped where there is none).
+decoded by PIL and with --decode gpu: benchmarks/gpu.py; one line saying it was skipped where there is none),
+coverage (how often the paired 95% interval of a gain covers the true gain, against a paired bootstrap:
+benchmarks/paired_interval.py).
 Prints each figure with its goal and writes results.json under $FEATURECACHE_HOME/reports/bench (else a
 temporary folder it prints), never into the repository.
 """
@@ -339,9 +341,20 @@ def bench_int8(work: Path, rounds: int = 3) -> None:
                f"max relative error vs f32 {error:.2g}")  # fmt: skip
 
 
+def bench_coverage() -> None:
+    from benchmarks.paired_interval import SETTINGS, coverage
+
+    for n, p_a, p_b, rho in SETTINGS:
+        c = coverage(n, p_a, p_b, rho)
+        name = f"paired 95% interval coverage, n={n}, p={p_a}/{p_b}, rho={rho}"
+        report("coverage", name, c["newcombe_coverage"], ">= 0.93", c["newcombe_coverage"] >= 0.93,
+               f"bootstrap {c['bootstrap_coverage']:.3f} (zero-width {c['bootstrap_zero']:.3f}); "
+               f"Newcombe zero-width {c['newcombe_zero']:.3f}")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser("make bench", description=__doc__)
-    parser.add_argument("--only", default="answer,extraction,sweep,io,memory,scaleout,stage2,int8,gpu")
+    parser.add_argument("--only", default="answer,extraction,sweep,io,memory,scaleout,stage2,int8,gpu,coverage")
     args = parser.parse_args()
     only = set(args.only.split(","))
     machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
@@ -368,6 +381,8 @@ def main() -> int:
             bench_int8(work)
         if "gpu" in only:
             bench_gpu(work, report)
+        if "coverage" in only:
+            bench_coverage()
     from featurecache.config import Paths
 
     home = os.environ.get("FEATURECACHE_HOME")

@@ -100,7 +100,7 @@ def _multi_tap_sentence(answer: Answer) -> str:
     if versus is None:
         return text
     return (f"{text}; against the best single layer chosen on val (`{versus.reference.name()}`) it differs by "
-            f"{versus.gain.points()} points on test (paired bootstrap 95%)")  # fmt: skip
+            f"{versus.gain.points()} points on test (paired 95% interval)")  # fmt: skip
 
 
 def _tied(answer: Answer, other: HeadResult) -> bool:
@@ -221,7 +221,7 @@ def warnings(answer: Answer) -> list[str]:
         control = f"the best control ({transfer.control.base}, `{transfer.control.name()}`)"
         out.append(
             f"Pretraining shows no significant gain here: the recommendation's gain over {control} is "
-            f"{gain_text(transfer.gain)} points (paired bootstrap 95%), an interval that includes 0."
+            f"{gain_text(transfer.gain)} points (paired 95% interval), an interval that includes 0."
             if transfer.verdict != "hurts"
             else f"Pretraining hurts here: {control} beats the recommendation ({gain_text(transfer.gain)} points)."
         )
@@ -240,7 +240,7 @@ def transfer_sentence(answer: Answer) -> str:
     head = f"Against the best control ({t.control.base}, `{t.control.name()}`, test {pts(t.control.test_accuracy)}%)"
     verdict = {"helps": "pretrained features gain", "hurts": "pretrained features lose",
                "no measurable gain": "pretrained features' gain is not significant"}[t.verdict]  # fmt: skip
-    return f"{head} {verdict}: {gain_text(t.gain)} points (paired bootstrap 95%); chance is {pts(t.chance)}%."
+    return f"{head} {verdict}: {gain_text(t.gain)} points (paired 95% interval); chance is {pts(t.chance)}%."
 
 
 def explain(answer: Answer) -> Answer:

@@ -12,7 +12,7 @@ keep the labels); nothing is trained here. The statistics:
 * only the heads the comparison trained are ranked (:class:`Scope`): the answer is what its command gives on a
   fresh home, not whatever other heads are saved beside them;
 * gains (pretrained over the best control, fine-tuned over the recommendation) are paired differences on the
-  same test images with a paired bootstrap 95% interval.
+  same test images with a paired 95% interval (Newcombe's hybrid score, :func:`featurecache.metrics.paired_difference`).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ class Comparison:
 
 
 def transfer_check(
-    heads: dict[str, list[HeadResult]], recommended: HeadResult, paths: Paths, labels: LabelReader, *, seed: int = 0
+    heads: dict[str, list[HeadResult]], recommended: HeadResult, paths: Paths, labels: LabelReader
 ) -> TransferCheck:
     """The recommendation against the best random-init head and the raw-pixel baseline (``heads`` by base tag)."""
     randoms = [r for tag, rs in heads.items() if is_random_tag(tag) for r in rs]
@@ -224,7 +224,7 @@ def transfer_check(
     controls = [c for c in (check.random_init, check.pixels) if c is not None]
     if controls:
         check.control = pick_best(controls, _candidate)
-        check.gain = paired_difference(recommended.test_correct, check.control.test_correct, seed=seed)
+        check.gain = paired_difference(recommended.test_correct, check.control.test_correct)
     return check
 
 
@@ -280,7 +280,6 @@ def compute_answer(
     paths: Paths,
     *,
     distance: dict[str, float] | None = None,
-    seed: int = 0,
     scope: Scope | None = None,
 ) -> Answer:
     """The answer for ``dataset`` over the pretrained ``bases`` (base tags), read from the saved heads: those in
@@ -311,26 +310,24 @@ def compute_answer(
         val_ties=[r for r in tie_set(recommended, same_base_curve, split="val") if r.layer != recommended.layer],
         curves=curves,
         heads=heads,
-        transfer=transfer_check(heads, recommended, paths, labels, seed=seed),
+        transfer=transfer_check(heads, recommended, paths, labels),
         class_counts=smallest_class_counts(dataset, recommended.base, paths),
         n_classes=len(store.read_metadata(paths.feature_file(dataset, recommended.base, "test"))["class_names"]),
         distance=distance,
     )
-    answer.multilayer = multilayer_comparisons(heads, bases, seed=seed)
+    answer.multilayer = multilayer_comparisons(heads, bases)
     return answer
 
 
-def multilayer_comparisons(
-    heads: dict[str, list[HeadResult]], bases: Sequence[str], *, seed: int = 0
-) -> list[Comparison]:
+def multilayer_comparisons(heads: dict[str, list[HeadResult]], bases: Sequence[str]) -> list[Comparison]:
     """Each multi-tap head against the best single-layer head of its base (chosen on val), on the same test
-    images: paired difference with a bootstrap 95% interval."""
+    images: paired difference with its 95% interval."""
     out = []
     for base in bases:
         single = [r for r in heads.get(base, []) if not r.multi_tap]
         for multi in (r for r in heads.get(base, []) if r.multi_tap):
             if single:
                 best = pick_best(single, _candidate)
-                gain = paired_difference(multi.test_correct, best.test_correct, seed=seed)
+                gain = paired_difference(multi.test_correct, best.test_correct)
                 out.append(Comparison(result=multi, reference=best, gain=gain))
     return out

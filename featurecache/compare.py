@@ -145,5 +145,5 @@ def finetune_recommended(answer: Answer, *, options: CompareOptions, paths: Path
                                  progress=options.train.progress)  # fmt: skip
     result = finetune(dataset=answer.dataset, base_tag=rec.base, options=ft_options, paths=paths)
     tuned = result_of_record(result.record, LabelReader(), paths)
-    gain = paired_difference(tuned.test_correct, rec.test_correct, seed=options.seed)
+    gain = paired_difference(tuned.test_correct, rec.test_correct)
     return Comparison(result=tuned, reference=rec, gain=gain, route=f"fine-tuned from {rec.layer} / {head}")

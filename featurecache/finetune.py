@@ -553,12 +553,12 @@ def gain_verdict(state: TrainState, frozen_val: float, gain: PairedGain) -> str:
     return f"{'gain' if gain.verdict == 'helps' else 'loss'} on test: {interval}"
 
 
-def paired_test_gain(rebuilt: Rebuilt, test_pred: np.ndarray, seed: int) -> PairedGain:
-    """Gain over the frozen head on test, with its paired bootstrap interval (the same images resampled)."""
+def paired_test_gain(rebuilt: Rebuilt, test_pred: np.ndarray) -> PairedGain:
+    """Gain over the frozen head on test, with its paired interval (:func:`featurecache.metrics.paired_difference`)."""
     y_test = rebuilt.splits.valid_labels("test")
     X_test, _, _ = store.load_features(rebuilt.files["test"], rebuilt.layer)
     frozen_correct = rebuilt.estimator.predict(X_test.astype(np.float32)) == y_test
-    return paired_difference(test_pred == y_test, frozen_correct, seed=seed)
+    return paired_difference(test_pred == y_test, frozen_correct)
 
 
 def score_and_record(
@@ -566,13 +566,13 @@ def score_and_record(
 ) -> HeadRecord:
     """Score the model on test once (and on val); returns its record. ``model.pt`` must already be in ``out_dir``:
     the record holds its checksum (the caller writes the record last)."""
-    options, hr, splits = trainer.options, rebuilt.head_record, rebuilt.splits
+    hr, splits = rebuilt.head_record, rebuilt.splits
     preds = {split: predict_split(rebuilt.model, splits, split, rebuilt.device) for split in ("val", "test")}
     # With the per-image predictions (valid rows, cache order), as stage-2 heads record them: the report pairs models
     # on them.
     scores = {split: {**classification_scores(splits.valid_labels(split), pred, n_classes=len(hr.class_names)),
                       "predictions": pred.tolist()} for split, pred in preds.items()}  # fmt: skip
-    gain = paired_test_gain(rebuilt, preds["test"], options.seed)
+    gain = paired_test_gain(rebuilt, preds["test"])
     return HeadRecord(
         kind=FINETUNED_KIND,
         dataset=rebuilt.dataset,

@@ -7,7 +7,7 @@
   full run selects is in the score's top 3. :func:`cross_dataset_summary` averages tables over datasets.
 - :func:`shortlist_layers`: the K best layers by one score (``train-heads --shortlist K``).
 - :func:`multilayer_vs_best_single`: the ``multilayer`` head against the best single-layer head chosen on val,
-  as a paired difference on the same test images with a bootstrap interval.
+  as a paired difference on the same test images with its 95% interval.
 
 Returned records are dataclasses of plain values; the report renders them.
 """
@@ -283,19 +283,19 @@ class PairedDifference:
     single_head: str
     single_accuracy: float
     difference: float
-    ci95: tuple[float, float]  # paired bootstrap over test images
+    ci95: tuple[float, float]  # Newcombe's paired interval over the test images
     n_test: int
 
 
 def multilayer_vs_best_single(
-    dataset: str, base_tag: str, paths: Paths | None = None, *, head: str = "multilayer", seed: int = 0
+    dataset: str, base_tag: str, paths: Paths | None = None, *, head: str = "multilayer"
 ) -> PairedDifference:
     """Test accuracy of ``head`` (saved under the all-stages folder) minus that of the best single-layer head
-    chosen on val, with a 95% percentile-bootstrap interval of the paired per-image differences (computed by
+    chosen on val, with the 95% interval of the paired per-image difference (computed by
     :func:`featurecache.answer.multilayer_comparisons`, which the report uses too)."""
     paths = paths or default_paths()
     results = head_results(dataset, base_tag, paths)
-    found = [c for c in multilayer_comparisons({base_tag: results}, [base_tag], seed=seed) if c.result.head == head]
+    found = [c for c in multilayer_comparisons({base_tag: results}, [base_tag]) if c.result.head == head]
     if not found:
         raise FeaturecacheError(
             f"no {head} head and single-layer heads for {dataset} x {base_tag}; train them with `featurecache "

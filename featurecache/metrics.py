@@ -2,12 +2,13 @@
 
 * one accuracy: a Wilson score interval, which (unlike a bootstrap of the 0/1 vector) does not collapse to a point
   at 0% or 100%: 3 of 3 correct gives [44%, 100%], not [100%, 100%];
-* two heads on the same images: an exact McNemar test on the discordant pairs, and a paired bootstrap interval of
-  the difference in accuracy.
+* two heads on the same images: an exact McNemar test on the discordant pairs, and Newcombe's hybrid score
+  interval of the difference in accuracy, which does not collapse where they rarely disagree either.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -63,7 +64,7 @@ def mcnemar_worse_p(reference_correct: np.ndarray, other_correct: np.ndarray) ->
 
 
 class PairedGain(NamedTuple):
-    """Accuracy of one model minus another's on the same test items (fractions), with a paired bootstrap interval.
+    """Accuracy of one model minus another's on the same test items (fractions), with a paired 95% interval.
 
     Every "did it pay?" in featurecache (pretraining against its controls, fine-tuning, augmented views, the
     multilayer head) is judged by :attr:`verdict`, so the report, the terminal and the fine-tuning record agree."""
@@ -87,13 +88,30 @@ def pts(fraction: float) -> str:
     return f"{100 * fraction:.1f}"
 
 
-def paired_difference(
-    a_correct: np.ndarray, b_correct: np.ndarray, *, seed: int = 0, level: float = 0.95
-) -> PairedGain:
-    """Accuracy of ``a`` minus accuracy of ``b`` on the same items, with a paired bootstrap interval."""
-    diff = np.asarray(a_correct, dtype=np.float64) - np.asarray(b_correct, dtype=np.float64)
-    low, high = bootstrap_ci(diff, seed=seed, level=level)
-    return PairedGain(float(diff.mean()), low, high)
+def paired_difference(a_correct: np.ndarray, b_correct: np.ndarray, *, level: float = 0.95) -> PairedGain:
+    """Accuracy of ``a`` minus accuracy of ``b`` on the same items, with Newcombe's hybrid score interval for paired
+    proportions (Newcombe 1998, method 10: each accuracy's Wilson interval, combined with the pairs' correlation).
+
+    Not a paired bootstrap, which collapses where the two models rarely disagree: 12 images both right on gave
+    +0.0 [+0.0, +0.0], and at 15 images its 95% interval covered the true difference 67% of the time (600 simulated
+    test sets, accuracies 0.95/0.90, correlation 0.5; this interval: 99.5%; ``benchmarks/paired_interval.py``).
+    """
+    a = np.asarray(a_correct, dtype=bool)
+    b = np.asarray(b_correct, dtype=bool)
+    n = len(a)
+    if n == 0:
+        return PairedGain(float("nan"), float("nan"), float("nan"))
+    both, only_a, only_b = int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum())
+    neither = n - both - only_a - only_b
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = wilson_interval(both + only_a, n, level=level)
+    l2, u2 = wilson_interval(both + only_b, n, level=level)
+    margins = (both + only_a) * (neither + only_b) * (both + only_b) * (neither + only_a)
+    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins > 0 else 0.0
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    difference = p1 - p2
+    return PairedGain(difference, max(-1.0, difference - below), min(1.0, difference + above))
 
 
 def classification_scores(y_true: np.ndarray, y_pred: np.ndarray, *, n_classes: int) -> dict[str, Any]:

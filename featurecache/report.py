@@ -89,7 +89,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def beyond_frozen(answer: Answer, paths: Paths) -> list[Comparison]:
     """Fine-tuned models, and the best head trained with augmented views, each against the frozen head it starts
-    from (same layer, same head kind) on the same test images: paired difference with a bootstrap 95% interval."""
+    from (same layer, same head kind) on the same test images: paired difference with its 95% interval."""
     labels, routes, plain = LabelReader(), [], {}
     for _directory, r in current_heads(paths.head_dirs(answer.dataset, answer.recommended.base), paths):
         if not is_frozen_plain(r.head):
@@ -140,7 +140,7 @@ def answer_block(answer: Answer) -> list[str]:
         f = answer.finetune
         lines.append(
             f"**Fine-tuning** (`{f.result.name()}`): test {pts(f.result.test_accuracy)}%, {f.gain.points()} points "
-            f"over the recommendation (paired bootstrap 95%)."
+            f"over the recommendation (paired 95% interval)."
         )
     return lines
 
@@ -203,7 +203,7 @@ def _multilayer_table(answer: Answer) -> list[Block]:
     return [("h2", "A head on every layer at once"),
             ("p", "The multilayer head (every stage tap, standardized per tap, features selected on train with the "
                   "kept fraction swept on val, then logistic regression) against the best single-layer head chosen "
-                  "on val, on the same test images (paired bootstrap 95%)."),
+                  "on val, on the same test images (paired 95% interval, Newcombe's hybrid score)."),
             ("table", (["multilayer", "val %", "test %", "best single layer (val)", "its test %",
                         "difference pts [95% CI]"], rows))]  # fmt: skip
 
@@ -215,7 +215,7 @@ def _beyond_table(answer: Answer) -> list[Block]:
         return []
     return [("h2", "Beyond frozen features"),
             ("p", "Each route against the frozen head it starts from (same layer and head) on the same test images, "
-                  "paired bootstrap 95%; an interval that straddles 0 means it did not measurably pay."),
+                  "paired 95% interval; an interval that straddles 0 means it did not measurably pay."),
             ("table", (["route", "model", "val %", "test %", "frozen test %", "gain pts [95% CI]"], rows))]  # fmt: skip
 
 

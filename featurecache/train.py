@@ -2,7 +2,7 @@
 
 For every layer x head: each grid point is fitted on train and scored on the val split (a predefined split,
 never cross-validation, and test is not opened); the best is refitted on train (or train+val); only then is
-the test split read, once, for accuracy with a bootstrap 95% interval, balanced accuracy, macro-F1 and the
+the test split read, once, for accuracy with a Wilson 95% interval, balanced accuracy, macro-F1 and the
 confusion matrix. Grid points are plain ``ParameterGrid`` fits rather than ``GridSearchCV`` because the refit
 must be on train alone and the dense head early-stops on the val split.
 

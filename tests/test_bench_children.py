@@ -59,3 +59,12 @@ def test_the_gpu_section_reports_each_figure_from_the_medians_of_its_rounds(tmp_
     assert rows["end-to-end / bare forward (PIL decode)"] == (0.95, True)  # the median of 0.90, 0.95, 0.99
     assert rows["end-to-end / bare forward (--decode gpu)"] == (0.98, True)
     assert rows["forward loop alone / bare forward (--decode gpu)"][0] == 1.1
+
+
+def test_the_coverage_bench_compares_both_intervals_on_the_same_simulated_test_sets():
+    from benchmarks.paired_interval import coverage
+
+    small = coverage(15, 0.95, 0.90, 0.5, trials=60)
+    assert set(small) == {"newcombe_coverage", "bootstrap_coverage", "newcombe_zero", "bootstrap_zero"}
+    assert small["newcombe_zero"] == 0 < small["bootstrap_zero"]  # the bootstrap collapses on 15 images
+    assert coverage(15, 0.95, 0.90, 0.5, trials=60) == small  # seeded: the same figures every run

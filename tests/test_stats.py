@@ -41,9 +41,21 @@ def test_paired_difference_is_the_accuracy_gap_with_an_interval_around_it():
     a = rng.random(400) < 0.8
     b = a.copy()
     b[:40] = False  # b loses 40 images that a gets right (a few were already wrong)
-    diff, low, high = paired_difference(a, b, seed=1)
+    diff, low, high = paired_difference(a, b)
     assert diff == pytest.approx(a.mean() - b.mean())
     assert 0 < low <= diff <= high
+
+
+def test_the_paired_interval_does_not_collapse_where_the_two_never_disagree():
+    """12 images both right on: a paired bootstrap said +0.0 [+0.0, +0.0]. Newcombe's interval is each accuracy's
+    Wilson bound apart: 12 of 12 has a Wilson 95% lower bound of 0.7575, so the difference is within +-0.2425."""
+    diff, low, high = paired_difference(np.ones(12, bool), np.ones(12, bool))
+    wilson_low = wilson_interval(12, 12)[0]
+    assert diff == 0 and (low, high) == (pytest.approx(wilson_low - 1), pytest.approx(1 - wilson_low))
+    assert high == pytest.approx(0.2425, abs=1e-4)
+    a = np.r_[np.ones(12, bool), np.zeros(3, bool)]  # the same 12 of 15 right: still an interval, not a point
+    _, low, high = paired_difference(a, a)
+    assert low < 0 < high and low == pytest.approx(-high)
 
 
 def test_a_paired_gain_helps_or_hurts_only_when_its_whole_interval_is_one_side_of_zero():
