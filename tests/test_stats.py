@@ -53,9 +53,18 @@ def test_the_paired_interval_does_not_collapse_where_the_two_never_disagree():
     wilson_low = wilson_interval(12, 12)[0]
     assert diff == 0 and (low, high) == (pytest.approx(wilson_low - 1), pytest.approx(1 - wilson_low))
     assert high == pytest.approx(0.2425, abs=1e-4)
-    a = np.r_[np.ones(12, bool), np.zeros(3, bool)]  # the same 12 of 15 right: still an interval, not a point
+    a = np.r_[np.ones(6, bool), np.zeros(6, bool)]  # right and wrong on the same images: fully correlated pairs
     _, low, high = paired_difference(a, a)
-    assert low < 0 < high and low == pytest.approx(-high)
+    assert low == pytest.approx(-0.1422, abs=1e-4) and high == pytest.approx(0.1422, abs=1e-4)  # not [0, 0]
+
+
+def test_the_paired_interval_matches_the_published_one():
+    """Bentur et al.'s airway data, as Fagerland, Lydersen and Laake (2014) tabulate it: 21 pairs, 1 both yes, 1
+    yes-no, 7 no-yes, 12 both no; Newcombe's hybrid score interval of the difference is [-0.507, -0.026]."""
+    first = np.r_[np.ones(2, bool), np.zeros(19, bool)]
+    second = np.r_[True, False, np.ones(7, bool), np.zeros(12, bool)]
+    diff, low, high = paired_difference(first, second)
+    assert diff == pytest.approx(-6 / 21) and (round(low, 3), round(high, 3)) == (-0.507, -0.026)
 
 
 def test_a_paired_gain_helps_or_hurts_only_when_its_whole_interval_is_one_side_of_zero():
