@@ -133,8 +133,8 @@ def above_chance(answer: Answer) -> bool:
 
     rec, chance = answer.recommended, answer.transfer.chance
     n = len(rec.test_correct)
-    if n == 0 or not chance < 1:  # no test image, or a single class in test: nothing to beat
-        return False
+    if n == 0 or not chance < 1:  # no test image, or a single class in test: no baseline to beat (other warnings say)
+        return True
     return binomtest(int(rec.test_correct.sum()), n, chance, alternative="greater").pvalue < ALPHA
 
 
@@ -144,35 +144,54 @@ def _verdict(answer: Answer, kind: str) -> str:
         return "cannot tell: the recommendation is not measurably above chance"
     if rec.multi_tap and kind != "finetune":
         return "cannot tell: the recommendation reads every stage tap at once (multilayer)"
-    top = top_layer(answer).layer
-    tied_layers = {r.layer for r in answer.ties if r.base == rec.base and not r.multi_tap}  # layers, not all-stages
-    if kind == "top":
-        if rec.layer == top:
-            if tied_layers - {top}:  # the test images cannot tell the top layer from earlier ones
-                return "is consistent with it: the top layer is recommended, earlier ones tied"
-            return "agrees: the top layer is recommended"
-        return (
-            "is consistent with it: the top layer is statistically tied"
-            if top in tied_layers
-            else (f"disagrees: `{rec.layer}` beats the top layer significantly")
-        )
-    if kind == "earlier":  # earlier: the early or middle layers; an upper layer (depth 0.85 and up) is near the top
-        at = f"`{rec.layer}`, depth {rec.depth:.2f}"
-        if _is_earlier(answer, rec):
-            if top in tied_layers:  # the test images cannot tell the earlier layer from the top
-                return f"is consistent with it: an earlier layer ({at}) is recommended, the top one tied"
-            return f"agrees: an earlier layer ({at}) is recommended"
-        tied_earlier = [r for r in answer.ties if r.base == rec.base and not r.multi_tap and _is_earlier(answer, r)]
-        if tied_earlier:
-            return (f"is consistent with it: a layer near the top ({at}) is recommended, an earlier one "
-                    f"(`{tied_earlier[0].layer}`, depth {tied_earlier[0].depth:.2f}) statistically tied")  # fmt: skip
-        return f"disagrees: a layer near the top ({at}) is recommended, and no earlier layer is tied with it"
+    if kind in ("top", "earlier"):
+        return _layer_verdict(answer, kind)
     if answer.finetune is None:
         return "was not taken: run `featurecache compare-layers --finetune`"
     return {
         "helps": "agrees: fine-tuning gains significantly",
         "hurts": "disagrees: fine-tuning loses significantly",
     }.get(answer.finetune.gain.verdict, "is not borne out: fine-tuning's gain is not significant")
+
+
+def _layer_verdict(answer: Answer, kind: str) -> str:
+    """The rule's layers (the top one, or the early and middle ones) against the measurement on the recommended
+    base: a layer that beats the recommendation significantly on test speaks first (val missed it), then the tie
+    set (the test images cannot tell those layers from the recommendation; anything else is significantly worse)."""
+    rec, top = answer.recommended, top_layer(answer).layer
+
+    def advised(r: HeadResult) -> bool:
+        return r.layer == top if kind == "top" else _is_earlier(answer, r)
+
+    def at(r: HeadResult) -> str:
+        return f"`{r.layer}`, depth {r.depth:.2f}"
+
+    def same_base(results: list[HeadResult]) -> list[HeadResult]:
+        return [r for r in results if r.base == rec.base and not r.multi_tap]
+
+    what = "the top layer" if kind == "top" else "an earlier layer"
+    for better in same_base(answer.better_on_test):
+        if advised(better) != advised(rec):
+            side = "is consistent with it on test" if advised(better) else "disagrees on test"
+            return f"{side}: {at(better)} beats the recommendation ({at(rec)}) significantly there; val missed it"
+    across = [r for r in same_base(answer.ties) if advised(r) != advised(rec)]
+    if advised(rec):
+        if not across:
+            return (
+                "agrees: the top layer is recommended"
+                if kind == "top"
+                else f"agrees: {what} ({at(rec)}) is recommended"
+            )
+        tied = "earlier ones tied" if kind == "top" else "a layer near the top tied"
+        return (f"is consistent with it: {what} is recommended, {tied}" if kind == "top"
+                else f"is consistent with it: {what} ({at(rec)}) is recommended, {tied}")  # fmt: skip
+    if kind == "top":
+        return ("is consistent with it: the top layer is statistically tied" if across
+                else f"disagrees: `{rec.layer}` beats the top layer significantly")  # fmt: skip
+    if across:
+        return (f"is consistent with it: a layer near the top ({at(rec)}) is recommended, an earlier one "
+                f"({at(across[0])}) statistically tied")  # fmt: skip
+    return f"disagrees: a layer near the top ({at(rec)}) is recommended, and no earlier layer is tied with it"
 
 
 def _is_earlier(answer: Answer, result: HeadResult) -> bool:

@@ -37,7 +37,7 @@ def test_the_2x2_rule_agrees_only_where_the_test_images_can_tell_the_layers_apar
         "agrees: an earlier layer (`early`, depth 0.20) is recommended"
     )
     assert _verdict(answer(early, [early, top], ties=[top]), "earlier") == (
-        "is consistent with it: an earlier layer (`early`, depth 0.20) is recommended, the top one tied"
+        "is consistent with it: an earlier layer (`early`, depth 0.20) is recommended, a layer near the top tied"
     )
     # A layer at depth 0.96 is the top's neighbour: recommending it does not bear out "earlier layers".
     upper = result("upper", 0.96, 1.0)
@@ -112,3 +112,13 @@ def test_a_recommendation_at_the_majority_share_is_said_to_have_learned_nothing_
     assert _verdict(a, "earlier") == "cannot tell: the recommendation is not measurably above chance"
     a.transfer = TransferCheck(random_init=None, pixels=None, chance=1 / 3)  # three balanced classes
     assert not any(w.startswith("Not measurably better") for w in warnings(a))
+
+
+def test_a_layer_that_beats_the_recommendation_on_test_decides_the_2x2_verdict():
+    """The top layer significantly better than val's middle choice is no tie: the rule for the top layer is borne
+    out on test, the rule for earlier layers is not (a one-sided tie set read 'agrees' and 'beats the top')."""
+    mid, top = result("mid", 0.5, 0.75), result("view", 1.0, 1.0)
+    a = answer(mid, [mid, top], ties=[])
+    a.better_on_test = [top]
+    assert _verdict(a, "top").startswith("is consistent with it on test: `view`, depth 1.00 beats the recommendation")
+    assert _verdict(a, "earlier").startswith("disagrees on test: `view`, depth 1.00 beats the recommendation")
