@@ -112,16 +112,17 @@ def _control_points(answer: Answer, base: str) -> list[HeadResult]:
 
 def _shared_scale(cells: Sequence[tuple[Answer, str]]) -> tuple[float, float]:
     """One y range (%) for every panel, so a 2-point wiggle in one does not look like a 20-point swing in another:
-    from 5 points under the lowest band or control (down to a chance line within 10 points of it) to just above the
-    highest point (102 where a point is at 100%, drawn whole rather than cut by the frame)."""
+    every point drawn (the curve's band, the controls, the multilayer heads) fits, from 5 points under the lowest
+    (down to a chance line within 10 points of it) to just above the highest (102 where a point is at 100%, drawn
+    whole rather than cut by the frame)."""
     lows, highs = [], []
     for answer, base in cells:
-        values = [100 * r.test_interval[0] for r in answer.curves[base]]
-        values += [100 * r.test_accuracy for r in _control_points(answer, base)]
-        bottom = min(values) - 5
+        curve = answer.curves[base]
+        points = [100 * r.test_accuracy for r in [*_control_points(answer, base), *_multi_tap_heads(answer, base)]]
+        bottom = min([100 * r.test_interval[0] for r in curve] + points) - 5
         chance = 100 * answer.transfer.chance
         lows.append(min(bottom, chance - 3) if chance >= bottom - 10 else bottom)
-        highs.append(max(100 * r.test_interval[1] for r in answer.curves[base]))
+        highs.append(max([100 * r.test_interval[1] for r in curve] + points + [chance]))
     return max(0.0, min(lows)), min(102.0, max(highs) + 3)
 
 

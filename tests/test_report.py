@@ -147,6 +147,16 @@ def test_the_legend_and_the_summary_name_only_what_is_drawn(trained):
     assert controls <= {h.get_label() for h in _legend_handles([answer])}
     assert not controls & {h.get_label() for h in _legend_handles([bare])}  # compare-layers --no-controls
     assert _curves_in_words(answer.curves) == "1 base and 2 controls" and _curves_in_words(bare.curves) == "1 base"
+    # Every point drawn fits the shared range: a control far above the curve and a multilayer head far below it.
+    from featurecache.plots import _shared_scale
+
+    (control,) = answer.curves[f"{BASE}-random"][:1]
+    high = dataclasses.replace(control, test_accuracy=1.0)
+    low = dataclasses.replace(control, base=BASE, head="multilayer", test_accuracy=0.02, multi_tap=True)
+    spread = dataclasses.replace(answer, curves={**answer.curves, f"{BASE}-random": [high]},
+                                 heads={**answer.heads, BASE: [*answer.heads[BASE], low]})  # fmt: skip
+    bottom, top = _shared_scale([(spread, BASE)])
+    assert bottom <= 2.0 and top >= 100.0
     # Chance is in the legend only where a panel draws its line: far below the data it is a note in the panel.
     far_below = dataclasses.replace(answer, transfer=dataclasses.replace(answer.transfer, chance=0.0))
     assert "chance (largest class)" not in {h.get_label() for h in _legend_handles([far_below])}
