@@ -625,14 +625,13 @@ def load_image(path: str | os.PathLike, decoding: Decoding = Decoding(), *, draf
     """
     from PIL import Image
 
-    with open(path, "rb") as f, warnings.catch_warnings():
-        # PIL's warning between its two bomb limits names neither the file nor what it costs: said here instead.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    _quiet_pil_bomb_warning()
+    with open(path, "rb") as f:
         image = _open(f, path)
         _refuse_thin(image.size)
-        _say_if_huge(image.size, path)
         if draft is not None:
             _draft(image, draft, decoding)
+        _say_if_huge(image.size, path)  # the size it decodes at (a draft is smaller)
         try:
             image.load()
         except RuntimeError as exc:  # a plugin's decoder refusing the payload (libheif without its codec)
@@ -758,11 +757,27 @@ def _is_jpeg(image: Any) -> bool:
 MAX_ASPECT_RATIO = 1000
 
 
+def _quiet_pil_bomb_warning() -> None:
+    """PIL's warning between its two bomb limits names neither the file nor what it costs: :func:`_say_if_huge`
+    says both instead. A process-wide filter, added where it is missing (``catch_warnings`` around each decode is
+    not thread-safe, and decode threads share the process; a test harness may reset the filters between calls)."""
+    from PIL import Image
+
+    bomb = Image.DecompressionBombWarning
+    first = next((action for action, _, category, *_ in warnings.filters if issubclass(bomb, category)), None)
+    if first != "ignore":  # the first filter that applies decides
+        warnings.filterwarnings("ignore", category=bomb)
+
+
+_SAID_HUGE: set[str] = set()  # files already named in this process (augmented views decode a file K times)
+
+
 def _say_if_huge(size: tuple[int, int], path: str | os.PathLike) -> None:
     from PIL import Image
 
     pixels = size[0] * size[1]
-    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:  # under twice that: PIL decodes it (over: error)
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS and str(path) not in _SAID_HUGE:
+        _SAID_HUGE.add(str(path))  # under twice the limit PIL decodes it; over, it refuses (a skipped file)
         log.warning("%s is %dx%d pixels (%.0f megapixels): decoding it takes ~%.1f GB of memory, for a base that "
                     "sees ~224 pixels", path, size[0], size[1], pixels / 1e6, 3 * pixels / 1e9)  # fmt: skip
 
