@@ -237,8 +237,8 @@ def extract(
     with remembered_digests():  # each file hashed once, for its split's fingerprint and the copies check
         results = [_require_readable(split(indexes[s], paths.feature_file(dataset, loaded.tag, s)), indexes[s], world)
                    for s in request.splits]  # fmt: skip
-        if world.is_main and options.fingerprint == "content" and {"val", "test"} & set(request.splits):
-            _warn_copies(indexes)
+        if world.is_main and options.fingerprint == "content" and "train" in request.splits:
+            _warn_copies(indexes)  # the train digests are in hand (stat fingerprints hash nothing: no check)
     if request.train_views:
         train = indexes["train"]
         views = SeededPerRow(
@@ -321,10 +321,16 @@ def _unreadable(result: SplitResult, index: SplitIndex) -> str | None:
     )
 
 
+_WARNED_COPIES: set[tuple[str, str, int]] = set()  # (folder, split, copies): compare-layers extracts 3 bases
+
+
 def _warn_copies(indexes: dict[str, SplitIndex]) -> None:
     """Name val/test images that are byte-identical to train images (copies in the user's folders, or ``x (1).png``
-    twins a drawn split put on both sides)."""
+    twins a drawn split put on both sides), once per folder and split in a process."""
     for split, pairs in copies_across_splits(indexes).items():
+        if (key := (str(indexes[split].root), split, len(pairs))) in _WARNED_COPIES:
+            continue
+        _WARNED_COPIES.add(key)
         shown = ", ".join(f"{copy} = {original}" for copy, original in pairs[:3])
         more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
         log.warning("%d of %d %s images are byte-identical to train images (%s%s): the heads have seen them, so %s "
