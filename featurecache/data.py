@@ -434,15 +434,15 @@ def _read_split_record(record_path: Path) -> dict[str, Any]:
 def _check_same_folder(record: dict[str, Any], record_path: Path, pool: list[tuple[str, int]], folder: str) -> None:
     """Refuse a record of another folder (``folder``: this one, resolved) with the same name: growing it would
     throw that folder's split away. Shared file names alone prove nothing (``0.png``, ``IMG_0001.JPG``): the record
-    is this folder's when its folder is gone and some of its files are here (moved), or when the files both hold are
-    the same bytes (copied)."""
+    is this folder's when the files both hold are the same bytes (copied), or, where its folder cannot be read (moved,
+    or on a drive not mounted now), when the files it sampled hash the same here."""
     recorded_root = record.get("root")  # records written before roots were kept have none
     if recorded_root is None or recorded_root == folder:
         return
     here = {p for p, _ in pool}
     shared = sorted(p for files in record["splits"].values() for p in files if p in here)
     old = Path(recorded_root)
-    if shared and (not old.is_dir() or _same_bytes(old, Path(folder), shared)):
+    if shared and (_same_bytes(old, Path(folder), shared) if old.is_dir() else _samples_match(record, Path(folder))):
         return
     why = "whose files differ from these" if shared else "and none of its files is here"
     raise FeaturecacheError(
@@ -460,10 +460,24 @@ def _same_bytes(old: Path, new: Path, shared: Sequence[str], sample: int = 20) -
         return False
 
 
+def _samples_match(record: dict[str, Any], folder: Path) -> bool:
+    """Whether the files the record sampled that are here hold the bytes they held (records from before samples
+    were kept: True, the shared names are all there is to go on)."""
+    samples = record.get("samples") or {}
+    present = {rel: digest for rel, digest in samples.items() if (folder / rel).is_file()}
+    return all(_digest(folder / rel, "content") == digest for rel, digest in present.items())
+
+
 def _write_split_record(
-    record_path: Path, params: dict[str, Any], split_files: dict[str, list[str]], folder: str
+    record_path: Path, params: dict[str, Any], split_files: dict[str, list[str]], folder: str, sample: int = 20
 ) -> None:
-    record = {"version": SPLIT_RECORD_VERSION, "root": folder, "params": params, "splits": split_files}
+    """The split, the folder it belongs to, and the content digests of up to ``sample`` of its files, spread over
+    the sorted names: what tells this folder, moved, from another of the same name (:func:`_check_same_folder`)."""
+    every = sorted(p for files in split_files.values() for p in files)
+    picked = every[:: max(1, len(every) // sample)][:sample]
+    samples = {rel: _digest(Path(folder) / rel, "content") for rel in picked if (Path(folder) / rel).is_file()}
+    record = {"version": SPLIT_RECORD_VERSION, "root": folder, "params": params, "splits": split_files,
+              "samples": samples}  # fmt: skip
     atomic_write_text(record_path, json.dumps(record, indent=1))
 
 

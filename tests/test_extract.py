@@ -388,8 +388,12 @@ def test_a_split_record_belongs_to_its_folder_wherever_it_moves(tmp_path, paths)
         discover_splits(namesake, record_path=record)
     copied = shutil.copytree(first, tmp_path / "copy" / "photos")  # the same bytes: a copy keeps the split
     assert {s: ix.paths for s, ix in discover_splits(copied, record_path=record).items()} == made
-    moved = shutil.move(first, tmp_path / "elsewhere")  # the same folder moved: same relative paths
-    assert {s: ix.paths for s, ix in discover_splits(moved, record_path=record).items()} == made
+    shutil.rmtree(copied)
+    record.write_text(record.read_text().replace(str(copied.resolve()), str(first.resolve())))
+    moved = shutil.move(first, tmp_path / "elsewhere")  # the recorded folder cannot be read now (moved, unmounted)
+    with pytest.raises(FeaturecacheError, match=r"another folder, .*a/photos.*whose files differ from these"):
+        discover_splits(namesake, record_path=record)  # the sampled files' bytes tell it apart all the same
+    assert {s: ix.paths for s, ix in discover_splits(moved, record_path=record).items()} == made  # same relative paths
     assert json.loads(record.read_text())["root"] == str(Path(moved).resolve())
 
 
