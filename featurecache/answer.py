@@ -250,7 +250,7 @@ class Answer:
 
     dataset: str
     recommended: HeadResult
-    ties: list[HeadResult]  # not significantly worse on test (the recommendation excluded)
+    ties: list[HeadResult]  # neither significantly worse nor better on test (the recommendation excluded)
     better_on_test: list[HeadResult]  # significantly better on test: the val choice missed them
     val_ties: list[HeadResult]  # other layers' val-selected heads not significantly worse on val
     curves: dict[str, list[HeadResult]]  # base tag (controls included) -> val-selected head per layer
@@ -283,7 +283,7 @@ def compute_answer(
     scope: Scope | None = None,
 ) -> Answer:
     """The answer for ``dataset`` over the pretrained ``bases`` (base tags), read from the saved heads: those in
-    ``scope``, or every current one without it (``featurecache report``)."""
+    ``scope``, or every current one without it (``featurecache.report.build_report``)."""
     labels = LabelReader()
 
     def saved(tag: str) -> list[HeadResult]:

@@ -1,5 +1,5 @@
 """Progress bars: tqdm's on a terminal; where stderr is a log file or a pipe (``make demo > log``, CI), an update
-every 30 seconds rather than ten a second, so the log holds a readable trail instead of a flood of carriage returns.
+every 30 seconds rather than ten a second, so the log holds a few updates instead of a flood of carriage returns.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ def progress_bar(**kwargs: Any) -> Any:
     """A ``tqdm.auto.tqdm`` bar with ``kwargs``, slowed down where stderr is not a terminal."""
     from tqdm.auto import tqdm
 
-    if not _stderr_is_terminal():
+    if not _stderr_is_terminal():  # tqdm's monitor thread would force a redraw every maxinterval (10 s) otherwise
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        kwargs.setdefault("maxinterval", LOG_INTERVAL_S)
     return tqdm(**kwargs)
 
 

@@ -89,10 +89,10 @@ def comma_list(text: str) -> list[str]:
 
 
 def seed(text: str) -> int:
-    """``--seed``: numpy and scikit-learn take 0 and up (a negative one failed deep inside them)."""
+    """``--seed``: numpy and scikit-learn take 0 to 2**32 - 1 (another failed deep inside them)."""
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative; a seed is 0 or a positive integer")
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; a seed is an integer from 0 to 2**32 - 1")
     return value
 
 

@@ -51,8 +51,9 @@ def test_usage_errors_are_one_line_naming_help(capsys):
         (["extract"], "the following arguments are required: dataset_root"),
         (["nope"], "argument COMMAND: invalid choice: 'nope'"),
         *(
-            ([*command, "--seed", "-1"], "argument --seed: -1 is negative; a seed is 0 or a positive integer")
+            ([*command, "--seed", seed], f"argument --seed: {seed} is out of range; a seed is an integer from 0 to")
             for command in (["extract", "."], ["train-heads"], ["finetune", "--dataset", "d"])
+            for seed in ("-1", str(2**32))
         ),
     ):
         with pytest.raises(SystemExit) as exited:

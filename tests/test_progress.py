@@ -16,7 +16,7 @@ class Terminal(io.StringIO):
 def test_a_bar_in_a_log_updates_every_30_seconds_and_on_a_terminal_as_tqdm_does(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     with progress_bar(total=3) as logged:
-        assert logged.mininterval == LOG_INTERVAL_S == 30.0
+        assert logged.mininterval == logged.maxinterval == LOG_INTERVAL_S == 30.0
     monkeypatch.setattr(sys, "stderr", Terminal())
     with progress_bar(total=3) as watched:
         assert watched.mininterval == 0.1  # tqdm's own
