@@ -347,6 +347,12 @@ def _split_folders(root: Path) -> dict[str, Path]:
         return {}
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not any(d.name.lower() in SPLIT_FOLDERS["train"] for d in folders):
+        held_out = [d.name for d in folders if d.name.lower() in SPLIT_FOLDERS["val"] + SPLIT_FOLDERS["test"]]
+        if held_out:  # read as ROOT/<class>/..., the held-out images would become classes of their own
+            raise FeaturecacheError(
+                f"{root} has {', '.join(f'{n}/' for n in held_out)} but no train/ (or training/) folder; name the "
+                f"training images' folder train/, or rename a class folder called {held_out[0]}"
+            )
         return {}
     out = {}
     for split, names in SPLIT_FOLDERS.items():

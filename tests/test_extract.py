@@ -522,6 +522,13 @@ def test_split_folders_are_found_in_any_case_and_under_kaggle_names(tmp_path):
     assert all(p.startswith("Testing/") for p in index["test"].paths) and index["val"].paths[0].startswith("Val/")
 
 
+def test_held_out_folders_without_a_train_folder_are_refused_not_read_as_classes(tmp_path):
+    root = make_image_folder(tmp_path / "kaggle")
+    (root / "train").rename(root / "images")
+    with pytest.raises(FeaturecacheError, match=r"has test/, val/ but no train/ \(or training/\) folder"):
+        discover_splits(root)
+
+
 def test_a_class_named_train_in_a_flat_folder_is_told_to_rename_it(tmp_path):
     root = make_image_folder(tmp_path / "flat", per_class={"x": 2}, splits=False)
     (root / "circle").rename(root / "train")
