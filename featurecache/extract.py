@@ -239,17 +239,23 @@ def extract(
                    for s in request.splits]  # fmt: skip
         if world.is_main and options.fingerprint == "content" and "train" in request.splits:
             _warn_copies(indexes)  # the train digests are in hand (stat fingerprints hash nothing: no check)
-    if request.train_views:
-        train = indexes["train"]
-        views = SeededPerRow(
-            train_transform(runner.transform, loaded.spec.input_size, request.augment), request.model_seed
-        )
-        view_runner = runner.with_transform(views, views=request.train_views, augment=request.augment,
-                                            source_split="train", source_rows=len(train))  # fmt: skip
-        final = paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN)
-        view_rows = augmented_views(train, request.train_views)
-        results.append(_require_readable(split(view_rows, final, runner=view_runner, files_of=train), view_rows, world))
+        if request.train_views:
+            final = paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN)
+            results.append(_extract_views(request, indexes["train"], final, runner=runner, split=split, world=world))
     return results
+
+
+def _extract_views(
+    request: ExtractRequest, train: SplitIndex, final: Path, *, runner: _Runner, split: Callable[..., Any], world: World
+) -> SplitResult:
+    """The ``train-aug`` cache: ``request.train_views`` seeded augmented views of every train image, view-major; its
+    data fingerprint covers the train files once, not once per view."""
+    augment = train_transform(runner.transform, runner.loaded.spec.input_size, request.augment)
+    views = SeededPerRow(augment, request.model_seed)
+    view_runner = runner.with_transform(views, views=request.train_views, augment=request.augment,
+                                        source_split="train", source_rows=len(train))  # fmt: skip
+    view_rows = augmented_views(train, request.train_views)
+    return _require_readable(split(view_rows, final, runner=view_runner, files_of=train), view_rows, world)
 
 
 def _cached_taps(caches: Sequence[Path], traced: TracedBase, requested: Sequence[TapSpec]) -> list[TapSpec]:
