@@ -208,8 +208,7 @@ def warnings(answer: Answer) -> list[str]:
         out.append(
             f"Not measurably better than always answering the largest class: test {pts(rec.test_accuracy)}% "
             f"[{pts(rec.test_interval[0])}, {pts(rec.test_interval[1])}] against chance {pts(answer.transfer.chance)}% "
-            f"(one-sided exact binomial test, α = {ALPHA}). On imbalanced classes read the leaderboard's balanced "
-            f"accuracy, and add images of the small classes."
+            f"(one-sided exact binomial test, α = {ALPHA}). {_why_at_chance(answer)}"
         )
     small = {s: n for s, n in answer.class_counts.items() if s != "train" and 0 < n < MIN_IMAGES_PER_CLASS}
     if empty := [s for s, n in answer.class_counts.items() if s != "train" and n == 0]:
@@ -245,6 +244,15 @@ def warnings(answer: Answer) -> list[str]:
             else f"Pretraining hurts here: {control} beats the recommendation ({gain_text(transfer.gain)} points)."
         )
     return out
+
+
+def _why_at_chance(answer: Answer) -> str:
+    """What to do about a recommendation at chance: imbalanced classes hide it behind the majority's share; balanced
+    ones, behind too few test images."""
+    if answer.transfer.chance > 1.5 / max(answer.n_classes, 1):
+        return "The classes are imbalanced: read the leaderboard's balanced accuracy, and add images of the small ones."
+    n = len(answer.recommended.test_correct)
+    return f"With {n} test images only a large margin over chance shows: add images to test (and val)."
 
 
 def gain_text(gain: PairedGain | None) -> str:

@@ -14,6 +14,7 @@ Returned records are dataclasses of plain values; the report renders them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from featurecache.freshness import current_heads
 from featurecache.records import HeadRecord
 from featurecache.selection import Candidate, candidate_of_record, pick_best
 from featurecache.transferability import knn_loo_accuracy, logme, ncti, ncti_components, sfda
+
+log = logging.getLogger(__name__)
 
 # name -> (features, labels) -> score, for the scores that judge one layer on its own. NCTI is relative to the
 # layers ranked together (min-max normalized over them), so it is computed over the set in score_layers.
@@ -108,13 +111,28 @@ def score_layers(
     with threadpool_limits(limits=SCORING_THREADS):
         for name in scores:
             t0 = time.perf_counter()
-            if name == "ncti":
-                values[name] = dict(zip(chosen, ncti([ncti_components(features[k], y) for k in chosen]), strict=True))
-            else:
-                values[name] = {k: float(PER_LAYER_SCORES[name](features[k], y)) for k in chosen}
+            values[name] = _scored(name, features, y, chosen)
             seconds[name] = round(time.perf_counter() - t0, 3)
     return LayerScores(dataset, base_tag, chosen, {k: taps[k]["relative_depth"] for k in chosen},
                        int(len(y)), values, seconds, round(load_seconds, 3))  # fmt: skip
+
+
+def _scored(name: str, features: dict[str, np.ndarray], y: np.ndarray, chosen: list[str]) -> dict[str, float]:
+    """One score for every chosen layer; NaN for all of them (logged once) where the score is undefined: SFDA's and
+    NCTI's discriminant analyses need a class with two train images to measure spread within classes."""
+    import warnings
+
+    if name in UNDEFINED_WITHOUT_SPREAD and np.bincount(np.unique(y, return_inverse=True)[1]).max(initial=0) < 2:
+        log.warning("%s is undefined here: it needs a class with at least two train images (shown as n/a)", name)
+        return {k: float("nan") for k in chosen}
+    with warnings.catch_warnings():  # scikit-learn's per-class covariance of a one-image class: said above, not here
+        warnings.filterwarnings("ignore", message="Only one sample available", category=UserWarning)
+        if name == "ncti":
+            return dict(zip(chosen, ncti([ncti_components(features[k], y) for k in chosen]), strict=True))
+        return {k: float(PER_LAYER_SCORES[name](features[k], y)) for k in chosen}
+
+
+UNDEFINED_WITHOUT_SPREAD = ("sfda", "ncti")
 
 
 def shortlist_layers(

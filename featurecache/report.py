@@ -240,7 +240,8 @@ def _score_blocks(answer: Answer) -> list[Block]:
     table = answer.layer_scores
     if table is None:
         return []
-    score_names = [s for s in SCORES if s in table.scores]
+    undefined = [s for s in SCORES if s in table.scores and all(math.isnan(v) for v in table.scores[s].values())]
+    score_names = [s for s in SCORES if s in table.scores and s not in undefined]
     rows = [[f"`{k}`", f"{table.relative_depth[k]:.2f}", pts(table.test_accuracy[k]),
              *[f"{table.scores[s].get(k, float('nan')):.3f}" for s in score_names]] for k in table.layers]  # fmt: skip
     agree = [[s, _tau(table.agreement[s].kendall_tau), _tau(table.agreement[s].weighted_tau),
@@ -249,7 +250,9 @@ def _score_blocks(answer: Answer) -> list[Block]:
     return [("h2", "Which layer, before training anything"),
             ("p", f"Scores computed from the cached train features of {table.base_tag} alone (no training), against "
                   f"the test accuracy of each layer's val-selected head. The trained-best layer (chosen on val) is "
-                  f"`{table.best_layer}`; training the heads on these layers took {table.training_seconds:.0f} s."),
+                  f"`{table.best_layer}`; training the heads on these layers took {table.training_seconds:.0f} s."
+                  + (f" {', '.join(undefined)}: undefined here (no class has two train images to measure spread "
+                     f"within classes)." if undefined else "")),
             ("table", (["layer", "depth", "test %", *score_names], rows)),
             ("table", (["score", "Kendall τ", "weighted τ", "top 3", "best layer in top 3", "seconds"],
                        agree))]  # fmt: skip

@@ -109,6 +109,14 @@ def test_a_recommendation_at_the_majority_share_is_said_to_have_learned_nothing_
     a = answer(rec, [rec], ties=[])
     a.transfer = TransferCheck(random_init=None, pixels=None, chance=14 / 15)
     assert warnings(a)[0].startswith("Not measurably better than always answering the largest class: test 93.3%")
+    assert warnings(a)[0].endswith(
+        "The classes are imbalanced: read the leaderboard's balanced accuracy, and add images of the small ones."
+    )  # 14 of 15 in one of two classes
+    a.transfer = TransferCheck(random_init=None, pixels=None, chance=0.5)
+    a.recommended = HeadResult("d", "base", "mid", "logreg", 0.5, 1.0, 0.5, (0.2, 0.8), constant[:4], constant[:4])
+    assert warnings(a)[0].endswith(
+        "With 4 test images only a large margin over chance shows: add images to test (and val)."
+    )  # balanced: too few images, not imbalance
     assert _verdict(a, "earlier") == "cannot tell: the recommendation is not measurably above chance"
     a.transfer = TransferCheck(random_init=None, pixels=None, chance=1 / 3)  # three balanced classes
     assert not any(w.startswith("Not measurably better") for w in warnings(a))

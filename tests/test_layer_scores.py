@@ -147,3 +147,19 @@ def test_train_heads_shortlist_trains_only_the_k_best_layers(trained, monkeypatc
     trained_layers = sorted(p.parent.name for p in (trained.models / "shapes" / BASE).glob("*/linear_svm"))
     assert trained_layers == sorted(expected)
     assert "shortlist" in capsys.readouterr().out
+
+
+def test_scores_that_need_spread_within_classes_are_undefined_with_one_image_per_class(caplog):
+    """Three classes of one train image each (a 3-images-per-class folder): SFDA divided by zero and NCTI's LDA
+    refused, which took compare-layers down after its heads were trained. They read n/a; LogME and k-NN still score."""
+    import numpy as np
+
+    from featurecache.layer_scores import _scored
+
+    rng = np.random.default_rng(0)
+    features, y = {"a": rng.normal(size=(3, 8)), "b": rng.normal(size=(3, 8))}, np.array([0, 1, 2])
+    with caplog.at_level("WARNING"):
+        for name in ("sfda", "ncti"):
+            assert all(np.isnan(v) for v in _scored(name, features, y, ["a", "b"]).values())
+    assert "sfda is undefined here: it needs a class with at least two train images" in caplog.text
+    assert np.isfinite(list(_scored("logme", features, y, ["a", "b"]).values())).all()
