@@ -210,6 +210,12 @@ def warnings(answer: Answer) -> list[str]:
             f"[{pts(rec.test_interval[0])}, {pts(rec.test_interval[1])}] against chance {pts(answer.transfer.chance)}% "
             f"(one-sided exact binomial test, α = {ALPHA}). {_why_at_chance(answer)}"
         )
+    for split, n in answer.copies_of_train.items():
+        out.append(
+            f"{n} {split} image{'s are' if n != 1 else ' is'} byte-identical to train images: the heads have seen "
+            f"them, so {split} accuracy overstates what they do on new images. Remove the copies from one split "
+            f"(the extract log names them)."
+        )
     small = {s: n for s, n in answer.class_counts.items() if s != "train" and 0 < n < MIN_IMAGES_PER_CLASS}
     if empty := [s for s, n in answer.class_counts.items() if s != "train" and n == 0]:
         out.append(

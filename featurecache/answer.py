@@ -267,6 +267,7 @@ class Answer:
     sentence: str = ""
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the comparison that produced it (extraction and training included)
+    copies_of_train: dict[str, int] = field(default_factory=dict)  # split -> images byte-identical to train ones
 
     @property
     def several_bases(self) -> bool:

@@ -79,8 +79,9 @@ def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: Com
     """Everything for one dataset: caches, heads, controls, the answer (and fine-tuning when asked)."""
     root = source.root(paths.raw, paths.external)
     trained: dict[str, frozenset[str]] = {}  # base tag -> the layers its heads were trained on here
+    copies: dict[str, int] = {}  # val/test images that are copies of train images (the same for every base)
     for base in bases:
-        tag, layers = _pretrained(source.name, root, base, options=options, paths=paths)
+        tag, layers, copies = _pretrained(source.name, root, base, options=options, paths=paths)
         trained[tag] = frozenset(layers)
         if options.controls:
             _random_init(source.name, root, base, options=options, paths=paths)
@@ -95,14 +96,17 @@ def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: Com
         pixel_baseline(source.name, tags[0], paths, seed=options.seed)
     scope = Scope(heads=frozenset(options.heads), layers=trained)
     answer = compute_answer(source.name, tags, paths, distance=imagenet_distance(source.name, paths), scope=scope)
+    answer.copies_of_train = copies
     if options.finetune:
         answer.finetune = finetune_recommended(answer, options=options, paths=paths)
     return explain(answer)
 
 
-def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> tuple[str, list[str]]:
-    """Extract ``base``'s stage taps and train the heads on them (or on the shortlist); returns its tag and the
-    layers trained."""
+def _pretrained(
+    dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths
+) -> tuple[str, list[str], dict[str, int]]:
+    """Extract ``base``'s stage taps and train the heads on them (or on the shortlist); returns its tag, the layers
+    trained and, by split, the val/test images extract found to be copies of train images."""
     spec = get_base_spec(base)
     layers = "all-stages,logits" if base == REFERENCE_BASE and spec.has_imagenet_classifier else "all-stages"
     results = extract(
@@ -117,7 +121,7 @@ def _pretrained(dataset: str, root: Any, base: str, *, options: CompareOptions, 
         log.info("%s x %s: shortlist by %s in %.1fs: %s", dataset, tag, options.shortlist_score,
                  time.perf_counter() - t0, ", ".join(stages))  # fmt: skip
     train_heads(dataset=dataset, base_tag=tag, layers=stages, heads=options.heads, options=options.train, paths=paths)
-    return tag, stages
+    return tag, stages, {r.split: r.copies_of_train for r in results if r.copies_of_train}
 
 
 def _random_init(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> None:

@@ -121,6 +121,7 @@ class SplitResult:
     file_bytes: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     identical_rows: int = 0  # valid rows whose features repeat another row's exactly (see _warn_identical_rows)
+    copies_of_train: int = 0  # val/test images byte-identical to a train image (see _warn_copies)
 
 
 def _digest(obj: Any) -> str:
@@ -238,7 +239,8 @@ def extract(
         results = [_require_readable(split(indexes[s], paths.feature_file(dataset, loaded.tag, s)), indexes[s], world)
                    for s in request.splits]  # fmt: skip
         if world.is_main and options.fingerprint == "content" and "train" in request.splits:
-            _warn_copies(indexes)  # the train digests are in hand (stat fingerprints hash nothing: no check)
+            copies = _warn_copies(indexes)  # the train digests are in hand (stat fingerprints hash nothing: no check)
+            results = [dataclasses.replace(r, copies_of_train=copies.get(r.split, 0)) for r in results]
         if request.train_views:
             final = paths.feature_file(dataset, loaded.tag, AUGMENTED_TRAIN)
             results.append(_extract_views(request, indexes["train"], final, runner=runner, split=split, world=world))
@@ -330,10 +332,11 @@ def _unreadable(result: SplitResult, index: SplitIndex) -> str | None:
 _WARNED_COPIES: set[tuple[str, str, int]] = set()  # (folder, split, copies): compare-layers extracts 3 bases
 
 
-def _warn_copies(indexes: dict[str, SplitIndex]) -> None:
+def _warn_copies(indexes: dict[str, SplitIndex]) -> dict[str, int]:
     """Name val/test images that are byte-identical to train images (copies in the user's folders, or ``x (1).png``
-    twins a drawn split put on both sides), once per folder and split in a process."""
-    for split, pairs in copies_across_splits(indexes).items():
+    twins a drawn split put on both sides), once per folder and split in a process; returns their count by split."""
+    copies = copies_across_splits(indexes)
+    for split, pairs in copies.items():
         if (key := (str(indexes[split].root), split, len(pairs))) in _WARNED_COPIES:
             continue
         _WARNED_COPIES.add(key)
@@ -342,6 +345,7 @@ def _warn_copies(indexes: dict[str, SplitIndex]) -> None:
         log.warning("%d of %d %s images are byte-identical to train images (%s%s): the heads have seen them, so %s "
                     "accuracy overstates what they do on new images; remove the copies from one of the splits",
                     len(pairs), len(indexes[split]), split, shown, more, split)  # fmt: skip
+    return {split: len(pairs) for split, pairs in copies.items()}
 
 
 def _suggest_draft(index: SplitIndex, runner: _Runner, sample: int = 8) -> None:

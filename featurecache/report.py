@@ -285,6 +285,7 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
         "ties": [head(r) for r in answer.ties],
         "tie_test": f"one-sided exact McNemar each way on the same test images, alpha {ALPHA}",
         "better_on_test": [head(r) for r in answer.better_on_test],
+        "copies_of_train": answer.copies_of_train,
         "val_ties": [head(r) for r in answer.val_ties],
         "sentence": answer.sentence,
         "warnings": answer.warnings,

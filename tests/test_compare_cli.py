@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ def final_files(home: Path) -> list[Path]:
 def test_compare_layers_on_folders_without_and_with_splits(tmp_path, home, capsys):
     flat = make_image_folder(tmp_path / "my_shapes", per_class={"all": 10}, splits=False, seed=1)
     split = make_image_folder(tmp_path / "elsewhere", per_class={"train": 6, "val": 3, "test": 3}, seed=2)
+    shutil.copy(sorted((split / "train" / "circle").iterdir())[0], split / "test" / "circle" / "copy.png")
     assert run(["compare-layers", str(flat), "--datasets", f"my second={split}", *FAST]) == 0
     out = capsys.readouterr().out
 
@@ -51,6 +53,10 @@ def test_compare_layers_on_folders_without_and_with_splits(tmp_path, home, capsy
     assert (index / "report.html").is_file() and len(json.loads((index / "summary.json").read_text())["datasets"]) == 2
     assert "<a href='my%20second/report.html'>report</a>" in (index / "report.html").read_text()  # a name with a space
     assert "WARNING: Small sample" in out and "cross-dataset page" in out
+    # A test image copied from train is in the answer, not only in the extract log.
+    second = json.loads((home / "reports" / "compare" / "my second" / "summary.json").read_text())
+    assert second["copies_of_train"] == {"test": 1}
+    assert any(w.startswith("1 test image is byte-identical to train images") for w in second["warnings"])
 
 
 def one_class(root: Path) -> Path:
