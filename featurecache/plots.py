@@ -2,8 +2,8 @@
 
 Each panel reads at a glance: the layers by name on the x axis (relative depth under each name), the pretrained
 curve (test accuracy of the head chosen on val at each layer) with its 95% Wilson band, the controls in grey
-(random-init base dashed, raw pixels dotted), chance as a thin black line, the tie set ringed in green and the
-recommendation starred.
+(random-init base dashed, raw pixels dotted), chance as a thin black line, the tie set ringed in green, heads
+significantly better on test than the recommendation as red triangles, and the recommendation starred.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ PRETRAINED_COLOUR = "#1f77b4"
 CONTROL_COLOUR = "0.55"
 TIE_COLOUR = "#2ca02c"
 MULTI_COLOUR = "#9467bd"
+BETTER_COLOUR = "#d62728"
 PANEL_SIZE = (5.6, 4.3)  # inches per panel; layer names under the axis need the height
 
 
@@ -68,6 +69,9 @@ def _panel(ax, answer: Answer, base: str, scale: tuple[float, float]) -> None:  
     tied = _tied_points(answer, base)
     ax.scatter([position[r.layer] for r in tied], [100 * r.test_accuracy for r in tied], s=110, facecolors="none",
                edgecolors=TIE_COLOUR, linewidths=1.8, zorder=3)  # fmt: skip
+    better = _better_points(answer, base)  # any head at a layer, on the curve or not: val missed them
+    ax.scatter([position[r.layer] for r in better], [100 * r.test_accuracy for r in better], marker="^", s=70,
+               color=BETTER_COLOUR, edgecolors="k", linewidths=0.6, zorder=5)  # fmt: skip
     for m in _multi_tap_heads(answer, base):
         ax.axhline(100 * m.test_accuracy, color=MULTI_COLOUR, ls="-.", lw=1.3)
     ticks, labels = x, [f"{r.layer}\n{r.depth:.2f}" for r in curve]
@@ -94,6 +98,12 @@ def _tied_points(answer: Answer, base: str) -> list[HeadResult]:
     """The points of a panel's curve ringed as tied: the curve's own head at a layer tied with the recommendation."""
     return [r for r in answer.curves[base]
             if any(t.base == base and t.layer == r.layer and t.head == r.head for t in answer.ties)]  # fmt: skip
+
+
+def _better_points(answer: Answer, base: str) -> list[HeadResult]:
+    """The heads of a panel's base significantly better on test than the recommendation (single layers)."""
+    layers = {r.layer for r in answer.curves[base]}
+    return [r for r in answer.better_on_test if r.base == base and not r.multi_tap and r.layer in layers]
 
 
 def _multi_tap_heads(answer: Answer, base: str) -> list[HeadResult]:
@@ -162,6 +172,7 @@ def _legend_handles(answers: Sequence[Answer]) -> list:
         "pixels": any(PIXELS_TAG in a.curves for a in answers),
         "multi": any(_multi_tap_heads(a, base) for a, base in panels(answers)),
         "ties": any(_tied_points(a, base) for a, base in panels(answers)),
+        "better": any(_better_points(a, base) for a, base in panels(answers)),
     }
     styles = [
         (None, {"color": PRETRAINED_COLOUR, "marker": "o", "ms": 4,
@@ -173,6 +184,8 @@ def _legend_handles(answers: Sequence[Answer]) -> list:
         ("multi", {"color": MULTI_COLOUR, "ls": "-.", "lw": 1.3, "label": "multilayer head (every tap)"}),
         ("ties", {"ls": "", "marker": "o", "mfc": "none", "mec": TIE_COLOUR, "ms": 10, "mew": 1.8,
                   "label": "tied with the recommendation"}),
+        ("better", {"ls": "", "marker": "^", "color": BETTER_COLOUR, "mec": "k", "ms": 8,
+                    "label": "significantly better on test (val missed it)"}),
         (None, {"ls": "", "marker": "*", "color": "gold", "mec": "k", "ms": 14,
                 "label": "recommended (chosen on val)"}),
     ]  # fmt: skip

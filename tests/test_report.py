@@ -157,6 +157,11 @@ def test_the_legend_and_the_summary_name_only_what_is_drawn(trained):
                                  heads={**answer.heads, BASE: [*answer.heads[BASE], low]})  # fmt: skip
     bottom, top = _shared_scale([(spread, BASE)])
     assert bottom <= 2.0 and top >= 100.0
+    # A head that beats the recommendation on test is marked (and in the legend) only where there is one.
+    better = "significantly better on test (val missed it)"
+    missed = dataclasses.replace(answer, better_on_test=[answer.curves[BASE][0]])
+    assert better in {h.get_label() for h in _legend_handles([missed])}
+    assert better not in {h.get_label() for h in _legend_handles([dataclasses.replace(answer, better_on_test=[])])}
     # Chance is in the legend only where a panel draws its line: far below the data it is a note in the panel.
     far_below = dataclasses.replace(answer, transfer=dataclasses.replace(answer.transfer, chance=0.0))
     assert "chance (largest class)" not in {h.get_label() for h in _legend_handles([far_below])}
