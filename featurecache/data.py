@@ -327,12 +327,16 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
             raise FeaturecacheError(
                 f"{split} has classes that train lacks: {', '.join(unknown)}; every class needs training images"
             )
-        if untested := sorted(set(source) - set(classes)):
+        untested = sorted(set(source) - set(classes))
+        if untested and (said := (str(root), split, tuple(untested))) not in _SAID_UNTESTED:  # once per process
+            _SAID_UNTESTED.add(said)
             log.warning("%s has no image of %s: %s accuracy is never measured on %s; add some to %s", split,
                         ", ".join(untested), "its" if len(untested) == 1 else "their", split,
                         split_dirs[split])  # fmt: skip
     return found, source
 
+
+_SAID_UNTESTED: set[tuple[str, str, tuple[str, ...]]] = set()  # compare-layers reads a folder once per base
 
 # The folder names a split is found under, in any case: Roboflow and many Kaggle sets call val "valid", others
 # "validation"; Kaggle sets also come as Training/ and Testing/, or Train/ and Test/.

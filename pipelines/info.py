@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from featurecache.config import default_paths
 from featurecache.data import SPLITS, Decoding
 from featurecache.errors import FeaturecacheError
-from featurecache.store import read_metadata, read_skipped
+from featurecache.store import read_metadata, read_skipped, recorded
 from pipelines.common import run_main
 
 
@@ -22,15 +23,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _listed(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(_shown(str(n)) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _shown(text: str) -> str:
     """A file name for the terminal: bytes that are not valid UTF-8 shown as \\xNN instead of failing to print."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _caches_at(path: Path) -> list[str]:
+    """A file as given; a folder (``data/features/<dataset>`` or one base's): every cache below it."""
+    if not path.is_dir():
+        return [str(path)]
+    found = sorted(str(p) for p in path.rglob("*.h5"))
+    if not found:
+        raise FeaturecacheError(f"no feature cache below {path}; run `featurecache extract` first")
+    return found
+
+
 def main(args: argparse.Namespace) -> int:
     import h5py
 
-    files = [str(default_paths().find(f)) for f in args.files]  # relative to here, else to the home
+    files = [f for arg in args.files for f in _caches_at(default_paths().find(arg))]  # relative to here, else home
     if args.dataset:
         files += [str(p) for s in SPLITS if (p := default_paths().feature_file(args.dataset, args.base, s)).is_file()]
     if not files:
@@ -44,12 +60,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"{path}")
         print(
             f"  dataset {meta['dataset']} / split {meta['split']}: {meta['num_samples']} samples, "
-            f"{meta['num_samples'] - meta['num_valid']} skipped, {len(meta['class_names'])} classes"
+            f"{meta['num_samples'] - meta['num_valid']} skipped, {len(meta['class_names'])} classes "
+            f"({_listed(meta['class_names'])})"
         )
         print(f"  base {meta['base']}  weights {meta['weights']}  amp {meta['amp']}")
         # What else changes the numbers: where the base ran and how the images were decoded (absent: the defaults).
         decoding = Decoding.recorded(meta)
-        print(f"  runtime {meta.get('runtime', 'eager')} {meta.get('precision', 'f32')}  decode {decoding.decode}  "
+        print(f"  runtime {recorded(meta, 'runtime')} {recorded(meta, 'precision')}  decode {decoding.decode}  "
               f"orientation {decoding.orientation}  alpha {meta.get('alpha', 'not recorded')}")  # fmt: skip
         print(
             f"  schema v{meta['schema_version']}  dtype {meta['dtype']}  compression {meta['compression']}  "

@@ -80,6 +80,9 @@ def test_extract_then_info(tiny, tmp_path, monkeypatch, capsys):
     assert run(["info", relative]) == 0 and "6 samples" in capsys.readouterr().out
     assert run(["verify", relative]) == 0
     assert run(["verify", "data/features/nope"]) == 2 and "here or under FEATURECACHE_HOME" in capsys.readouterr().err
+    assert run(["info", "data/features/tiny"]) == 0  # a dataset's folder, as verify takes it: every cache below
+    shown = capsys.readouterr().out
+    assert shown.count("samples, ") == 3 and "3 classes (circle, square, stripes)" in shown
 
 
 def test_help_lists_subcommands(capsys):
