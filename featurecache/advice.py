@@ -217,10 +217,10 @@ def warnings(answer: Answer) -> list[str]:
             f"(the extract log names them)."
         )
     small = {s: n for s, n in answer.class_counts.items() if s != "train" and 0 < n < MIN_IMAGES_PER_CLASS}
-    if empty := [s for s, n in answer.class_counts.items() if s != "train" and n == 0]:
+    for split, missing in answer.untested.items():
         out.append(
-            f"{' and '.join(empty)} {'has' if len(empty) == 1 else 'have'} no image of some class: its accuracy is "
-            f"never measured there, and the scores are over the other classes. Add images of every class."
+            f"{split} has no image of {', '.join(missing)}: {'its' if len(missing) == 1 else 'their'} accuracy is "
+            f"never measured there, and the {split} scores are over the other classes. Add images of every class."
         )
     if small:
         worst = min(small.values())

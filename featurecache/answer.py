@@ -234,13 +234,13 @@ def majority_share(labels: LabelReader, recommended: HeadResult, paths: Paths) -
     return float(np.bincount(y).max() / len(y)) if len(y) else float("nan")
 
 
-def smallest_class_counts(dataset: str, base_tag: str, paths: Paths) -> dict[str, int]:
-    """Per split, the number of images of its smallest class (valid rows)."""
+def class_counts(dataset: str, base_tag: str, paths: Paths) -> dict[str, dict[str, int]]:
+    """Per split, the number of readable images of each class (valid rows), by class name."""
     out = {}
     for split in ("train", "val", "test"):
         labels, _, valid = store.read_rows(paths.feature_file(dataset, base_tag, split))
-        n_classes = len(store.read_metadata(paths.feature_file(dataset, base_tag, split))["class_names"])
-        out[split] = int(np.bincount(labels[valid], minlength=n_classes).min())
+        names = store.read_metadata(paths.feature_file(dataset, base_tag, split))["class_names"]
+        out[split] = dict(zip(names, np.bincount(labels[valid], minlength=len(names)).tolist(), strict=True))
     return out
 
 
@@ -268,6 +268,7 @@ class Answer:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the comparison that produced it (extraction and training included)
     copies_of_train: dict[str, int] = field(default_factory=dict)  # split -> images byte-identical to train ones
+    untested: dict[str, list[str]] = field(default_factory=dict)  # val/test -> classes with no readable image there
 
     @property
     def several_bases(self) -> bool:
@@ -303,6 +304,7 @@ def compute_answer(
             heads[tag] = control
     curves = {b: layer_curve(rs) for b, rs in heads.items() if rs}
     same_base_curve = curves[recommended.base]
+    per_class = class_counts(dataset, recommended.base, paths)
     answer = Answer(
         dataset=dataset,
         recommended=recommended,
@@ -312,7 +314,12 @@ def compute_answer(
         curves=curves,
         heads=heads,
         transfer=transfer_check(heads, recommended, paths, labels),
-        class_counts=smallest_class_counts(dataset, recommended.base, paths),
+        class_counts={split: min(counts.values()) for split, counts in per_class.items()},
+        untested={
+            split: [c for c, n in counts.items() if n == 0]
+            for split, counts in per_class.items()
+            if split != "train" and 0 in counts.values()
+        },  # fmt: skip
         n_classes=len(store.read_metadata(paths.feature_file(dataset, recommended.base, "test"))["class_names"]),
         distance=distance,
     )

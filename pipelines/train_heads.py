@@ -6,11 +6,12 @@ import argparse
 import sys
 import time
 
-from featurecache.answer import MIN_IMAGES_PER_CLASS, smallest_class_counts
+from featurecache.answer import MIN_IMAGES_PER_CLASS, class_counts
 from featurecache.config import default_paths
 from featurecache.heads import list_heads
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
 from featurecache.leaderboard import write_leaderboard
+from featurecache.metrics import pts
 from featurecache.train import TrainOptions, train_heads
 from pipelines.common import comma_list, run_main, seed
 
@@ -72,11 +73,11 @@ def main(args: argparse.Namespace) -> int:
     print(table.read_text())
     b = best["best"]
     print(f"{counts['trained']} heads trained, {counts['reused']} reused (--overwrite retrains)")
-    print(f"best on val: {b['base']} / {b['layer']} / {b['head']}: val {b['val_accuracy']:.3f}, "
-          f"test {b['test_accuracy']:.3f} ({b['test_ci_low']:.3f}–{b['test_ci_high']:.3f})")  # fmt: skip
+    print(f"best on val: {b['base']} / {b['layer']} / {b['head']}: val {pts(b['val_accuracy'])}%, "
+          f"test {pts(b['test_accuracy'])}% [{pts(b['test_ci_low'])}, {pts(b['test_ci_high'])}]")  # fmt: skip
     print(f"wrote {paths.leaderboard_file(args.dataset, '.csv')}, {table}, {paths.best_file(args.dataset)}")
-    counts = smallest_class_counts(args.dataset, args.bases[0], paths)
-    small = {s: n for s, n in counts.items() if s != "train" and n < MIN_IMAGES_PER_CLASS}
+    smallest = {split: min(c.values()) for split, c in class_counts(args.dataset, args.bases[0], paths).items()}
+    small = {s: n for s, n in smallest.items() if s != "train" and n < MIN_IMAGES_PER_CLASS}
     if small:
         where = ", ".join(f"{s}: {n} image(s) in the smallest class" for s, n in small.items())
         print(f"WARNING: small sample ({where}; fewer than {MIN_IMAGES_PER_CLASS}): the ranking above is within "

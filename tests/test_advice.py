@@ -130,3 +130,13 @@ def test_a_layer_that_beats_the_recommendation_on_test_decides_the_2x2_verdict()
     a.better_on_test = [top]
     assert _verdict(a, "top").startswith("is consistent with it on test: `view`, depth 1.00 beats the recommendation")
     assert _verdict(a, "earlier").startswith("disagrees on test: `view`, depth 1.00 beats the recommendation")
+
+
+def test_a_class_with_no_test_image_is_named_in_the_answer():
+    from featurecache.advice import warnings
+
+    top = result("view", 1.0, 1.0)
+    a = answer(top, [top], ties=[])
+    a.untested = {"test": ["green"]}
+    assert "test has no image of green: its accuracy is never measured there, and the test scores are over the " \
+           "other classes" in warnings(a)[0]  # fmt: skip
