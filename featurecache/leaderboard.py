@@ -38,6 +38,7 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
                 "base": r.base_tag,
                 "layer": r.layer,
                 "relative_depth": r.tap["relative_depth"],
+                "multi_tap": bool(r.tap.get("multi_tap", False)),  # a head on every stage tap: no one depth
                 "head": r.head,
                 "dense": r.dense,
                 "params": json.dumps(r.params, sort_keys=True),
@@ -121,8 +122,12 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     for i, r in enumerate(rows, 1):
         head = f"{r['head']} (= the frozen head: no epoch beat it on val)" if r.get("kept_frozen") else r["head"]
         lines.append(
-            f"| {i} | {r['base']} | {r['layer']} | {r['relative_depth']:.2f} | {head} | {pts(r['val_accuracy'])} "
+            f"| {i} | {r['base']} | {r['layer']} | {_depth(r)} | {head} | {pts(r['val_accuracy'])} "
             f"| {pts(r['test_accuracy'])} [{pts(r['test_ci_low'])}, {pts(r['test_ci_high'])}] "
             f"| {pts(r['test_balanced_accuracy'])} | {pts(r['test_macro_f1'])} | {r['fit_seconds']:.1f} |"
         )
     return lines
+
+
+def _depth(row: dict[str, Any]) -> str:
+    return "all taps" if row.get("multi_tap") else f"{row['relative_depth']:.2f}"

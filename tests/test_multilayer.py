@@ -92,7 +92,10 @@ def test_train_heads_saves_multilayer_under_the_all_stages_folder(trained):
     y = load_features(test_file, taps[0])[1]
     assert float((head.predict(X) == y).mean()) == pytest.approx(sidecar["test"]["accuracy"])
     rows = [r for r in leaderboard_rows("shapes", paths) if r["head"] == "multilayer"]
-    assert [(r["layer"], r["relative_depth"]) for r in rows] == [(MULTI_TAP_LAYER, 1.0)]
+    assert [(r["layer"], r["relative_depth"], r["multi_tap"]) for r in rows] == [(MULTI_TAP_LAYER, 1.0, True)]
+    from featurecache.leaderboard import format_leaderboard
+
+    assert f"| {MULTI_TAP_LAYER} | all taps | multilayer |" in format_leaderboard("shapes", rows)  # not "1.00"
 
 
 @pytest.mark.slow
