@@ -140,6 +140,8 @@ def above_chance(answer: Answer) -> bool:
 
 def _verdict(answer: Answer, kind: str) -> str:
     rec = answer.recommended
+    if not answer.transfer.chance < 1 and kind != "finetune":  # one class in test (or none): nothing to compare
+        return "cannot tell: test holds images of one class only"
     if not above_chance(answer) and kind != "finetune":
         return "cannot tell: the recommendation is not measurably above chance"
     if rec.multi_tap and kind != "finetune":

@@ -351,8 +351,9 @@ def _split_folders(root: Path) -> dict[str, Path]:
         return {}
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not any(d.name.lower() in SPLIT_FOLDERS["train"] for d in folders):
-        held_out = [d.name for d in folders if d.name.lower() in SPLIT_FOLDERS["val"] + SPLIT_FOLDERS["test"]]
-        if held_out:  # read as ROOT/<class>/..., the held-out images would become classes of their own
+        held_out = [d.name for d in folders if d.name.lower() in SPLIT_FOLDERS["val"] + SPLIT_FOLDERS["test"]
+                    and any(c.is_dir() and not c.name.startswith(".") for c in d.iterdir())]  # fmt: skip
+        if held_out:  # split folders (they hold class folders): read as classes, their images would be a class each
             raise FeaturecacheError(
                 f"{root} has {', '.join(f'{n}/' for n in held_out)} but no train/ (or training/) folder; name the "
                 f"training images' folder train/, or rename a class folder called {held_out[0]}"
@@ -471,11 +472,13 @@ def _same_bytes(old: Path, new: Path, shared: Sequence[str], sample: int = 20) -
 
 
 def _samples_match(record: dict[str, Any], folder: Path) -> bool:
-    """Whether the files the record sampled that are here hold the bytes they held (records from before samples
-    were kept: True, the shared names are all there is to go on)."""
-    samples = record.get("samples") or {}
+    """Whether some files the record sampled are here and all of those hold the bytes they held (records from
+    before samples were kept: True, the shared names are all there is to go on)."""
+    samples = record.get("samples")
+    if samples is None:
+        return True
     present = {rel: digest for rel, digest in samples.items() if (folder / rel).is_file()}
-    return all(_digest(folder / rel, "content") == digest for rel, digest in present.items())
+    return bool(present) and all(_digest(folder / rel, "content") == digest for rel, digest in present.items())
 
 
 def _write_split_record(

@@ -123,7 +123,9 @@ def _scored(name: str, features: dict[str, np.ndarray], y: np.ndarray, chosen: l
     import warnings
 
     if name in UNDEFINED_WITHOUT_SPREAD and np.bincount(np.unique(y, return_inverse=True)[1]).max(initial=0) < 2:
-        log.warning("%s is undefined here: it needs a class with at least two train images (shown as n/a)", name)
+        if name not in _SAID_UNDEFINED:  # once per process: compare-layers scores each base
+            _SAID_UNDEFINED.add(name)
+            log.warning("%s is undefined here: it needs a class with at least two train images (shown as n/a)", name)
         return {k: float("nan") for k in chosen}
     with warnings.catch_warnings():  # scikit-learn's per-class covariance of a one-image class: said above, not here
         warnings.filterwarnings("ignore", message="Only one sample available", category=UserWarning)
@@ -133,6 +135,7 @@ def _scored(name: str, features: dict[str, np.ndarray], y: np.ndarray, chosen: l
 
 
 UNDEFINED_WITHOUT_SPREAD = ("sfda", "ncti")
+_SAID_UNDEFINED: set[str] = set()
 
 
 def shortlist_layers(
@@ -149,6 +152,10 @@ def shortlist_layers(
     if k < 1:
         raise FeaturecacheError(f"--shortlist must be at least 1 (got {k})")
     result = score_layers(dataset, base_tag, paths, scores=[score], layers=layers)
+    if not _defined(result.scores[score]) and score != DEFAULT_SHORTLIST_SCORE:
+        log.warning("--shortlist-score %s is undefined on %s; shortlisting by %s instead", score, dataset,
+                    DEFAULT_SHORTLIST_SCORE)  # fmt: skip
+        return shortlist_layers(dataset, base_tag, k, DEFAULT_SHORTLIST_SCORE, paths, layers=layers)
     return rank_layers(result.scores[score], result.relative_depth)[:k]
 
 
@@ -272,12 +279,17 @@ class ScoreSummary:
     per_dataset_tau: dict[str, float] = field(default_factory=dict)
 
 
+def _defined(values: dict[str, float]) -> bool:
+    """A score computed for some layer (all NaN: undefined on that dataset, see :func:`_scored`)."""
+    return any(not math.isnan(v) for v in values.values())
+
+
 def cross_dataset_summary(tables: Sequence[LayerTauTable]) -> dict[str, ScoreSummary]:
     """Average every score's agreement over the tables (NaN taus, e.g. constant scores, are skipped)."""
     out = {}
-    names = [s for s in SCORES if any(s in t.agreement for t in tables)]
+    names = [s for s in SCORES if any(s in t.agreement and _defined(t.scores[s]) for t in tables)]
     for name in names:
-        rows = [(t.dataset, t.agreement[name]) for t in tables if name in t.agreement]
+        rows = [(t.dataset, t.agreement[name]) for t in tables if name in t.agreement and _defined(t.scores[name])]
         taus = [a.kendall_tau for _, a in rows if not math.isnan(a.kendall_tau)]
         wtaus = [a.weighted_tau for _, a in rows if not math.isnan(a.weighted_tau)]
         out[name] = ScoreSummary(name, float(np.mean(taus)) if taus else float("nan"),

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 LEADERBOARD_COLUMNS = [
     "base", "layer", "relative_depth", "head", "params", "val_accuracy", "test_accuracy", "test_ci_low",
     "test_ci_high", "test_balanced_accuracy", "test_macro_f1", "fit_seconds", "n_train", "model_dir", "control",
+    "multi_tap",
 ]  # fmt: skip
 
 

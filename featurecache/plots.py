@@ -128,7 +128,8 @@ def _shared_scale(cells: Sequence[tuple[Answer, str]]) -> tuple[float, float]:
     lows, highs = [], []
     for answer, base in cells:
         curve = answer.curves[base]
-        points = [100 * r.test_accuracy for r in [*_control_points(answer, base), *_multi_tap_heads(answer, base)]]
+        drawn = [*_control_points(answer, base), *_multi_tap_heads(answer, base), *_better_points(answer, base)]
+        points = [100 * r.test_accuracy for r in drawn]
         bottom = min([100 * r.test_interval[0] for r in curve] + points) - 5
         chance = 100 * answer.transfer.chance
         lows.append(min(bottom, chance - 3) if chance >= bottom - 10 else bottom)

@@ -40,7 +40,7 @@ from featurecache.config import Paths
 from featurecache.fileio import atomic_write_text
 from featurecache.freshness import current_heads
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
-from featurecache.layer_scores import SCORES, cross_dataset_summary, layer_tau_table
+from featurecache.layer_scores import SCORES, UNDEFINED_WITHOUT_SPREAD, cross_dataset_summary, layer_tau_table
 from featurecache.metrics import mcnemar_worse_p, paired_difference, pts
 from featurecache.plots import plot_answers
 from featurecache.selection import candidate_of_record, pick_best
@@ -252,7 +252,9 @@ def _score_blocks(answer: Answer) -> list[Block]:
                   f"the test accuracy of each layer's val-selected head. The trained-best layer (chosen on val) is "
                   f"`{table.best_layer}`; training the heads on these layers took {table.training_seconds:.0f} s."
                   + (f" {', '.join(undefined)}: undefined here (no class has two train images to measure spread "
-                     f"within classes)." if undefined else "")),
+                     f"within classes)." if undefined and set(undefined) <= set(UNDEFINED_WITHOUT_SPREAD) else "")
+                  + (f" {', '.join(undefined)}: undefined here." if set(undefined) - set(UNDEFINED_WITHOUT_SPREAD)
+                     else "")),
             ("table", (["layer", "depth", "test %", *score_names], rows)),
             ("table", (["score", "Kendall τ", "weighted τ", "top 3", "best layer in top 3", "seconds"],
                        agree))]  # fmt: skip

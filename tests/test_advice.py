@@ -140,3 +140,10 @@ def test_a_class_with_no_test_image_is_named_in_the_answer():
     a.untested = {"test": ["green"]}
     assert "test has no image of green: its accuracy is never measured there, and the test scores are over the " \
            "other classes" in warnings(a)[0]  # fmt: skip
+
+
+def test_a_test_split_of_one_class_gives_no_2x2_verdict():
+    top = result("view", 1.0, 1.0)
+    a = answer(top, [top], ties=[])
+    a.transfer = TransferCheck(random_init=None, pixels=None, chance=1.0)
+    assert _verdict(a, "top") == _verdict(a, "earlier") == "cannot tell: test holds images of one class only"

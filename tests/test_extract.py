@@ -529,6 +529,20 @@ def test_held_out_folders_without_a_train_folder_are_refused_not_read_as_classes
         discover_splits(root)
 
 
+def test_a_class_named_test_or_valid_in_a_flat_folder_is_a_class(tmp_path):
+    root = make_image_folder(tmp_path / "flat", per_class={"x": 3}, splits=False)
+    (root / "circle").rename(root / "valid")  # a valid/invalid binary set: images, not class folders, inside
+    assert discover_splits(root)["train"].class_names == ("square", "stripes", "valid")
+
+
+def test_a_record_whose_sampled_files_are_all_missing_here_is_no_proof_of_a_move(tmp_path):
+    from featurecache.data import _samples_match
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    assert not _samples_match({"samples": {"gone.png": "0" * 32}}, tmp_path)  # none here: refused
+    assert _samples_match({}, tmp_path)  # a record from before samples: the shared names decide, as they did
+
+
 def test_a_class_named_train_in_a_flat_folder_is_told_to_rename_it(tmp_path):
     root = make_image_folder(tmp_path / "flat", per_class={"x": 2}, splits=False)
     (root / "circle").rename(root / "train")

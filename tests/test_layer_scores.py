@@ -65,16 +65,22 @@ def test_rank_layers_puts_nan_last_and_ties_to_the_shallower():
 
 
 def test_cross_dataset_summary_averages():
-    class Table:  # the two fields the summary reads
-        def __init__(self, dataset, agreements):
-            self.dataset, self.agreement = dataset, agreements
+    class Table:  # the three fields the summary reads
+        def __init__(self, dataset, name, values):
+            self.dataset, self.scores = dataset, {name: values}
+            self.agreement = {name: agreement(name, values, FOUR)}
 
-    one = agreement("logme", {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, FOUR)
-    two = agreement("logme", {"a": 0.4, "b": 0.3, "c": 0.0, "d": 0.2}, FOUR)
-    summary = cross_dataset_summary([Table("x", {"logme": one}), Table("y", {"logme": two})])["logme"]
-    assert summary.mean_kendall_tau == pytest.approx((one.kendall_tau + two.kendall_tau) / 2)
+    first, second = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, {"a": 0.4, "b": 0.3, "c": 0.0, "d": 0.2}
+    one, two = Table("x", "logme", first), Table("y", "logme", second)
+    summary = cross_dataset_summary([one, two])["logme"]
+    taus = one.agreement["logme"].kendall_tau, two.agreement["logme"].kendall_tau
+    assert summary.mean_kendall_tau == pytest.approx(sum(taus) / 2)
     assert (summary.top_hits, summary.n_datasets) == (1, 2)
-    assert summary.per_dataset_tau == {"x": one.kendall_tau, "y": two.kendall_tau}
+    assert summary.per_dataset_tau == {"x": taus[0], "y": taus[1]}
+    # A score undefined on a dataset (SFDA with one train image per class) is no miss there: it is left out.
+    undefined = Table("z", "sfda", dict.fromkeys(first, float("nan")))
+    sfda = cross_dataset_summary([Table("x", "sfda", first), undefined])["sfda"]
+    assert sfda.n_datasets == 1 and "z" not in sfda.per_dataset_tau
 
 
 # --------------------------------------------------------------------------------- on a real (tiny) cache

@@ -157,6 +157,8 @@ def test_the_legend_and_the_summary_name_only_what_is_drawn(trained):
                                  heads={**answer.heads, BASE: [*answer.heads[BASE], low]})  # fmt: skip
     bottom, top = _shared_scale([(spread, BASE)])
     assert bottom <= 2.0 and top >= 100.0
+    off_curve = dataclasses.replace(answer.curves[BASE][0], head="other", test_accuracy=0.999)  # a better head
+    assert _shared_scale([(dataclasses.replace(answer, better_on_test=[off_curve]), BASE)])[1] >= 99.9
     # A head that beats the recommendation on test is marked (and in the legend) only where there is one.
     better = "significantly better on test (val missed it)"
     missed = dataclasses.replace(answer, better_on_test=[answer.curves[BASE][0]])
