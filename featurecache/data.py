@@ -31,7 +31,7 @@ from typing import Any
 
 from featurecache import store
 from featurecache.config import Paths
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, first_time
 from featurecache.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -328,15 +328,12 @@ def _scan_dataset(root: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str
                 f"{split} has classes that train lacks: {', '.join(unknown)}; every class needs training images"
             )
         untested = sorted(set(source) - set(classes))
-        if untested and (said := (str(root), split, tuple(untested))) not in _SAID_UNTESTED:  # once per process
-            _SAID_UNTESTED.add(said)
+        if untested and first_time("untested", str(root), split, tuple(untested)):  # read once per base
             log.warning("%s has no image of %s: %s accuracy is never measured on %s; add some to %s", split,
                         ", ".join(untested), "its" if len(untested) == 1 else "their", split,
                         split_dirs[split])  # fmt: skip
     return found, source
 
-
-_SAID_UNTESTED: set[tuple[str, str, tuple[str, ...]]] = set()  # compare-layers reads a folder once per base
 
 # The folder names a split is found under, in any case: Roboflow and many Kaggle sets call val "valid", others
 # "validation"; Kaggle sets also come as Training/ and Testing/, or Train/ and Test/.
@@ -796,15 +793,12 @@ def _quiet_pil_bomb_warning() -> None:
         warnings.filterwarnings("ignore", category=bomb)
 
 
-_SAID_HUGE: set[str] = set()  # files already named in this process (augmented views decode a file K times)
-
-
 def _say_if_huge(size: tuple[int, int], path: str | os.PathLike) -> None:
     from PIL import Image
 
     pixels = size[0] * size[1]
-    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS and str(path) not in _SAID_HUGE:
-        _SAID_HUGE.add(str(path))  # under twice the limit PIL decodes it; over, it refuses (a skipped file)
+    # Under twice the limit PIL decodes it (over, it refuses: a skipped file); augmented views decode a file K times.
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS and first_time("huge", str(path)):
         log.warning("%s is %dx%d pixels (%.0f megapixels): decoding it takes ~%.1f GB of memory, for a base that "
                     "sees ~224 pixels", path, size[0], size[1], pixels / 1e6, 3 * pixels / 1e9)  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""The one exception type users see: its message always says what to do next."""
+"""The one exception type users see (its message always says what to do next), and what the messages share."""
 
 
 class FeaturecacheError(Exception):
@@ -6,6 +6,18 @@ class FeaturecacheError(Exception):
 
     Entry points print the message (no traceback) and exit with status 2.
     """
+
+
+_SAID: set[tuple[object, ...]] = set()
+
+
+def first_time(*key: object) -> bool:
+    """True the first time this process asks about ``key``, False after: for a warning that several readers of the
+    same thing would repeat (compare-layers reads a folder, its caches and their heads once per base)."""
+    if key in _SAID:
+        return False
+    _SAID.add(key)
+    return True
 
 
 def close_names(query: str, names: list[str] | tuple[str, ...], *, n: int = 8) -> list[str]:

@@ -45,7 +45,7 @@ from featurecache.data import (
 )
 from featurecache.devices import resolve_device
 from featurecache.distributed import World
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, first_time
 from featurecache.layers import TapSpec, TracedBase, build_extractor, parse_taps, trace_base
 from featurecache.preprocess import (
     DEVICE_DECODE_RULE,
@@ -329,17 +329,13 @@ def _unreadable(result: SplitResult, index: SplitIndex) -> str | None:
     )
 
 
-_WARNED_COPIES: set[tuple[str, str, int]] = set()  # (folder, split, copies): compare-layers extracts 3 bases
-
-
 def _warn_copies(indexes: dict[str, SplitIndex]) -> dict[str, int]:
     """Name val/test images that are byte-identical to train images (copies in the user's folders, or ``x (1).png``
     twins a drawn split put on both sides), once per folder and split in a process; returns their count by split."""
     copies = copies_across_splits(indexes)
     for split, pairs in copies.items():
-        if (key := (str(indexes[split].root), split, len(pairs))) in _WARNED_COPIES:
+        if not first_time("copies", str(indexes[split].root), split, len(pairs)):  # compare-layers: 3 bases
             continue
-        _WARNED_COPIES.add(key)
         shown = ", ".join(f"{copy} = {original}" for copy, original in pairs[:3])
         more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
         log.warning("%d of %d %s images are byte-identical to train images (%s%s): the heads have seen them, so %s "

@@ -21,15 +21,11 @@ from featurecache import persist, store
 from featurecache.commands import extract_command
 from featurecache.config import Paths
 from featurecache.data import SPLITS, Decoding
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, first_time
 from featurecache.records import HeadRecord, SidecarVersionError, retrain_command, retrain_commands
 from featurecache.weights import PIXELS_TAG
 
 log = logging.getLogger(__name__)
-
-# (head folder, the features it records) already warned about: the leaderboard, the answer and the report each read
-# the heads, and one warning per head is enough; a head retrained and then stale again records other features.
-_WARNED: set[tuple[Path, str]] = set()
 
 
 def feature_fingerprint(meta: dict[str, Any], layer: str) -> str:
@@ -142,8 +138,7 @@ def current_heads(directories: Iterable[Path], paths: Paths) -> Iterator[tuple[P
         try:
             yield directory, persist.record_of(directory, sidecar)
         except SidecarVersionError as exc:
-            if (directory, "version") not in _WARNED:  # once, however many readers rank the heads
-                _WARNED.add((directory, "version"))
+            if first_time("sidecar version", directory):  # once, however many readers rank the heads
                 log.warning("left out: %s", exc)
 
 
@@ -168,12 +163,10 @@ def current_sidecars(directories: Iterable[Path], paths: Paths) -> Iterator[tupl
 
 def _warn_left_out(stale: list[tuple[Path, Mapping[str, Any], str]]) -> None:
     """One warning for the stale heads not warned about yet: the first with its reason, and the retrain commands."""
-    fresh = []
-    for directory, sidecar, reason in stale:
-        key = (directory, json.dumps(sidecar.get("features"), sort_keys=True))
-        if key not in _WARNED:
-            _WARNED.add(key)
-            fresh.append((directory, sidecar, reason))
+    # Once per head and the features it records: the leaderboard, the answer and the report each read the heads,
+    # and a head retrained and then stale again records other features.
+    fresh = [(directory, sidecar, reason) for directory, sidecar, reason in stale
+             if first_time("stale head", directory, json.dumps(sidecar.get("features"), sort_keys=True))]  # fmt: skip
     if len(fresh) == 1:
         directory, sidecar, reason = fresh[0]
         log.warning("left out: %s (%s); retrain it: %s", directory, reason, retrain_command(sidecar))

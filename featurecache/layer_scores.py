@@ -27,7 +27,7 @@ from featurecache import store
 from featurecache.answer import head_results, is_frozen_plain, multilayer_comparisons
 from featurecache.commands import extract_command
 from featurecache.config import Paths, default_paths
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, first_time
 from featurecache.freshness import current_heads
 from featurecache.records import HeadRecord
 from featurecache.selection import Candidate, candidate_of_record, pick_best
@@ -123,8 +123,7 @@ def _scored(name: str, features: dict[str, np.ndarray], y: np.ndarray, chosen: l
     import warnings
 
     if name in UNDEFINED_WITHOUT_SPREAD and np.bincount(np.unique(y, return_inverse=True)[1]).max(initial=0) < 2:
-        if name not in _SAID_UNDEFINED:  # once per process: compare-layers scores each base
-            _SAID_UNDEFINED.add(name)
+        if first_time("undefined score", name):  # compare-layers scores each base
             log.warning("%s is undefined here: it needs a class with at least two train images (shown as n/a)", name)
         return {k: float("nan") for k in chosen}
     with warnings.catch_warnings():  # scikit-learn's per-class covariance of a one-image class: said above, not here
@@ -135,7 +134,6 @@ def _scored(name: str, features: dict[str, np.ndarray], y: np.ndarray, chosen: l
 
 
 UNDEFINED_WITHOUT_SPREAD = ("sfda", "ncti")
-_SAID_UNDEFINED: set[str] = set()
 
 
 def shortlist_layers(
