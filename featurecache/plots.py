@@ -171,9 +171,9 @@ def _legend_handles(answers: Sequence[Answer]) -> list:
         "chance": _chance_drawn(cells, _shared_scale(cells)),
         "random": any(is_random_tag(b) for a in answers for b in a.curves),
         "pixels": any(PIXELS_TAG in a.curves for a in answers),
-        "multi": any(_multi_tap_heads(a, base) for a, base in panels(answers)),
-        "ties": any(_tied_points(a, base) for a, base in panels(answers)),
-        "better": any(_better_points(a, base) for a, base in panels(answers)),
+        "multi": any(_multi_tap_heads(a, base) for a, base in cells),
+        "ties": any(_tied_points(a, base) for a, base in cells),
+        "better": any(_better_points(a, base) for a, base in cells),
     }
     styles = [
         (None, {"color": PRETRAINED_COLOUR, "marker": "o", "ms": 4,
