@@ -461,11 +461,15 @@ def _check_same_folder(record: dict[str, Any], record_path: Path, pool: list[tup
 
 def _same_bytes(old: Path, new: Path, shared: Sequence[str], sample: int = 20) -> bool:
     """Whether up to ``sample`` of the files both folders hold, spread over the sorted names, are byte-identical."""
-    step = max(1, len(shared) // sample)
     try:
-        return all(filecmp.cmp(old / p, new / p, shallow=False) for p in shared[::step][:sample])
+        return all(filecmp.cmp(old / p, new / p, shallow=False) for p in _spread(shared, sample))
     except OSError:  # a file of the old folder is gone: not a copy of it
         return False
+
+
+def _spread(names: Sequence[str], n: int) -> Sequence[str]:
+    """Up to ``n`` of ``names``, evenly spaced: the files that stand for a folder when telling it from another."""
+    return names[:: max(1, len(names) // n)][:n]
 
 
 def _samples_match(record: dict[str, Any], folder: Path) -> bool:
@@ -484,8 +488,9 @@ def _write_split_record(
     """The split, the folder it belongs to, and the content digests of up to ``sample`` of its files, spread over
     the sorted names: what tells this folder, moved, from another of the same name (:func:`_check_same_folder`)."""
     every = sorted(p for files in split_files.values() for p in files)
-    picked = every[:: max(1, len(every) // sample)][:sample]
-    samples = {rel: _digest(Path(folder) / rel, "content") for rel in picked if (Path(folder) / rel).is_file()}
+    samples = {
+        rel: _digest(Path(folder) / rel, "content") for rel in _spread(every, sample) if (Path(folder) / rel).is_file()
+    }
     record = {"version": SPLIT_RECORD_VERSION, "root": folder, "params": params, "splits": split_files,
               "samples": samples}  # fmt: skip
     atomic_write_text(record_path, json.dumps(record, indent=1))
