@@ -21,6 +21,7 @@ from featurecache.freshness import pixels_fingerprint
 from featurecache.heads import get_head_spec, quiet_solvers
 from featurecache.metrics import classification_scores
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError
+from featurecache.selection import best_grid_point, sweep_record
 from featurecache.weights import PIXELS_TAG
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def pixel_baseline(
     (X_tr, y_tr), (X_val, y_val), (X_te, y_te) = data["train"], data["val"], data["test"]
     with quiet_solvers():
         fitted = spec.sweep(X_tr, y_tr, X_val, y_val, grid, seed=seed)
-    params, final, val_accuracy, _ = max(fitted, key=lambda f: f[2])  # max keeps the first of equal scores
+    sweep = sweep_record(fitted, X_val, y_val)
+    params, final, val_accuracy, _ = fitted[best_grid_point(sweep)]
     n_classes = len(metas["train"]["class_names"])
     record = HeadRecord(
         kind=HEAD_KIND, dataset=dataset, base=PIXELS_TAG, base_tag=PIXELS_TAG, weights="none",
@@ -77,7 +79,7 @@ def pixel_baseline(
         head="logreg", head_spec="logreg", train_views=0, dense=False, alpha=metas["train"].get("alpha"),
         orientation=Decoding.recorded(metas["train"]).orientation,
         class_names=tuple(metas["train"]["class_names"]), features=features, grid=grid,
-        sweep=[{"params": p, "val_accuracy": v, "fit_seconds": round(t, 4)} for p, _, v, t in fitted],
+        sweep=sweep,
         params=params, refit="train", seed=seed, selection_val_accuracy=val_accuracy,
         val={**classification_scores(y_val, final.predict(X_val), n_classes=n_classes),
              "predictions": final.predict(X_val)},

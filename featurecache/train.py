@@ -39,6 +39,7 @@ from featurecache.heads import HeadSpec, get_head_spec, list_heads, quiet_solver
 from featurecache.metrics import classification_scores
 from featurecache.progress import progress_bar
 from featurecache.records import HEAD_KIND, HeadRecord, SidecarVersionError, library_versions
+from featurecache.selection import best_grid_point, sweep_record
 from featurecache.trainrows import TrainRows, fit_head, load_tap_rows, load_train_rows
 from featurecache.weights import WeightsRef
 
@@ -413,16 +414,16 @@ def _load_job_rows(plan: JobPlan) -> JobRows:
 
 
 def _sweep_and_refit(plan: JobPlan, rows: JobRows) -> Fitted:
-    """Fit every grid point on train and score it on val; keep the best (ties: the earlier grid point) and refit
-    it on train+val when asked (the dense head for the epoch count it early-stopped at, on the same device)."""
+    """Fit every grid point on train and score it on val; keep the best (``selection.best_grid_point``) and refit it
+    on train+val when asked (the dense head for the epoch count it early-stopped at, on the same device)."""
     opts, spec = plan.job.options, plan.spec
     with quiet_solvers():
         if spec.sweep is not None and not rows.train.streamed:
             fitted = spec.sweep(rows.train.X, rows.train.y, rows.X_val, rows.y_val, plan.grid, seed=opts.seed)
         else:
             fitted = [_fit_point(plan, params, rows) for params in plan.grid]
-    sweep = [{"params": p, "val_accuracy": acc, "fit_seconds": round(t, 4)} for p, _, acc, t in fitted]
-    params, final, val_accuracy, _ = max(fitted, key=lambda f: f[2])  # max keeps the first of equal scores
+    sweep = sweep_record(fitted, rows.X_val, rows.y_val)
+    params, final, val_accuracy, _ = fitted[best_grid_point(sweep)]
     t_refit = time.perf_counter()
     if opts.refit == "train+val":
         selected = final

@@ -317,6 +317,37 @@ def test_logreg_warm_path_matches_cold_scikit_learn_fits(n_classes):
         np.testing.assert_allclose(head.predict_proba(X[300:]).sum(1), 1, rtol=1e-5)
 
 
+def test_grid_points_tied_on_val_accuracy_go_to_the_lower_val_log_loss():
+    """On an easy split every C reaches 100% val; the first (C = 1e-4) gave ~1/K probabilities to images it got
+    right, so predict printed p = 0.26 for a 5-class head that never erred."""
+    from featurecache.heads import LOGREG_C_GRID
+    from featurecache.heads.classic import logreg_warm_path
+    from featurecache.selection import best_grid_point, sweep_record
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(5), 36)
+    X = (rng.normal(size=(5, 256))[y] + rng.normal(size=(180, 256))).astype(np.float32)
+    train, val = np.arange(180) % 6 != 0, np.arange(180) % 6 == 0
+    fitted = logreg_warm_path(X[train], y[train], X[val], y[val], [{"C": c} for c in LOGREG_C_GRID], seed=0)
+    sweep = sweep_record(fitted, X[val], y[val])
+    assert {p["val_accuracy"] for p in sweep} == {1.0}  # every point ties on accuracy
+    losses = [p["val_log_loss"] for p in sweep]
+    kept = best_grid_point(sweep)
+    assert losses[kept] == min(losses) and sweep[kept]["params"]["C"] >= 1.0
+    assert fitted[kept][1].predict_proba(X[val]).max(axis=1).mean() > 0.9
+    # accuracy still decides first; without probabilities (the SVMs) the earlier of equal points stays
+    assert best_grid_point([{"val_accuracy": 0.9, "val_log_loss": 0.1}, {"val_accuracy": 0.95, "val_log_loss": 2}]) == 1
+    assert best_grid_point([{"val_accuracy": 0.9}, {"val_accuracy": 0.9}]) == 0
+
+
+def test_a_trained_head_keeps_the_tied_grid_point_with_the_lowest_val_log_loss(cached, tmp_path):
+    paths = fresh_copy(cached, tmp_path)
+    for s in train_heads(dataset="shapes", base_tag=BASE, heads=["logreg", "knn"], options=QUIET, paths=paths):
+        top = max(p["val_accuracy"] for p in s["sweep"])
+        tied = [p for p in s["sweep"] if p["val_accuracy"] == top]
+        assert s["params"] == min(tied, key=lambda p: p["val_log_loss"])["params"]
+
+
 def leaderboard_without_timings(paths: Paths) -> list[dict]:
     rows = leaderboard_rows("shapes", paths)
     return [{k: v for k, v in r.items() if k not in ("fit_seconds", "model_dir")} for r in rows]
