@@ -8,6 +8,12 @@ class FeaturecacheError(Exception):
     """
 
 
+def check_seed(seed: int | None) -> None:
+    """A seed numpy and scikit-learn accept (0 to 2**32 - 1): another one failed deep inside them. None: no seed."""
+    if seed is not None and not 0 <= seed < 2**32:
+        raise FeaturecacheError(f"--seed {seed} is out of range; a seed is an integer from 0 to 2**32 - 1")
+
+
 _SAID: set[tuple[object, ...]] = set()
 
 

@@ -45,7 +45,7 @@ from featurecache.data import (
 )
 from featurecache.devices import resolve_device
 from featurecache.distributed import World
-from featurecache.errors import FeaturecacheError, first_time
+from featurecache.errors import FeaturecacheError, check_seed, first_time
 from featurecache.layers import TapSpec, TracedBase, build_extractor, parse_taps, trace_base
 from featurecache.preprocess import (
     DEVICE_DECODE_RULE,
@@ -185,8 +185,7 @@ class ExtractRequest:
                 if unknown
                 else f"--splits names no split; choose from {', '.join(SPLITS)}"
             )
-        if self.seed is not None and self.seed < 0:
-            raise FeaturecacheError(f"--seed {self.seed}: a seed is 0 or a positive integer")
+        check_seed(self.seed)
         get_base_spec(self.base)  # a mistyped base is refused before a split is drawn and recorded
 
 

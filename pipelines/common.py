@@ -13,7 +13,7 @@ from typing import Any
 
 from featurecache import distributed
 from featurecache.config import default_paths
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, check_seed
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -89,10 +89,12 @@ def comma_list(text: str) -> list[str]:
 
 
 def seed(text: str) -> int:
-    """``--seed``: numpy and scikit-learn take 0 to 2**32 - 1 (another failed deep inside them)."""
+    """``--seed``: an integer :func:`featurecache.errors.check_seed` accepts, refused by argparse's usage line."""
     value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{text} is out of range; a seed is an integer from 0 to 2**32 - 1")
+    try:
+        check_seed(value)
+    except FeaturecacheError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--seed ")) from None
     return value
 
 

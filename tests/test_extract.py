@@ -236,6 +236,13 @@ def test_the_batch_size_defaults_to_the_device_and_below_one_is_refused(tiny, pa
         run(tiny, paths, options=ExtractOptions(batch_size=0, progress=False))
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_cannot_take_is_refused_before_a_split_is_drawn(tiny, paths, seed):
+    with pytest.raises(FeaturecacheError, match=rf"--seed {seed} is out of range; a seed is an integer from 0 to"):
+        extract(ExtractRequest(tiny, base=BASE, seed=seed), paths=paths)
+    assert not paths.features.exists()
+
+
 def test_unknown_base_lists_names(tiny, paths):
     with pytest.raises(FeaturecacheError, match=r"unknown base 'resnet5'.*resnet50.*efficientnet_lite0"):
         run(tiny, paths, base="resnet5")
