@@ -235,7 +235,7 @@ def warnings(answer: Answer) -> list[str]:
         out.append(
             f"The val choice is within noise: the heads val chose at {len(answer.val_ties)} other "
             f"layer{'s' * (len(answer.val_ties) != 1)} ({names(answer.val_ties)}) are not significantly worse than "
-            f"`{answer.recommended.name()}` on val (exact McNemar, α = {ALPHA})."
+            f"`{answer.recommended.name()}` on val (exact McNemar, Holm-adjusted, α = {ALPHA})."
         )
     if answer.better_on_test:
         out.append(

@@ -5,10 +5,10 @@ keep the labels); nothing is trained here. The statistics:
 
 * the recommendation is chosen on val by the one selection rule (:mod:`featurecache.selection`);
 * its test accuracy carries a 95% Wilson interval (it does not collapse to a point at 0% or 100%);
-* the **tie set** is every other (base, layer, head) that is neither significantly worse nor significantly better
-  than the recommendation on the same test images: one-sided exact McNemar tests on the discordant images, alpha =
-  0.05 each way, no multiplicity correction (which can only make the tie set larger, never hide a tie); the
-  significantly better ones are named apart, as the heads val missed;
+* the **tie set** is every other (base, layer, head) whose accuracy on the same test images cannot be told from the
+  recommendation's: two-sided exact McNemar tests on the discordant images, Holm-adjusted over every head compared,
+  alpha = 0.05 (uncorrected, ~20 equally good heads dropped one from the tie set, or named one "significantly
+  better", in a quarter of answers); the significantly better ones are named apart, as the heads val missed;
 * only the heads the comparison trained are ranked (:class:`Scope`): the answer is what its command gives on a
   fresh home, not whatever other heads are saved beside them;
 * gains (pretrained over the best control, fine-tuned over the recommendation) are paired differences on the
@@ -29,7 +29,7 @@ from featurecache.config import Paths
 from featurecache.errors import FeaturecacheError
 from featurecache.freshness import cache_read, current_heads
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
-from featurecache.metrics import PairedGain, mcnemar_worse_p, paired_difference, wilson_interval
+from featurecache.metrics import PairedGain, holm, mcnemar_p, paired_difference, wilson_interval
 from featurecache.records import HeadRecord, retrain_command
 from featurecache.selection import Candidate, pick_best, ranked
 from featurecache.weights import PIXELS_TAG, is_control, is_random_tag, random_tag
@@ -132,24 +132,28 @@ def layer_curve(results: Sequence[HeadResult]) -> list[HeadResult]:
     return sorted((pick_best(rs, _candidate) for rs in by_layer.values()), key=lambda r: (r.depth, r.layer))
 
 
-def tie_set(recommended: HeadResult, others: Sequence[HeadResult], *, split: str = "test") -> list[HeadResult]:
-    """The ``others`` neither significantly worse nor significantly better than ``recommended`` on the same
-    ``split`` images (one-sided exact McNemar each way): a head that beats it is no tie but one val missed
-    (:func:`significantly_better`)."""
+def versus_recommended(
+    recommended: HeadResult, others: Sequence[HeadResult], *, split: str = "test"
+) -> list[tuple[HeadResult, float]]:
+    """Each of ``others`` (the recommendation left out) with the p-value that it is as accurate as the recommendation
+    on the same ``split`` images: two-sided exact McNemar, Holm-adjusted over all of them (one family per answer)."""
+    rest = [r for r in others if r is not recommended]
     ref = getattr(recommended, f"{split}_correct")
+    return list(zip(rest, holm([mcnemar_p(ref, getattr(r, f"{split}_correct")) for r in rest]), strict=True))
 
-    def tied(r: HeadResult) -> bool:
-        other = getattr(r, f"{split}_correct")
-        return mcnemar_worse_p(ref, other) >= ALPHA and mcnemar_worse_p(other, ref) >= ALPHA
 
-    return ranked([r for r in others if r is not recommended and tied(r)], _candidate)  # best first by the rule
+def tie_set(recommended: HeadResult, others: Sequence[HeadResult], *, split: str = "test") -> list[HeadResult]:
+    """The ``others`` whose accuracy on ``split`` the test cannot tell from the recommendation's
+    (:func:`versus_recommended`); one that is significantly more accurate is no tie but one val missed
+    (:func:`significantly_better`)."""
+    tied = [r for r, p in versus_recommended(recommended, others, split=split) if p >= ALPHA]
+    return ranked(tied, _candidate)  # best first by the rule
 
 
 def significantly_better(recommended: HeadResult, others: Sequence[HeadResult]) -> list[HeadResult]:
     """The ``others`` significantly *more* accurate on test than the recommendation: the val choice missed them."""
-    return [
-        r for r in others if r is not recommended and mcnemar_worse_p(r.test_correct, recommended.test_correct) < ALPHA
-    ]
+    more = int(recommended.test_correct.sum())
+    return [r for r, p in versus_recommended(recommended, others) if p < ALPHA and int(r.test_correct.sum()) > more]
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,7 @@ class Answer:
     recommended: HeadResult
     ties: list[HeadResult]  # neither significantly worse nor better on test (the recommendation excluded)
     better_on_test: list[HeadResult]  # significantly better on test: the val choice missed them
-    val_ties: list[HeadResult]  # other layers' val-selected heads not significantly worse on val
+    val_ties: list[HeadResult]  # other layers' val-selected heads not significantly different on val
     curves: dict[str, list[HeadResult]]  # base tag (controls included) -> val-selected head per layer
     heads: dict[str, list[HeadResult]]  # base tag (controls included) -> every frozen head (the same objects)
     transfer: TransferCheck
@@ -269,6 +273,11 @@ class Answer:
     seconds: float = 0.0  # wall time of the comparison that produced it (extraction and training included)
     copies_of_train: dict[str, int] = field(default_factory=dict)  # split -> images byte-identical to train ones
     untested: dict[str, list[str]] = field(default_factory=dict)  # val/test -> classes with no readable image there
+
+    @property
+    def compared(self) -> list[HeadResult]:
+        """Every pretrained head the answer ranks, the recommendation included: the family its tests adjust over."""
+        return [r for base, rs in self.heads.items() if not is_control(base) for r in rs]
 
     @property
     def several_bases(self) -> bool:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,21 +47,34 @@ def wilson_interval(correct: int, n: int, *, level: float = 0.95) -> tuple[float
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def mcnemar_worse_p(reference_correct: np.ndarray, other_correct: np.ndarray) -> float:
-    """One-sided exact McNemar p-value that ``other`` is less accurate than ``reference`` on the same items.
+def mcnemar_p(a_correct: np.ndarray, b_correct: np.ndarray) -> float:
+    """Two-sided exact McNemar p-value that ``a`` and ``b`` are equally accurate on the same items.
 
-    Only the discordant items count: ``b`` where the reference alone is right, ``c`` where the other alone is
-    right. Under "equally accurate" ``b ~ Binomial(b + c, 1/2)``; the p-value is ``P(X >= b)``.
+    Only the discordant items count: ``n_a`` where ``a`` alone is right, ``n_b`` where ``b`` alone is. Under "equally
+    accurate" ``n_a ~ Binomial(n_a + n_b, 1/2)``; the p-value is twice the smaller tail, at most 1 (two-sided at
+    the level of the 95% intervals beside it: a one-sided test each way at 0.05 is a 10% test, and called a head
+    "significantly better" whose paired interval still held 0).
     """
     from scipy.stats import binom
 
-    reference_correct = np.asarray(reference_correct, dtype=bool)
-    other_correct = np.asarray(other_correct, dtype=bool)
-    b = int((reference_correct & ~other_correct).sum())
-    c = int((~reference_correct & other_correct).sum())
-    if b + c == 0:
+    a_correct, b_correct = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    n_a, n_b = int((a_correct & ~b_correct).sum()), int((~a_correct & b_correct).sum())
+    if n_a + n_b == 0:
         return 1.0
-    return float(binom.sf(b - 1, b + c, 0.5))
+    return float(min(1.0, 2 * binom.cdf(min(n_a, n_b), n_a + n_b, 0.5)))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: reject where the adjusted p is below alpha, and the
+    chance of any false rejection among the family stays at most alpha (Holm 1979). Without it, ~20 heads each
+    tested at 0.05 against the recommendation named a "significantly better" head in a quarter of answers where
+    every head was equally accurate."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 class PairedGain(NamedTuple):

@@ -35,16 +35,16 @@ from featurecache.answer import (
     compute_answer,
     is_frozen_plain,
     result_of_record,
+    versus_recommended,
 )
 from featurecache.config import Paths
 from featurecache.fileio import atomic_write_text
 from featurecache.freshness import current_heads
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.layer_scores import SCORES, UNDEFINED_WITHOUT_SPREAD, cross_dataset_summary, layer_tau_table
-from featurecache.metrics import mcnemar_worse_p, paired_difference, pts
+from featurecache.metrics import paired_difference, pts
 from featurecache.plots import plot_answers
 from featurecache.selection import candidate_of_record, pick_best
-from featurecache.weights import is_control
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ def answer_block(answer: Answer) -> list[str]:
     lines = [
         f"**Recommended: `{rec.name(with_base=True)}`**: test {pts(rec.test_accuracy)}% [{pts(lo)}, {pts(hi)}] "
         f"(95% Wilson, {n_test} test images), chosen on val ({pts(rec.val_accuracy)}%).",
-        f"**Tied with it** ({len(answer.ties)} of {_candidates(answer)} other heads neither significantly worse nor "
-        f"better on the same test images; one-sided exact McNemar each way, α = {ALPHA}): "
+        f"**Tied with it** ({len(answer.ties)} of {_candidates(answer)} other heads not significantly different on the "
+        f"same test images; two-sided exact McNemar, Holm-adjusted over them, α = {ALPHA}): "
         + (names(answer.ties, with_base=answer.several_bases, accuracy=True, limit=8) if answer.ties else "none."),
         answer.sentence,
         f"**Does transfer help?** {transfer_sentence(answer)}",
@@ -150,7 +150,7 @@ def _depth(r: HeadResult) -> str:
 
 
 def _candidates(answer: Answer) -> int:
-    return sum(len(rs) for b, rs in answer.heads.items() if not is_control(b)) - 1
+    return len(answer.compared) - 1
 
 
 def dataset_blocks(answer: Answer, paths: Paths, *, command: str = "") -> list[Block]:
@@ -172,15 +172,16 @@ def dataset_blocks(answer: Answer, paths: Paths, *, command: str = "") -> list[B
 
 def _tie_table(answer: Answer) -> list[Block]:
     rec = answer.recommended
+    p = {id(r): p for r, p in versus_recommended(rec, answer.compared)}
     rows = [[f"`{r.name(with_base=answer.several_bases)}`", _depth(r), pts(r.val_accuracy),
              f"{pts(r.test_accuracy)} [{pts(r.test_interval[0])}, {pts(r.test_interval[1])}]",
-             "–" if r is rec else f"{mcnemar_worse_p(rec.test_correct, r.test_correct):.3f}"]
+             "–" if r is rec else f"{p[id(r)]:.3f}"]
             for r in [rec, *answer.ties]]  # fmt: skip
     return [("h2", "The recommendation and its tie set"),
-            ("p", "p = one-sided exact McNemar p-value that the head is worse than the recommendation on the same test "
-                  f"images; every row has p ≥ {ALPHA}, and none is significantly better (those are named under "
-                  "Warnings)."),
-            ("table", (["head", "depth", "val %", "test % [95% Wilson]", "p (worse)"], rows))]  # fmt: skip
+            ("p", "p = two-sided exact McNemar p-value that the head is as accurate as the recommendation on the same "
+                  f"test images, Holm-adjusted over the {_candidates(answer)} heads compared; every row has p ≥ "
+                  f"{ALPHA}. Heads significantly better are named under Warnings."),
+            ("table", (["head", "depth", "val %", "test % [95% Wilson]", "p (Holm)"], rows))]  # fmt: skip
 
 
 def _control_table(answer: Answer) -> list[Block]:
@@ -285,7 +286,7 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
         "dataset": answer.dataset,
         "recommended": head(answer.recommended),
         "ties": [head(r) for r in answer.ties],
-        "tie_test": f"one-sided exact McNemar each way on the same test images, alpha {ALPHA}",
+        "tie_test": f"two-sided exact McNemar on the same test images, Holm-adjusted over the heads, alpha {ALPHA}",
         "better_on_test": [head(r) for r in answer.better_on_test],
         "copies_of_train": answer.copies_of_train,
         "val_ties": [head(r) for r in answer.val_ties],

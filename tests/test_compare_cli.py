@@ -46,7 +46,7 @@ def test_compare_layers_on_folders_without_and_with_splits(tmp_path, home, capsy
         assert summary["transfer"]["random_init"] is not None and summary["transfer"]["pixels"] is not None
         assert any("Small sample" in w for w in summary["warnings"]), summary["warnings"]
         md = (folder / "report.md").read_text()
-        assert "## The answer" in md and "Tied with it" in md and "one-sided exact McNemar" in md
+        assert "## The answer" in md and "Tied with it" in md and "two-sided exact McNemar, Holm-adjusted" in md
     assert (home / "data" / "features" / "my_shapes" / "splits.json").is_file()  # the seeded split of a flat folder
     assert not (flat / "train").exists()  # the user's folder is never touched
     index = home / "reports" / "compare"

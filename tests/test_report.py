@@ -16,7 +16,7 @@ from featurecache.config import Paths
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.finetune import _pick_head
 from featurecache.leaderboard import leaderboard_rows, write_leaderboard
-from featurecache.metrics import mcnemar_worse_p
+from featurecache.metrics import holm, mcnemar_p
 from featurecache.plots import star_of
 from featurecache.report import build_report, imagenet_distance, spearman
 from featurecache.selection import pick_best
@@ -78,11 +78,12 @@ def test_report_files_and_the_answer_match_the_sidecars(trained):
     assert low < best["test"]["accuracy"] <= high or best["test"]["accuracy"] == high == 1.0
     assert low < high  # Wilson: never a point, even at 100%
 
-    # The tie set is exactly the heads a one-sided exact McNemar test does not call worse.
+    # The tie set is exactly the heads whose two-sided exact McNemar test, Holm-adjusted over them, finds no difference.
     _, y_test, _ = store.load_features(paths.feature_file("shapes", BASE, "test"), "flatten")
     correct = {(s["layer"], s["head"]): np.asarray(s["test"]["predictions"]) == y_test for s in sidecars}
-    ref = correct[(best["layer"], best["head"])]
-    expected = {k for k, c in correct.items() if k != (best["layer"], best["head"]) and mcnemar_worse_p(ref, c) >= 0.05}
+    ref = correct.pop((best["layer"], best["head"]))
+    adjusted = holm([mcnemar_p(ref, c) for c in correct.values()])
+    expected = {k for k, p in zip(correct, adjusted, strict=True) if p >= 0.05}
     assert {(t["layer"], t["head"]) for t in summary["ties"]} == expected
     assert len(answer.ties) == len(expected)
 

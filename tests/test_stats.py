@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featurecache.metrics import classification_scores, mcnemar_worse_p, paired_difference, wilson_interval
+from featurecache.metrics import classification_scores, holm, mcnemar_p, paired_difference, wilson_interval
 from featurecache.selection import Candidate, pick_best, ranked
 
 
@@ -28,12 +28,46 @@ def test_scores_report_a_wilson_interval():
 def test_exact_mcnemar_on_hand_counted_discordant_pairs():
     ref = np.array([1, 1, 1, 1, 1, 0, 1, 1], bool)
     other = np.array([0, 0, 0, 0, 1, 1, 1, 1], bool)
-    # b = 4 (reference alone right), c = 1 (other alone right): P(X >= 4 | n = 5, 1/2) = (5 + 1) / 32
-    assert mcnemar_worse_p(ref, other) == pytest.approx(6 / 32)
-    assert mcnemar_worse_p(other, ref) == pytest.approx(31 / 32)  # P(X >= 1 | n = 5)
-    assert mcnemar_worse_p(ref, ref) == 1.0  # no discordant pair: no evidence either way
+    # 4 discordant images one way, 1 the other: twice P(X <= 1 | n = 5, 1/2) = 2 * 6 / 32, in either order
+    assert mcnemar_p(ref, other) == mcnemar_p(other, ref) == pytest.approx(12 / 32)
+    assert mcnemar_p(ref, ref) == 1.0  # no discordant pair: no evidence either way
     six = np.ones(6, bool)
-    assert mcnemar_worse_p(six, ~six) == pytest.approx(1 / 64)  # 6 of 6 discordant, all one way
+    assert mcnemar_p(six, ~six) == pytest.approx(2 / 64)  # 6 of 6 discordant, all one way
+    assert mcnemar_p(np.r_[six, ~six], np.r_[~six, six]) == 1.0  # 6 each way: capped at 1, not 2 * 0.61
+
+
+def test_the_significance_call_agrees_with_the_paired_interval_beside_it():
+    """A one-sided test at 0.05 each way is a 10% test: 3 vs 10 discordant images of 359 gave p = 0.046
+    ("significantly better") while the paired 95% interval of the same pair held 0."""
+    ref = np.r_[np.ones(346, bool), np.ones(3, bool), np.zeros(10, bool)]
+    other = np.r_[np.ones(346, bool), np.zeros(3, bool), np.ones(10, bool)]
+    gain = paired_difference(other, ref)
+    assert gain.low < 0 < gain.high and mcnemar_p(other, ref) > 0.05
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order_given():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # 3 * 0.01; max(2 * 0.03, 1 * 0.04)
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []
+
+
+def test_twenty_equally_good_heads_rarely_yield_a_significant_difference_from_the_recommendation():
+    """The answer's tie set and "significantly better" over ~20 heads: per-head tests at 0.05 named a difference in
+    about a quarter of answers where every head was equally accurate; Holm keeps it at most alpha."""
+    from featurecache.answer import HeadResult, significantly_better, tie_set
+
+    rng = np.random.default_rng(0)
+    hard = rng.random(359) < 0.5  # errors pile up on shared hard images, as they do between layers
+
+    def head(i: int) -> HeadResult:
+        correct = rng.random(359) > np.where(hard, 0.06, 0.01)
+        return HeadResult("d", "base", f"l{i}", "logreg", 0.5, 0.9, correct.mean(), (0, 1), correct, correct)
+
+    flagged = 0
+    for _ in range(200):
+        heads = [head(i) for i in range(22)]
+        rec, others = heads[0], heads
+        flagged += len(tie_set(rec, others)) < 21 or bool(significantly_better(rec, others))
+    assert flagged / 200 <= 0.08  # alpha 0.05 plus the simulation's own noise (uncorrected: ~0.25)
 
 
 def test_paired_difference_is_the_accuracy_gap_with_an_interval_around_it():
