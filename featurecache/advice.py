@@ -55,41 +55,59 @@ def region(answer: Answer, result: HeadResult) -> str:
 
 
 def sentence(answer: Answer) -> str:
-    """One plain sentence: where the best layer sits, by how much, and what is tied with it."""
-    rec, top = answer.recommended, top_layer(answer)
-    where = region(answer, rec)
+    """One plain sentence: where the layer val chose sits, how far it is from the top on test, whether that gap is
+    noise, what test found better (val missed it) and what is tied with it."""
+    rec = answer.recommended
     if rec.multi_tap:
         text = _multi_tap_sentence(answer)
-    elif where == "top":
-        lower = [r for r in answer.curves[rec.base] if r.layer != rec.layer]
-        text = "For this data the top layer is best"
-        if lower:  # the runner-up as val ranks it: the one rule, never the test scores
-            runner = pick_best(lower, lambda r: r.candidate)
-            gap = 100 * (rec.test_accuracy - runner.test_accuracy)
-            side = "below" if gap >= 0 else "above"
-            text += f"; the best lower layer on val (`{runner.layer}`) is {abs(gap):.1f} points {side} it on test"
-            text += _noise(answer, runner)
+    elif region(answer, rec) == "top":
+        text = _top_sentence(answer)
     else:
-        gap = 100 * (rec.test_accuracy - top.test_accuracy)
-        versus = f"(`{rec.layer}` vs `{top.layer}`)"
-        if abs(gap) < 0.05:
-            text = f"For this data {where} layers match the top on test {versus}, and val chose the {where} one"
-        else:
-            if gap < 0:
-                moved = f"trail the top by {abs(gap):.1f} points"
-            else:  # "beat" only for a gap the test images can tell from zero
-                moved = (
-                    f"score {gap:.1f} points above the top"
-                    if _tied(answer, top)
-                    else f"beat the top by {gap:.1f} points"
-                )
-            text = f"For this data the {where} layers {moved} on test {versus}" + _noise(answer, top)
+        text = _lower_sentence(answer)
+    if answer.better_on_test:
+        text += (f"; but {names(answer.better_on_test, with_base=answer.several_bases)} scored significantly higher "
+                 "on test (val missed it)")  # fmt: skip
     if answer.ties:
         verb = "is" if len(answer.ties) == 1 else "are"
-        text += f"; {names(answer.ties, with_base=answer.several_bases)} {verb} tied with it."
-    else:
-        text += "; nothing else is statistically tied with it."
-    return text
+        return text + f"; {names(answer.ties, with_base=answer.several_bases)} {verb} tied with it."
+    return text + "; nothing else is statistically tied with it."
+
+
+def _top_sentence(answer: Answer) -> str:
+    """Val chose the top layer: the runner-up as val ranks it (the one rule, never the test scores), and its gap."""
+    rec = answer.recommended
+    text = f"For this data val chose the top layer (`{rec.layer}`)"
+    lower = [r for r in answer.curves[rec.base] if r.layer != rec.layer]
+    if not lower:
+        return text
+    runner = pick_best(lower, lambda r: r.candidate)
+    gap = 100 * (rec.test_accuracy - runner.test_accuracy)
+    side = "below" if gap >= 0 else "above"
+    return (
+        text
+        + f"; the best lower layer on val (`{runner.layer}`) is {abs(gap):.1f} points {side} it on test"
+        + _noise([runner] if _tied(answer, runner) else [])
+    )
+
+
+def _lower_sentence(answer: Answer) -> str:
+    """Val chose a layer below the top: its gap to the top layer's val-chosen head; "beats" only when no head at the
+    top layer is tied with it or better (one tied top head makes the gap noise, whatever the val-chosen one did)."""
+    rec, top = answer.recommended, top_layer(answer)
+    where = region(answer, rec)
+    layer = f"{'an' if where in ('early', 'upper') else 'a'} {where} layer (`{rec.layer}`)"
+    tied_top = [r for r in answer.ties if r.base == rec.base and r.layer == top.layer]
+    not_worse = tied_top + [r for r in answer.better_on_test if r.base == rec.base and r.layer == top.layer]
+    gap = 100 * (rec.test_accuracy - top.test_accuracy)
+    if abs(gap) < 0.05:
+        return f"For this data {layer} matches the top (`{top.layer}`) on test, and val chose it"
+    if gap < 0:
+        moved = f"trails the top (`{top.layer}`) by {abs(gap):.1f} points"
+    elif not_worse:
+        moved = f"scores {gap:.1f} points above the top (`{top.layer}`)"
+    else:  # "beats" only for a gap the test images can tell from zero, against every head at the top layer
+        moved = f"beats the top (`{top.layer}`) by {gap:.1f} points"
+    return f"For this data {layer} {moved} on test" + _noise(tied_top)
 
 
 def _multi_tap_sentence(answer: Answer) -> str:
@@ -107,10 +125,12 @@ def _tied(answer: Answer, other: HeadResult) -> bool:
     return any((r.base, r.layer, r.head) == (other.base, other.layer, other.head) for r in answer.ties)
 
 
-def _noise(answer: Answer, other: HeadResult) -> str:
-    """A gap to ``other`` that the test images cannot tell from zero is said to be so: a point difference alone
-    would read as a finding where ``other`` is statistically tied with the recommendation."""
-    return f", a gap within noise (`{other.name()}` is statistically tied with it)" if _tied(answer, other) else ""
+def _noise(tied: Sequence[HeadResult]) -> str:
+    """A gap to heads the test images cannot tell from the recommendation is said to be so: a point difference
+    alone would read as a finding."""
+    if not tied:
+        return ""
+    return f", a gap within noise ({names(tied)} {'is' if len(tied) == 1 else 'are'} statistically tied with it)"
 
 
 def quadrant(answer: Answer) -> Quadrant:

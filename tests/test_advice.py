@@ -21,14 +21,35 @@ def answer(recommended: HeadResult, curve: list[HeadResult], ties: list[HeadResu
 def test_a_gap_to_a_tied_layer_is_called_noise_and_a_significant_one_is_not():
     early, top = result("early", 0.2, 1.0), result("view", 1.0, 5 / 6)
     tied = sentence(answer(early, [early, top], ties=[top]))
-    assert tied.startswith("For this data the early layers score 16.7 points above the top on test (`early` vs "
-                           "`view`), a gap within noise (`view / logreg` is statistically tied with it)")  # fmt: skip
+    assert tied.startswith("For this data an early layer (`early`) scores 16.7 points above the top (`view`) on "
+                           "test, a gap within noise (`view / logreg` is statistically tied with it)")  # fmt: skip
     apart = sentence(answer(early, [early, top], ties=[]))
-    assert "beat the top by 16.7 points" in apart and "noise" not in apart
+    assert "beats the top (`view`) by 16.7 points" in apart and "noise" not in apart
     assert "nothing else is statistically tied" in apart
     lower, best_top = result("early", 0.2, 5 / 6), result("view", 1.0, 1.0)
     on_top = sentence(answer(best_top, [lower, best_top], ties=[lower]))
+    assert on_top.startswith("For this data val chose the top layer (`view`)")  # val chose it; "best" is not known
     assert "the best lower layer on val (`early`) is 16.7 points below it on test, a gap within noise" in on_top
+
+
+def test_beats_the_top_only_when_no_head_at_the_top_is_tied_with_it():
+    """The val-chosen top head at 90% is no tie, but another head at the top layer is: the gap is noise."""
+    middle, top = result("middle", 0.5, 0.95), result("view", 1.0, 0.90)
+    top_svm = result("view", 1.0, 0.95, head="linear_svm")
+    said = sentence(answer(middle, [middle, top], ties=[top_svm]))
+    assert "a middle layer (`middle`) scores 5.0 points above the top (`view`) on test, a gap within noise " in said
+    assert "`view / linear_svm` is statistically tied with it" in said and "beats" not in said
+
+
+def test_a_layer_test_found_significantly_better_is_named_in_the_sentence():
+    """Val chose the top layer; a lower layer beat it significantly on test: the sentence must not read as if the
+    top were best."""
+    early, top = result("early", 0.2, 0.95), result("view", 1.0, 0.90)
+    a = answer(top, [early, top], ties=[])
+    a.better_on_test = [early]
+    said = sentence(a)
+    assert said.startswith("For this data val chose the top layer (`view`)")
+    assert "; but `early / logreg` scored significantly higher on test (val missed it)" in said
 
 
 def test_the_2x2_rule_agrees_only_where_the_test_images_can_tell_the_layers_apart():
