@@ -166,12 +166,15 @@ class Scope:
     layers: dict[str, frozenset[str]] = field(default_factory=dict)  # base tag -> layers trained; absent: every one
 
     def holds(self, result: HeadResult) -> bool:
-        if result.base == PIXELS_TAG:
+        return self.admits(result.base, result.head, result.layer, multi_tap=result.multi_tap)
+
+    def admits(self, base: str, head: str, layer: str, *, multi_tap: bool = False) -> bool:
+        if base == PIXELS_TAG:
             return True
-        if result.head not in self.heads:
+        if head not in self.heads:
             return False
-        layers = self.layers.get(result.base)
-        return layers is None or result.multi_tap or result.layer in layers
+        layers = self.layers.get(base)
+        return layers is None or multi_tap or layer in layers
 
 
 @dataclass
@@ -273,6 +276,7 @@ class Answer:
     seconds: float = 0.0  # wall time of the comparison that produced it (extraction and training included)
     copies_of_train: dict[str, int] = field(default_factory=dict)  # split -> images byte-identical to train ones
     untested: dict[str, list[str]] = field(default_factory=dict)  # val/test -> classes with no readable image there
+    scope: Scope | None = None  # the heads ranked (None: every current one); the report's other tables keep to it
 
     @property
     def compared(self) -> list[HeadResult]:
@@ -331,6 +335,7 @@ def compute_answer(
         },  # fmt: skip
         n_classes=len(per_class["test"]),  # every split of a cache holds every class name
         distance=distance,
+        scope=scope,
     )
     answer.multilayer = multilayer_comparisons(heads, bases)
     return answer

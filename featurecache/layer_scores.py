@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from featurecache import store
-from featurecache.answer import head_results, is_frozen_plain, multilayer_comparisons
+from featurecache.answer import Scope, head_results, is_frozen_plain, multilayer_comparisons
 from featurecache.commands import extract_command
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError, first_time
@@ -178,12 +178,16 @@ class SelectedHead:
     model_dir: str
 
 
-def selected_heads(dataset: str, base_tag: str, paths: Paths | None = None) -> dict[str, SelectedHead]:
-    """Layer -> its val-selected head, from the saved sidecars. Multi-tap heads (not a layer) and fine-tuned
-    models (not heads on the cached features) are left out."""
+def selected_heads(
+    dataset: str, base_tag: str, paths: Paths | None = None, *, scope: Scope | None = None
+) -> dict[str, SelectedHead]:
+    """Layer -> its val-selected head, from the saved sidecars (those in ``scope``: the heads an answer ranks).
+    Multi-tap heads (not a layer) and fine-tuned models (not heads on the cached features) are left out."""
     paths = paths or default_paths()
     by_layer: dict[str, list[tuple[Path, HeadRecord]]] = {}
     for directory, r in current_heads(paths.head_dirs(dataset, base_tag), paths):
+        if scope is not None and not scope.admits(r.base_tag, r.head, r.layer):
+            continue
         if not r.tap.get("multi_tap") and is_frozen_plain(r.head):
             by_layer.setdefault(r.layer, []).append((directory, r))
     out = {}
@@ -246,11 +250,17 @@ def agreement(score: str, values: dict[str, float], heads: dict[str, SelectedHea
 
 
 def layer_tau_table(
-    dataset: str, base_tag: str, paths: Paths | None = None, *, scores: Sequence[str] = SCORES
+    dataset: str,
+    base_tag: str,
+    paths: Paths | None = None,
+    *,
+    scores: Sequence[str] = SCORES,
+    scope: Scope | None = None,
 ) -> LayerTauTable:
-    """Score the layers that have trained heads and compare each score's ranking with their accuracy."""
+    """Score the layers that have trained heads (in ``scope``) and compare each score's ranking with their
+    accuracy."""
     paths = paths or default_paths()
-    heads = selected_heads(dataset, base_tag, paths)
+    heads = selected_heads(dataset, base_tag, paths, scope=scope)
     if not heads:
         raise FeaturecacheError(
             f"no trained heads under {paths.models / dataset / base_tag}; run `featurecache train-heads "

@@ -362,7 +362,7 @@ def build_report(datasets: Sequence[str], base_tags: Sequence[str], paths: Paths
 def write_dataset_report(answer: Answer, paths: Paths, *, command: str = "") -> Path:
     """Write ``reports/compare/<dataset>/``; returns the folder."""
     answer.beyond = beyond_frozen(answer, paths)
-    answer.layer_scores = layer_tau_table(answer.dataset, answer.recommended.base, paths)
+    answer.layer_scores = layer_tau_table(answer.dataset, answer.recommended.base, paths, scope=answer.scope)
     out = paths.compare_dir(answer.dataset)
     out.mkdir(parents=True, exist_ok=True)
     plot_answers([answer], out / FIGURE, columns=1)

@@ -69,3 +69,8 @@ def test_run_comparison_answers_writes_the_report_and_a_rerun_reuses_every_cache
     assert {r.head for r in scoped.heads[BASE]} == {"logreg"}
     assert len({r.layer for r in scoped.heads[BASE]}) == 2
     assert _written(paths.root) == first  # it trained nothing new
+    # The report's training-free score table ranks the same heads as the answer beside it
+    table = scoped.layer_scores
+    assert set(table.selected_head.values()) == {"logreg"}
+    assert set(table.layers) == {r.layer for r in scoped.heads[BASE]}
+    assert table.best_layer == scoped.recommended.layer
