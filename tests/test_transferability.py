@@ -269,14 +269,34 @@ def test_sfda_hand_checked_two_class_line():
     w = means / ((1 - shrinkage) * within + shrinkage * within)
     scores = np.outer(mixed, w) - 0.5 * means * w
     prob = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
-    assert sfda(x, y) == pytest.approx(prob[np.arange(4), y].mean(), rel=1e-9)
-    assert 0.5 < sfda(x, y) < 1.0
+    assert sfda(x, y, folds=None) == pytest.approx(prob[np.arange(4), y].mean(), rel=1e-9)
+    assert 0.5 < sfda(x, y, folds=None) < 1.0
 
 
 @pytest.mark.parametrize("shape", [(200, 20), (90, 60), (50, 120)])  # N > D and N < D (the Woodbury route)
 def test_sfda_agrees_with_the_reference(shape):
     X, y = clusters(*shape, separation=0.4, seed=3)
-    assert sfda(X, y) == pytest.approx(reference_sfda(X, y), rel=1e-6)
+    assert sfda(X, y, folds=None) == pytest.approx(reference_sfda(X, y), rel=1e-6)
+
+
+def test_sfda_out_of_fold_does_not_reward_width():
+    """The reference scores the rows it fitted: Gaussian noise with 10 classes reached 0.995 at 256 dimensions on
+    300 rows, above informative 8-d features. Out of fold, noise stays near chance at every width."""
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 10
+    noise = {d: rng.normal(size=(300, d)) for d in (8, 256, 1280)}
+    assert sfda(noise[256], y, folds=None) > 0.9  # the reference's failure, kept callable for comparison
+    informative, informative_y = clusters(300, 8, n_classes=10, separation=1.0)
+    for d, x in noise.items():
+        assert sfda(x, y) < 0.2, d  # chance is 0.1
+    assert sfda(informative, informative_y) > max(sfda(x, y) for x in noise.values())
+
+
+def test_sfda_holds_out_no_row_of_a_one_image_class():
+    X, y = clusters(40, 6, separation=1.0)
+    lone = np.r_[y, 99]  # class 99 has one row: it stays in every fit and is not scored
+    assert 0 < sfda(np.vstack([X, X[:1]]), lone) <= 1
+    assert np.isnan(sfda(X[:3], np.array([0, 1, 2])))  # nothing can be held out
 
 
 def test_sfda_prefers_separated_classes_and_does_not_modify_its_input():
