@@ -84,6 +84,19 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def spearman_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided permutation p-value of :func:`spearman`: every pairing up to 7 points (exact), else 9,999 seeded
+    ones. With a handful of datasets rho takes few values (at 3 points only +-1 and +-0.5), so the p-value, not rho,
+    says whether a trend is there."""
+    from scipy.stats import permutation_test, spearmanr
+
+    if math.isnan(spearman(a, b)):
+        return float("nan")
+    result = permutation_test((list(a),), lambda x: spearmanr(x, b).statistic, permutation_type="pairings",
+                              n_resamples=9999, rng=0)  # fmt: skip
+    return float(result.pvalue)
+
+
 # ------------------------------------------------------------------------------------------- beyond frozen
 
 
@@ -432,10 +445,16 @@ def _reading(answers: Sequence[Answer]) -> str:
     measured = [a for a in answers if a.distance and not a.recommended.multi_tap]  # a multi-tap head has no depth
     if len(measured) < 3:
         return "Fewer than three datasets with a measured ImageNet distance: no cross-dataset trend is computed."
-    rho = spearman([a.distance["confidence"] for a in measured], [a.recommended.depth for a in measured])
+    confidence, depth = [a.distance["confidence"] for a in measured], [a.recommended.depth for a in measured]
+    rho, p = spearman(confidence, depth), spearman_p(confidence, depth)
+    if math.isnan(rho):
+        return (f"Across {len(measured)} datasets the recommended depth or the ImageNet confidence does not vary: no "
+                "cross-dataset trend is computed.")  # fmt: skip
+    trend = "a trend" if p < ALPHA else "no trend these datasets can tell from chance"
     return (f"Across {len(measured)} datasets, the recommended depth and the ImageNet classifier's confidence on the "
             f"data have a Spearman correlation of {rho:+.2f} (positive: nearer-to-ImageNet data prefers deeper "
-            f"layers).")  # fmt: skip
+            f"layers; permutation p = {p:.2f}: {trend}). Each dataset counts its recommended layer's depth only; its "
+            f"tie set may span other depths.")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- rendering

@@ -18,7 +18,7 @@ from featurecache.finetune import _pick_head
 from featurecache.leaderboard import leaderboard_rows, write_leaderboard
 from featurecache.metrics import holm, mcnemar_p
 from featurecache.plots import star_of
-from featurecache.report import build_report, imagenet_distance, spearman
+from featurecache.report import build_report, imagenet_distance, spearman, spearman_p
 from featurecache.selection import pick_best
 from featurecache.train import TrainOptions, train_heads
 from tests.helpers import make_image_folder
@@ -28,6 +28,13 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert np.isnan(spearman([1, 2], [1, 2]))
+
+
+def test_the_cross_dataset_trend_carries_an_exact_permutation_p_value():
+    # 3 datasets in perfect order: 2 of the 6 pairings reach |rho| = 1, so p = 1/3, far from a trend
+    assert spearman_p([1, 2, 3], [1, 2, 3]) == pytest.approx(2 / 6)
+    assert spearman_p([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]) == pytest.approx(2 / 5040)
+    assert np.isnan(spearman_p([1, 2, 3], [5, 5, 5]))
 
 
 BASE = "mobilenet_v2_offline"
