@@ -77,6 +77,8 @@ class _HeadOnFeatures:
         self.estimator, self.loaded, self.record, self.runtime = estimator, loaded, record, runtime
         self.tap = TapSpec.from_attrs(record.tap)
         self.extractor: Any = None
+        # What the head's top score is: a probability, or (k-NN) the share of the neighbours' votes.
+        self.confidence_name = getattr(estimator, "confidence_name", "probability")
 
     def __call__(self, batch: Any) -> tuple[np.ndarray, np.ndarray | None]:
         self.extractor = self.extractor or self._build_extractor(batch)
@@ -185,7 +187,8 @@ def predict_images(
     runtime: str | None = None,
 ) -> list[dict[str, Any]]:
     """Classify image files with a saved head or fine-tuned model; returns ``[{path, label, probability}]`` in
-    input order, ``{path, error}`` for a file that could not be read.
+    input order (a k-NN head: ``vote_share`` and ``neighbours`` instead of ``probability``), ``{path, error}`` for a
+    file that could not be read.
 
     ``runtime`` (stage-2 heads): ``featurecache.runtime.RUNTIMES``; by default the runtime the head's training
     cache records. A fine-tuned model runs whole, in eager torch on the CPU. ``batch_size``: by default the
@@ -223,9 +226,12 @@ def predict_images(
         if batch is None:
             continue
         labels, proba = classify(batch)
+        confidence = getattr(classify, "confidence_name", "probability")
         for i, p in enumerate(batch_paths):
             entry = {"path": str(p), "label": record.class_names[int(labels[i])]}
             if proba is not None:
-                entry["probability"] = float(proba[i])
+                entry[confidence] = float(proba[i])
+            if confidence == "vote_share":
+                entry["neighbours"] = int(record.params["n_neighbors"])
             out[str(p)] = entry
     return [out[str(Path(p))] for p in images]

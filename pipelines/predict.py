@@ -40,6 +40,12 @@ def _files_of(path: Path) -> list[Path]:
     return files
 
 
+def _confidence(row: dict) -> str:
+    if "vote_share" in row:  # a k-NN head: no probability, the weighted share of its neighbours' votes
+        return f"  votes={row['vote_share']:.3f} of {row['neighbours']} neighbour{'s' * (row['neighbours'] != 1)}"
+    return f"  p={row['probability']:.3f}" if "probability" in row else ""
+
+
 def main(args: argparse.Namespace) -> int:
     images = [f for arg in args.images for f in _files_of(Path(arg))]
     rows = predict_images(args.head, images, weights_file=args.weights_file, runtime=args.runtime)
@@ -49,8 +55,7 @@ def main(args: argparse.Namespace) -> int:
         elif "error" in row:
             print(f"{row['path']}\tunreadable: {row['error']}", file=sys.stderr)
         else:
-            prob = f"  p={row['probability']:.3f}" if "probability" in row else ""
-            print(f"{row['path']}\t{row['label']}{prob}")
+            print(f"{row['path']}\t{row['label']}{_confidence(row)}")
     return 1 if any("error" in row for row in rows) else 0  # the readable images are classified either way
 
 

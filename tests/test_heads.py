@@ -221,6 +221,21 @@ def test_predict_classifies_a_folder_and_reports_unreadable_files_without_losing
         predict_images("models/shapes/nope", images)
 
 
+def test_a_knn_head_reports_its_neighbours_vote_share_not_a_probability(cached, tmp_path, monkeypatch, capsys):
+    """k-NN's predict_proba is a vote share: with k = 1 it printed p=1.000 for every image, unseen classes too."""
+    from pipelines.cli import run
+
+    paths, root = fresh_copy(cached, tmp_path), cached[1]
+    (s,) = train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["knn"], options=QUIET, paths=paths)
+    images = sorted(p for p in (root / "test").rglob("*.png"))[:3]
+    rows = predict_images(paths.models / "shapes" / BASE / "flatten" / "knn", images)
+    k = s["params"]["n_neighbors"]
+    assert all("probability" not in r and 0 < r["vote_share"] <= 1 and r["neighbours"] == k for r in rows)
+    monkeypatch.setenv("FEATURECACHE_HOME", str(paths.root))
+    assert run(["predict", "--head", str(paths.models / "shapes" / BASE / "flatten" / "knn"), str(images[0])]) == 0
+    assert f" of {k} neighbour" in capsys.readouterr().out
+
+
 def test_foreign_or_stale_heads_are_refused(cached, tmp_path):
     paths = fresh_copy(cached, tmp_path)
     train_heads(dataset="shapes", base_tag=BASE, layers=["flatten"], heads=["logreg"], options=QUIET, paths=paths)

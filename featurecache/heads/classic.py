@@ -98,6 +98,10 @@ class LinearSVMHead(_Decision, ScaledClassifier):
 class KNNHead(_Proba, ScaledClassifier):
     """Standardize + cosine k-nearest neighbours, distance-weighted: the cheap baseline."""
 
+    # Its predict_proba is the distance-weighted share of the k nearest training rows' votes, not a probability:
+    # with k = 1 it is 1.0 for every image, a class never seen included. predict reports it under this name.
+    confidence_name = "vote_share"
+
     def __init__(self, n_neighbors: int = 5) -> None:
         self.n_neighbors = n_neighbors
 
