@@ -45,6 +45,7 @@ from featurecache.layer_scores import SCORES, UNDEFINED_WITHOUT_SPREAD, cross_da
 from featurecache.metrics import paired_difference, pts
 from featurecache.plots import plot_answers
 from featurecache.selection import candidate_of_record, pick_best
+from featurecache.weights import is_control
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,19 @@ def spearman_p(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def beyond_frozen(answer: Answer, paths: Paths) -> list[Comparison]:
-    """Fine-tuned models, and the best head trained with augmented views, each against the frozen head it starts
-    from (same layer, same head kind) on the same test images: paired difference with its 95% interval."""
-    labels, routes, plain = LabelReader(), [], {}
-    for _directory, r in current_heads(paths.head_dirs(answer.dataset, answer.recommended.base), paths):
+    """Fine-tuned models, and each base's best head trained with augmented views, each against the frozen head it
+    starts from (same base, layer and head kind) on the same test images: paired difference with its 95% interval.
+    Every pretrained base of the comparison, not the recommended one alone (with two bases, the routes saved under
+    the other one went unreported)."""
+    labels = LabelReader()
+    return [
+        row for base in answer.heads if not is_control(base) for row in _routes(answer.dataset, base, paths, labels)
+    ]
+
+
+def _routes(dataset: str, base: str, paths: Paths, labels: LabelReader) -> list[Comparison]:
+    routes, plain = [], {}
+    for _directory, r in current_heads(paths.head_dirs(dataset, base), paths):
         if not is_frozen_plain(r.head):
             routes.append(r)
         else:
@@ -117,8 +127,8 @@ def beyond_frozen(answer: Answer, paths: Paths) -> list[Comparison]:
     for r in chosen:
         start = plain.get((r.layer, r.head.removeprefix(FINETUNED_PREFIX).removesuffix(AUGMENTED_SUFFIX)))
         if start is None or "predictions" not in r.test:
-            log.warning("cannot compare %s at %s with its frozen head (missing, or saved without predictions)",
-                        r.head, r.layer)  # fmt: skip
+            log.warning("cannot compare %s at %s / %s with its frozen head (missing, or saved without predictions)",
+                        r.head, base, r.layer)  # fmt: skip
             continue
         result, frozen = result_of_record(r, labels, paths), result_of_record(start, labels, paths)
         route = "fine-tuned" if r.head.startswith(FINETUNED_PREFIX) else "augmented views"
@@ -223,8 +233,9 @@ def _multilayer_table(answer: Answer) -> list[Block]:
 
 
 def _beyond_table(answer: Answer) -> list[Block]:
-    rows = [[r.route, f"`{r.result.name()}`", pts(r.result.val_accuracy), pts(r.result.test_accuracy),
-             pts(r.reference.test_accuracy), r.gain.points()] for r in answer.beyond]  # fmt: skip
+    rows = [[r.route, f"`{r.result.name(with_base=answer.several_bases)}`", pts(r.result.val_accuracy),
+             pts(r.result.test_accuracy), pts(r.reference.test_accuracy), r.gain.points()]
+            for r in answer.beyond]  # fmt: skip
     if not rows:
         return []
     return [("h2", "Beyond frozen features"),

@@ -237,3 +237,21 @@ def test_predict_classifies_with_a_finetuned_model(trained, tmp_path):
     shutil.rmtree(result.model_dir.parent / "mlp")
     with pytest.raises(FeaturecacheError, match=r"the stage-2 head it started from \(.*/mlp\) is gone"):
         predict_images(result.model_dir, images[:1])
+
+
+@pytest.mark.slow
+def test_the_beyond_frozen_table_covers_every_base_not_only_the_recommended_one(trained, tmp_path):
+    """With two bases the recommendation landed on the other base, and this base's fine-tuned model went
+    unreported: the routes were looked up under the recommended base alone."""
+    import dataclasses
+
+    from featurecache.answer import compute_answer
+    from featurecache.report import beyond_frozen
+
+    paths = copy_of(trained, tmp_path)
+    finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**{**QUICK, "max_epochs": 1}), paths=paths)
+    answer = compute_answer("shapes", [BASE], paths)
+    answer.recommended = dataclasses.replace(answer.recommended, base="another-base")  # as if it won on val
+    answer.heads["another-base"] = [answer.recommended]
+    (row,) = beyond_frozen(answer, paths)
+    assert row.result.base == BASE and row.result.head == "finetuned-mlp" and row.route == "fine-tuned"
