@@ -215,7 +215,7 @@ class ScoreAgreement:
     kendall_tau: float
     weighted_tau: float  # scipy's hyperbolic weighting: disagreements among the top layers count most
     top: list[str]  # the score's top 3 layers, best first
-    best_in_top: bool  # the layer a full run selects is among them
+    best_in_top: bool  # a layer of the best val accuracy (the selected one or one tied with it) is among them
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,14 @@ class LayerTauTable:
     scoring_seconds: dict[str, float]
     training_seconds: float  # every saved head of these layers, from their sidecars
     n_train: int
+    tied_with_best: list[str] = field(default_factory=list)  # other layers of the same best val accuracy
+
+
+def best_val_layers(heads: dict[str, SelectedHead]) -> list[str]:
+    """The layers whose val-selected head has the best val accuracy: the one a full run selects and any tied with
+    it (the rule's tie-break, the shallower layer, picks among them; val cannot)."""
+    best = max(h.val_accuracy for h in heads.values())
+    return [k for k, h in heads.items() if h.val_accuracy == best]
 
 
 def agreement(score: str, values: dict[str, float], heads: dict[str, SelectedHead]) -> ScoreAgreement:
@@ -246,7 +254,9 @@ def agreement(score: str, values: dict[str, float], heads: dict[str, SelectedHea
     tau = float(kendalltau(s, acc).statistic) if len(layers) > 1 else float("nan")
     wtau = float(weightedtau(s, acc).statistic) if len(layers) > 1 else float("nan")
     top = rank_layers({k: values[k] for k in layers}, {k: heads[k].relative_depth for k in layers})[:TOP_K_HIT]
-    return ScoreAgreement(score, tau, wtau, top, best_layer(heads) in top)
+    # A hit is any layer tied on val with the selected one: where six layers reach 100% val, the rule's tie-break
+    # (the shallower layer) picks one, and a score ranking three of the other five first has not missed.
+    return ScoreAgreement(score, tau, wtau, top, bool(set(top) & set(best_val_layers(heads))))
 
 
 def layer_tau_table(
@@ -272,6 +282,7 @@ def layer_tau_table(
         {k: heads[k].test_accuracy for k in result.layers}, {k: heads[k].head for k in result.layers},
         best_layer(heads), result.scores, {s: agreement(s, result.scores[s], heads) for s in result.scores},
         result.seconds, round(sum(h.seconds for h in heads.values()), 3), result.n_train,
+        [k for k in best_val_layers(heads) if k != best_layer(heads)],
     )  # fmt: skip
 
 

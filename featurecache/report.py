@@ -275,7 +275,10 @@ def _score_blocks(answer: Answer) -> list[Block]:
     return [("h2", "Which layer, before training anything"),
             ("p", f"Scores computed from the cached train features of {table.base_tag} alone (no training), against "
                   f"the test accuracy of each layer's val-selected head. The trained-best layer (chosen on val) is "
-                  f"`{table.best_layer}`; training the heads on these layers took {table.training_seconds:.0f} s."
+                  f"`{table.best_layer}`"
+                  + (f" (tied on val with {', '.join(f'`{k}`' for k in table.tied_with_best)}: a top 3 holding any of "
+                     "them counts)" if table.tied_with_best else "")
+                  + f"; training the heads on these layers took {table.training_seconds:.0f} s."
                   + (f" {', '.join(undefined)}: undefined here (no class has two train images to measure spread "
                      f"within classes)." if undefined and set(undefined) <= set(UNDEFINED_WITHOUT_SPREAD) else "")
                   + (f" {', '.join(undefined)}: undefined here." if set(undefined) - set(UNDEFINED_WITHOUT_SPREAD)

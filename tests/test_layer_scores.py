@@ -59,6 +59,15 @@ def test_best_layer_is_selected_on_val_with_ties_to_the_simpler_head_then_the_sh
     assert best_layer(tied) == "c"  # same val: logreg beats rbf_svm, and c is shallower than f
 
 
+def test_a_top_3_holding_a_layer_tied_on_val_with_the_selected_one_is_a_hit():
+    """Six layers at 100% val: the rule's tie-break picks the shallowest, and a score whose top 3 is three of the
+    other five was reported as a miss ("best layer in top 3: no" for every score)."""
+    tied = {k: head(k, 0.1 * (i + 1), 1.0, 0.95) for i, k in enumerate("abcdef")} | {"g": head("g", 0.9, 0.8, 0.8)}
+    assert best_layer(tied) == "a"
+    result = agreement("x", {"a": 0.0, "b": 0.6, "c": 0.5, "d": 0.4, "e": 0.1, "f": 0.2, "g": 0.3}, tied)
+    assert result.top == ["b", "c", "d"] and result.best_in_top  # the old rule: "a" not in the top 3, a miss
+
+
 def test_rank_layers_puts_nan_last_and_ties_to_the_shallower():
     depth = {"a": 0.1, "b": 0.2, "c": 0.3}
     assert rank_layers({"a": 1.0, "b": float("nan"), "c": 1.0}, depth) == ["a", "c", "b"]
