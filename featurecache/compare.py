@@ -61,7 +61,7 @@ def run_comparison(
     """Extract, train, answer and report for ``datasets`` x ``bases``; returns one answer per dataset."""
     options = options or CompareOptions()
     paths = paths or default_paths()
-    sources = [parse_dataset(d) if isinstance(d, str) else d for d in datasets]
+    sources = [parse_dataset(d, paths) if isinstance(d, str) else d for d in datasets]
     answers = []
     for source in sources:
         t0 = time.perf_counter()

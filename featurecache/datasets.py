@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from featurecache.config import check_path_name
+from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import stratified_split
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import temporary_for
@@ -89,16 +89,18 @@ class DatasetSource:
         return None if self.folder is not None else get_dataset_spec(self.name)
 
 
-def parse_dataset(item: str) -> DatasetSource:
+def parse_dataset(item: str, paths: Paths | None = None) -> DatasetSource:
     """``NAME=PATH``, a folder, or a registered dataset name -> :class:`DatasetSource`.
 
     A folder is named after itself; a folder whose name is also a registered dataset's shares that dataset's
-    caches, so pass ``NAME=PATH`` to keep them apart.
+    caches, so pass ``NAME=PATH`` to keep them apart. A relative folder that is not here is looked up under the home
+    (``featurecache data`` writes ``data/raw/<name>`` there, and the README's commands use that path).
     """
-    path = Path(item).expanduser()
+    home = paths or default_paths()
+    path = home.find(Path(item).expanduser())
     name, sep, folder = item.partition("=")
     if sep and not path.is_dir():  # a folder whose path holds "=" is that folder
-        return DatasetSource(_checked_name(name.strip(), item), Path(folder).expanduser())
+        return DatasetSource(_checked_name(name.strip(), item), home.find(Path(folder).expanduser()))
     if path.is_dir():
         name = path.resolve().name
         if name in _DATASETS.names():
@@ -108,7 +110,8 @@ def parse_dataset(item: str) -> DatasetSource:
     if item in _DATASETS.names():
         return DatasetSource(item)
     raise FeaturecacheError(
-        f"{item!r} is neither a folder nor a built-in dataset ({', '.join(_DATASETS.names())}); pass a folder "
+        f"{item!r} is neither a folder (here or under FEATURECACHE_HOME, {home.root}) nor a built-in dataset "
+        f"({', '.join(_DATASETS.names())}); pass a folder "
         f"(ROOT/<class>/<image> or ROOT/{{train,val,test}}/<class>/<image>) or NAME=PATH"
     )
 

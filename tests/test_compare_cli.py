@@ -107,4 +107,5 @@ def test_bad_folders_get_one_clear_line_and_nothing_under_a_final_name(make, mes
 def test_unknown_name_says_what_is_accepted(home, capsys):
     assert run(["compare-layers", "no_such_dataset_or_folder", *FAST]) == 2
     err = capsys.readouterr().err
-    assert "neither a folder nor a built-in dataset" in err and "NAME=PATH" in err and "digits" in err
+    assert "neither a folder (here or under FEATURECACHE_HOME" in err and "nor a built-in dataset" in err
+    assert "NAME=PATH" in err and "digits" in err

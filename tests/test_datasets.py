@@ -71,3 +71,22 @@ def test_debian_datasets_without_apt_say_how(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(FeaturecacheError, match=r"apt-get download openclipart-png.*dpkg-deb -x"):
         debian_package("openclipart-png", tmp_path)
+
+
+def test_a_relative_folder_that_is_not_here_is_found_under_the_home(tmp_path, monkeypatch):
+    """The README's `featurecache data --datasets digits` then `extract data/raw/digits`, run from another folder
+    with FEATURECACHE_HOME set: the folder is under the home, and extract said it was neither a folder nor a
+    built-in dataset."""
+    from featurecache.datasets import parse_dataset
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    (home / "data" / "raw" / "mine" / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.setenv("FEATURECACHE_HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    assert parse_dataset("data/raw/mine").folder == home / "data" / "raw" / "mine"
+    assert parse_dataset("other=data/raw/mine").folder == home / "data" / "raw" / "mine"
+    (elsewhere / "data" / "raw" / "mine").mkdir(parents=True)  # a folder here comes first
+    assert parse_dataset("data/raw/mine").folder.resolve() == (elsewhere / "data" / "raw" / "mine").resolve()
+    with pytest.raises(FeaturecacheError, match=r"neither a folder \(here or under FEATURECACHE_HOME, .*\) nor"):
+        parse_dataset("data/raw/nope")
