@@ -254,8 +254,8 @@ def warnings(answer: Answer) -> list[str]:
     if answer.val_ties:
         out.append(
             f"The val choice is within noise: the heads val chose at {len(answer.val_ties)} other "
-            f"layer{'s' * (len(answer.val_ties) != 1)} ({names(answer.val_ties)}) are not significantly worse than "
-            f"`{answer.recommended.name()}` on val (exact McNemar, Holm-adjusted, α = {ALPHA})."
+            f"layer{'s' * (len(answer.val_ties) != 1)} ({names(answer.val_ties)}) are not significantly different "
+            f"from `{answer.recommended.name()}` on val (two-sided exact McNemar, Holm-adjusted, α = {ALPHA})."
         )
     if answer.better_on_test:
         out.append(
