@@ -179,15 +179,21 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _flatten_on_white(path: Path) -> Any:
     """Open a (possibly transparent, possibly huge) PNG as an RGB image on white, at most MAX_IMAGE_SIDE."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.draft("RGB", (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
-        im = im.convert("RGBA")
-        im.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
-        canvas = Image.new("RGB", im.size, (255, 255, 255))
-        canvas.paste(im, mask=im.getchannel("A"))
-        return canvas
+    # One clip-art PNG of the Debian package is 168 megapixels: PIL's bomb warning (a traceback-like line in the
+    # middle of `featurecache data`) says nothing a user can act on; it is thumbnailed here on purpose.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.draft("RGB", (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+            im = im.convert("RGBA")
+            im.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+            canvas = Image.new("RGB", im.size, (255, 255, 255))
+            canvas.paste(im, mask=im.getchannel("A"))
+            return canvas
 
 
 # ------------------------------------------------------------------------------------------- datasets

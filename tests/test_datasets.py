@@ -67,6 +67,18 @@ def test_transparent_clip_art_is_flattened_on_white_and_shrunk(tmp_path):
     assert image.getpixel((0, 0)) == (255, 255, 255) and image.getpixel((60, 60))[0] > 200
 
 
+def test_a_huge_clip_art_png_is_shrunk_without_pil_s_bomb_warning(tmp_path, monkeypatch):
+    """One PNG of openclipart-png is 168 megapixels: PIL's DecompressionBombWarning interrupted `featurecache
+    data` with a line nobody can act on (this code thumbnails it on purpose)."""
+    import warnings
+
+    Image.fromarray(np.zeros((600, 400, 4), np.uint8), "RGBA").save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150_000)  # 240,000 pixels: between PIL's two limits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert max(_flatten_on_white(tmp_path / "big.png").size) == 256
+
+
 def test_debian_datasets_without_apt_say_how(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(FeaturecacheError, match=r"apt-get download openclipart-png.*dpkg-deb -x"):
