@@ -1,14 +1,15 @@
-"""The accuracy-versus-layer figure: small multiples, one panel per dataset x pretrained base.
+"""The accuracy-versus-layer figure: small multiples, one row per dataset, one column per pretrained base.
 
 Each panel reads at a glance: the layers by name on the x axis (relative depth under each name), the pretrained
 curve (test accuracy of the head chosen on val at each layer) with its 95% Wilson band, the controls in grey
 (random-init base dashed, raw pixels dotted), chance as a thin black line, the tie set ringed in green, heads
-significantly better on test than the recommendation as red triangles, and the recommendation starred.
+significantly better on test than the recommendation as red triangles, and the recommendation starred. What belongs to
+the dataset rather than to a base (its distance from ImageNet, measured with one reference classifier) heads its row.
 """
 
 from __future__ import annotations
 
-import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,42 +23,75 @@ TIE_COLOUR = "#2ca02c"
 MULTI_COLOUR = "#9467bd"
 BETTER_COLOUR = "#d62728"
 PANEL_SIZE = (5.6, 4.3)  # inches per panel; layer names under the axis need the height
+DPI = 110
+# The HTML reports' text column (report.CSS): a figure drawn wider is shrunk to it, and its text with it (three
+# panels a row showed 7-point tick labels at 7 pixels). Drawn at most this wide, the figure is shown at its own size.
+PAGE_WIDTH_PX = 1250
+TICK_FONT = 8  # points: 12 pixels on the page at DPI
+LABEL_FONT = 9
+
+
+def columns_of(answers: Sequence[Answer]) -> list[str]:
+    """The figure's columns: the pretrained bases, in the order first met (the controls are drawn in their panels)."""
+    return list(dict.fromkeys(b for a in answers for b in a.curves if not is_control(b)))
 
 
 def panels(answers: Sequence[Answer]) -> list[tuple[Answer, str]]:
-    return [(a, base) for a in answers for base in a.curves if not is_control(base)]
+    """The panels drawn, row by row: a dataset's row holds a panel for each base it was measured with."""
+    return [(a, base) for a in answers for base in columns_of(answers) if base in a.curves]
 
 
-def plot_answers(answers: Sequence[Answer], out: Path, *, columns: int = 3) -> None:
-    """Write the small-multiples PNG for ``answers`` to ``out``."""
+def plot_answers(answers: Sequence[Answer], out: Path, *, reference: str) -> None:
+    """Write the small-multiples PNG for ``answers`` to ``out``: a row per answer, a column per pretrained base.
+    ``reference``: the base whose ImageNet classifier measured each dataset's distance from ImageNet."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(answers, reference=reference)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # "tight" grows the canvas to what is drawn: the two-column legend of a single panel is wider than the panel.
+    fig.savefig(out, dpi=DPI, bbox_inches="tight", pad_inches=0.08)
+    plt.close(fig)
+
+
+def figure(answers: Sequence[Answer], *, reference: str):  # noqa: ANN201 (a matplotlib Figure)
+    """The figure :func:`plot_answers` writes, at most ``PAGE_WIDTH_PX`` wide."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = panels(answers)
-    cols = min(columns, len(cells))
-    rows = math.ceil(len(cells) / cols)
+    bases, cells = columns_of(answers), panels(answers)
+    width = min(PANEL_SIZE[0], (PAGE_WIDTH_PX / DPI - 0.3) / len(bases))  # 0.3 in: the tight crop's padding
+    rotation = 35 if width > 4.5 else 60  # narrower panels (3 bases and more): steeper names, or they overlap
     scale = _shared_scale(cells)
-    handles = _legend_handles(answers)
-    legend_columns = {1: 2, 2: 3}.get(cols, 4)  # what fits the figure's width at fontsize 9
-    legend_rows = math.ceil(len(handles) / legend_columns)
-    legend_inches = 0.24 * legend_rows + 0.08
-    height = PANEL_SIZE[1] * rows + legend_inches
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_SIZE[0] * cols, height), squeeze=False)
-    for ax, (answer, base) in zip(axes.flat, cells, strict=False):
-        _panel(ax, answer, base, scale)
-    for ax in list(axes.flat)[len(cells) :]:
-        ax.set_visible(False)
-    fig.legend(handles=handles, loc="lower center", ncol=legend_columns, frameon=False, fontsize=9)
-    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # "tight" grows the canvas to what is drawn: the two-column legend of a single panel is wider than the panel.
-    fig.savefig(out, dpi=110, bbox_inches="tight", pad_inches=0.08)
-    plt.close(fig)
+    legend_columns = {1: 2, 2: 3}.get(len(bases), 4)  # what fits the figure's width at fontsize 9
+    fig = plt.figure(figsize=(width * len(bases), PANEL_SIZE[1] * len(answers) + 0.3), layout="constrained")
+    for row, answer in zip(fig.subfigures(len(answers), 1, squeeze=False)[:, 0], answers, strict=True):
+        row.suptitle(_row_title(answer, reference, chars=int(12 * width * len(bases))), fontsize=LABEL_FONT + 1)
+        for ax, base in zip(row.subplots(1, len(bases), squeeze=False)[0], bases, strict=True):
+            if base in answer.curves:
+                _panel(ax, answer, base, scale, rotation=rotation)
+            else:
+                ax.set_visible(False)
+    fig.legend(handles=_legend_handles(answers), loc="outside lower center", ncol=legend_columns, frameon=False,
+               fontsize=LABEL_FONT)  # fmt: skip
+    return fig
 
 
-def _panel(ax, answer: Answer, base: str, scale: tuple[float, float]) -> None:  # noqa: ANN001 (a matplotlib Axes)
+def _row_title(answer: Answer, reference: str, *, chars: int) -> str:
+    """The dataset, and its distance from ImageNet: the 2x2 rule's "similar to ImageNet" axis, a property of the data
+    measured once with ``reference``'s classifier, whichever bases the row's panels show (in each panel's title it
+    read as that base's confidence)."""
+    if answer.distance is None:
+        return answer.dataset
+    confidence = answer.distance["confidence"]
+    lines = [f"{answer.dataset}: similarity to ImageNet {confidence:.2f}, one measure for every base (similar from "
+             f"{SIMILAR_CONFIDENCE:.2f})",
+             f"= the mean confidence of {reference}'s ImageNet classifier on its images"]  # fmt: skip
+    return "\n".join(textwrap.fill(line, chars) for line in lines)
+
+
+def _panel(ax, answer: Answer, base: str, scale: tuple[float, float], *, rotation: int) -> None:  # noqa: ANN001
     curve = answer.curves[base]
     x = list(range(len(curve)))
     position = {r.layer: i for i, r in enumerate(curve)}
@@ -81,16 +115,12 @@ def _panel(ax, answer: Answer, base: str, scale: tuple[float, float]) -> None:  
         if star.multi_tap:
             ticks, labels = [*x, x_star], [*labels, "every tap\n(multilayer)"]
         ax.plot([x_star], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=5)
-    ax.set_xticks(ticks, labels, rotation=35, ha="right", fontsize=7)
-    ax.set_xlabel("layer, relative depth under its name (evenly spaced)", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(ticks, labels, rotation=rotation, ha="right", rotation_mode="anchor", fontsize=TICK_FONT)
+    ax.tick_params(axis="y", labelsize=TICK_FONT + 1)
+    ax.set_xlabel("layer, relative depth under its name (evenly spaced)", fontsize=LABEL_FONT)
+    ax.set_ylabel("test accuracy (%)", fontsize=LABEL_FONT)
     ax.set_ylim(*scale)
-    # How sure an ImageNet classifier is on these images: the 2x2 rule's "similar to ImageNet" axis.
-    confidence = None if answer.distance is None else answer.distance["confidence"]
-    conf = "" if confidence is None else (
-        f"\nImageNet classifier's mean confidence {confidence:.2f} (similar from {SIMILAR_CONFIDENCE:.2f})"
-    )  # fmt: skip
-    ax.set_title(f"{answer.dataset} — {base}{conf}", fontsize=10)
+    ax.set_title(f"{answer.dataset} — {base}", fontsize=LABEL_FONT + 1)
     ax.grid(alpha=0.3)
 
 

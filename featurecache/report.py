@@ -43,7 +43,7 @@ from featurecache.freshness import current_heads
 from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.layer_scores import SCORES, UNDEFINED_WITHOUT_SPREAD, cross_dataset_summary, layer_tau_table
 from featurecache.metrics import paired_difference, pts
-from featurecache.plots import plot_answers
+from featurecache.plots import PAGE_WIDTH_PX, plot_answers
 from featurecache.selection import candidate_of_record, pick_best
 from featurecache.weights import is_control
 
@@ -392,7 +392,7 @@ def write_dataset_report(answer: Answer, paths: Paths, *, command: str = "") -> 
     answer.layer_scores = layer_tau_table(answer.dataset, answer.recommended.base, paths, scope=answer.scope)
     out = paths.compare_dir(answer.dataset)
     out.mkdir(parents=True, exist_ok=True)
-    plot_answers([answer], out / FIGURE, columns=1)
+    plot_answers([answer], out / FIGURE, reference=REFERENCE_BASE)
     blocks = dataset_blocks(answer, paths, command=command)
     atomic_write_text(paths.compare_report(answer.dataset, ".md"), render_markdown(blocks))
     atomic_write_text(
@@ -407,7 +407,7 @@ def write_index(answers: Sequence[Answer], paths: Paths, *, command: str = "") -
     """Write the cross-dataset page ``reports/compare/`` (one row and one panel per dataset)."""
     out = paths.compare_dir()
     out.mkdir(parents=True, exist_ok=True)
-    plot_answers(answers, out / FIGURE)
+    plot_answers(answers, out / FIGURE, reference=REFERENCE_BASE)
     rows = []
     for a in answers:
         r, q = a.recommended, a.quadrant
@@ -497,8 +497,9 @@ def render_markdown(blocks: Sequence[Block]) -> str:
 
 
 NUMERIC = re.compile(r"^[+\-−]?\d[\d.]*( ?[✓★=]+| \[[^\]]*\])?$")
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1250px;margin:2em auto;line-height:1.45;color:#222}"
-       "table{border-collapse:collapse;margin:1em 0;font-size:0.88em}td,th{border:1px solid #ccc;padding:3px 8px}"
+CSS = (f"body{{font-family:system-ui,sans-serif;max-width:{PAGE_WIDTH_PX}px;margin:2em auto;line-height:1.45;"
+       "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:0.88em}"
+       "td,th{border:1px solid #ccc;padding:3px 8px}"
        "th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}"
        "code{background:#f3f3f3;padding:0 3px;border-radius:3px}.answer{border-left:5px solid #1f77b4;"
        "background:#f5f9fd;padding:0.6em 1.2em;margin:1em 0}.answer p{margin:0.45em 0}li{margin:0.3em 0}")  # fmt: skip

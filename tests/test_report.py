@@ -236,3 +236,32 @@ def test_heads_on_an_older_version_of_the_folder_are_left_out(trained, tmp_path,
         after = {r["base"] for r in leaderboard_rows("shapes", paths)}
     assert after == {BASE}  # the control left behind, and the pixel baseline of the old images, are out
     assert "holds other images than the newer" in caplog.text and "then retrain" in caplog.text
+
+
+def test_the_figure_has_a_row_per_dataset_a_column_per_base_and_readable_text_on_the_page(trained, tmp_path):
+    """Two datasets x two bases wrapped 3 panels a row (a dataset's panel in the other's row), 1800 pixels wide, so
+    the page showed its 7-point tick labels at 7 pixels; and each panel's title gave the reference classifier's
+    confidence on the data as if it were that base's."""
+    import dataclasses
+
+    from PIL import Image
+
+    from featurecache.plots import DPI, PAGE_WIDTH_PX, figure, plot_answers
+
+    (answer,) = build_report(["shapes"], [BASE], trained)
+    two_bases = dataclasses.replace(answer, curves={**answer.curves, "other_base": answer.curves[BASE]})
+    answers = [dataclasses.replace(two_bases, dataset=name) for name in ("first", "second")]
+    fig = figure(answers, reference="efficientnet_lite0")
+    fig.draw_without_rendering()  # lays the panels out
+    rows = {}
+    for ax in (ax for ax in fig.get_axes() if ax.get_visible()):  # the panels by their height on the figure
+        rows.setdefault(round(ax.get_window_extent().y0), []).append(ax.get_title())
+    assert sorted(rows.values()) == [[f"{d} — {BASE}", f"{d} — other_base"] for d in ("first", "second")]
+    headings = [row._suptitle.get_text() for row in fig.subfigs]
+    assert all("efficientnet_lite0's ImageNet classifier" in h and "one measure for every base" in h for h in headings)
+    assert not any("confidence" in title for titles in rows.values() for title in titles)
+    plot_answers(answers, tmp_path / "fig.png", reference="efficientnet_lite0")
+    width = Image.open(tmp_path / "fig.png").width
+    shown = min(1.0, PAGE_WIDTH_PX / width)  # the page shrinks a wider figure, and its text with it
+    smallest = min(label.get_fontsize() for ax in fig.get_axes() for label in ax.get_xticklabels())
+    assert width <= PAGE_WIDTH_PX and smallest * DPI / 72 * shown >= 12  # pixels on the page
