@@ -25,6 +25,7 @@ from featurecache.layers import TapSpec
 from featurecache.persist import HEAD_FILE, LEGACY_HEAD_FILE, load_head, read_sidecar
 from featurecache.preprocess import Preprocessing, device_geometry_for, draft_for
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord, kind_of, retrain_command
+from featurecache.weights import PIXELS_TAG
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,22 @@ def _head_folder(given: Path) -> Path:
     )
 
 
+def _refuse_pixel_control(record: HeadRecord, directory: Path) -> None:
+    """The raw-pixel head is the comparison's floor, with no base to rebuild: say so, and name a head that predicts.
+    (A random-init control rebuilds its base from the recorded seed and predicts: poorly, as it is meant to.)"""
+    if record.base_tag != PIXELS_TAG:
+        return
+    home = _home_of(record)
+    best, report = home.best_file(record.dataset), home.compare_report(record.dataset, ".md")
+    use = (f"`model_dir` in {best}" if best.is_file() else
+           f"the recommended one in {report} (models/{record.dataset}/<base>/<layer>/<head>)" if report.is_file() else
+           f"a folder under {home.models / record.dataset} of a pretrained base")  # fmt: skip
+    raise FeaturecacheError(
+        f"{directory} is the raw-pixel control, the floor the comparison measures pretrained features against; it "
+        f"cannot predict. Pass a pretrained base's head instead: {use}"
+    )
+
+
 def predict_images(
     head_dir: str | os.PathLike,
     images: Sequence[str | os.PathLike],
@@ -213,6 +230,7 @@ def predict_images(
                 f"{directory} is a multilayer head (taps {', '.join(record.taps)}); predict takes heads trained on "
                 f"one layer: pass one of those under {directory.parent.parent}"
             )
+        _refuse_pixel_control(record, directory)
         stale = stale_reason(sidecar, _home_of(record)) if sidecar else None
         if stale:  # still usable (the head classifies features as it was trained to), but the user should know
             log.warning("%s was trained on features that changed since (%s); its predictions run the base as the "

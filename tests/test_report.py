@@ -238,6 +238,17 @@ def test_heads_on_an_older_version_of_the_folder_are_left_out(trained, tmp_path,
     assert "holds other images than the newer" in caplog.text and "then retrain" in caplog.text
 
 
+def test_predict_refuses_the_raw_pixel_control_naming_what_predicts(trained, monkeypatch):
+    """The raw-pixel head has no base to rebuild: predict answered "unknown base 'raw-pixels'"."""
+    from featurecache.errors import FeaturecacheError
+    from featurecache.predict import predict_images
+
+    monkeypatch.setenv("FEATURECACHE_HOME", str(trained.root))
+    folder = next((trained.models / "shapes" / "raw-pixels").glob("*/logreg"))
+    with pytest.raises(FeaturecacheError, match=r"raw-pixel control, the floor .* cannot predict\. Pass a pretrained"):
+        predict_images(folder, ["x.png"])  # refused before any image is read
+
+
 def test_the_figure_has_a_row_per_dataset_a_column_per_base_and_readable_text_on_the_page(trained, tmp_path):
     """Two datasets x two bases wrapped 3 panels a row (a dataset's panel in the other's row), 1800 pixels wide, so
     the page showed its 7-point tick labels at 7 pixels; and each panel's title gave the reference classifier's
