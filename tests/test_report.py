@@ -238,6 +238,26 @@ def test_heads_on_an_older_version_of_the_folder_are_left_out(trained, tmp_path,
     assert "holds other images than the newer" in caplog.text and "then retrain" in caplog.text
 
 
+def test_the_leaderboard_formats_each_interval_once_as_the_compare_report_does(trained, tmp_path):
+    """31 of 32 right: Wilson [0.84257, 0.99446]. Rounded to 4 decimals first, results.md printed [84.3, 99.5] beside
+    the compare report's and summary.json's [84.3, 99.4]."""
+    from featurecache.metrics import pts, wilson_interval
+
+    paths = Paths(tmp_path / "p")
+    shutil.copytree(trained.root, paths.root)
+    sidecar_file = next((paths.models / "shapes" / BASE).glob("*/logreg/sidecar.json"))
+    sidecar = json.loads(sidecar_file.read_text())
+    low, high = wilson_interval(31, 32)
+    sidecar["test"] = {**sidecar["test"], "accuracy": 31 / 32, "accuracy_ci95": [low, high]}
+    sidecar_file.write_text(json.dumps(sidecar))
+    write_leaderboard("shapes", paths)
+    assert (pts(low), pts(high)) == ("84.3", "99.4")
+    assert "| 96.9 [84.3, 99.4] |" in paths.leaderboard_file("shapes", ".md").read_text()
+    rows = list(csv.DictReader(paths.leaderboard_file("shapes", ".csv").open()))
+    (row,) = [r for r in rows if r["model_dir"] == str(sidecar_file.parent)]
+    assert (row["test_ci_low"], row["test_ci_high"]) == ("0.8426", "0.9945")  # the CSV keeps 4 decimals
+
+
 def test_predict_refuses_the_raw_pixel_control_naming_what_predicts(trained, monkeypatch):
     """The raw-pixel head has no base to rebuild: predict answered "unknown base 'raw-pixels'"."""
     from featurecache.errors import FeaturecacheError
