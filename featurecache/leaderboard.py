@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from featurecache import store
 from featurecache.config import Paths, default_paths
 from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 LEADERBOARD_COLUMNS = [
     "base", "layer", "relative_depth", "head", "params", "val_accuracy", "test_accuracy", "test_ci_low",
     "test_ci_high", "test_balanced_accuracy", "test_macro_f1", "fit_seconds", "n_train", "model_dir", "control",
-    "multi_tap",
+    "multi_tap", "n_taps",
 ]  # fmt: skip
 # Fractions the rows hold at full precision: the markdown formats them once (metrics.pts), as the compare report does,
 # and the CSV rounds them here. Rounding first and formatting after turned 0.99446 into "99.5" beside the report's 99.4.
@@ -44,7 +45,8 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
                 "base": r.base_tag,
                 "layer": r.layer,
                 "relative_depth": r.tap["relative_depth"],
-                "multi_tap": bool(r.tap.get("multi_tap", False)),  # a head on every stage tap: no one depth
+                "multi_tap": bool(r.tap.get("multi_tap", False)),  # a head on several taps at once: no one depth
+                **_tap_counts(r, paths),
                 "head": r.head,
                 "dense": r.dense,
                 "params": json.dumps(r.params, sort_keys=True),
@@ -62,6 +64,16 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _tap_counts(record: HeadRecord, paths: Paths) -> dict[str, int | None]:
+    """A multi-tap head's ``n_taps`` and the ``stage_taps`` its cache holds (the taps but the ImageNet logits): a
+    ``--shortlist 3`` head covers 3 of them, not all. ``None`` for a single-layer head."""
+    if not record.taps:
+        return {"n_taps": None, "stage_taps": None}
+    cached = store.read_metadata(paths.feature_file(record.dataset, record.base_tag, "train"))["taps"]
+    stages = [k for k, tap in cached.items() if not store.is_imagenet_logits(tap)]
+    return {"n_taps": len(record.taps), "stage_taps": len(stages)}
 
 
 def _records(directories: Iterable[Path], paths: Paths) -> Iterator[HeadRecord]:
@@ -136,4 +148,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _depth(row: dict[str, Any]) -> str:
-    return "all taps" if row.get("multi_tap") else f"{row['relative_depth']:.2f}"
+    """A single layer's relative depth; a multi-tap head's taps, "all N taps" only where it reads every stage tap."""
+    if not row.get("multi_tap"):
+        return f"{row['relative_depth']:.2f}"
+    n, stages = row["n_taps"], row["stage_taps"]
+    return f"all {n} taps" if n == stages else f"{n} of {stages} taps"

@@ -95,7 +95,25 @@ def test_train_heads_saves_multilayer_under_the_all_stages_folder(trained):
     assert [(r["layer"], r["relative_depth"], r["multi_tap"]) for r in rows] == [(MULTI_TAP_LAYER, 1.0, True)]
     from featurecache.leaderboard import format_leaderboard
 
-    assert f"| {MULTI_TAP_LAYER} | all taps | multilayer |" in format_leaderboard("shapes", rows)  # not "1.00"
+    assert f"| {MULTI_TAP_LAYER} | all {len(taps)} taps | multilayer |" in format_leaderboard("shapes", rows)
+
+
+@pytest.mark.slow
+def test_a_multilayer_head_on_a_shortlist_reads_as_the_taps_it_uses(trained, tmp_path):
+    """train-heads --shortlist 2 (here: --layers of two taps) trains the multilayer head on those two; the leaderboard
+    said "all taps"."""
+    import shutil
+
+    from featurecache.leaderboard import format_leaderboard
+
+    paths = Paths(tmp_path / "p")
+    shutil.copytree(trained.root, paths.root)
+    cached = list(read_metadata(paths.feature_file("shapes", BASE, "train"))["taps"])
+    train_heads(dataset="shapes", base_tag=BASE, layers=cached[-2:], heads=["multilayer"],
+                options=TrainOptions(progress=False), paths=paths)  # fmt: skip
+    (row,) = [r for r in leaderboard_rows("shapes", paths) if r["head"] == "multilayer"]
+    assert (row["n_taps"], row["stage_taps"]) == (2, len(cached)) and len(cached) > 2
+    assert f"| {MULTI_TAP_LAYER} | 2 of {len(cached)} taps | multilayer |" in format_leaderboard("shapes", [row])
 
 
 @pytest.mark.slow
