@@ -83,10 +83,13 @@ def _records(directories: Iterable[Path], paths: Paths) -> Iterator[HeadRecord]:
         yield record
 
 
-def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any]:
-    """Write ``reports/<dataset>/results.{csv,md}`` and ``best.json``; returns the best.json content."""
+def write_leaderboard(
+    dataset: str, paths: Paths | None = None, *, rows: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Write ``reports/<dataset>/results.{csv,md}`` and ``best.json`` of every saved head of the dataset (``rows``:
+    :func:`leaderboard_rows`, when the caller has them); returns the best.json content."""
     paths = paths or default_paths()
-    rows = leaderboard_rows(dataset, paths)
+    rows = leaderboard_rows(dataset, paths) if rows is None else rows
     if not rows:
         raise FeaturecacheError(f"no trained heads under {paths.models / dataset}; run `make train-heads` first")
     paths.leaderboard_dir(dataset).mkdir(parents=True, exist_ok=True)
@@ -96,19 +99,25 @@ def write_leaderboard(dataset: str, paths: Paths | None = None) -> dict[str, Any
     writer.writerows({**r, **{k: round(r[k], CSV_DECIMALS) for k in FRACTION_COLUMNS}} for r in rows)
     atomic_write_text(paths.leaderboard_file(dataset, ".csv"), buffer.getvalue())
     atomic_write_text(paths.leaderboard_file(dataset, ".md"), format_leaderboard(dataset, rows))
-    # The controls (random-init bases, raw pixels) are ranked for reference but never named best: they are what a
-    # pretrained base is measured against, and predict cannot run a raw-pixel head.
-    pretrained = [r for r in rows if not r["control"]] or rows
-    dense = [r for r in pretrained if r["dense"]]
     best = {
         "dataset": dataset,
         "selected_by": "val_accuracy; ties: simpler head, then shallower layer (featurecache.selection); controls "
-        "(random-init bases, raw pixels) are ranked but never best",
-        "best": pretrained[0],
-        "best_dense": dense[0] if dense else None,
+        "(random-init bases, raw pixels) are ranked but never best; null: only controls are saved",
+        "best": best_row(rows),
+        "best_dense": best_row(rows, dense=True),
     }
     atomic_write_text(paths.best_file(dataset), json.dumps(best, indent=1))
     return best
+
+
+def best_row(rows: list[dict[str, Any]], *, bases: Iterable[str] | None = None, dense: bool = False) -> dict | None:
+    """The first of ``rows`` (ranked) from a pretrained base, among ``bases`` when given (a command's ``--bases``),
+    dense heads only if asked; ``None`` when there is none. The controls (random-init bases, raw pixels) are ranked
+    for reference but never named best: they are what a pretrained base is measured against (and predict cannot run
+    the raw-pixel one)."""
+    allowed = None if bases is None else set(bases)
+    return next((r for r in rows if not r["control"] and (allowed is None or r["base"] in allowed)
+                 and (r["dense"] or not dense)), None)  # fmt: skip
 
 
 def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
@@ -116,12 +125,15 @@ def format_leaderboard(dataset: str, rows: list[dict[str, Any]]) -> str:
     the same rule; a control above every pretrained head is a finding, not the answer)."""
     pretrained = [r for r in rows if not r["control"]]
     controls = [r for r in rows if r["control"]]
+    bases = ", ".join(dict.fromkeys(r["base"] for r in pretrained)) or "none: only controls are saved"
     lines = [
         f"# {dataset}: heads on cached features",
         "",
-        "Selected on val (ties: the simpler head, then the shallower layer); test scored once after selection, "
-        "with a 95% Wilson interval; `fit s` is the seconds the head took to sweep and fit. best.json holds the "
-        "first row.",
+        # The files are the dataset's, rewritten by every train-heads and finetune: say whose heads they rank.
+        f"Every head saved for {dataset} on its current caches, whichever command trained it; pretrained bases: "
+        f"{bases}. Selected on val (ties: the simpler head, then the shallower layer); test scored once after "
+        "selection, with a 95% Wilson interval; `fit s` is the seconds the head took to sweep and fit. best.json "
+        "holds the first row.",
         "",
         *_table(pretrained),
     ]

@@ -10,7 +10,7 @@ from featurecache.answer import MIN_IMAGES_PER_CLASS, class_counts
 from featurecache.config import default_paths
 from featurecache.heads import list_heads
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
-from featurecache.leaderboard import write_leaderboard
+from featurecache.leaderboard import best_row, leaderboard_rows, write_leaderboard
 from featurecache.metrics import pts
 from featurecache.train import TrainOptions, train_heads
 from pipelines.common import comma_list, run_main, seed
@@ -67,14 +67,13 @@ def main(args: argparse.Namespace) -> int:
         for sidecar in train_heads(dataset=args.dataset, base_tag=base, layers=layers, heads=args.heads,
                                    options=options):  # fmt: skip
             counts[sidecar["status"]] += 1
-    best = write_leaderboard(args.dataset)
     paths = default_paths()
+    rows = leaderboard_rows(args.dataset, paths)
+    write_leaderboard(args.dataset, paths, rows=rows)
     table = paths.leaderboard_file(args.dataset, ".md")
     print(table.read_text())
-    b = best["best"]
     print(f"{counts['trained']} heads trained, {counts['reused']} reused (--overwrite retrains)")
-    print(f"best on val: {b['base']} / {b['layer']} / {b['head']}: val {pts(b['val_accuracy'])}%, "
-          f"test {pts(b['test_accuracy'])}% [{pts(b['test_ci_low'])}, {pts(b['test_ci_high'])}]")  # fmt: skip
+    print(*best_lines(rows, args.bases, args.dataset), sep="\n")
     print(f"wrote {paths.leaderboard_file(args.dataset, '.csv')}, {table}, {paths.best_file(args.dataset)}")
     smallest = {split: min(c.values()) for split, c in class_counts(args.dataset, args.bases[0], paths).items()}
     small = {s: n for s, n in smallest.items() if s != "train" and n < MIN_IMAGES_PER_CLASS}
@@ -83,6 +82,27 @@ def main(args: argparse.Namespace) -> int:
         print(f"WARNING: small sample ({where}; fewer than {MIN_IMAGES_PER_CLASS}): the ranking above is within "
               f"noise. `featurecache compare-layers` says which heads are statistically tied.")  # fmt: skip
     return 0
+
+
+def best_lines(rows: list[dict], bases: list[str], dataset: str) -> list[str]:
+    """The command's answer: the best head on val among the pretrained bases it was given (the leaderboard above
+    ranks every saved base of the dataset; its first row is named too when it is another base's). Controls given in
+    --bases are a reference, never the answer."""
+    asked = ",".join(bases)
+    best, overall = best_row(rows, bases=bases), best_row(rows)
+    if best is not None:
+        lines = [f"best on val of the saved heads of --bases {asked}: {_head_text(best)}"]
+    else:  # only controls were asked (or every pretrained head was left out as stale)
+        lines = [f"no pretrained head among --bases {asked} to name best: controls (random-init bases, raw pixels) "
+                 f"are what a pretrained base is measured against, never the answer"]  # fmt: skip
+    if overall is not None and overall["base"] not in bases:
+        lines.append(f"first of every saved base of {dataset} (not asked here): {_head_text(overall)}")
+    return lines
+
+
+def _head_text(row: dict) -> str:
+    return (f"{row['base']} / {row['layer']} / {row['head']}: val {pts(row['val_accuracy'])}%, test "
+            f"{pts(row['test_accuracy'])}% [{pts(row['test_ci_low'])}, {pts(row['test_ci_high'])}]")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -258,6 +258,26 @@ def test_the_leaderboard_formats_each_interval_once_as_the_compare_report_does(t
     assert (row["test_ci_low"], row["test_ci_high"]) == ("0.8426", "0.9945")  # the CSV keeps 4 decimals
 
 
+def test_train_heads_names_best_among_the_bases_it_was_given_never_a_control(trained):
+    """The leaderboard ranks every saved base of the dataset; the command's "best on val" line is among its --bases,
+    and a control given in --bases is never named best."""
+    from featurecache.leaderboard import best_row, format_leaderboard
+    from pipelines.train_heads import best_lines
+
+    rows = leaderboard_rows("shapes", trained)
+    other = {**best_row(rows), "base": "other_base", "val_accuracy": 1.01}  # another base saved earlier, ranked first
+    with_other = [other, *rows]
+    asked, also = best_lines(with_other, [BASE], "shapes")
+    assert asked.startswith(f"best on val of the saved heads of --bases {BASE}: {BASE} / ")
+    assert also.startswith("first of every saved base of shapes (not asked here): other_base / ")
+    only_controls, pretrained = best_lines(rows, [f"{BASE}-random"], "shapes")
+    assert only_controls.startswith(f"no pretrained head among --bases {BASE}-random to name best: controls")
+    assert pretrained.startswith(f"first of every saved base of shapes (not asked here): {BASE} / ")
+    controls = [r for r in rows if r["control"]]
+    assert controls and best_row(controls) is None  # best.json names no control best, even when only they are saved
+    assert f"pretrained bases: other_base, {BASE}." in format_leaderboard("shapes", with_other)  # whose heads it ranks
+
+
 def test_predict_refuses_the_raw_pixel_control_naming_what_predicts(trained, monkeypatch):
     """The raw-pixel head has no base to rebuild: predict answered "unknown base 'raw-pixels'"."""
     from featurecache.errors import FeaturecacheError
