@@ -14,6 +14,16 @@ def check_seed(seed: int | None) -> None:
         raise FeaturecacheError(f"--seed {seed} is out of range; a seed is an integer from 0 to 2**32 - 1")
 
 
+def check_workers(workers: int | None) -> None:
+    """Decode processes torch's DataLoader accepts (0 or more): a negative count failed deep inside it (extract and
+    finetune both take ``--workers``). None: the caller's default."""
+    if workers is not None and workers < 0:
+        raise FeaturecacheError(
+            f"--workers {workers}: must be 0 (decode in the main process) or a positive number of decode processes; "
+            f"leave it out for the default"
+        )
+
+
 _SAID: set[tuple[object, ...]] = set()
 
 

@@ -45,7 +45,7 @@ from featurecache.data import (
 )
 from featurecache.devices import resolve_device
 from featurecache.distributed import World
-from featurecache.errors import FeaturecacheError, check_seed, first_time
+from featurecache.errors import FeaturecacheError, check_seed, check_workers, first_time
 from featurecache.layers import TapSpec, TracedBase, build_extractor, parse_taps, trace_base
 from featurecache.preprocess import (
     DEVICE_DECODE_RULE,
@@ -404,11 +404,7 @@ def _check_options(options: ExtractOptions) -> None:
     if options.batch_size is not None and options.batch_size < 1:
         raise FeaturecacheError("--batch-size must be at least 1")
     runtimes.check_choice(options.runtime, options.precision)
-    if options.workers is not None and options.workers < 0:
-        raise FeaturecacheError(
-            f"--workers {options.workers}: must be 0 (decode in the main process) or a positive number of "
-            f"decode processes; leave it out for the default"
-        )
+    check_workers(options.workers)
     _ = options.decoding  # building the record raises the one-line error of an unknown --alpha/--orientation/--decode
 
 

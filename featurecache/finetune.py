@@ -34,7 +34,7 @@ from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
 from featurecache.data import DEFAULT_DECODE, Decoding, ImageFiles, SplitIndex, discover_splits, images_folder
 from featurecache.devices import resolve_device
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, check_seed, check_workers
 from featurecache.fileio import atomic_write, file_sha256
 from featurecache.freshness import current_heads, feature_fingerprint
 from featurecache.heads import FINETUNED_PREFIX
@@ -76,6 +76,31 @@ class FinetuneOptions:
     seed: int = 0
     workers: int = 0
     progress: bool = True
+
+    def check(self) -> None:
+        """Refuse what no fine-tuning run can do, before any file is read. A run of no epoch (``--epochs 0``,
+        ``--patience 0``) would save the frozen head as the fine-tuned model, replacing an earlier one; a learning
+        rate of zero or less trains nothing, or away from the head."""
+        for flag, value, meaning in (("--epochs", self.max_epochs, "epochs to run"),
+                                     ("--patience", self.patience, "epochs without a val gain before stopping"),
+                                     ("--batch-size", self.batch_size, "images per step")):  # fmt: skip
+            if value < 1:
+                raise FeaturecacheError(f"{flag} {value}: must be at least 1 ({meaning})")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise FeaturecacheError(f"--max-batches {self.max_batches}: must be at least 1 (leave it out: every batch)")
+        if self.unfreeze_last < 0:
+            raise FeaturecacheError(f"--unfreeze-last {self.unfreeze_last}: must be 0 (train the head only) or more")
+        for flag, value, default in (("--lr-head", self.lr_head, FinetuneOptions.lr_head),
+                                     ("--lr-base", self.lr_base, FinetuneOptions.lr_base)):  # fmt: skip
+            if not (math.isfinite(value) and value > 0):
+                raise FeaturecacheError(f"{flag} {value}: a learning rate must be positive (default {default:g})")
+        for name, value in (("weight_decay", self.weight_decay), ("warmup_epochs", self.warmup_epochs)):
+            if not (math.isfinite(value) and value >= 0):
+                raise FeaturecacheError(f"{name} {value}: must be 0 or a positive number")
+        if self.augment not in AUGMENTATIONS:
+            raise FeaturecacheError(f"unknown --augment {self.augment!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+        check_workers(self.workers)
+        check_seed(self.seed)
 
 
 @dataclass
@@ -369,7 +394,7 @@ def unfreeze(model: FinetunedModel, chosen: list[str]) -> list[nn.Parameter]:
 
 def steps_per_epoch(n_train: int, options: FinetuneOptions) -> int:
     steps = math.ceil(n_train / options.batch_size)
-    return min(steps, options.max_batches) if options.max_batches else steps
+    return steps if options.max_batches is None else min(steps, options.max_batches)
 
 
 def make_optimizer(
@@ -481,7 +506,7 @@ def run_epoch(trainer: Trainer, epoch: int, train_tf: Any) -> float:
     bar = progress_bar(total=steps, desc=f"epoch {epoch + 1}/{options.max_epochs}", disable=not options.progress)
     correct = seen = 0
     for step, (images, rows, errors) in enumerate(splits.loader("train", train_tf, shuffle=True, epoch=epoch)):
-        if options.max_batches and step >= options.max_batches:
+        if options.max_batches is not None and step >= options.max_batches:
             break
         y = torch.as_tensor(splits.labels["train"][rows.numpy()], device=device)
         keep = torch.as_tensor([not e for e in errors], device=device)
@@ -620,8 +645,7 @@ def finetune(
     """
     options = options or FinetuneOptions()
     paths = paths or default_paths()
-    if options.augment not in AUGMENTATIONS:
-        raise FeaturecacheError(f"unknown --augment {options.augment!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    options.check()
     t_start = time.perf_counter()
     rebuilt = rebuild(dataset, base_tag, options, paths)
     agreement, frozen_val = verify_agreement(rebuilt)

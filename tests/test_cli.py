@@ -42,6 +42,24 @@ def test_user_errors_are_one_line_without_traceback(tiny, tmp_path, monkeypatch,
     assert "run `featurecache extract`" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--epochs", "0"], "--epochs 0: must be at least 1"),  # ran nothing, saved the frozen head, exit 0
+        (["--patience", "-1"], "--patience -1: must be at least 1"),
+        (["--lr-base", "-1"], "--lr-base -1.0: a learning rate must be positive"),
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),  # a ValueError traceback from DataLoader
+        (["--workers", "-1"], "--workers -1: must be 0"),
+        (["--max-batches", "0"], "--max-batches 0: must be at least 1"),  # 0 was read as "no limit"
+    ],
+)
+def test_finetune_options_no_run_can_use_are_one_line_errors(option, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEATURECACHE_HOME", str(tmp_path))
+    assert run(["finetune", "--dataset", "shapes", "--no-progress", *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"featurecache: error: {expected}") and err.count("\n") == 1, err
+
+
 def test_usage_errors_are_one_line_naming_help(capsys):
     for argv, expected in (
         (

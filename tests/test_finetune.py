@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -23,6 +24,9 @@ from tests.helpers import make_image_folder
 BASE = "mobilenet_v2_offline"
 LAYER = "features.13"  # a 14x14 map: the last block before it (features.13) is what gets unfrozen
 QUICK = dict(max_epochs=2, max_batches=2, batch_size=8, progress=False, lr_base=1e-4, lr_head=1e-3)
+# A learning rate that moves no float32 weight (a step of ~1e-30 rounds away; weight decay multiplies by 1 - 1e-34):
+# the weights of a run stay those of the frozen head, as a rate of 0 did before a rate must be positive.
+NO_STEP_LR = 1e-30
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +128,42 @@ def test_logreg_head_folds_into_a_linear_layer(trained, tmp_path):
     assert result.sidecar["rebuilt_agreement"] >= 0.98
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"max_epochs": 0}, "--epochs 0: must be at least 1"),
+        ({"max_epochs": -1}, "--epochs -1: must be at least 1"),
+        ({"patience": 0}, "--patience 0: must be at least 1"),
+        ({"patience": -1}, "--patience -1: must be at least 1"),
+        ({"batch_size": 0}, "--batch-size 0: must be at least 1"),
+        ({"max_batches": 0}, "--max-batches 0: must be at least 1"),  # 0 was read as "no limit"
+        ({"unfreeze_last": -1}, "--unfreeze-last -1: must be 0"),
+        ({"lr_base": -1.0}, "--lr-base -1.0: a learning rate must be positive"),
+        ({"lr_base": 0.0}, "--lr-base 0.0: a learning rate must be positive"),
+        ({"lr_head": 0.0}, "--lr-head 0.0: a learning rate must be positive"),
+        ({"lr_head": float("nan")}, "--lr-head nan: a learning rate must be positive"),
+        ({"lr_head": float("inf")}, "--lr-head inf: a learning rate must be positive"),
+        ({"weight_decay": -1e-4}, "weight_decay -0.0001: must be 0 or a positive number"),
+        ({"warmup_epochs": -1.0}, "warmup_epochs -1.0: must be 0 or a positive number"),
+        ({"workers": -1}, "--workers -1: must be 0"),
+        ({"seed": -1}, "--seed -1 is out of range"),
+        ({"augment": "heavy"}, "unknown --augment 'heavy'"),
+    ],
+)
+def test_options_no_run_can_use_are_refused_before_anything_is_read(option, message, tmp_path):
+    """An empty home: the option is refused by FinetuneOptions.check, not by a missing cache further on."""
+    with pytest.raises(FeaturecacheError, match=f"^{re.escape(message)}"):
+        finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**option), paths=Paths(tmp_path))
+
+
+def test_a_run_of_no_epoch_is_refused_and_saves_nothing(trained, tmp_path):
+    """--epochs 0 ran nothing, then saved the frozen head as "fine-tuned" (replacing an earlier model), exit 0."""
+    paths = copy_of(trained, tmp_path)
+    with pytest.raises(FeaturecacheError, match="--epochs 0: must be at least 1"):
+        finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**{**QUICK, "max_epochs": 0}), paths=paths)
+    assert not (paths.models / "shapes" / BASE / LAYER / "finetuned-mlp").exists()
+
+
 def test_no_head_no_finetune(trained, tmp_path):
     with pytest.raises(FeaturecacheError, match="never starts from a random head"):
         finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(head="rbf_svm"), paths=trained)
@@ -134,7 +174,8 @@ def test_no_head_no_finetune(trained, tmp_path):
 
 @pytest.mark.slow
 def test_training_sees_the_features_the_head_was_fitted_on(tmp_path):
-    """Frozen base, zero learning rate: train-mode accuracy must equal the head's own accuracy on train.
+    """Frozen base, learning rates that move no weight: train-mode accuracy must equal the head's own accuracy on
+    train.
 
     EfficientNet-Lite0's train-mode graph applies stochastic depth to every block; fine-tuning must run the
     base's eval graph, or the head is fed features unlike those it was fitted on.
@@ -148,8 +189,8 @@ def test_training_sees_the_features_the_head_was_fitted_on(tmp_path):
     )
     train_heads(dataset="shapes", base_tag="efficientnet_lite0", heads=["logreg"], options=TrainOptions(progress=False),
                 paths=paths)  # fmt: skip
-    options = FinetuneOptions(max_epochs=1, batch_size=8, progress=False, unfreeze_last=0, lr_head=0.0,
-                              lr_base=0.0, augment="none", head="logreg")  # fmt: skip
+    options = FinetuneOptions(max_epochs=1, batch_size=8, progress=False, unfreeze_last=0, lr_head=NO_STEP_LR,
+                              lr_base=NO_STEP_LR, augment="none", head="logreg")  # fmt: skip
     s = finetune(dataset="shapes", base_tag="efficientnet_lite0", options=options, paths=paths).sidecar
     from featurecache import load_features
     from featurecache.persist import load_head
@@ -161,10 +202,11 @@ def test_training_sees_the_features_the_head_was_fitted_on(tmp_path):
 
 
 def test_a_run_without_gain_says_so(trained, tmp_path):
-    """Learning rates of zero: no epoch can beat the frozen head, and the result says so in plain words."""
+    """Learning rates that move no weight: no epoch can beat the frozen head, and the result says so in plain words."""
     from featurecache.leaderboard import write_leaderboard
 
-    options = FinetuneOptions(**{**QUICK, "max_epochs": 1, "max_batches": 1, "lr_head": 0.0, "lr_base": 0.0})
+    options = FinetuneOptions(**{**QUICK, "max_epochs": 1, "max_batches": 1, "lr_head": NO_STEP_LR,
+                                 "lr_base": NO_STEP_LR})  # fmt: skip
     paths = copy_of(trained, tmp_path)
     result = finetune(dataset="shapes", base_tag=BASE, paths=paths, options=options)
     assert not result.improved and result.sidecar["improved_on_val"] is False
