@@ -230,7 +230,13 @@ def rebuild(dataset: str, base_tag: str, options: FinetuneOptions, paths: Paths)
     files = cache_files(dataset, base_tag, paths)
     head_dir = _pick_head(dataset, base_tag, options.head, paths, layer=options.layer)
     metas = {s: store.read_metadata(p) for s, p in files.items()}
-    layer = persist.require_record(head_dir).layer
+    record = persist.require_record(head_dir)
+    if record.taps:  # the features of several taps, concatenated: a fine-tuned model runs the base to one tap
+        raise FeaturecacheError(
+            f"{head_dir} is a multilayer head (taps {', '.join(record.taps)}); fine-tuning takes single-layer heads: "
+            f"pass --head mlp or --head logreg (and --layer to pick one of those taps)"
+        )
+    layer = record.layer
     expect = {s: feature_fingerprint(metas[s], layer) for s in files}
     estimator, head_record = persist.load_head(head_dir, expect_features=expect)
     model, loaded = build_model(head_record, estimator, seed=options.seed)

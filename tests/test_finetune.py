@@ -164,6 +164,15 @@ def test_a_run_of_no_epoch_is_refused_and_saves_nothing(trained, tmp_path):
     assert not (paths.models / "shapes" / BASE / LAYER / "finetuned-mlp").exists()
 
 
+def test_a_multilayer_head_is_refused_in_one_line(trained, tmp_path):
+    """It read the cache's taps under the pseudo-layer 'all-stages' and failed with a KeyError."""
+    paths = copy_of(trained, tmp_path)
+    train_heads(dataset="shapes", base_tag=BASE, heads=["multilayer"], options=TrainOptions(progress=False),
+                paths=paths)  # fmt: skip
+    with pytest.raises(FeaturecacheError, match="is a multilayer head .*; fine-tuning takes single-layer heads"):
+        finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**QUICK, head="multilayer"), paths=paths)
+
+
 def test_no_head_no_finetune(trained, tmp_path):
     with pytest.raises(FeaturecacheError, match="never starts from a random head"):
         finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(head="rbf_svm"), paths=trained)
