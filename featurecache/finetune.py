@@ -441,6 +441,7 @@ class TrainState:
     best_epoch: int = 0  # 0: no epoch beat the frozen head on val
     stale: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False  # --patience ended the run before max_epochs
 
 
 @dataclass
@@ -555,6 +556,9 @@ def train_epochs(trainer: Trainer, frozen_val: float) -> tuple[TrainState, dict[
             state.stale += 1
         state.epoch += 1
         save_checkpoint(trainer, state, best_weights)
+    state.stopped_early = state.epoch < options.max_epochs  # the loop above ends early only on patience
+    if state.stopped_early:
+        _log_early_stop(state, options)
     return state, best_weights, resumed is not None
 
 
@@ -566,6 +570,15 @@ def _log_epoch(state: TrainState, max_epochs: int, val_acc: float, train_acc: fl
              max_epochs, 100 * val_acc, holder, 100 * state.best_val, 100 * train_acc)  # fmt: skip
 
 
+def _log_early_stop(state: TrainState, options: FinetuneOptions) -> None:
+    """Why the run ended before ``max_epochs``: the epoch lines alone read as if it had stopped by itself."""
+    best = f"{100 * state.best_val:.1f}%, " + ("the frozen head's: no epoch beat it" if state.best_epoch == 0
+                                                else f"epoch {state.best_epoch}'s")  # fmt: skip
+    epochs = f"{state.stale} epoch{'s' * (state.stale != 1)}"
+    log.info("stopped after epoch %d/%d by --patience %d: no val gain in the last %s; best on val %s",
+             state.epoch, options.max_epochs, options.patience, epochs, best)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Phase 6: best weights, test once, record
 # ---------------------------------------------------------------------------------------------------------------
@@ -574,14 +587,32 @@ def _log_epoch(state: TrainState, max_epochs: int, val_acc: float, train_acc: fl
 def gain_verdict(state: TrainState, frozen_val: float, gain: PairedGain) -> str:
     """One plain sentence: did fine-tuning help? (``gain``: over the frozen head on test, judged as every gain is)"""
     if state.best_epoch == 0:
-        return (
-            f"no gain: no epoch beat the frozen head's val accuracy ({100 * frozen_val:.1f}%), so the saved model "
-            f"is the frozen head rebuilt; try more epochs, --lr-base, or --unfreeze-last 2"
-        )
+        return _no_gain_verdict(state, frozen_val)
     interval = f"{100 * gain.difference:+.1f} points, 95% CI [{100 * gain.low:+.1f}, {100 * gain.high:+.1f}]"
     if gain.verdict == "no measurable gain":
         return f"no clear gain on test: {interval} includes 0"
     return f"{'gain' if gain.verdict == 'helps' else 'loss'} on test: {interval}"
+
+
+def _no_gain_verdict(state: TrainState, frozen_val: float) -> str:
+    """No epoch beat the frozen head on val. What to try depends on why: more epochs cannot help where the frozen
+    head is already right on every val image, nor where --patience, not the epoch budget, ended the run."""
+    kept = "the saved model is the frozen head rebuilt"
+    if frozen_val >= 1:
+        return (
+            f"no gain: no epoch can beat the frozen head on val, where it is already at {100 * frozen_val:.1f}%, so "
+            f"fine-tuning cannot be selected on this val split: {kept}"
+        )
+    if state.stopped_early:
+        return (
+            f"no gain: no epoch beat the frozen head's val accuracy ({100 * frozen_val:.1f}%) before --patience "
+            f"stopped the run after epoch {state.epoch}, so {kept}; try a larger --patience, another --lr-base or "
+            f"--lr-head, or --unfreeze-last 2"
+        )
+    return (
+        f"no gain: no epoch beat the frozen head's val accuracy ({100 * frozen_val:.1f}%), so {kept}; try more epochs, "
+        f"--lr-base, or --unfreeze-last 2"
+    )
 
 
 def paired_test_gain(rebuilt: Rebuilt, test_pred: np.ndarray) -> PairedGain:

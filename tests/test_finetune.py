@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 
@@ -210,21 +211,46 @@ def test_training_sees_the_features_the_head_was_fitted_on(tmp_path):
     assert s["history"][0]["train_accuracy"] == pytest.approx(expected, abs=1 / len(y) + 1e-9)
 
 
-def test_a_run_without_gain_says_so(trained, tmp_path):
-    """Learning rates that move no weight: no epoch can beat the frozen head, and the result says so in plain words."""
+def test_a_run_without_gain_says_so(trained, tmp_path, caplog):
+    """Learning rates that move no weight: no epoch can beat the frozen head, and the result says so in plain words;
+    --patience ends the run after the first epoch, and the log says so (the run used to stop without a word)."""
     from featurecache.leaderboard import write_leaderboard
 
-    options = FinetuneOptions(**{**QUICK, "max_epochs": 1, "max_batches": 1, "lr_head": NO_STEP_LR,
+    options = FinetuneOptions(**{**QUICK, "max_epochs": 3, "patience": 1, "max_batches": 1, "lr_head": NO_STEP_LR,
                                  "lr_base": NO_STEP_LR})  # fmt: skip
     paths = copy_of(trained, tmp_path)
-    result = finetune(dataset="shapes", base_tag=BASE, paths=paths, options=options)
+    with caplog.at_level(logging.INFO, logger="featurecache.finetune"):
+        result = finetune(dataset="shapes", base_tag=BASE, paths=paths, options=options)
+    assert len(result.sidecar["history"]) == 1
+    said = "stopped after epoch 1/3 by --patience 1: no val gain in the last 1 epoch; best on val "
+    assert re.search(f"{re.escape(said)}[0-9.]+%, the frozen head's: no epoch beat it", caplog.text), caplog.text
     assert not result.improved and result.sidecar["improved_on_val"] is False
-    assert result.verdict.startswith("no gain: no epoch beat the frozen head") and result.sidecar["best_epoch"] == 0
+    assert result.verdict.startswith("no gain: no epoch") and result.sidecar["best_epoch"] == 0
+    assert "more epochs" not in result.verdict  # patience, not the epoch budget, ended it
     assert result.sidecar["verdict"] == result.verdict
     # The saved model is the frozen head rebuilt: the leaderboard says so rather than list it as a fine-tuned result.
     write_leaderboard("shapes", paths)
     board = paths.leaderboard_file("shapes", ".md").read_text()
     assert "| finetuned-mlp (= the frozen head: no epoch beat it on val) |" in board
+
+
+def test_the_advice_of_a_run_without_gain_follows_why_it_ended():
+    """Advise "try more epochs" only where the epoch budget ended the run: not after --patience stopped it, and not
+    where the frozen head is right on every val image (no epoch can beat it there: fine-tuning cannot be selected)."""
+    from featurecache.finetune import TrainState, gain_verdict
+    from featurecache.metrics import PairedGain
+
+    gain = PairedGain(0.0, -0.1, 0.1)
+    budget = gain_verdict(TrainState(epoch=4, best_val=0.9, stale=2), 0.9, gain)
+    assert budget.startswith("no gain: no epoch beat the frozen head's val accuracy (90.0%)")
+    assert "try more epochs" in budget
+    patience = gain_verdict(TrainState(epoch=3, best_val=0.938, stale=3, stopped_early=True), 0.938, gain)
+    assert "before --patience stopped the run after epoch 3" in patience and "try a larger --patience" in patience
+    assert "more epochs" not in patience
+    for stopped_early in (False, True):
+        perfect = gain_verdict(TrainState(epoch=3, best_val=1.0, stale=3, stopped_early=stopped_early), 1.0, gain)
+        assert perfect.startswith("no gain: no epoch can beat the frozen head on val, where it is already at 100.0%")
+        assert "fine-tuning cannot be selected" in perfect and "try" not in perfect
 
 
 def test_a_planted_checkpoint_is_refused_and_does_not_run(trained, tmp_path):
