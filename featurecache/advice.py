@@ -170,6 +170,8 @@ def _verdict(answer: Answer, kind: str) -> str:
         return _layer_verdict(answer, kind)
     if answer.finetune is None:
         return "was not taken: run `featurecache compare-layers --finetune`"
+    if answer.finetune.result.kept_frozen:
+        return "is not borne out: no epoch of fine-tuning beat the frozen head on val, so the frozen head was kept"
     return {
         "helps": "agrees: fine-tuning gains significantly",
         "hurts": "disagrees: fine-tuning loses significantly",

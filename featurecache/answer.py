@@ -55,6 +55,7 @@ class HeadResult:
     val_correct: np.ndarray
     test_correct: np.ndarray
     multi_tap: bool = False  # a head on every stage tap at once (``multilayer``): a candidate, not a curve point
+    kept_frozen: bool = False  # a fine-tuned model that is its frozen head (HeadRecord.kept_frozen)
 
     @property
     def candidate(self) -> Candidate:
@@ -110,6 +111,7 @@ def result_of_record(record: HeadRecord, labels: LabelReader, paths: Paths) -> H
         val_correct=correct["val"],
         test_correct=correct["test"],
         multi_tap=bool(record.tap.get("multi_tap", False)),
+        kept_frozen=record.kept_frozen,
     )
 
 

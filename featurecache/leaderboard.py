@@ -17,7 +17,7 @@ from featurecache.errors import FeaturecacheError
 from featurecache.fileio import atomic_write_text
 from featurecache.freshness import current_heads
 from featurecache.metrics import pts
-from featurecache.records import HeadRecord
+from featurecache.records import KEPT_FROZEN_NOTE, HeadRecord
 from featurecache.selection import candidate_of_record, ranked
 from featurecache.weights import is_control
 
@@ -59,7 +59,7 @@ def leaderboard_rows(dataset: str, paths: Paths) -> list[dict[str, Any]]:
                 "fit_seconds": (r.timings or {}).get("total_seconds", 0.0),
                 "n_train": r.n_train,
                 "control": is_control(r.base_tag),
-                "kept_frozen": r.best_epoch == 0,  # fine-tuned, but no epoch beat the frozen head: it is that head
+                "kept_frozen": r.kept_frozen,
                 "model_dir": str(paths.head_dir(dataset, r.base_tag, r.layer, r.head)),
             }
         )
@@ -150,7 +150,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
         "|---:|---|---|---:|---|---:|---|---:|---:|---:|",
     ]
     for i, r in enumerate(rows, 1):
-        head = f"{r['head']} (= the frozen head: no epoch beat it on val)" if r.get("kept_frozen") else r["head"]
+        head = f"{r['head']} ({KEPT_FROZEN_NOTE})" if r.get("kept_frozen") else r["head"]
         lines.append(
             f"| {i} | {r['base']} | {r['layer']} | {_depth(r)} | {head} | {pts(r['val_accuracy'])} "
             f"| {pts(r['test_accuracy'])} [{pts(r['test_ci_low'])}, {pts(r['test_ci_high'])}] "

@@ -26,6 +26,8 @@ SIDECAR_VERSION = 2  # 2: val/test scores carry per-image predictions (paired te
 HEAD_KIND = "head"  # a stage-2 head on cached features: head.skops (+ state_dict.pt for torch heads)
 FINETUNED_KIND = "finetuned"  # base + head fine-tuned together: model.pt (a state dict)
 FINETUNED_MODEL_FILE = "model.pt"
+# How a kept-frozen fine-tuned model (:attr:`HeadRecord.kept_frozen`) is named beside its name, wherever it is listed.
+KEPT_FROZEN_NOTE = "= the frozen head: no epoch beat it on val"
 HEAD_FILE = "head.skops"  # a stage-2 head, saved with skops (featurecache.persist)
 
 
@@ -93,6 +95,11 @@ class HeadRecord:
         a home that was moved or copied changes every file's path and none of the numbers."""
         fingerprints = {split: dict(f).get("fingerprint") for split, f in self.features.items()}
         return fingerprints == {split: dict(f).get("fingerprint") for split, f in features.items()}
+
+    @property
+    def kept_frozen(self) -> bool:
+        """A fine-tuned model of which no epoch beat the frozen head on val: it is that frozen head, rebuilt."""
+        return self.kind == FINETUNED_KIND and self.best_epoch == 0
 
     @property
     def model_file(self) -> str:

@@ -44,6 +44,7 @@ from featurecache.heads import AUGMENTED_SUFFIX, FINETUNED_PREFIX
 from featurecache.layer_scores import SCORES, UNDEFINED_WITHOUT_SPREAD, cross_dataset_summary, layer_tau_table
 from featurecache.metrics import paired_difference, pts
 from featurecache.plots import PAGE_WIDTH_PX, plot_answers
+from featurecache.records import KEPT_FROZEN_NOTE
 from featurecache.selection import candidate_of_record, pick_best
 from featurecache.weights import is_control
 
@@ -160,12 +161,23 @@ def answer_block(answer: Answer) -> list[str]:
             f"{q.confidence:.2f}) → {q.advice}; the measurement {q.verdict}."
         )
     if answer.finetune is not None:
-        f = answer.finetune
-        lines.append(
-            f"**Fine-tuning** (`{f.result.name()}`): test {pts(f.result.test_accuracy)}%, {f.gain.points()} points "
-            f"over the recommendation (paired 95% interval)."
-        )
+        lines.append(_finetune_line(answer.finetune))
     return lines
+
+
+def _finetune_line(f: Comparison) -> str:
+    """compare-layers --finetune in one line; a model that kept its frozen head says so before any number, as its
+    gain over the recommendation is then no gain of fine-tuning's."""
+    scores = (
+        f"test {pts(f.result.test_accuracy)}%, {f.gain.points()} points over the recommendation (paired 95% interval)"
+    )
+    if not f.result.kept_frozen:
+        return f"**Fine-tuning** (`{f.result.name()}`): {scores}."
+    start = f"{f.result.layer} / {f.result.head.removeprefix(FINETUNED_PREFIX)}"
+    return (
+        f"**Fine-tuning** (`{f.result.name()}`) kept the frozen head it started from (`{start}`): no epoch beat it "
+        f"on val, so this model is that frozen head, not a fine-tuned one; {scores}."
+    )
 
 
 def _depth(r: HeadResult) -> str:
@@ -233,8 +245,9 @@ def _multilayer_table(answer: Answer) -> list[Block]:
 
 
 def _beyond_table(answer: Answer) -> list[Block]:
-    rows = [[r.route, f"`{r.result.name(with_base=answer.several_bases)}`", pts(r.result.val_accuracy),
-             pts(r.result.test_accuracy), pts(r.reference.test_accuracy), r.gain.points()]
+    rows = [[r.route, f"`{r.result.name(with_base=answer.several_bases)}`"
+             + (f" ({KEPT_FROZEN_NOTE})" if r.result.kept_frozen else ""),
+             pts(r.result.val_accuracy), pts(r.result.test_accuracy), pts(r.reference.test_accuracy), r.gain.points()]
             for r in answer.beyond]  # fmt: skip
     if not rows:
         return []
@@ -336,7 +349,13 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
             {**head(m.result), "best_single": head(m.reference), "gain": list(m.gain)} for m in answer.multilayer
         ],
         "beyond_frozen": [
-            {"route": r.route, **head(r.result), "frozen": head(r.reference), "gain": list(r.gain)}
+            {
+                "route": r.route,
+                **head(r.result),
+                "kept_frozen": r.result.kept_frozen,
+                "frozen": head(r.reference),
+                "gain": list(r.gain),
+            }
             for r in answer.beyond
         ],
         "seconds": answer.seconds,
@@ -346,7 +365,8 @@ def answer_summary(answer: Answer) -> dict[str, Any]:
 
 def _finetune_summary(finetune: Comparison) -> dict[str, Any]:
     return {"name": finetune.result.name(), "route": finetune.route, "test_accuracy": finetune.result.test_accuracy,
-            "gain": list(finetune.gain), "verdict": finetune.gain.verdict}  # fmt: skip
+            "gain": list(finetune.gain), "verdict": finetune.gain.verdict,
+            "kept_frozen": finetune.result.kept_frozen}  # fmt: skip
 
 
 def _tau_summary(table: Any) -> dict[str, Any]:

@@ -93,6 +93,35 @@ def test_fine_tuning_is_judged_by_the_one_gain_rule_a_significant_loss_included(
     }
 
 
+def test_a_fine_tuned_model_that_kept_its_frozen_head_says_so_in_the_answer_and_the_report():
+    """compare-layers --finetune printed 'Fine-tuning (view / finetuned-logreg): test 83.3%, +0.0 [...] points over
+    the recommendation' when no epoch beat the frozen head: the model was that head, which nothing said."""
+    import dataclasses
+
+    from featurecache.answer import Comparison
+    from featurecache.metrics import PairedGain
+    from featurecache.report import _beyond_table, answer_block
+
+    top, gain = result("view", 1.0, 5 / 6), PairedGain(0.0, -0.116, 0.116)
+    kept = dataclasses.replace(result("view", 1.0, 5 / 6, head="finetuned-logreg"), kept_frozen=True)
+    a = answer(top, [top], ties=[])
+    a.finetune = Comparison(kept, top, gain, "fine-tuned from view / logreg")
+    a.beyond = [Comparison(kept, top, gain, "fine-tuned")]
+    assert answer_block(a)[-1] == (
+        "**Fine-tuning** (`view / finetuned-logreg`) kept the frozen head it started from (`view / logreg`): no epoch "
+        "beat it on val, so this model is that frozen head, not a fine-tuned one; test 83.3%, +0.0 [-11.6, +11.6] "
+        "points over the recommendation (paired 95% interval)."
+    )
+    assert _verdict(a, "finetune") == (
+        "is not borne out: no epoch of fine-tuning beat the frozen head on val, so the frozen head was kept"
+    )
+    (table,) = [block for kind, block in _beyond_table(a) if kind == "table"]
+    assert table[1][0][1] == "`view / finetuned-logreg` (= the frozen head: no epoch beat it on val)"
+    tuned = dataclasses.replace(kept, kept_frozen=False)  # a model that did beat it reads as before
+    a.finetune = Comparison(tuned, top, gain, "fine-tuned from view / logreg")
+    assert answer_block(a)[-1].startswith("**Fine-tuning** (`view / finetuned-logreg`): test 83.3%, +0.0")
+
+
 def test_a_head_significantly_better_on_test_is_named_apart_not_tied():
     from featurecache.answer import significantly_better, tie_set
 

@@ -67,7 +67,8 @@ def test_short_finetune_reproduces_head_then_trains(trained, tmp_path):
     assert 100 * row["gain"][0] == pytest.approx(s["gain_over_frozen_points"])
     assert row["frozen"]["test_accuracy"] == pytest.approx(s["frozen_test_accuracy"])
     md = (paths.compare_dir("shapes") / "report.md").read_text()
-    assert f"| fine-tuned | `{LAYER} / finetuned-mlp` |" in md
+    note = " (= the frozen head: no epoch beat it on val)" if s["best_epoch"] == 0 else ""  # a kept-frozen run says so
+    assert f"| fine-tuned | `{LAYER} / finetuned-mlp`{note} |" in md
 
 
 @pytest.mark.slow
@@ -232,6 +233,12 @@ def test_a_run_without_gain_says_so(trained, tmp_path, caplog):
     write_leaderboard("shapes", paths)
     board = paths.leaderboard_file("shapes", ".md").read_text()
     assert "| finetuned-mlp (= the frozen head: no epoch beat it on val) |" in board
+    # So does the report, where it is the fine-tuned route against the frozen head it started from.
+    build_report(["shapes"], [BASE], paths)
+    (row,) = json.loads((paths.compare_dir("shapes") / "summary.json").read_text())["beyond_frozen"]
+    assert row["head"] == "finetuned-mlp" and row["kept_frozen"] is True
+    md = (paths.compare_dir("shapes") / "report.md").read_text()
+    assert f"| fine-tuned | `{LAYER} / finetuned-mlp` (= the frozen head: no epoch beat it on val) |" in md
 
 
 def test_the_advice_of_a_run_without_gain_follows_why_it_ended():
