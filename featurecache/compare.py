@@ -23,6 +23,7 @@ from featurecache.baselines import pixel_baseline
 from featurecache.bases import WEIGHTS_NONE, get_base_spec
 from featurecache.config import Paths, default_paths
 from featurecache.datasets import DatasetSource, parse_dataset
+from featurecache.errors import FeaturecacheError
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, shortlist_layers
 from featurecache.metrics import paired_difference
@@ -49,6 +50,12 @@ class CompareOptions:
     train: TrainOptions = field(default_factory=TrainOptions)
     seed: int = 0
 
+    def check(self) -> None:
+        """Refuse what the fine-tuning stage would refuse (``FinetuneOptions.check``) before minutes of extraction
+        and training, not after them."""
+        if self.finetune and self.finetune_epochs < 1:
+            raise FeaturecacheError(f"--finetune-epochs {self.finetune_epochs}: must be at least 1 (epochs to run)")
+
 
 def run_comparison(
     *,
@@ -60,6 +67,7 @@ def run_comparison(
 ) -> list[Answer]:
     """Extract, train, answer and report for ``datasets`` x ``bases``; returns one answer per dataset."""
     options = options or CompareOptions()
+    options.check()
     paths = paths or default_paths()
     sources = [parse_dataset(d, paths) if isinstance(d, str) else d for d in datasets]
     answers = []

@@ -104,6 +104,15 @@ def test_bad_folders_get_one_clear_line_and_nothing_under_a_final_name(make, mes
     assert final_files(home) == []
 
 
+def test_a_fine_tuning_of_no_epoch_is_refused_before_anything_runs(tmp_path, home, capsys):
+    """--finetune --finetune-epochs 0 extracted and trained everything, then saved the frozen head as fine-tuned."""
+    folder = make_image_folder(tmp_path / "shapes", per_class={"all": 4}, splits=False)
+    assert run(["compare-layers", str(folder), *FAST, "--no-controls", "--finetune", "--finetune-epochs", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["featurecache: error: --finetune-epochs 0: must be at least 1 (epochs to run)"], err
+    assert final_files(home) == []
+
+
 def test_unknown_name_says_what_is_accepted(home, capsys):
     assert run(["compare-layers", "no_such_dataset_or_folder", *FAST]) == 2
     err = capsys.readouterr().err
