@@ -113,7 +113,7 @@ def _lower_sentence(answer: Answer) -> str:
 def _multi_tap_sentence(answer: Answer) -> str:
     """The multilayer head against the best single layer chosen on val: the comparison its table shows."""
     rec = answer.recommended
-    text = f"For this data a head on every stage tap at once (`{rec.name()}`) is chosen"
+    text = f"For this data a head on {rec.n_taps} stage taps at once (`{rec.name()}`) is chosen"
     versus = next((c for c in answer.multilayer if c.result is rec), None)
     if versus is None:
         return text
@@ -165,7 +165,7 @@ def _verdict(answer: Answer, kind: str) -> str:
     if not above_chance(answer) and kind != "finetune":
         return "cannot tell: the recommendation is not measurably above chance"
     if rec.multi_tap and kind != "finetune":
-        return "cannot tell: the recommendation reads every stage tap at once (multilayer)"
+        return f"cannot tell: the recommendation reads {answer.recommended.n_taps} stage taps at once (multilayer)"
     if kind in ("top", "earlier"):
         return _layer_verdict(answer, kind)
     if answer.finetune is None:

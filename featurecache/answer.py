@@ -54,8 +54,9 @@ class HeadResult:
     test_interval: tuple[float, float]  # Wilson 95%
     val_correct: np.ndarray
     test_correct: np.ndarray
-    multi_tap: bool = False  # a head on every stage tap at once (``multilayer``): a candidate, not a curve point
+    multi_tap: bool = False  # a head on several stage taps at once (``multilayer``): a candidate, not a curve point
     kept_frozen: bool = False  # a fine-tuned model that is its frozen head (HeadRecord.kept_frozen)
+    n_taps: int = 1  # taps the head reads: every stage tap, or those a --layers / --shortlist run kept
 
     @property
     def candidate(self) -> Candidate:
@@ -112,6 +113,7 @@ def result_of_record(record: HeadRecord, labels: LabelReader, paths: Paths) -> H
         test_correct=correct["test"],
         multi_tap=bool(record.tap.get("multi_tap", False)),
         kept_frozen=record.kept_frozen,
+        n_taps=len(record.taps) if record.taps else 1,
     )
 
 

@@ -113,7 +113,7 @@ def _panel(ax, answer: Answer, base: str, scale: tuple[float, float], *, rotatio
     if star is not None:
         x_star = len(curve) if star.multi_tap else position[star.layer]  # a multi-tap head: a place of its own
         if star.multi_tap:
-            ticks, labels = [*x, x_star], [*labels, "every tap\n(multilayer)"]
+            ticks, labels = [*x, x_star], [*labels, f"{star.n_taps} taps\n(multilayer)"]
         ax.plot([x_star], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=5)
     ax.set_xticks(ticks, labels, rotation=rotation, ha="right", rotation_mode="anchor", fontsize=TICK_FONT)
     ax.tick_params(axis="y", labelsize=TICK_FONT + 1)
@@ -212,7 +212,7 @@ def _legend_handles(answers: Sequence[Answer]) -> list:
                     "label": "random-init control"}),
         ("pixels", {"color": CONTROL_COLOUR, "ls": ":", "lw": 1.5, "label": "raw pixels (logreg)"}),
         ("chance", {"color": "k", "lw": 0.8, "label": "chance (largest class)"}),
-        ("multi", {"color": MULTI_COLOUR, "ls": "-.", "lw": 1.3, "label": "multilayer head (every tap)"}),
+        ("multi", {"color": MULTI_COLOUR, "ls": "-.", "lw": 1.3, "label": "multilayer head (its taps at once)"}),
         ("ties", {"ls": "", "marker": "o", "mfc": "none", "mec": TIE_COLOUR, "ms": 10, "mew": 1.8,
                   "label": "tied with the recommendation"}),
         ("better", {"ls": "", "marker": "^", "color": BETTER_COLOUR, "mec": "k", "ms": 8,

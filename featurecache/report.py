@@ -181,7 +181,7 @@ def _finetune_line(f: Comparison) -> str:
 
 
 def _depth(r: HeadResult) -> str:
-    return "all taps" if r.multi_tap else f"{r.depth:.2f}"
+    return f"{r.n_taps} taps" if r.multi_tap else f"{r.depth:.2f}"
 
 
 def _candidates(answer: Answer) -> int:
@@ -236,10 +236,10 @@ def _multilayer_table(answer: Answer) -> list[Block]:
             for m in answer.multilayer]  # fmt: skip
     if not rows:
         return []
-    return [("h2", "A head on every layer at once"),
-            ("p", "The multilayer head (every stage tap, standardized per tap, features selected on train with the "
-                  "kept fraction swept on val, then logistic regression) against the best single-layer head chosen "
-                  "on val, on the same test images (paired 95% interval, Newcombe's hybrid score)."),
+    return [("h2", "A head on several layers at once"),
+            ("p", "The multilayer head (the stage taps trained, standardized per tap, features selected on train "
+                  "with the kept fraction swept on val, then logistic regression) against the best single-layer head "
+                  "chosen on val, on the same test images (paired 95% interval, Newcombe's hybrid score)."),
             ("table", (["multilayer", "val %", "test %", "best single layer (val)", "its test %",
                         "difference pts [95% CI]"], rows))]  # fmt: skip
 

@@ -114,6 +114,12 @@ def test_a_multilayer_head_on_a_shortlist_reads_as_the_taps_it_uses(trained, tmp
     (row,) = [r for r in leaderboard_rows("shapes", paths) if r["head"] == "multilayer"]
     assert (row["n_taps"], row["stage_taps"]) == (2, len(cached)) and len(cached) > 2
     assert f"| {MULTI_TAP_LAYER} | 2 of {len(cached)} taps | multilayer |" in format_leaderboard("shapes", [row])
+    # the compare report, its figure and its sentence say the same, not "every tap"
+    from featurecache.answer import head_results
+    from featurecache.report import _depth
+
+    (multi,) = [r for r in head_results("shapes", BASE, paths) if r.multi_tap]
+    assert multi.n_taps == 2 and _depth(multi) == "2 taps"
 
 
 @pytest.mark.slow
