@@ -356,7 +356,7 @@ def run_job(job: Job) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     t_start = time.perf_counter()
     plan = _plan(job)
-    previous = _reusable(plan)
+    previous, replaced = _reusable(plan)
     if previous is not None:
         return {**previous.to_json(), "status": "reused"}
     rows = _load_job_rows(plan)
@@ -365,7 +365,7 @@ def run_job(job: Job) -> dict[str, Any]:
     finally:
         rows.train.close()  # the HDF5 files a streamed split reads from
     record = persist.save_head(Path(job.out_dir), fitted.final, _test_and_record(plan, rows, fitted, t_start))
-    return {**record.to_json(), "status": "trained"}
+    return {**record.to_json(), "status": "trained", "replaced": replaced}
 
 
 def _plan(job: Job) -> JobPlan:
@@ -382,22 +382,25 @@ def _plan(job: Job) -> JobPlan:
     return JobPlan(job, spec, metas, features, grid)
 
 
-def _reusable(plan: JobPlan) -> HeadRecord | None:
-    """The saved head of this job when it was trained on the same features, grid, refit and seed."""
+def _reusable(plan: JobPlan) -> tuple[HeadRecord | None, list[str]]:
+    """The saved head of this job when it was trained on the same features, grid, refit and seed; else None and
+    what differs from the saved one it will replace (a multilayer head of a --shortlist run and one of every tap
+    share their folder: the user is told which one was replaced, and why)."""
     opts, out_dir = plan.job.options, Path(plan.job.out_dir)
     try:
         previous = persist.read_record(out_dir)
     except SidecarVersionError:
-        return None  # written by another version: retrained over
+        return None, []  # written by another version: retrained over
     if previous is None or opts.overwrite or not (out_dir / persist.HEAD_FILE).is_file():
-        return None
-    same = (
-        previous.trained_on(plan.features)
-        and previous.grid == json.loads(json.dumps(plan.grid, default=list))
-        and previous.refit == opts.refit
-        and previous.seed == opts.seed
-    )
-    return previous if same else None
+        return None, []
+    differs = {
+        "features": not previous.trained_on(plan.features),
+        "grid": previous.grid != json.loads(json.dumps(plan.grid, default=list)),
+        "refit": previous.refit != opts.refit,
+        "seed": previous.seed != opts.seed,
+    }
+    changed = [what for what, different in differs.items() if different]
+    return (None, changed) if changed else (previous, [])
 
 
 def _load_job_rows(plan: JobPlan) -> JobRows:

@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     options = TrainOptions(refit=args.refit, n_jobs=args.n_jobs, backend=args.backend, augmented=args.augmented,
                            cluster_address=args.cluster_address, overwrite=args.overwrite, seed=args.seed,
                            max_memory_gb=args.max_memory_gb, device=args.device, progress=args.progress)  # fmt: skip
-    counts = {"trained": 0, "reused": 0}
+    counts, replaced = {"trained": 0, "reused": 0}, []
     for base in args.bases:
         layers = args.layers
         if args.shortlist is not None:
@@ -67,12 +67,20 @@ def main(args: argparse.Namespace) -> int:
         for sidecar in train_heads(dataset=args.dataset, base_tag=base, layers=layers, heads=args.heads,
                                    options=options):  # fmt: skip
             counts[sidecar["status"]] += 1
+            if sidecar.get("replaced"):  # a saved head of other inputs (a --shortlist multilayer head, say) is gone
+                replaced.append(f"{base} / {sidecar['layer']} / {sidecar['head']} ({', '.join(sidecar['replaced'])})")
     paths = default_paths()
     rows = leaderboard_rows(args.dataset, paths)
     write_leaderboard(args.dataset, paths, rows=rows)
     table = paths.leaderboard_file(args.dataset, ".md")
     print(table.read_text())
-    print(f"{counts['trained']} heads trained, {counts['reused']} reused (--overwrite retrains)")
+    trained = counts["trained"]
+    print(f"{trained} head{'s' * (trained != 1)} trained, {counts['reused']} reused (--overwrite retrains)")
+    if replaced:
+        print(
+            f"{len(replaced)} of them replaced a saved head trained on other inputs: {'; '.join(replaced[:4])}"
+            + (f" and {len(replaced) - 4} more" if len(replaced) > 4 else "")
+        )
     print(*best_lines(rows, args.bases, args.dataset), sep="\n")
     print(f"wrote {paths.leaderboard_file(args.dataset, '.csv')}, {table}, {paths.best_file(args.dataset)}")
     smallest = {split: min(c.values()) for split, c in class_counts(args.dataset, args.bases[0], paths).items()}

@@ -120,6 +120,10 @@ def test_a_multilayer_head_on_a_shortlist_reads_as_the_taps_it_uses(trained, tmp
 
     (multi,) = [r for r in head_results("shapes", BASE, paths) if r.multi_tap]
     assert multi.n_taps == 2 and _depth(multi) == "2 taps"
+    # the README's `train-heads --heads multilayer` afterwards trains it on every tap, in the same folder: it says so
+    (every,) = train_heads(dataset="shapes", base_tag=BASE, heads=["multilayer"], options=TrainOptions(progress=False),
+                           paths=paths)  # fmt: skip
+    assert every["status"] == "trained" and "features" in every["replaced"] and len(every["taps"]) == len(cached)
 
 
 @pytest.mark.slow
