@@ -23,7 +23,7 @@ from featurecache.baselines import pixel_baseline
 from featurecache.bases import WEIGHTS_NONE, get_base_spec
 from featurecache.config import Paths, default_paths
 from featurecache.datasets import DatasetSource, parse_dataset
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, check_seed
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, shortlist_layers
 from featurecache.metrics import paired_difference
@@ -51,10 +51,21 @@ class CompareOptions:
     seed: int = 0
 
     def check(self) -> None:
-        """Refuse what the fine-tuning stage would refuse (``FinetuneOptions.check``) before minutes of extraction
-        and training, not after them."""
-        if self.finetune and self.finetune_epochs < 1:
-            raise FeaturecacheError(f"--finetune-epochs {self.finetune_epochs}: must be at least 1 (epochs to run)")
+        """Refuse what the fine-tuning stage would refuse before minutes of extraction and training, not after
+        them: the same ``FinetuneOptions.check``, on the options that stage will get."""
+        check_seed(self.seed)
+        if self.finetune:
+            try:
+                self.finetune_options(head="logreg", layer="").check()
+            except FeaturecacheError as e:  # the stage's own flag is --epochs; here it is --finetune-epochs
+                raise FeaturecacheError(str(e).replace("--epochs", "--finetune-epochs")) from None
+
+    def finetune_options(self, *, head: str, layer: str) -> Any:
+        """The fine-tuning stage's options (``featurecache.finetune.FinetuneOptions``) for ``head`` at ``layer``."""
+        from featurecache.finetune import FinetuneOptions
+
+        return FinetuneOptions(head=head, layer=layer, max_epochs=self.finetune_epochs, seed=self.seed,
+                               progress=self.train.progress)  # fmt: skip
 
 
 def run_comparison(
@@ -146,15 +157,14 @@ def _random_init(dataset: str, root: Any, base: str, *, options: CompareOptions,
 def finetune_recommended(answer: Answer, *, options: CompareOptions, paths: Paths) -> Comparison:
     """Fine-tune from the recommended head (or, when its kind cannot be rebuilt in torch, from the best logreg at
     the same layer) and measure the paired gain over the recommendation on the same test images."""
-    from featurecache.finetune import FinetuneOptions, finetune
+    from featurecache.finetune import finetune
 
     rec = answer.recommended
     head = rec.head if rec.head in FINETUNABLE_HEADS else "logreg"
     if head != rec.head:
         train_heads(dataset=answer.dataset, base_tag=rec.base, layers=[rec.layer], heads=[head], options=options.train,
                     paths=paths)  # fmt: skip
-    ft_options = FinetuneOptions(head=head, layer=rec.layer, max_epochs=options.finetune_epochs, seed=options.seed,
-                                 progress=options.train.progress)  # fmt: skip
+    ft_options = options.finetune_options(head=head, layer=rec.layer)
     result = finetune(dataset=answer.dataset, base_tag=rec.base, options=ft_options, paths=paths)
     tuned = result_of_record(result.record, LabelReader(), paths)
     gain = paired_difference(tuned.test_correct, rec.test_correct)

@@ -33,7 +33,7 @@ from featurecache.bases import base_and_variant
 from featurecache.commands import extract_command, views_flags
 from featurecache.config import Paths, check_path_name, default_paths
 from featurecache.data import AUGMENTED_TRAIN, SPLITS, Decoding
-from featurecache.errors import FeaturecacheError, close_names
+from featurecache.errors import FeaturecacheError, check_seed, close_names
 from featurecache.freshness import feature_fingerprint
 from featurecache.heads import HeadSpec, get_head_spec, list_heads, quiet_solvers, saved_head_name
 from featurecache.metrics import classification_scores
@@ -127,6 +127,7 @@ def train_heads(
     if options.refit not in REFIT_MODES:
         raise FeaturecacheError(f"unknown --refit {options.refit!r}; choose train or train+val")
     check_backend(options.backend)
+    check_seed(options.seed)  # scikit-learn refused -1 deep inside linear_svm; logreg saved a head with seed -1
     check_path_name(dataset, what="dataset name")  # both become folders under models/ and reports/
     check_path_name(base_tag, what="base")
     files = cache_files(dataset, base_tag, paths, augmented=options.augmented)

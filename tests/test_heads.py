@@ -519,3 +519,15 @@ def test_a_mistyped_dataset_base_or_layer_is_answered_with_what_is_cached(cached
         train_heads(dataset="shapes", base_tag=typo, options=QUIET, paths=paths)
     with pytest.raises(FeaturecacheError, match=r"layer flaten is cached in no split .*; did you mean: flatten\?"):
         train_heads(dataset="shapes", base_tag=BASE, layers=["flaten"], options=QUIET, paths=paths)
+
+
+def test_a_seed_numpy_cannot_take_is_refused_by_train_heads_and_compare_before_any_work(cached, tmp_path):
+    """A library call with seed -1: logreg saved a head recording it, linear_svm failed inside scikit-learn."""
+    from featurecache.compare import CompareOptions
+
+    paths = fresh_copy(cached, tmp_path)
+    with pytest.raises(FeaturecacheError, match=r"--seed -1 is out of range"):
+        train_heads(dataset="shapes", base_tag=BASE, heads=["logreg"], options=TrainOptions(seed=-1), paths=paths)
+    assert not paths.models.exists()
+    with pytest.raises(FeaturecacheError, match=r"--seed 4294967296 is out of range"):
+        CompareOptions(seed=2**32).check()
