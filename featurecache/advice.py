@@ -65,8 +65,9 @@ def sentence(answer: Answer) -> str:
     else:
         text = _lower_sentence(answer)
     if answer.better_on_test:
+        them = "it" if len(answer.better_on_test) == 1 else "them"
         text += (f"; but {names(answer.better_on_test, with_base=answer.several_bases)} scored significantly higher "
-                 "on test (val missed it)")  # fmt: skip
+                 f"on test (val missed {them})")  # fmt: skip
     if answer.ties:
         verb = "is" if len(answer.ties) == 1 else "are"
         return text + f"; {names(answer.ties, with_base=answer.several_bases)} {verb} tied with it."

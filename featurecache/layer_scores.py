@@ -4,7 +4,8 @@
   of a dataset x base, on the train split only, with the seconds each score took.
 - :func:`layer_tau_table`: those scores against what trained heads reached on the same layers: per layer the
   test accuracy of its val-selected head, and per score Kendall's tau, weighted tau and whether the layer a
-  full run selects is in the score's top 3. :func:`cross_dataset_summary` averages tables over datasets.
+  full run selects, or one with the same val accuracy, is in the score's top 3. :func:`cross_dataset_summary`
+  averages tables over datasets.
 - :func:`shortlist_layers`: the K best layers by one score (``train-heads --shortlist K``).
 - :func:`multilayer_vs_best_single`: the ``multilayer`` head against the best single-layer head chosen on val,
   as a paired difference on the same test images with its 95% interval.
@@ -293,7 +294,7 @@ class ScoreSummary:
     score: str
     mean_kendall_tau: float
     mean_weighted_tau: float
-    top_hits: int  # datasets whose selected layer is in the score's top 3
+    top_hits: int  # datasets whose selected layer, or one with the same val accuracy, is in the score's top 3
     n_datasets: int
     per_dataset_tau: dict[str, float] = field(default_factory=dict)
 

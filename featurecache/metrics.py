@@ -135,14 +135,17 @@ def paired_difference(a_correct: np.ndarray, b_correct: np.ndarray, *, level: fl
 def log_loss(estimator: Any, X: np.ndarray, y: np.ndarray) -> float | None:
     """Mean negative log probability ``estimator`` gives the true labels of ``X`` (natural log; a probability is
     floored at 1e-15, as scikit-learn's ``log_loss`` clips, so one confident mistake costs 34.5, not infinity);
-    None for a head without ``predict_proba`` (the SVMs). A label the head never saw in training counts as that
-    floor."""
+    None for a head without ``predict_proba`` (the SVMs) or whose ``predict_proba`` is no probability (k-NN's vote
+    share, :attr:`confidence_name`: with k = 1 it is 0 or 1, and its "loss" would always prefer k = 1). A label the
+    head never saw in training counts as that floor."""
     if not hasattr(estimator, "predict_proba") or len(y) == 0:
+        return None
+    if getattr(estimator, "confidence_name", "probability") != "probability":
         return None
     proba = np.asarray(estimator.predict_proba(X), dtype=np.float64)
     column = {label: i for i, label in enumerate(np.asarray(estimator.classes_).tolist())}
     rows = [proba[i, column[label]] if label in column else 0.0 for i, label in enumerate(np.asarray(y).tolist())]
-    return float(-np.log(np.clip(rows, 1e-15, 1.0)).mean())
+    return float(-np.log(np.clip(rows, 1e-15, 1.0)).mean()) + 0.0  # + 0.0: a perfect head's -0.0 reads as 0.0
 
 
 def classification_scores(y_true: np.ndarray, y_pred: np.ndarray, *, n_classes: int) -> dict[str, Any]:

@@ -250,6 +250,6 @@ def predict_images(
             if proba is not None:
                 entry[confidence] = float(proba[i])
             if confidence == "vote_share":
-                entry["neighbours"] = int(record.params["n_neighbors"])
+                entry["neighbours"] = min(int(record.params["n_neighbors"]), record.n_train)  # as the head fitted
             out[str(p)] = entry
     return [out[str(Path(p))] for p in images]

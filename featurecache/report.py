@@ -289,8 +289,8 @@ def _score_blocks(answer: Answer) -> list[Block]:
             ("p", f"Scores computed from the cached train features of {table.base_tag} alone (no training), against "
                   f"the test accuracy of each layer's val-selected head. The trained-best layer (chosen on val) is "
                   f"`{table.best_layer}`"
-                  + (f" (tied on val with {', '.join(f'`{k}`' for k in table.tied_with_best)}: a top 3 holding any of "
-                     "them counts)" if table.tied_with_best else "")
+                  + (f" (the same val accuracy as {', '.join(f'`{k}`' for k in table.tied_with_best)}: a top 3 "
+                     "holding any of them counts)" if table.tied_with_best else "")
                   + f"; training the heads on these layers took {table.training_seconds:.0f} s."
                   + (f" {', '.join(undefined)}: undefined here (no class has two train images to measure spread "
                      f"within classes)." if undefined and set(undefined) <= set(UNDEFINED_WITHOUT_SPREAD) else "")
@@ -371,7 +371,8 @@ def _finetune_summary(finetune: Comparison) -> dict[str, Any]:
 
 def _tau_summary(table: Any) -> dict[str, Any]:
     return {"base": table.base_tag, "layers": table.layers, "test_accuracy": table.test_accuracy,
-            "best_layer": table.best_layer, "scores": table.scores, "scoring_seconds": table.scoring_seconds,
+            "best_layer": table.best_layer, "same_val_accuracy": table.tied_with_best, "scores": table.scores,
+            "scoring_seconds": table.scoring_seconds,
             "training_seconds": table.training_seconds,
             "agreement": {s: {"kendall_tau": a.kendall_tau, "weighted_tau": a.weighted_tau, "top": a.top,
                               "best_in_top": a.best_in_top} for s, a in table.agreement.items()}}  # fmt: skip
@@ -469,7 +470,8 @@ def _score_summary_blocks(answers: Sequence[Answer]) -> list[Block]:
             for name, s in cross_dataset_summary(tables).items()]  # fmt: skip
     return [("h2", "Which layer before training: the training-free scores across datasets"),
             ("p", "Kendall τ between each score and the test accuracy of every layer's val-selected head, averaged "
-                  "over datasets; top 3 = datasets whose trained-best layer is among the score's three best."),
+                  "over datasets; top 3 = datasets whose trained-best layer, or one with the same val accuracy, is "
+                  "among the score's three best."),
             ("table", (["score", "mean Kendall τ", "mean weighted τ", "best layer in top 3", "τ per dataset"],
                        rows))]  # fmt: skip
 

@@ -18,6 +18,7 @@ lowest val log loss, then to the earlier grid point.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -111,5 +112,9 @@ def best_grid_point(sweep: Sequence[Mapping[str, Any]]) -> int:
     p = 0.26 for a 5-class head that never erred. Among points val cannot tell apart by accuracy, the log loss
     (a proper scoring rule) prefers the one whose probabilities fit val best.
     """
-    return min(range(len(sweep)),
-               key=lambda i: (-sweep[i]["val_accuracy"], sweep[i].get("val_log_loss", 0.0), i))  # fmt: skip
+
+    def loss(i: int) -> float:  # a NaN loss (a diverged fit) never wins a tie
+        value = sweep[i].get("val_log_loss", 0.0)
+        return math.inf if math.isnan(value) else value
+
+    return min(range(len(sweep)), key=lambda i: (-sweep[i]["val_accuracy"], loss(i), i))
