@@ -149,15 +149,20 @@ def head_module(estimator: Any, record: HeadRecord) -> StandardizedHead:
         return StandardizedHead(estimator.mean_, estimator.scale_, copy.deepcopy(estimator.module_))
     pipeline = getattr(estimator, "pipeline_", None)
     clf = pipeline[-1] if pipeline is not None else None
-    if clf is None or not hasattr(clf, "coef_") or not hasattr(clf, "intercept_") or len(estimator.classes_) == 2:
+    if clf is None or not hasattr(clf, "coef_") or not hasattr(clf, "intercept_"):
         raise FeaturecacheError(
             f"head {record.head!r} cannot be turned into a linear layer; fine-tune from --head mlp or logreg"
         )
     scaler = pipeline[0]
-    linear = nn.Linear(clf.coef_.shape[1], clf.coef_.shape[0])
+    coef, intercept = np.asarray(clf.coef_), np.asarray(clf.intercept_)
+    if coef.shape[0] == 1:  # two classes: one score for the second. Logits (0, score): the same argmax, and
+        # softmax gives the second class sigmoid(score), the logistic head's own probability. Refusing it had
+        # refused every two-class dataset's logreg, compare-layers' usual recommendation there.
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    linear = nn.Linear(coef.shape[1], coef.shape[0])
     # Fold StandardScaler into the layer: W' = W / scale, b' = b - W' @ mean.
-    w = clf.coef_ / scaler.scale_[None, :]
-    b = clf.intercept_ - w @ scaler.mean_
+    w = coef / scaler.scale_[None, :]
+    b = intercept - w @ scaler.mean_
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
         linear.bias.copy_(torch.as_tensor(b, dtype=torch.float32))

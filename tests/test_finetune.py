@@ -339,3 +339,23 @@ def test_the_beyond_frozen_table_covers_every_base_not_only_the_recommended_one(
     answer.heads["another-base"] = [answer.recommended]
     (row,) = beyond_frozen(answer, paths)
     assert row.result.base == BASE and row.result.head == "finetuned-mlp" and row.route == "fine-tuned"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["logreg", "linear_svm"])
+def test_a_two_class_linear_head_is_rebuilt_and_fine_tuned(tmp_path, head):
+    """Two classes: scikit-learn keeps one score (coef_ of one row), and fine-tuning refused every two-class logreg,
+    the usual recommendation of compare-layers there; compare-layers --finetune then lost its whole run."""
+    root = make_image_folder(tmp_path / "two", per_class={"train": 8, "val": 4, "test": 4})
+    (
+        shutil.rmtree(root / "train" / "stripes"),
+        shutil.rmtree(root / "val" / "stripes"),
+        shutil.rmtree(root / "test" / "stripes"),
+    )
+    paths = Paths(tmp_path / "project")
+    extract(ExtractRequest(root, base=BASE, layers=LAYER), paths=paths,
+            options=ExtractOptions(workers=0, progress=False))  # fmt: skip
+    train_heads(dataset="two", base_tag=BASE, heads=[head], options=TrainOptions(progress=False), paths=paths)
+    result = finetune(dataset="two", base_tag=BASE, options=FinetuneOptions(**{**QUICK, "head": head, "max_epochs": 1}),
+                      paths=paths)  # fmt: skip
+    assert result.sidecar["rebuilt_agreement"] == 1.0  # the rebuilt two-logit layer predicts as the head did
