@@ -54,6 +54,7 @@ class CompareOptions:
         """Refuse what the fine-tuning stage would refuse before minutes of extraction and training, not after
         them: the same ``FinetuneOptions.check``, on the options that stage will get."""
         check_seed(self.seed)
+        self.train.check()  # --n-jobs 0, say: refused before the extraction, not after it
         if self.finetune:
             try:
                 self.finetune_options(head="logreg", layer="").check()

@@ -61,6 +61,18 @@ class TrainOptions:
     device: str = "cpu"  # for the dense head
     progress: bool = True
 
+    def check(self) -> None:
+        """Refuse what no sweep can run, before any cache is read (joblib's own refusal of 0 jobs was a traceback)."""
+        check_backend(self.backend)
+        check_seed(self.seed)
+        if self.n_jobs == 0:
+            raise FeaturecacheError("--n-jobs 0: give a number of parallel jobs (1 or more; -1: one per core)")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise FeaturecacheError(f"--max-memory-gb {self.max_memory_gb}: must be above 0 (leave it out: half of "
+                                    "the memory available)")  # fmt: skip
+        if self.refit not in REFIT_MODES:
+            raise FeaturecacheError(f"unknown --refit {self.refit!r}; choose train or train+val")
+
 
 @dataclass(frozen=True)
 class Job:
@@ -124,10 +136,7 @@ def train_heads(
     """
     options = options or TrainOptions()
     paths = paths or default_paths()
-    if options.refit not in REFIT_MODES:
-        raise FeaturecacheError(f"unknown --refit {options.refit!r}; choose train or train+val")
-    check_backend(options.backend)
-    check_seed(options.seed)  # scikit-learn refused -1 deep inside linear_svm; logreg saved a head with seed -1
+    options.check()  # a seed of -1: scikit-learn refused it deep inside linear_svm; logreg saved it in a head
     check_path_name(dataset, what="dataset name")  # both become folders under models/ and reports/
     check_path_name(base_tag, what="base")
     files = cache_files(dataset, base_tag, paths, augmented=options.augmented)

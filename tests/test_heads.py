@@ -538,3 +538,21 @@ def test_a_seed_numpy_cannot_take_is_refused_by_train_heads_and_compare_before_a
     assert not paths.models.exists()
     with pytest.raises(FeaturecacheError, match=r"--seed 4294967296 is out of range"):
         CompareOptions(seed=2**32).check()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (TrainOptions(n_jobs=0), r"--n-jobs 0: give a number of parallel jobs"),
+        (TrainOptions(max_memory_gb=-1), r"--max-memory-gb -1: must be above 0"),
+    ],
+)
+def test_sweep_options_no_run_can_use_are_refused_in_one_line(cached, tmp_path, options, message):
+    """--n-jobs 0 ended in a joblib traceback; --max-memory-gb -1 refused every head for needing 0.0 GiB."""
+    from featurecache.compare import CompareOptions
+
+    paths = fresh_copy(cached, tmp_path)
+    with pytest.raises(FeaturecacheError, match=message):
+        train_heads(dataset="shapes", base_tag=BASE, heads=["logreg"], options=options, paths=paths)
+    with pytest.raises(FeaturecacheError, match=message):
+        CompareOptions(train=options).check()
