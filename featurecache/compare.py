@@ -26,6 +26,7 @@ from featurecache.datasets import DatasetSource, parse_dataset
 from featurecache.errors import FeaturecacheError, check_seed
 from featurecache.extract import ExtractOptions, ExtractRequest, extract
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, shortlist_layers
+from featurecache.leaderboard import write_leaderboard
 from featurecache.metrics import paired_difference
 from featurecache.report import REFERENCE_BASE, imagenet_distance, write_dataset_report, write_index
 from featurecache.train import TrainOptions, train_heads
@@ -87,6 +88,9 @@ def run_comparison(
         t0 = time.perf_counter()
         answer = compare_dataset(source, bases, options=options, paths=paths)
         write_dataset_report(answer, paths, command=command)
+        # The dataset's leaderboard and best.json hold every saved head; left as an earlier train-heads wrote them,
+        # they missed this run's heads (another base's) and named a best the answer beside them contradicted.
+        write_leaderboard(source.name, paths)
         answer.seconds = round(time.perf_counter() - t0, 1)
         log.info("%s done in %.0fs", source.name, answer.seconds)
         answers.append(answer)

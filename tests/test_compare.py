@@ -53,6 +53,9 @@ def test_run_comparison_answers_writes_the_report_and_a_rerun_reuses_every_cache
     summary = json.loads((paths.compare_dir("shapes") / "summary.json").read_text())
     assert summary["recommended"]["layer"] == answer.recommended.layer
     assert summary["recommended"]["head"] == answer.recommended.head
+    # the dataset's leaderboard and best.json are rewritten with the heads this run trained (they were left stale)
+    best = json.loads(paths.best_file("shapes").read_text())["best"]
+    assert (best["layer"], best["head"]) == (answer.recommended.layer, answer.recommended.head)
     first = _written(paths.root)
     assert any(k.endswith("train.h5") for k in first) and sum(k.endswith("sidecar.json") for k in first) >= 8
 
