@@ -48,8 +48,15 @@ def top_layer(answer: Answer) -> HeadResult:
     return answer.curves[answer.recommended.base][-1]
 
 
+def untrained_top(answer: Answer) -> str | None:
+    """The recommended base's top stage tap when this comparison trained no head on it (``--shortlist`` kept lower
+    layers): then its deepest trained layer is no "top", and nothing measures a gap to the top."""
+    top = answer.scope.tops.get(answer.recommended.base) if answer.scope is not None else None
+    return top if top is not None and top != top_layer(answer).layer else None
+
+
 def region(answer: Answer, result: HeadResult) -> str:
-    if result.layer == top_layer(answer).layer:
+    if result.layer == top_layer(answer).layer and untrained_top(answer) is None:
         return "top"
     return "early" if result.depth < EARLY_DEPTH else "middle" if result.depth < UPPER_DEPTH else "upper"
 
@@ -60,6 +67,11 @@ def sentence(answer: Answer) -> str:
     rec = answer.recommended
     if rec.multi_tap:
         text = _multi_tap_sentence(answer)
+    elif untrained_top(answer) is not None:
+        where = region(answer, rec)
+        text = (f"For this data val chose {'an' if where in ('early', 'upper') else 'a'} {where} layer (`{rec.layer}`, "
+                f"depth {rec.depth:.2f}) among the layers trained; the top layer (`{untrained_top(answer)}`) was not "
+                "trained here (--shortlist), so no gap to it is measured")  # fmt: skip
     elif region(answer, rec) == "top":
         text = _top_sentence(answer)
     else:
@@ -167,6 +179,8 @@ def _verdict(answer: Answer, kind: str) -> str:
         return "cannot tell: the recommendation is not measurably above chance"
     if rec.multi_tap and kind != "finetune":
         return f"cannot tell: the recommendation reads {answer.recommended.n_taps} stage taps at once (multilayer)"
+    if kind in ("top", "earlier") and untrained_top(answer) is not None:
+        return f"cannot tell: the top layer (`{untrained_top(answer)}`) was not trained here (--shortlist)"
     if kind in ("top", "earlier"):
         return _layer_verdict(answer, kind)
     if answer.finetune is None:

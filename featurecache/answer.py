@@ -168,6 +168,7 @@ class Scope:
 
     heads: frozenset[str]
     layers: dict[str, frozenset[str]] = field(default_factory=dict)  # base tag -> layers trained; absent: every one
+    tops: dict[str, str] = field(default_factory=dict)  # base tag -> its top stage tap, trained or not (--shortlist)
 
     def holds(self, result: HeadResult) -> bool:
         return self.admits(result.base, result.head, result.layer, multi_tap=result.multi_tap)

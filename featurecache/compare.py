@@ -104,8 +104,9 @@ def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: Com
     root = source.root(paths.raw, paths.external)
     trained: dict[str, frozenset[str]] = {}  # base tag -> the layers its heads were trained on here
     copies: dict[str, int] = {}  # val/test images that are copies of train images (the same for every base)
+    tops: dict[str, str] = {}  # base tag -> its top stage tap, which a --shortlist may leave untrained
     for base in bases:
-        tag, layers, copies = _pretrained(source.name, root, base, options=options, paths=paths)
+        tag, layers, copies, tops[tag] = _pretrained(source.name, root, base, options=options, paths=paths)
         trained[tag] = frozenset(layers)
         if options.controls:
             _random_init(source.name, root, base, options=options, paths=paths)
@@ -118,7 +119,7 @@ def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: Com
     tags = list(trained)
     if options.controls:
         pixel_baseline(source.name, tags[0], paths, seed=options.seed)
-    scope = Scope(heads=frozenset(options.heads), layers=trained)
+    scope = Scope(heads=frozenset(options.heads), layers=trained, tops=tops)
     answer = compute_answer(source.name, tags, paths, distance=imagenet_distance(source.name, paths), scope=scope)
     answer.copies_of_train = copies
     if options.finetune:
@@ -128,9 +129,9 @@ def compare_dataset(source: DatasetSource, bases: Sequence[str], *, options: Com
 
 def _pretrained(
     dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths
-) -> tuple[str, list[str], dict[str, int]]:
+) -> tuple[str, list[str], dict[str, int], str]:
     """Extract ``base``'s stage taps and train the heads on them (or on the shortlist); returns its tag, the layers
-    trained and, by split, the val/test images extract found to be copies of train images."""
+    trained, by split the val/test images extract found to be copies of train images, and its top stage tap."""
     spec = get_base_spec(base)
     layers = "all-stages,logits" if base == REFERENCE_BASE and spec.has_imagenet_classifier else "all-stages"
     results = extract(
@@ -139,13 +140,14 @@ def _pretrained(
     tag = results[0].path.parent.name
     taps = store.read_metadata(results[0].path)["taps"]
     stages = [k for k in results[0].taps if not store.is_imagenet_logits(taps[k])]  # the logits are no stage
+    top = max(stages, key=lambda k: (taps[k]["relative_depth"], k))  # as answer.layer_curve orders its layers
     if options.shortlist is not None:
         t0 = time.perf_counter()
         stages = shortlist_layers(dataset, tag, options.shortlist, options.shortlist_score, paths, layers=stages)
         log.info("%s x %s: shortlist by %s in %.1fs: %s", dataset, tag, options.shortlist_score,
                  time.perf_counter() - t0, ", ".join(stages))  # fmt: skip
     train_heads(dataset=dataset, base_tag=tag, layers=stages, heads=options.heads, options=options.train, paths=paths)
-    return tag, stages, {r.split: r.copies_of_train for r in results if r.copies_of_train}
+    return tag, stages, {r.split: r.copies_of_train for r in results if r.copies_of_train}, top
 
 
 def _random_init(dataset: str, root: Any, base: str, *, options: CompareOptions, paths: Paths) -> None:

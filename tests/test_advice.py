@@ -197,3 +197,22 @@ def test_a_test_split_of_one_class_gives_no_2x2_verdict():
     a = answer(top, [top], ties=[])
     a.transfer = TransferCheck(random_init=None, pixels=None, chance=1.0)
     assert _verdict(a, "top") == _verdict(a, "earlier") == "cannot tell: test holds images of one class only"
+
+
+def test_a_shortlist_without_the_top_layer_calls_no_trained_layer_the_top():
+    """compare-layers --shortlist 3 kept layers up to depth 0.35: the answer said "val chose the top layer
+    (features.6.add)" and the 2x2 verdict "a layer near the top (features.6.add, depth 0.35)"."""
+    from featurecache.answer import Scope
+
+    early, middle = result("features.3.add", 0.18, 5 / 6), result("features.6.add", 0.35, 1.0)
+    a = answer(middle, [early, middle], ties=[])
+    a.scope = Scope(heads=frozenset({"logreg"}), layers={"base": frozenset({"features.3.add", "features.6.add"})},
+                    tops={"base": "flatten"})  # fmt: skip
+    said = sentence(a)
+    assert said.startswith("For this data val chose an early layer (`features.6.add`, depth 0.35) among the layers "
+                           "trained; the top layer (`flatten`) was not trained here (--shortlist)")  # fmt: skip
+    assert "top layer (`features.6.add`)" not in said
+    for kind in ("top", "earlier"):
+        assert _verdict(a, kind) == "cannot tell: the top layer (`flatten`) was not trained here (--shortlist)"
+    a.scope = Scope(heads=frozenset({"logreg"}), tops={"base": "features.6.add"})  # the top was trained: as before
+    assert sentence(a).startswith("For this data val chose the top layer (`features.6.add`)")
