@@ -347,11 +347,8 @@ def test_a_two_class_linear_head_is_rebuilt_and_fine_tuned(tmp_path, head):
     """Two classes: scikit-learn keeps one score (coef_ of one row), and fine-tuning refused every two-class logreg,
     the usual recommendation of compare-layers there; compare-layers --finetune then lost its whole run."""
     root = make_image_folder(tmp_path / "two", per_class={"train": 8, "val": 4, "test": 4})
-    (
-        shutil.rmtree(root / "train" / "stripes"),
-        shutil.rmtree(root / "val" / "stripes"),
-        shutil.rmtree(root / "test" / "stripes"),
-    )
+    for split in ("train", "val", "test"):
+        shutil.rmtree(root / split / "stripes")
     paths = Paths(tmp_path / "project")
     extract(ExtractRequest(root, base=BASE, layers=LAYER), paths=paths,
             options=ExtractOptions(workers=0, progress=False))  # fmt: skip
