@@ -224,7 +224,7 @@ def load_base(
         if variant not in spec.weight_variants:
             raise FeaturecacheError(
                 f"base {name!r} has no weights {weights!r}; choose one of: "
-                f"{', '.join((WEIGHTS_DEFAULT, WEIGHTS_NONE, *spec.weight_variants))}"
+                f"{', '.join(dict.fromkeys((WEIGHTS_DEFAULT, WEIGHTS_NONE, *spec.weight_variants)))}"
             )
         ref = WeightsRef.pretrained(spec.load_weights(model, variant))
         weights_id, tag = str(ref), ref.base_tag(name, None if variant == spec.weight_variants[0] else variant)

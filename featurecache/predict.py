@@ -25,7 +25,7 @@ from featurecache.layers import TapSpec
 from featurecache.persist import HEAD_FILE, LEGACY_HEAD_FILE, load_head, read_sidecar
 from featurecache.preprocess import Preprocessing, device_geometry_for, draft_for
 from featurecache.records import FINETUNED_KIND, FINETUNED_MODEL_FILE, HeadRecord, kind_of, retrain_command
-from featurecache.weights import PIXELS_TAG
+from featurecache.weights import PIXELS_TAG, is_random_tag
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,14 @@ def _head_folder(given: Path) -> Path:
     )
 
 
-def _refuse_pixel_control(record: HeadRecord, directory: Path) -> None:
+def _check_control(record: HeadRecord, directory: Path) -> None:
     """The raw-pixel head is the comparison's floor, with no base to rebuild: say so, and name a head that predicts.
-    (A random-init control rebuilds its base from the recorded seed and predicts: poorly, as it is meant to.)"""
+    A random-init control rebuilds its base from the recorded seed and predicts, poorly as it is meant to: it is
+    said once, so its labels are not taken for a pretrained head's."""
+    if is_random_tag(record.base_tag):
+        log.warning("%s is the random-init control (an untrained %s): its predictions are the floor the "
+                    "comparison measures pretrained features against, not a classifier to use", directory,
+                    record.base)  # fmt: skip
     if record.base_tag != PIXELS_TAG:
         return
     home = _home_of(record)
@@ -230,7 +235,7 @@ def predict_images(
                 f"{directory} is a multilayer head (taps {', '.join(record.taps)}); predict takes heads trained on "
                 f"one layer: pass one of those under {directory.parent.parent}"
             )
-        _refuse_pixel_control(record, directory)
+        _check_control(record, directory)
         stale = stale_reason(sidecar, _home_of(record)) if sidecar else None
         if stale:  # still usable (the head classifies features as it was trained to), but the user should know
             log.warning("%s was trained on features that changed since (%s); its predictions run the base as the "

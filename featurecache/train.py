@@ -237,7 +237,7 @@ def _refuse_unknown(dataset: str, base_tag: str, paths: Paths) -> None:
         close = close_names(dataset, datasets)
         raise FeaturecacheError(
             f"no caches of a dataset {dataset!r} under {paths.features}"
-            + (f"; did you mean: {', '.join(close)}?" if close else "")
+            + (f"; did you mean: {', '.join(close)}?" if close else ".")
             + f" Cached datasets: {', '.join(datasets)}. A new one: `{extract_command(dataset, base_tag, paths=paths)}`"
         )
     tags = sorted(p.name for p in (paths.features / dataset).glob("*") if p.is_dir())
@@ -264,7 +264,7 @@ def check_layers_in_every_split(
             close = close_names(layer, cached)
             raise FeaturecacheError(
                 f"layer {layer} is cached in no split of {dataset} x {base_tag}"
-                + (f"; did you mean: {', '.join(close)}?" if close else "")
+                + (f"; did you mean: {', '.join(close)}?" if close else ".")
                 + f" To extract it: `{add}`. Cached layers: {', '.join(cached) or 'none'}"
             )
         raise FeaturecacheError(

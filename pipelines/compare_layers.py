@@ -10,6 +10,7 @@ import time
 from featurecache.compare import COMPARE_HEADS, CompareOptions, run_comparison
 from featurecache.config import default_paths
 from featurecache.datasets import list_datasets
+from featurecache.errors import FeaturecacheError
 from featurecache.layer_scores import DEFAULT_SHORTLIST_SCORE, SCORES
 from featurecache.report import terminal_lines
 from featurecache.train import TrainOptions
@@ -30,7 +31,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-controls", dest="controls", action="store_false",
                    help="skip the random-init base and the raw-pixel baseline")  # fmt: skip
     p.add_argument("--finetune", action="store_true", help="fine-tune from the recommended head and report its gain")
-    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--finetune-epochs", type=int,
+                   help=f"epochs of --finetune (default {CompareOptions.finetune_epochs}); needs it")  # fmt: skip
     p.add_argument("--shortlist", type=int, metavar="K",
                    help="score every stage tap without training (seconds), train heads only on the K best")  # fmt: skip
     p.add_argument("--shortlist-score", default=DEFAULT_SHORTLIST_SCORE, choices=SCORES,
@@ -47,6 +49,13 @@ def _curves_in_words(curves: dict) -> str:
     return f"{bases} base{'s' * (bases != 1)}" + (f" and {controls} control{'s' * (controls != 1)}" if controls else "")
 
 
+def _finetune_epochs(args: argparse.Namespace) -> int:
+    """--finetune-epochs without --finetune was silently ignored: a user who typed it meant to fine-tune."""
+    if args.finetune_epochs is not None and not args.finetune:
+        raise FeaturecacheError("--finetune-epochs needs --finetune (it sets how long fine-tuning runs)")
+    return CompareOptions.finetune_epochs if args.finetune_epochs is None else args.finetune_epochs
+
+
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     datasets = [*args.data, *args.datasets] or list_datasets(default_only=True)
@@ -54,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         heads=args.heads,
         controls=args.controls,
         finetune=args.finetune,
-        finetune_epochs=args.finetune_epochs,
+        finetune_epochs=_finetune_epochs(args),
         shortlist=args.shortlist,
         shortlist_score=args.shortlist_score,
         extract=extract_options(args),

@@ -111,6 +111,13 @@ def test_a_fine_tuning_of_no_epoch_is_refused_before_anything_runs(tmp_path, hom
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["featurecache: error: --finetune-epochs 0: must be at least 1 (epochs to run)"], err
     assert final_files(home) == []
+    # without --finetune the epochs were silently ignored
+    assert run(["compare-layers", str(folder), *FAST, "--no-controls", "--finetune-epochs", "3"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "featurecache: error: --finetune-epochs needs --finetune (it sets how long fine-tuning runs)"
+    )
+    assert final_files(home) == []
 
 
 def test_unknown_name_says_what_is_accepted(home, capsys):

@@ -289,6 +289,21 @@ def test_predict_refuses_the_raw_pixel_control_naming_what_predicts(trained, mon
         predict_images(folder, ["x.png"])  # refused before any image is read
 
 
+def test_predict_with_the_random_init_control_says_it_is_a_control(trained, monkeypatch, caplog, tmp_path):
+    """It predicts (its base is rebuilt from the recorded seed), but its labels read as any head's did."""
+    from PIL import Image
+
+    from featurecache.predict import predict_images
+
+    monkeypatch.setenv("FEATURECACHE_HOME", str(trained.root))
+    folder = next((trained.models / "shapes" / f"{BASE}-random").glob("*/logreg"))
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    with caplog.at_level("WARNING"):
+        (row,) = predict_images(folder, [image])
+    assert "label" in row and "is the random-init control" in caplog.text
+
+
 def test_the_figure_has_a_row_per_dataset_a_column_per_base_and_readable_text_on_the_page(trained, tmp_path):
     """Two datasets x two bases wrapped 3 panels a row (a dataset's panel in the other's row), 1800 pixels wide, so
     the page showed its 7-point tick labels at 7 pixels; and each panel's title gave the reference classifier's
