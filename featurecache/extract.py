@@ -216,11 +216,8 @@ def extract(
     dtype = store.storage_dtype(options.dtype, random_init=request.weights == WEIGHTS_NONE)
     options = dataclasses.replace(options, dtype=dtype)
     dataset = request.dataset_name
-    # Rank 0 alone may write the split record of a dataset without val/test; the others get its result.
-    record = paths.split_record(dataset)
-    indexes = world.broadcast(
-        discover_splits(request.dataset_root, record_path=record, seed=request.seed) if world.is_main else None
-    )
+    # The base, its taps and the device first: a refused --layers, --weights or --device used to leave a split
+    # record behind (the only file of a run that did nothing).
     loaded = load_base(
         request.base, weights=request.weights, weights_file=request.weights_file, seed=request.model_seed
     )
@@ -228,9 +225,14 @@ def extract(
     taps = parse_taps(request.layers, traced, default_pool=request.pool)
     caches = [paths.feature_file(dataset, loaded.tag, s) for s in (*SPLITS, AUGMENTED_TRAIN)]
     taps = world.broadcast(taps + _cached_taps(caches, traced, taps) if world.is_main else None)
-    _warn_raw_size(taps, indexes, options)
     runner = _Runner(loaded, _rank_device(options.device, world), options, taps=taps,
                      export_file=_export_file(loaded, taps, dataset, paths))  # fmt: skip
+    # Rank 0 alone may write the split record of a dataset without val/test; the others get its result.
+    record = paths.split_record(dataset)
+    indexes = world.broadcast(
+        discover_splits(request.dataset_root, record_path=record, seed=request.seed) if world.is_main else None
+    )
+    _warn_raw_size(taps, indexes, options)
     if world.is_main:
         _suggest_draft(indexes[request.splits[0]], runner)
     split = functools.partial(_extract_split, runner=runner, taps=taps, dataset=dataset, world=world)

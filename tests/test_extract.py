@@ -649,3 +649,22 @@ def test_test_images_that_are_copies_of_train_images_are_named(tiny, paths, capl
         assert data.file_digests(index) == data.file_digests(index) and len(hashed) == len(index)
     data.file_digests(index)  # outside the block every call hashes again: a file may have changed since
     assert len(hashed) == 2 * len(index)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"layers": "features.99"}, "is not a node"),
+        ({"weights": "IMAGENET1K_V9"}, "has no weights 'IMAGENET1K_V9'"),
+    ],
+)
+def test_a_refused_extraction_leaves_no_split_record_behind(tmp_path, change, message):
+    """A flat folder's split is drawn and recorded in splits.json; a refused --layers, --weights or --device used to
+    leave that record as the only file of a run that did nothing."""
+    root = make_image_folder(tmp_path / "flat", per_class={"all": 6}, splits=False)
+    paths = Paths(tmp_path / "home")
+    with pytest.raises(FeaturecacheError, match=message):
+        extract(
+            ExtractRequest(root, base=BASE, **change), paths=paths, options=ExtractOptions(workers=0, progress=False)
+        )
+    assert not paths.split_record("flat").exists()
