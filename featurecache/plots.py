@@ -114,7 +114,8 @@ def _panel(ax, answer: Answer, base: str, scale: tuple[float, float], *, rotatio
         x_star = len(curve) if star.multi_tap else position[star.layer]  # a multi-tap head: a place of its own
         if star.multi_tap:
             ticks, labels = [*x, x_star], [*labels, f"{star.n_taps} taps\n(multilayer)"]
-        ax.plot([x_star], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=5)
+        # Not clipped by the axes: at 100% its upper half was cut off by the frame.
+        ax.plot([x_star], [100 * star.test_accuracy], marker="*", ms=16, color="gold", mec="k", zorder=5, clip_on=False)
     ax.set_xticks(ticks, labels, rotation=rotation, ha="right", rotation_mode="anchor", fontsize=TICK_FONT)
     ax.tick_params(axis="y", labelsize=TICK_FONT + 1)
     ax.set_xlabel("layer, relative depth under its name (evenly spaced)", fontsize=LABEL_FONT)
