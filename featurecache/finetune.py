@@ -34,7 +34,7 @@ from featurecache.bases import LoadedBase, load_base_of
 from featurecache.config import Paths, default_paths
 from featurecache.data import DEFAULT_DECODE, Decoding, ImageFiles, SplitIndex, discover_splits, images_folder
 from featurecache.devices import resolve_device
-from featurecache.errors import FeaturecacheError, check_seed, check_workers
+from featurecache.errors import FeaturecacheError, check_seed, check_workers, close_names
 from featurecache.fileio import atomic_write, file_sha256
 from featurecache.freshness import current_heads, feature_fingerprint
 from featurecache.heads import FINETUNED_PREFIX
@@ -719,6 +719,18 @@ def _pick_head(dataset: str, base_tag: str, head: str, paths: Paths, *, layer: s
     # Only heads trained on the current caches (featurecache.freshness), as the leaderboard ranks them.
     folders = paths.head_dirs(dataset, base_tag, layer=layer or "*", head=head)
     records = [record for _directory, record in current_heads(folders, paths)]
+    cached = (
+        []
+        if records or layer is None
+        else list(store.read_metadata(paths.feature_file(dataset, base_tag, "train"))["taps"])
+    )
+    if cached and layer not in cached:  # a typo: "run train-heads first" would not help
+        close = close_names(layer, cached)
+        raise FeaturecacheError(
+            f"unknown --layer {layer!r} for {dataset} x {base_tag}"
+            + (f"; did you mean: {', '.join(close)}?" if close else ".")
+            + f" Cached layers: {', '.join(cached)}"
+        )
     if not records:
         raise FeaturecacheError(
             f"no trained {head!r} head for {dataset} x {base_tag}{f' at layer {layer}' if layer else ''}; run "

@@ -356,3 +356,11 @@ def test_a_two_class_linear_head_is_rebuilt_and_fine_tuned(tmp_path, head):
     result = finetune(dataset="two", base_tag=BASE, options=FinetuneOptions(**{**QUICK, "head": head, "max_epochs": 1}),
                       paths=paths)  # fmt: skip
     assert result.sidecar["rebuilt_agreement"] == 1.0  # the rebuilt two-logit layer predicts as the head did
+
+
+def test_a_mistyped_layer_is_named_with_the_cached_ones_not_sent_to_train_heads(trained):
+    """`finetune --layer vew` said "no trained 'mlp' head ... at layer vew; run featurecache train-heads ... first"."""
+    with pytest.raises(FeaturecacheError, match=r"unknown --layer 'features.1' for shapes x .*did you mean: .*"
+                                                r"Cached layers: features.13"):  # fmt: skip
+        finetune(dataset="shapes", base_tag=BASE, options=FinetuneOptions(**{**QUICK, "layer": "features.1"}),
+                 paths=trained)  # fmt: skip
