@@ -69,9 +69,9 @@ def sentence(answer: Answer) -> str:
         text = _multi_tap_sentence(answer)
     elif untrained_top(answer) is not None:
         where = region(answer, rec)
-        text = (f"For this data val chose {'an' if where in ('early', 'upper') else 'a'} {where} layer (`{rec.layer}`, "
-                f"depth {rec.depth:.2f}) among the layers trained; the top layer (`{untrained_top(answer)}`) was not "
-                "trained here (--shortlist), so no gap to it is measured")  # fmt: skip
+        text = (f"For this data val chose {_a_layer(where, rec, f', depth {rec.depth:.2f}')} among the layers "
+                f"trained; the top layer (`{untrained_top(answer)}`) was not trained here (--shortlist), so no gap to "
+                "it is measured")  # fmt: skip
     elif region(answer, rec) == "top":
         text = _top_sentence(answer)
     else:
@@ -108,7 +108,7 @@ def _lower_sentence(answer: Answer) -> str:
     top layer is tied with it or better (one tied top head makes the gap noise, whatever the val-chosen one did)."""
     rec, top = answer.recommended, top_layer(answer)
     where = region(answer, rec)
-    layer = f"{'an' if where in ('early', 'upper') else 'a'} {where} layer (`{rec.layer}`)"
+    layer = _a_layer(where, rec)
     tied_top = [r for r in answer.ties if r.base == rec.base and r.layer == top.layer]
     not_worse = tied_top + [r for r in answer.better_on_test if r.base == rec.base and r.layer == top.layer]
     gap = 100 * (rec.test_accuracy - top.test_accuracy)
@@ -121,6 +121,11 @@ def _lower_sentence(answer: Answer) -> str:
     else:  # "beats" only for a gap the test images can tell from zero, against every head at the top layer
         moved = f"beats the top (`{top.layer}`) by {gap:.1f} points"
     return f"For this data {layer} {moved} on test" + _noise(answer, tied_top)
+
+
+def _a_layer(where: str, result: HeadResult, detail: str = "") -> str:
+    """``an early layer (`x`)``, ``a middle layer (`x`, depth 0.50)``: a region named with its article."""
+    return f"{'an' if where in ('early', 'upper') else 'a'} {where} layer (`{result.layer}`{detail})"
 
 
 def _multi_tap_sentence(answer: Answer) -> str:

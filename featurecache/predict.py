@@ -243,18 +243,18 @@ def predict_images(
         loaded = load_base_of(record, weights_file=weights_file)
         classify = _HeadOnFeatures(estimator, loaded, record, runtime)
     batches = _image_batches(images, loaded.spec.transforms(), decoding=_decoding_of(record), batch_size=batch_size)
+    confidence = getattr(classify, "confidence_name", "probability")
+    # A k-NN head's vote share is over the neighbours it fitted with: the grid's k, or every train row if fewer.
+    extra = {"neighbours": min(int(record.params["n_neighbors"]), record.n_train)} if confidence == "vote_share" else {}
     out: dict[str, dict[str, Any]] = {}
     for batch_paths, batch, unreadable in batches:
         out.update({str(p): {"path": str(p), "error": reason} for p, reason in unreadable})
         if batch is None:
             continue
         labels, proba = classify(batch)
-        confidence = getattr(classify, "confidence_name", "probability")
         for i, p in enumerate(batch_paths):
             entry = {"path": str(p), "label": record.class_names[int(labels[i])]}
             if proba is not None:
                 entry[confidence] = float(proba[i])
-            if confidence == "vote_share":
-                entry["neighbours"] = min(int(record.params["n_neighbors"]), record.n_train)  # as the head fitted
-            out[str(p)] = entry
+            out[str(p)] = {**entry, **extra}
     return [out[str(Path(p))] for p in images]
